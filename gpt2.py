@@ -1,0 +1,856 @@
+"""
+gpt2.py: the GPT model every other file in this project builds on.
+
+What it teaches, top to bottom:
+  1. GPTConfig: GPT-2's hyper-parameters plus switches for the modern variants a learner compares
+     (learned / sinusoidal / rotary positions, LayerNorm / RMSNorm, GELU / SwiGLU, grouped-query
+     attention, sliding-window attention with attention sinks).
+  2. The transformer: attention through F.scaled_dot_product_attention (flash kernels on GPU), checked
+     in the tests against `attention_reference`, the same attention written as plain math.
+  3. A KV cache for generation: prefill many tokens, then one token per step; left-padded batches with
+     per-row positions; a rolling buffer for sliding window + sinks.
+  4. Loading OpenAI's GPT-2 weights (safetensors read by hand) and exporting back to the HF layout.
+  5. The helpers every script shares: device / dtype / autocast choice, seeding, checkpoints,
+     optimizer groups, learning-rate schedule, FLOPs and MFU, metrics logging, downloads.
+
+    python gpt2.py                 # parameter counts of the presets and a forward pass of `tiny`
+    python gpt2.py --model gpt2    # downloads GPT-2 124M from the HF hub and completes a prompt
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import struct
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import numpy as np
+import requests
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Config
+
+POS_EMBS = ("learned", "sinusoidal", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest context the model is trained for
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    pos_emb: str = "learned"  # learned | sinusoidal | rope
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    n_kv_head: Optional[int] = None  # None = n_head (multi-head); 1 = multi-query; else grouped-query
+    window: Optional[int] = None  # sliding-window attention: each token sees the last `window` tokens
+    n_sink: int = 0  # with a window: the first n_sink tokens stay visible forever (StreamingLLM)
+    tie_weights: bool = True  # lm_head shares the token embedding matrix
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name, value, allowed in (("pos_emb", self.pos_emb, POS_EMBS), ("norm", self.norm, NORMS),
+                                     ("mlp", self.mlp, MLPS)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                             f"pick n_embd a multiple of n_head")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head dimension (n_embd / n_head)")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.n_sink and self.window is None:
+            raise ValueError("n_sink only makes sense with a sliding window (set window)")
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # CPU-sized, GPT-2 vocabulary
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+# -----------------------------------------------------------------------------
+# Positions: every scheme takes per-row integer positions (B, T), so left-padded rows and
+# cached steps get the same treatment as a plain training batch.
+
+
+def sinusoidal_embedding(pos, dim):
+    """The 'Attention is all you need' table, computed for the positions asked for."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim))
+    angles = pos.float()[..., None] * inv_freq  # (B, T, dim/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # sin, cos interleaved
+
+
+def rope_cos_sin(pos, inv_freq):
+    angles = pos.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE: channel i is paired with channel i + hd/2 and the pair is rotated by pos * freq_i.
+    Rotation keeps the dot product q.k a function of the position *difference* only."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def build_mask(qpos, kpos, window=None, n_sink=0):
+    """Boolean (B, 1, Tq, Tk) mask, True = may attend. kpos < 0 marks padding / empty cache slots.
+    A query sees keys at positions <= its own; with a window only the last `window` of them, plus the
+    first n_sink positions (attention sinks)."""
+    q, k = qpos[:, None, :, None], kpos[:, None, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= (q - k < window) | (k < n_sink)
+    # A padding query sees no key at all; a fully masked row would give NaNs that leak into every
+    # later layer through 0 * NaN, so let it attend everywhere: its output is never used.
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def attention_reference(q, k, v, mask=None):
+    """The same attention as F.scaled_dot_product_attention, in plain math (tests compare the two).
+    q: (B, H, Tq, hd), k, v: (B, H, Tk, hd), mask: boolean, True = may attend; None = causal."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    if mask is None:
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        # q, k and v in one matmul; with grouped-query attention k and v have fewer heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
+                                bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0):
+        B, T, C = x.shape
+        hd = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # the keys and values of everything seen so far
+        if self.n_kv_head != self.n_head:  # each group of query heads shares one k/v head
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# -----------------------------------------------------------------------------
+# The rest of a transformer block
+
+
+class Norm(nn.Module):
+    """LayerNorm (centre and scale, GPT-2) or RMSNorm (scale only, Llama): one switch, same call."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.kind, self.eps = config.norm, config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and config.norm == "layernorm" else None
+
+    def forward(self, x):
+        if self.kind == "layernorm":
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class MLP(nn.Module):
+    """GPT-2's 4x GELU MLP, or SwiGLU: silu(gate) * up, with ~8/3 n_embd hidden units so the parameter
+    count stays that of the 4x MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64) if self.swiglu else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1, self.attn = Norm(config), CausalSelfAttention(config)
+        self.ln_2, self.mlp = Norm(config), MLP(config)
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)  # pre-norm residual stream
+        return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Keys and values of past tokens, preallocated per layer in the model's dtype and device.
+
+    Linear cache (no window): column i holds the i-th token fed, for every row; rows of a left-padded
+    batch differ only in `kpos`, the position each slot holds (-1 = padding / empty).
+    Rolling cache (window): n_sink slots for the first positions, then a ring of `window` slots
+    (position p goes to slot n_sink + (p - n_sink) % window), so memory stays constant however long the
+    generation runs. New keys are attended together with the buffer and only then written into it, since
+    a chunk of new tokens may overwrite slots that its own earlier queries still need.
+    """
+
+    def __init__(self, config, batch_size, max_len=None, dtype=torch.float32, device="cpu"):
+        self.window, self.n_sink = config.window, config.n_sink
+        self.rolling = config.window is not None
+        if self.rolling:
+            size = config.n_sink + config.window + 1  # the extra slot swallows writes nobody will read
+        else:
+            size = max_len or config.block_size
+            if size > config.block_size:
+                raise ValueError(f"cache length {size} exceeds block_size {config.block_size}; without a "
+                                 f"sliding window the model cannot see further back than its context")
+        shape = (batch_size, config.n_kv_head, size, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.kpos = torch.full((batch_size, size), -1, dtype=torch.long, device=device)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # per-row position counter
+        self.length = 0  # linear cache: columns filled
+        self.size = size
+
+    def positions(self, valid):
+        """Per-row positions of T new tokens; `valid` (B, T) is False for padding."""
+        pos = self.next_pos[:, None] + valid.long().cumsum(1) - 1
+        return pos.clamp(min=0)
+
+    def prepare(self, pos, valid):
+        """Called once per forward before the layers: the attention mask of the new queries."""
+        T = pos.size(1)
+        new_kpos = torch.where(valid, pos, -1)
+        if self.rolling:
+            kpos = torch.cat((self.kpos, new_kpos), dim=1)
+            # keep a new key only if no later token of its row lands in the same ring slot
+            last = (new_kpos.max(dim=1, keepdim=True).values)
+            keep = valid & ((pos < self.n_sink) | (pos > last - self.window))
+            slot = torch.where(pos < self.n_sink, pos, self.n_sink + (pos - self.n_sink) % self.window)
+            self._slot = torch.where(keep, slot, self.size - 1)
+        else:
+            if self.length + T > self.size:
+                raise ValueError(f"KV cache full: {self.length} + {T} tokens > {self.size} slots "
+                                 f"(block_size); use a sliding-window model or a shorter generation")
+            self.kpos[:, self.length:self.length + T] = new_kpos
+            kpos = self.kpos[:, :self.length + T]
+        self._new_kpos, self._valid = new_kpos, valid
+        return build_mask(pos, kpos, self.window, self.n_sink)
+
+    def update(self, layer, k, v):
+        T = k.size(2)
+        if self.rolling:
+            k_all = torch.cat((self.k[layer], k), dim=2)
+            v_all = torch.cat((self.v[layer], v), dim=2)
+            idx = self._slot[:, None, :, None].expand_as(k)
+            self.k[layer].scatter_(2, idx, k)
+            self.v[layer].scatter_(2, idx, v)
+            return k_all, v_all
+        self.k[layer][:, :, self.length:self.length + T] = k
+        self.v[layer][:, :, self.length:self.length + T] = v
+        return self.k[layer][:, :, :self.length + T], self.v[layer][:, :, :self.length + T]
+
+    def commit(self):
+        """Called once per forward after the layers."""
+        if self.rolling:
+            self.kpos.scatter_(1, self._slot, self._new_kpos)
+            self.kpos[:, -1] = -1
+        else:
+            self.length += self._new_kpos.size(1)
+        self.next_pos += self._valid.long().sum(1)
+
+    def crop(self, length):
+        """Forget every column from `length` on (speculative decoding rolls back rejected tokens).
+        Only for the linear cache, and only over columns that held real tokens in every row."""
+        if self.rolling:
+            raise ValueError("a rolling (sliding-window) cache cannot be cropped")
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of length {self.length} to {length}")
+        self.next_pos -= self.length - length
+        self.kpos[:, length:] = -1
+        self.length = length
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=Norm(config),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_emb == "rope":
+            hd = config.head_dim
+            inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # GPT-2 init: N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 n_layer)
+        # so the stream's variance does not grow with depth (two residual adds per layer).
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device)
+
+    def forward(self, idx, targets=None, *, cache=None, attention_mask=None, last_logits_only=False):
+        """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy loss if targets are given
+        (targets == -1 are ignored). attention_mask (B, T), 1 for tokens and 0 for (left) padding, gives
+        per-row positions; with a cache it covers the new tokens only. last_logits_only skips the vocab
+        projection of all but the last position (prefill in generation)."""
+        cfg = self.config
+        B, T = idx.shape
+        if not torch.compiler.is_compiling():
+            self._check_input(idx, T, cache)
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            pos = cache.positions(valid)
+            mask = cache.prepare(pos, valid)
+        elif valid is not None or cfg.window is not None:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+            mask = build_mask(pos, torch.where(valid, pos, -1), cfg.window, cfg.n_sink)
+        else:  # the training path: plain causal attention, the flash kernel's fast case
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            mask = None
+        if cfg.pos_emb == "learned" and not torch.compiler.is_compiling() and cache is not None:
+            if int(pos.max()) >= cfg.block_size:
+                raise ValueError(f"position {int(pos.max())} is beyond block_size {cfg.block_size}: learned "
+                                 f"position embeddings do not exist there; crop the context instead")
+
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, cfg.n_embd).to(x.dtype)
+        else:
+            rope = rope_cos_sin(pos, self.inv_freq)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.commit()
+        x = self.transformer.ln_f(x)
+        if last_logits_only and targets is None:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _check_input(self, idx, T, cache):
+        cfg = self.config
+        if cache is None and T > cfg.block_size and (cfg.window is None or cfg.pos_emb == "learned"):
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}; crop it, "
+                             f"or use a sliding-window model (window=...) with rope or sinusoidal positions")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
+                             f"max {int(idx.max())}")
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding drops position embeddings (the token embedding is shared with
+        lm_head under tying, so it is counted once as the output layer, as nanoGPT does)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def configure_optimizer(self, weight_decay, lr, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with weight decay on matrices only (not biases, norms' gains or... vectors)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    # -- weights in and out -----------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, cache_dir=None, **overrides):
+        """'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (downloaded from the HF hub), a directory with
+        an HF GPT-2 checkpoint (config.json + model.safetensors or pytorch_model.bin), or a checkpoint
+        file written by save_checkpoint."""
+        if os.path.isfile(name_or_path):
+            return cls.from_checkpoint(name_or_path)
+        if os.path.isdir(name_or_path):
+            directory = name_or_path
+        elif name_or_path in HF_MODELS:
+            directory = download_hf_model(name_or_path, cache_dir)
+        else:
+            raise ValueError(f"unknown model {name_or_path!r}: not a file or directory, and not one of "
+                             f"{', '.join(HF_MODELS)}")
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's gelu_new")
+        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           **overrides)
+        model = cls(config)
+        model.load_hf_state_dict(read_hf_weights(directory))
+        return model
+
+    def load_hf_state_dict(self, hf_state):
+        """HF's GPT-2 stores c_attn / c_proj / c_fc as Conv1D, i.e. (in, out): transpose into nn.Linear."""
+        state = {}
+        for key, value in hf_state.items():
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers of old checkpoints; lm_head is tied to wte
+            if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
+                value = value.t()
+            state["transformer." + key] = value
+        ours = self.state_dict()
+        missing = [k for k in ours if k not in state and k != "lm_head.weight"]
+        unexpected = [k for k in state if k not in ours]
+        if missing or unexpected:
+            raise ValueError(f"HF weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, v in state.items():
+            if v.shape != ours[k].shape:
+                raise ValueError(f"HF weight {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                ours[k].copy_(v)
+
+    def save_pretrained(self, directory):
+        """Write an HF GPT-2 directory (config.json + model.safetensors) that transformers'
+        GPT2LMHeadModel loads with the same logits."""
+        cfg = self.config
+        if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.window, cfg.tie_weights) != ("learned", "layernorm", "gelu", None, True) \
+                or cfg.n_kv_head != cfg.n_head:
+            raise ValueError("only the plain GPT-2 architecture (learned positions, layernorm, gelu, "
+                             "multi-head attention, no window, tied weights) exists in transformers' GPT-2")
+        os.makedirs(directory, exist_ok=True)
+        tensors = {}
+        for key, value in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue
+            if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
+                value = value.t()
+            tensors[key] = value
+        if not cfg.bias:  # GPT-2 always has biases: zeros are the exact equivalent
+            for key, value in list(tensors.items()):
+                if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight")):
+                    tensors[key.removesuffix(".weight") + ".bias"] = torch.zeros(value.shape[-1] if value.dim() == 2 else value.shape[0])
+        hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                     "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
+                     "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.norm_eps,
+                     "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                     "tie_word_embeddings": True}
+        if cfg.vocab_size > 50256:  # GPT-2's <|endoftext|>
+            hf_config.update(bos_token_id=50256, eos_token_id=50256)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(GPTConfig(**ckpt["config"]))
+        load_model_state(model, ckpt["model"], path)
+        return model
+
+
+# -----------------------------------------------------------------------------
+# safetensors by hand: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+# data_offsets}}, then the raw bytes of every tensor.
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    data = bytearray(os.path.getsize(path))  # writable, so torch.frombuffer can share it without copying
+    with open(path, "rb") as f:
+        f.readinto(data)
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file (truncated)")
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8:8 + n])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt safetensors header ({e}); delete it and download again") from e
+    body = memoryview(data)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if end > len(body):
+            raise ValueError(f"{path} is truncated ({len(body)} data bytes, tensor {name} ends at {end}); "
+                             f"delete it and download again")
+        dtype = _ST_DTYPES[info["dtype"]]
+        t = torch.frombuffer(body[start:end], dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        tensors[name] = t.reshape(info["shape"])
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        dtype = next(k for k, v in _ST_DTYPES.items() if v == t.dtype)
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format asks for an 8-byte aligned body
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for raw in blobs:
+            f.write(raw)
+    os.replace(tmp, path)
+
+
+def read_hf_weights(directory):
+    st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
+    if os.path.exists(st):
+        return read_safetensors(st)
+    if os.path.exists(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+
+
+# -----------------------------------------------------------------------------
+# Downloads: requests + tqdm, cached, resumable (HTTP Range into a .part file), size-checked.
+
+HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def cache_dir(sub=""):
+    root = os.environ.get("LLM_SCRATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm-from-scratch"))
+    path = os.path.join(root, sub)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def download(url, path, expected_size=None, desc=None):
+    """Fetch url to path unless a complete copy is there. Resumes a partial .part file."""
+    if os.path.exists(path) and (expected_size is None or os.path.getsize(path) == expected_size):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = path + ".part"
+    start = os.path.getsize(part) if os.path.exists(part) else 0
+    try:
+        r = requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={start}-"} if start else {})
+        if r.status_code == 416:  # the .part file is already complete
+            r, total = None, start
+        else:
+            r.raise_for_status()
+            if r.status_code == 200:
+                start = 0  # the server ignored the Range header: start over
+            total = start + int(r.headers.get("content-length", 0))
+        if r is not None:
+            with open(part, "ab" if start else "wb") as f, \
+                    tqdm(total=total or None, initial=start, unit="B", unit_scale=True, desc=desc or os.path.basename(path)) as bar:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except requests.RequestException as e:
+        raise RuntimeError(f"could not download {url} ({e.__class__.__name__}). Without network access, "
+                           f"download it elsewhere and put it at {path}") from e
+    size = os.path.getsize(part)
+    if (expected_size is not None and size != expected_size) or (total and size != total):
+        raise RuntimeError(f"download of {url} is incomplete: {size} bytes of {expected_size or total}; "
+                           f"run again to resume")
+    os.replace(part, path)
+    return path
+
+
+def download_hf_model(name, cache_root=None):
+    directory = os.path.join(cache_root or cache_dir("hf"), name)
+    base = f"https://huggingface.co/openai-community/{name}/resolve/main/"
+    download(base + "config.json", os.path.join(directory, "config.json"))
+    download(base + "model.safetensors", os.path.join(directory, "model.safetensors"), desc=f"{name} weights")
+    return directory
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: written to a temp file and renamed (a crash never leaves half a file), read with
+# weights_only=True (no arbitrary code from a pickle), and checked against the model they load into.
+
+
+def save_checkpoint(path, model, **extra):
+    """Model weights + config + whatever the caller adds (optimizer, step, ...)."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    model = getattr(model, "module", model)  # unwrap DDP
+    ckpt = {"format": "llm-from-scratch", "version": 1, "config": asdict(model.config),
+            "model": model.state_dict(), **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({e.__class__.__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it or point to another one") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by this project (no model/config entries)")
+    return ckpt
+
+
+def load_model_state(model, state, path="checkpoint"):
+    """load_state_dict, with an error that says what does not match instead of a silent partial load."""
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}"
+              for k in ours if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shape mismatches {shapes[:5]}; was it written with another config?")
+    model.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# Helpers every script shares
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps asked for, but MPS is not available; use --device cpu or auto")
+    return name
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name, device):
+    """auto: bf16 on a GPU that has it, else fp16 (with a grad scaler) on CUDA, else fp32.
+    On CPU and MPS auto means fp32: mixed precision there is slower or less reliable than it is worth."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device, dtype):
+    """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def grad_scaler(device, dtype):
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
+
+
+def maybe_compile(model, enabled):
+    return torch.compile(model) if enabled else model
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_at(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * max_lr at max_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return max_lr * min_lr_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    """Dense bf16 tensor-core peak of the GPU, or None where unknown (CPU, MPS, other GPUs)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def add_common_args(parser, **defaults):
+    """The flags that mean the same thing in every script."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.get("compile", False))
+    parser.add_argument("--seed", type=int, default=defaults.get("seed", 1337))
+    return parser
+
+
+class MetricsLog:
+    """<out_dir>/metrics.jsonl: one JSON object per logged step; plot() draws the loss curves."""
+
+    def __init__(self, out_dir, append=False):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, "metrics.jsonl")
+        if not append and os.path.exists(self.path):
+            os.remove(self.path)
+
+    def log(self, **row):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def plot(self, title="loss"):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None  # optional: no plot without matplotlib
+        rows = [json.loads(line) for line in open(self.path)] if os.path.exists(self.path) else []
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("train_loss", "val_loss"):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
+        out = os.path.join(self.out_dir, "loss.png")
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return out
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="gpt2 | gpt2-medium | ... | HF directory | checkpoint")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,")
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.model is None:
+        for name in PRESETS:
+            with torch.device("meta"):
+                m = GPT(GPTConfig.from_preset(name))
+            print(f"{name:12s} {m.num_params() / 1e6:8.1f}M parameters (non-embedding)")
+        model = GPT(GPTConfig.from_preset("tiny"))
+        logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
+        print(f"tiny forward: logits {tuple(logits.shape)}")
+        return
+    import bpe  # only the demo needs the tokenizer
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    model = GPT.from_pretrained(args.model).to(device).eval()
+    tok = bpe.load_gpt2()
+    idx = torch.tensor([tok.encode(args.prompt)], device=device)
+    cache = model.new_cache(1)
+    with torch.no_grad():
+        logits, _ = model(idx, cache=cache, last_logits_only=True)
+        out = []
+        for _ in range(30):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(nxt))
+            logits, _ = model(nxt, cache=cache)
+    print(args.prompt + tok.decode(out))
+
+
+if __name__ == "__main__":
+    main()
