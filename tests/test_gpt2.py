@@ -1,0 +1,360 @@
+"""gpt2.py against its references: transformers' GPT-2 (logits, both directions), plain-math attention,
+and the full forward pass (every KV-cache mode must give the logits a full recomputation gives)."""
+
+import http.server
+import math
+import os
+import threading
+
+import pytest
+import torch
+
+import gpt2
+from gpt2 import GPT, GPTConfig
+
+SMALL = dict(block_size=32, vocab_size=101, n_layer=2, n_head=4, n_embd=32)
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**SMALL, **kw})).eval()
+
+
+# -- transformers parity ----------------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+def random_hf_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_positions=48, n_embd=64, n_layer=3, n_head=4, vocab_size=211,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # HF zero-initialises biases and unit-initialises norms: randomise everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin", "safetensors-hub-keys"])
+def test_logits_match_transformers(tmp_path, fmt):
+    hf = random_hf_model()
+    if fmt == "safetensors":
+        hf.save_pretrained(tmp_path)
+    else:
+        hf.config.save_pretrained(tmp_path)
+        state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+        if fmt == "bin":
+            torch.save(state, tmp_path / "pytorch_model.bin")
+        else:  # openai-community/gpt2 on the hub stores keys without the "transformer." prefix
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
+            gpt2.write_safetensors(str(tmp_path / "model.safetensors"), state)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 211, (3, 48))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got, _ = ours(idx)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_export_loads_in_transformers_with_same_logits(tmp_path):
+    ours = small(vocab_size=211, bias=False)  # no biases: exported as exact zeros
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ours.save_pretrained(str(tmp_path))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 211, (2, 32))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+    back = GPT.from_pretrained(str(tmp_path)).eval()  # and back in again
+    with torch.no_grad():
+        assert (back(idx)[0] - ours(idx)[0]).abs().max().item() < 1e-5
+
+
+def test_export_refuses_architectures_gpt2_lacks(tmp_path):
+    with pytest.raises(ValueError, match="plain GPT-2"):
+        small(pos_emb="rope").save_pretrained(str(tmp_path))
+
+
+def test_truncated_safetensors_is_an_error(tmp_path):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+# -- attention ------------------------------------------------------------------------------------
+
+
+def test_sdpa_matches_plain_math_attention():
+    torch.manual_seed(0)
+    B, H, T, hd = 2, 3, 11, 8
+    q, k, v = (torch.randn(B, H, T, hd) for _ in range(3))
+    ref = gpt2.attention_reference(q, k, v)
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(got, ref, atol=1e-5)
+    # windowed, with sinks and a left-padded first row
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :3] = False
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    mask = gpt2.build_mask(pos, torch.where(valid, pos, -1), window=4, n_sink=2)
+    ref = gpt2.attention_reference(q, k, v, mask)
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_mask_semantics():
+    pos = torch.arange(8)[None]
+    m = gpt2.build_mask(pos, pos, window=3, n_sink=1)[0, 0]
+    assert m[7].tolist() == [True, False, False, False, False, True, True, True]  # sink + last 3
+    assert m[2].tolist() == [True, True, True, False, False, False, False, False]
+
+
+# -- KV cache == full forward -----------------------------------------------------------------------
+
+CACHE_VARIANTS = {
+    "learned": dict(pos_emb="learned"),
+    "sinusoidal": dict(pos_emb="sinusoidal"),
+    "rope": dict(pos_emb="rope"),
+    "rope-gqa": dict(pos_emb="rope", n_kv_head=2),
+    "learned-mqa": dict(pos_emb="learned", n_kv_head=1),
+    "llama-like": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False),
+    "rope-window-sinks": dict(pos_emb="rope", window=5, n_sink=2),
+    "sinusoidal-window": dict(pos_emb="sinusoidal", window=6),
+    "rope-gqa-window": dict(pos_emb="rope", window=4, n_sink=1, n_kv_head=1),
+}
+
+
+def cached_logits(model, idx, chunks, mask=None):
+    cache = model.new_cache(idx.size(0), max_len=idx.size(1) if model.config.window is None else None)
+    out, start = [], 0
+    for end in chunks + [idx.size(1)]:
+        if end > start:
+            m = mask[:, start:end] if mask is not None else None
+            out.append(model(idx[:, start:end], cache=cache, attention_mask=m)[0])
+        start = end
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("name", list(CACHE_VARIANTS))
+def test_cache_equals_full_forward(name):
+    model = small(**CACHE_VARIANTS[name])
+    T = 32 if model.config.window is None else 70  # windowed rotary/sinusoidal models run past block_size
+    idx = torch.randint(0, 101, (2, T))
+    with torch.no_grad():
+        full, _ = model(idx)
+        # prefill 9 tokens, then a chunk of 3, then one token at a time
+        got = cached_logits(model, idx, [9, 12] + list(range(13, T)))
+    assert (got - full).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(CACHE_VARIANTS))
+def test_left_padded_batch_with_cache_equals_each_row_alone(name):
+    model = small(**CACHE_VARIANTS[name])
+    lengths = [20, 13, 7]
+    T = max(lengths)
+    torch.manual_seed(1)
+    rows = [torch.randint(0, 101, (n,)) for n in lengths]
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    steps = torch.randint(0, 101, (len(rows), 6))  # six decode steps after the padded prefill
+    with torch.no_grad():
+        cache = model.new_cache(len(rows), max_len=T + 6 if model.config.window is None else None)
+        pre, _ = model(idx, cache=cache, attention_mask=mask)
+        dec = torch.cat([model(steps[:, t:t + 1], cache=cache)[0] for t in range(6)], dim=1)
+        nocache, _ = model(torch.cat([idx, steps], 1), attention_mask=torch.cat([mask, torch.ones_like(steps)], 1))
+        for i, r in enumerate(rows):
+            alone, _ = model(torch.cat([r, steps[i]])[None])
+            n = len(r)
+            assert (pre[i, T - n:] - alone[0, :n]).abs().max().item() < 1e-4
+            assert (dec[i] - alone[0, n:]).abs().max().item() < 1e-4
+            assert (nocache[i, T - n:] - alone[0]).abs().max().item() < 1e-4
+
+
+def test_cache_is_preallocated_in_model_dtype_and_crop_rolls_back():
+    model = small(pos_emb="rope").to(torch.bfloat16)
+    cache = model.new_cache(2)
+    assert cache.k[0].dtype == torch.bfloat16 and cache.k[0].shape[2] == SMALL["block_size"]
+    model = small(pos_emb="rope")
+    idx = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        cache = model.new_cache(2)
+        model(idx[:, :8], cache=cache)
+        model(torch.randint(0, 101, (2, 3)), cache=cache)  # tokens a draft proposed, then rejected
+        cache.crop(8)
+        got = torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 12)], 1)
+        full, _ = model(idx)
+    assert (got - full[:, 8:]).abs().max().item() < 1e-4
+
+
+def test_rolling_cache_memory_is_constant():
+    model = small(pos_emb="rope", window=4, n_sink=2)
+    cache = model.new_cache(1)
+    assert cache.k[0].shape[2] == 4 + 2 + 1
+    with torch.no_grad():
+        for _ in range(100):  # far past block_size = 32
+            model(torch.randint(0, 101, (1, 1)), cache=cache)
+    assert int(cache.next_pos) == 100
+
+
+# -- training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(pos_emb="sinusoidal"), dict(pos_emb="rope", norm="rmsnorm"),
+                                     dict(mlp="swiglu", n_kv_head=1), dict(pos_emb="rope", window=8, n_sink=1),
+                                     dict(tie_weights=False, bias=False, dropout=0.1)])
+def test_each_variant_learns(variant):
+    model = small(**variant).train()
+    torch.manual_seed(0)
+    x = torch.randint(0, 101, (4, 16))
+    y = torch.roll(x, -1, 1)
+    opt = model.configure_optimizer(0.1, 3e-3)
+    losses = []
+    for _ in range(40):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(101) - 0.5  # starts near uniform
+    # sinusoidal is the slowest: its unit-amplitude table swamps the 0.02-std token embeddings at first
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_init_follows_gpt2():
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=1000, block_size=64))
+    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
+    assert abs(model.transformer.h[0].mlp.c_proj.weight.std().item() - 0.02 / math.sqrt(16)) < 0.001
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_optimizer_decays_matrices_only():
+    model = small()
+    opt = model.configure_optimizer(0.1, 1e-3)
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_param_counts_of_presets():
+    with torch.device("meta"):
+        assert round(GPT(GPTConfig.from_preset("gpt2")).num_params() / 1e6, 2) == 123.65  # nanoGPT's number
+        assert round(GPT(GPTConfig.from_preset("gpt2-xl")).num_params() / 1e6) == 1556
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = small(pos_emb="rope", mlp="swiglu")
+    path = str(tmp_path / "ckpt.pt")
+    gpt2.save_checkpoint(path, model, step=7, note="x")
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+    ckpt = gpt2.load_checkpoint(path)
+    assert ckpt["step"] == 7 and ckpt["config"]["pos_emb"] == "rope"
+    back = GPT.from_pretrained(path).eval()
+    idx = torch.randint(0, 101, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+
+
+def test_corrupt_truncated_and_mismatched_checkpoints(tmp_path):
+    model = small()
+    path = tmp_path / "ckpt.pt"
+    gpt2.save_checkpoint(str(path), model)
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        gpt2.load_checkpoint(str(tmp_path / "trunc.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        gpt2.load_checkpoint(str(tmp_path / "junk.pt"))
+    with pytest.raises(FileNotFoundError):
+        gpt2.load_checkpoint(str(tmp_path / "missing.pt"))
+    other = small(n_embd=48)
+    with pytest.raises(ValueError, match="does not match the model"):
+        gpt2.load_model_state(other, gpt2.load_checkpoint(str(path))["model"], str(path))
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+def test_bad_input_errors():
+    model = small()
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 101\)"):
+        model(torch.tensor([[5, 101]]))
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match="unknown preset 'gpt3'; valid: tiny, gpt2"):
+        GPTConfig.from_preset("gpt3")
+    with pytest.raises(ValueError, match="unknown pos_emb 'alibi'; valid: learned, sinusoidal, rope"):
+        GPTConfig(pos_emb="alibi")
+    with pytest.raises(ValueError, match="unknown mlp"):
+        GPTConfig(mlp="relu")
+    with pytest.raises(ValueError, match="not divisible by n_head"):
+        GPTConfig(n_embd=100, n_head=12)
+    with pytest.raises(ValueError, match="n_sink only makes sense"):
+        GPTConfig(n_sink=4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        cache = model.new_cache(1, max_len=8)
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="learned position"):
+        learned_window = small(window=4)
+        cache = learned_window.new_cache(1)
+        for _ in range(40):
+            learned_window(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="unknown model 'gpt5'"):
+        GPT.from_pretrained("gpt5")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        gpt2.pick_dtype("float8", "cpu")
+
+
+# -- downloads --------------------------------------------------------------------------------------
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    payload = bytes(range(256)) * 400
+
+    def do_GET(self):
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].split("=")[1].split("-")[0])
+        body = self.payload[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_resumes_and_checks_size(tmp_path):
+    server = http.server.HTTPServer(("127.0.0.1", 0), RangeHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/file.bin"
+    try:
+        dest = tmp_path / "file.bin"
+        (tmp_path / "file.bin.part").write_bytes(RangeHandler.payload[:1000])  # an interrupted download
+        gpt2.download(url, str(dest), expected_size=len(RangeHandler.payload))
+        assert dest.read_bytes() == RangeHandler.payload
+        assert not (tmp_path / "file.bin.part").exists()
+        with pytest.raises(RuntimeError, match="incomplete"):
+            gpt2.download(url, str(tmp_path / "other.bin"), expected_size=len(RangeHandler.payload) + 1)
+    finally:
+        server.shutdown()
+
+
+def test_download_without_network_names_url_and_destination(tmp_path):
+    dest = str(tmp_path / "w.safetensors")
+    with pytest.raises(RuntimeError, match=r"could not download http://127\.0\.0\.1:9/x .*put it at .*w\.safetensors"):
+        gpt2.download("http://127.0.0.1:9/x", dest)
