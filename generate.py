@@ -1,0 +1,380 @@
+"""
+generate.py: how text comes out of a language model, and how to make that fast.
+
+What it teaches, in the order the pieces are used:
+  1. From logits to a token: repetition / presence / frequency penalties, temperature, top-k, top-p
+     (nucleus), min-p, and greedy decoding (temperature 0).
+  2. The generate loop on gpt2.py's KV cache: one prefill pass over the prompt, then one token per step,
+     each step attending to the cached keys and values instead of recomputing the whole context.
+  3. Batches of prompts of different lengths: left padding, an attention mask, per-row positions and a
+     per-row stop at end-of-text, all with the cache on.
+  4. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
+     pass, both caches roll back what was rejected; the output follows the target's distribution exactly.
+  5. Generating past the context window: a rolling cache with a sliding window and attention sinks
+     (StreamingLLM) for rotary / sinusoidal models; crop-and-recompute for learned positions.
+  6. torch.compile of the decode step (CUDA graphs on a GPU).
+  7. The command line: streaming text to the terminal as tokens arrive, stop strings, an interactive mode.
+
+    python generate.py --model gpt2 --prompt "Hello, I'm a language model," --max-new-tokens 50
+    python generate.py --model out/ckpt.pt --temperature 0.8 --top-p 0.95 --num-samples 4
+    python generate.py --model gpt2-xl --draft-model gpt2 --temperature 0 --prompt "The meaning of life"
+    python generate.py --model gpt2 --interactive
+"""
+
+import argparse
+import sys
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from gpt2 import GPT, add_common_args, pick_device, pick_dtype, seed_everything
+
+# -----------------------------------------------------------------------------
+# 1. Logits -> next token
+
+
+@dataclass
+class Sampling:
+    """How a distribution over the vocabulary becomes a token. temperature=0 means greedy.
+
+    Which tokens the penalties count (padding never counts):
+      repetition_penalty (CTRL, as in HF): every token of the prompt and of the generated text; a seen
+        token's logit is divided by the penalty if positive, multiplied by it if negative.
+      presence_penalty / frequency_penalty (as in the OpenAI API and vLLM): generated tokens only;
+        logit -= presence * [count > 0] + frequency * count.
+    """
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None to keep every token), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (1 keeps every token), got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self):
+        return self.temperature == 0
+
+    @property
+    def penalized(self):
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def apply_penalties(logits, seen, generated, s):
+    """seen: (.., V) counts of prompt + generated tokens; generated: (.., V) counts of generated ones."""
+    if s.repetition_penalty != 1:
+        r = s.repetition_penalty
+        logits = torch.where(seen > 0, torch.where(logits > 0, logits / r, logits * r), logits)
+    if s.presence_penalty or s.frequency_penalty:
+        logits = logits - s.presence_penalty * (generated > 0) - s.frequency_penalty * generated
+    return logits
+
+
+def top_k_filter(logits, k):
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th token survive
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= p."""
+    if p >= 1:
+        return logits  # float rounding in the cumsum would otherwise drop a few tail tokens
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= p  # the tokens before this one already reach p
+    drop[..., 0] = False  # the most likely token always stays
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def min_p_filter(logits, min_p):
+    """Keep tokens at least min_p times as likely as the most likely one: the cut adapts to confidence."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+
+def process_logits(logits, s, seen=None, generated=None):
+    """The model's logits -> the logits we sample from (fp32, temperature applied, -inf = filtered).
+    Order as in HF: penalties, temperature, top-k, top-p, min-p."""
+    logits = logits.float()
+    if s.penalized:
+        logits = apply_penalties(logits, seen, generated, s)
+    if s.greedy:
+        return logits  # argmax: temperature and filters cannot change it
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        logits = top_k_filter(logits, s.top_k)
+    if s.top_p is not None:
+        logits = top_p_filter(logits, s.top_p)
+    if s.min_p:
+        logits = min_p_filter(logits, s.min_p)
+    return logits
+
+
+def to_probs(logits, s):
+    """Processed logits -> the distribution the token is drawn from (one-hot for greedy)."""
+    if s.greedy:
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    return logits.softmax(dim=-1)
+
+
+def pick(logits, s, generator=None):
+    if s.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class TokenCounts:
+    """Per-row token counts for the penalties, kept only when a penalty is on (a (B, V) scatter per step)."""
+
+    def __init__(self, idx, valid, vocab_size, enabled):
+        self.enabled = enabled
+        if enabled:
+            self.seen = torch.zeros(idx.size(0), vocab_size, device=idx.device).scatter_add_(1, idx, valid.float())
+            self.generated = torch.zeros_like(self.seen)
+
+    def add(self, tok):
+        if self.enabled:
+            one = torch.ones(tok.size(0), 1, device=tok.device)
+            self.seen.scatter_add_(1, tok[:, None], one)
+            self.generated.scatter_add_(1, tok[:, None], one)
+
+    def get(self):
+        return (self.seen, self.generated) if self.enabled else (None, None)
+
+
+# -----------------------------------------------------------------------------
+# 2-3, 5-6. The generate loop: cache, padded batches, per-row stop, past the context, compiled step
+
+
+def check_prompt(model, idx, attention_mask):
+    cfg = model.config
+    if idx.dim() != 2 or idx.dtype != torch.long:
+        raise ValueError(f"idx must be a (batch, time) LongTensor of token ids, got {tuple(idx.shape)} {idx.dtype}")
+    if idx.size(1) == 0:
+        raise ValueError("the prompt is empty; give at least one token (e.g. the end-of-text id as a start)")
+    if attention_mask is not None:
+        if attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have idx's shape {tuple(idx.shape)}")
+        m = attention_mask.long()
+        if (m.diff(dim=1) < 0).any() or not m[:, -1].all():
+            raise ValueError("attention_mask must be left padding: zeros first, then ones, ending with a token "
+                             "in every row (pad on the left so every row's next token is in the last column)")
+    if idx.size(1) > cfg.block_size and not unbounded(model):
+        raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size "
+                         f"{cfg.block_size}); shorten it, or use a sliding-window model with rope/sinusoidal positions")
+
+
+def unbounded(model):
+    """A rolling cache over a sliding window lets rotary / sinusoidal models run forever; learned position
+    embeddings simply do not exist past block_size."""
+    return model.config.window is not None and model.config.pos_emb != "learned"
+
+
+_compiled_steps = weakref.WeakKeyDictionary()
+
+
+def decode_step(model, compile=False):
+    """One token per row through the cache -> last logits. Compiled once per model; on CUDA with
+    mode='reduce-overhead' (CUDA graphs) the whole step replays as a single launch."""
+    def step(tok, cache):
+        return model(tok, cache=cache)[0][:, -1]
+    if not compile:
+        return step
+    if model not in _compiled_steps:
+        cuda = next(model.parameters()).is_cuda
+        _compiled_steps[model] = torch.compile(step, dynamic=True, mode="reduce-overhead" if cuda else None)
+    return _compiled_steps[model]
+
+
+@torch.no_grad()
+def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use_cache=True,
+                  attention_mask=None, generator=None, compile=False):
+    """Yield the next token of every row, (B,), one step at a time: generate() collects them and the CLI
+    prints them as they arrive. Rows that produced eos_id keep emitting eos_id; the loop ends early once
+    every row has. attention_mask (B, T): 1 = token, 0 = left padding."""
+    s = sampling or Sampling()
+    cfg = model.config
+    check_prompt(model, idx, attention_mask)
+    B, T = idx.shape
+    valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
+    counts = TokenCounts(idx, valid, cfg.vocab_size, s.penalized)
+    tokens, mask = idx, valid  # the whole sequence, for the paths that recompute without a cache
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    cache, step = None, decode_step(model, compile)
+    if use_cache:
+        # A linear cache only as long as this generation needs; a rolling one has a fixed size anyway.
+        cache = model.new_cache(B, max_len=None if cfg.window else min(cfg.block_size, T + max_new_tokens))
+    for i in range(max_new_tokens):
+        if cache is not None and i == 0:  # prefill: the whole prompt in one pass
+            logits = model(idx, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
+        elif cache is not None and (cache.rolling or cache.length < cache.size):
+            logits = step(tok[:, None], cache)
+        else:
+            if cache is not None:
+                warnings.warn(f"context full ({cfg.block_size} tokens) and the model has no sliding window: "
+                              f"continuing without the KV cache, recomputing the last block_size tokens per step")
+                cache = None
+            # Without a cache: the whole sequence each step, cropped to the context as nanoGPT does (positions
+            # restart at 0 for the crop). A rolling-window model sees everything; its mask does the windowing.
+            ctx, ctx_mask = (tokens, mask) if unbounded(model) else (tokens[:, -cfg.block_size:], mask[:, -cfg.block_size:])
+            logits = model(ctx, attention_mask=None if ctx_mask.all() else ctx_mask, last_logits_only=True)[0][:, -1]
+        tok = pick(process_logits(logits, s, *counts.get()), s, generator)
+        if eos_id is not None:
+            tok = tok.masked_fill(done, eos_id)
+            done = done | (tok == eos_id)
+        counts.add(tok)
+        tokens = torch.cat((tokens, tok[:, None]), dim=1)
+        mask = torch.cat((mask, torch.ones_like(done[:, None])), dim=1)
+        yield tok
+        if eos_id is not None and bool(done.all()):
+            return
+
+
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
+             presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, eos_id=None, use_cache=True,
+             attention_mask=None, generator=None, compile=False):
+    """idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (fewer if every row hit eos_id; finished
+    rows are filled with eos_id). See Sampling for what each option does and which tokens penalties count."""
+    s = Sampling(temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty)
+    new = list(stream_tokens(model, idx, max_new_tokens, s, eos_id=eos_id, use_cache=use_cache,
+                             attention_mask=attention_mask, generator=generator, compile=compile))
+    return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx
+
+
+def left_pad(prompts, pad_id=0, device="cpu"):
+    """Lists of token ids of different lengths -> (idx, attention_mask), padded on the left so every row's
+    last prompt token sits in the last column (where the next token's logits come from)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, mask
+
+
+# -----------------------------------------------------------------------------
+# 4. Speculative decoding (Leviathan et al. 2023, Chen et al. 2023)
+
+
+def speculative_accept(p, q, drafted, s, generator=None):
+    """p (k+1, V): the target's distributions at the k drafted positions and one past them; q (k, V): the
+    draft's; drafted (k,). Accept token x with probability min(1, p(x) / q(x)); at the first rejection draw
+    from norm(max(0, p - q)), which makes the result distributed exactly as p; if all k pass, draw a bonus
+    token from p[k]. Greedy is the special case of one-hot p and q. Returns (n accepted, next token)."""
+    k = drafted.numel()
+    rows = torch.arange(k, device=p.device)
+    ratio = p[rows, drafted] / q[rows, drafted]
+    r = torch.rand(k, device=p.device, generator=generator) if not s.greedy else torch.zeros(k, device=p.device)
+    rejected = (r >= ratio).nonzero()
+    if len(rejected) == 0:
+        return k, pick_from(p[k], s, generator)
+    n = int(rejected[0])
+    residual = (p[n] - q[n]).clamp(min=0)
+    residual = residual if residual.sum() > 0 else p[n]  # p == q: a rejection has probability 0 anyway
+    return n, pick_from(residual / residual.sum(), s, generator)
+
+
+def pick_from(probs, s, generator=None):
+    return probs.argmax() if s.greedy else torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def sequence_counts(counts, tokens):
+    """Penalty counts at each of len(tokens) + 1 positions of a speculated run: position i has also seen
+    tokens[:i]. counts: TokenCounts of the accepted text, batch 1."""
+    if not counts.enabled:
+        return None, None
+    extra = torch.zeros(len(tokens) + 1, counts.seen.size(1), device=counts.seen.device)
+    if len(tokens):
+        extra[1:] = F.one_hot(tokens, counts.seen.size(1)).float().cumsum(0)
+    return counts.seen + extra, counts.generated + extra
+
+
+@torch.no_grad()
+def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, num_draft=4, eos_id=None,
+                         generator=None, stats=None):
+    """Batch-1 speculative decoding with a KV cache on both models. Returns idx (1, T + n); `stats` (a dict,
+    if given) receives proposed / accepted counts and target forward passes.
+
+    Invariant between rounds: both caches hold every accepted token except the last one, `last`; the draft
+    may lag by one more token (after a round where all k were accepted) held in `pending`."""
+    s = sampling or Sampling()
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
+                         f"({target.config.vocab_size}); the draft must share the target's tokenizer")
+    if idx.size(0) != 1:
+        raise ValueError(f"speculative decoding here is batch 1 (rows accept different numbers of tokens); got "
+                         f"a batch of {idx.size(0)}: call it once per prompt")
+    if num_draft < 1:
+        raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+    T = idx.size(1)
+    for name, m in (("target", target), ("draft", draft)):
+        check_prompt(m, idx, None)
+        if m.config.window is not None or T + max_new_tokens > m.config.block_size:
+            raise ValueError(f"speculative decoding rolls back a linear cache, so the whole generation must fit "
+                             f"the {name}'s context without a sliding window: {T} + {max_new_tokens} tokens > "
+                             f"block_size {m.config.block_size} (or window set); generate fewer tokens")
+    stats = stats if stats is not None else {}
+    stats.update(proposed=0, accepted=0, target_passes=0, rounds=0)
+    tc, dc = target.new_cache(1, T + max_new_tokens), draft.new_cache(1, T + max_new_tokens)
+    if T > 1:
+        target(idx[:, :-1], cache=tc, last_logits_only=True)
+        draft(idx[:, :-1], cache=dc, last_logits_only=True)
+    counts = TokenCounts(idx, torch.ones_like(idx, dtype=torch.bool), target.config.vocab_size, s.penalized)
+    out, last, pending = [], idx[0, -1:], idx[0, -1:]
+    while len(out) < max_new_tokens:
+        # k shrinks at the end so the caches never hold more than T + max_new_tokens tokens
+        k = min(num_draft, max_new_tokens - len(out) - 1)
+        drafted, q = [], []
+        feed = pending
+        for j in range(k):  # the draft proposes k tokens, one cached step each
+            logits = draft(feed[None], cache=dc, last_logits_only=True)[0][0, -1]
+            seen, gen = sequence_counts(counts, torch.stack(drafted) if drafted else last[:0])
+            logits = process_logits(logits, s, *(None if seen is None else x[-1] for x in (seen, gen)))
+            q.append(to_probs(logits, s))
+            drafted.append(pick_from(q[-1], s, generator))
+            feed = drafted[-1][None]
+        drafted = torch.stack(drafted) if drafted else last[:0]
+        # the target scores `last` and every drafted token in one pass: k + 1 distributions
+        logits = target(torch.cat((last, drafted))[None], cache=tc)[0][0]
+        p = to_probs(process_logits(logits, s, *sequence_counts(counts, drafted)), s)
+        n, nxt = speculative_accept(p, torch.stack(q) if k else p[:0], drafted, s, generator)
+        stats["proposed"] += k
+        stats["accepted"] += n
+        stats["target_passes"] += 1
+        stats["rounds"] += 1
+        # roll back: keep the caches up to (and including) the last accepted drafted token
+        base = tc.length - (k + 1)
+        tc.crop(base + 1 + n)
+        if n < k:
+            dc.crop(base + 1 + n)
+            pending = nxt[None]
+        else:  # the draft never saw its own last proposal: feed it next round, with the bonus token
+            pending = torch.cat((drafted[-1:], nxt[None])) if k else nxt[None]
+        new = torch.cat((drafted[:n], nxt[None]))
+        for t in new:
+            out.append(t)
+            counts.add(t[None])
+            if eos_id is not None and int(t) == eos_id:
+                max_new_tokens = len(out)  # stop after end-of-text
+                break
+        last = nxt[None]
+    return torch.cat((idx, torch.stack(out)[None].to(idx.dtype)), dim=1)
