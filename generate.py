@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from gpt2 import GPT, add_common_args, pick_device, pick_dtype, seed_everything
+from gpt2 import GPT, KVCache, add_common_args, build_mask, pick_device, pick_dtype, seed_everything
 
 # -----------------------------------------------------------------------------
 # 1. Logits -> next token
@@ -189,20 +189,68 @@ def unbounded(model):
     return model.config.window is not None and model.config.pos_emb != "learned"
 
 
+class StaticKVCache(KVCache):
+    """gpt2.py's linear cache with shapes that never change, for torch.compile and CUDA graphs (as in
+    gpt-fast): every step attends over the whole preallocated buffer, empty slots masked out by kpos = -1,
+    and the write column is a tensor, not a Python int (an int would be baked into the graph and force a
+    recompile per step). `length` is therefore advanced by the caller after a compiled step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.col = torch.zeros(1, dtype=torch.long, device=self.kpos.device)
+        if self.k[0].is_cuda:  # CUDA graphs replay fixed addresses: tell the compiler these buffers stay put
+            for t in (*self.k, *self.v, self.kpos, self.next_pos, self.col):
+                torch._dynamo.mark_static_address(t)
+
+    def prepare(self, pos, valid):
+        if not torch.compiler.is_compiling() and self.length + pos.size(1) > self.size:
+            raise ValueError(f"KV cache full: {self.length} + {pos.size(1)} tokens > {self.size} slots")
+        self._cols = self.col + torch.arange(pos.size(1), device=pos.device)
+        self._new_kpos, self._valid = torch.where(valid, pos, -1), valid
+        self.kpos.index_copy_(1, self._cols, self._new_kpos)
+        return build_mask(pos, self.kpos)
+
+    def update(self, layer, k, v):
+        self.k[layer].index_copy_(2, self._cols, k)
+        self.v[layer].index_copy_(2, self._cols, v)
+        return self.k[layer], self.v[layer]
+
+    def commit(self):
+        self.col += self._valid.size(1)
+        self.next_pos += self._valid.long().sum(1)
+        if not torch.compiler.is_compiling():
+            self.length += self._valid.size(1)
+
+
+def new_cache(model, batch_size, max_len, compile):
+    cfg, p = model.config, model.lm_head.weight
+    if compile and cfg.window is None:
+        return StaticKVCache(cfg, batch_size, max_len, p.dtype, p.device)
+    return model.new_cache(batch_size, max_len)  # the rolling cache is static-shaped already
+
+
 _compiled_steps = weakref.WeakKeyDictionary()
 
 
 def decode_step(model, compile=False):
     """One token per row through the cache -> last logits. Compiled once per model; on CUDA with
-    mode='reduce-overhead' (CUDA graphs) the whole step replays as a single launch."""
+    mode='reduce-overhead', i.e. CUDA graphs: the whole step replays as one launch instead of ~15 kernel
+    launches per layer, which is what bounds small-batch decoding on a GPU."""
     def step(tok, cache):
         return model(tok, cache=cache)[0][:, -1]
     if not compile:
         return step
     if model not in _compiled_steps:
         cuda = next(model.parameters()).is_cuda
-        _compiled_steps[model] = torch.compile(step, dynamic=True, mode="reduce-overhead" if cuda else None)
-    return _compiled_steps[model]
+        _compiled_steps[model] = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False)
+    compiled = _compiled_steps[model]
+
+    def run(tok, cache):
+        length = cache.length
+        logits = compiled(tok, cache)
+        cache.length = length + tok.size(1)  # the Python-side count a compiled graph cannot update
+        return logits.clone() if next(model.parameters()).is_cuda else logits  # CUDA graphs reuse outputs
+    return run
 
 
 @torch.no_grad()
@@ -222,7 +270,7 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
     cache, step = None, decode_step(model, compile)
     if use_cache:
         # A linear cache only as long as this generation needs; a rolling one has a fixed size anyway.
-        cache = model.new_cache(B, max_len=None if cfg.window else min(cfg.block_size, T + max_new_tokens))
+        cache = new_cache(model, B, None if cfg.window else min(cfg.block_size, T + max_new_tokens), compile)
     for i in range(max_new_tokens):
         if cache is not None and i == 0:  # prefill: the whole prompt in one pass
             logits = model(idx, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
@@ -378,3 +426,152 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
                 break
         last = nxt[None]
     return torch.cat((idx, torch.stack(out)[None].to(idx.dtype)), dim=1)
+
+
+# -----------------------------------------------------------------------------
+# 7. Command line
+
+
+class TextStream:
+    """Token ids in, printable text out, as the tokens arrive. One character can span several byte-level
+    tokens, so text ending in an unfinished character (decoded as U+FFFD) waits for the next token; the
+    last len(stop) - 1 characters wait too, so a stop string is never half printed."""
+
+    def __init__(self, tokenizer, stops=()):
+        self.tok, self.stops, self.ids, self.text, self.shown = tokenizer, [s for s in stops if s], [], "", 0
+        self.holdback = max((len(s) for s in self.stops), default=1) - 1
+        self.stopped = False
+
+    def push(self, token_id):
+        self.ids.append(token_id)
+        self.text = self.tok.decode(self.ids)
+        stop = find_stop(self.text, self.stops)
+        if stop is not None:
+            self.stopped = True
+            return self._emit(stop)
+        return "" if self.text.endswith("\ufffd") else self._emit(len(self.text) - self.holdback)
+
+    def finish(self):
+        stop = find_stop(self.text, self.stops)
+        return self._emit(len(self.text) if stop is None else stop)
+
+    def _emit(self, upto):
+        new = self.text[self.shown:max(self.shown, upto)]
+        self.shown += len(new)
+        return new
+
+
+def find_stop(text, stops):
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
+
+
+def load_model(name, device, dtype, what="model"):
+    try:
+        model = GPT.from_pretrained(name)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot load --{what} {name!r}: {e}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def run_prompt(args, text, tok, model, draft, sampling, device, generator):
+    ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [50256]  # empty prompt: start of a document
+    idx = torch.tensor([ids] * (1 if draft else args.num_samples), dtype=torch.long, device=device)
+    check_prompt(model, idx, None)  # before anything is printed
+    eos = None if args.ignore_eos else 50256
+    t0, n_tokens = time.perf_counter(), 0
+    for sample in range(args.num_samples if draft else 1):
+        if draft:  # one prompt at a time; stats printed below
+            stats = {}
+            out = speculative_generate(model, draft, idx, args.max_new_tokens, sampling, num_draft=args.num_draft,
+                                       eos_id=eos, generator=generator, stats=stats)
+            rows = [out[0, len(ids):].tolist()]
+        elif args.num_samples == 1:  # stream: print each piece of text as soon as it is complete
+            stream = TextStream(tok, args.stop)
+            print(text, end="", flush=True)
+            for t in stream_tokens(model, idx, args.max_new_tokens, sampling, eos_id=eos, use_cache=not args.no_cache,
+                                   generator=generator, compile=args.compile):
+                n_tokens += 1
+                if int(t[0]) == eos:
+                    break
+                print(stream.push(int(t[0])), end="", flush=True)
+                if stream.stopped:
+                    break
+            print(stream.finish(), flush=True)
+            rows = []
+        else:
+            out = generate(model, idx, args.max_new_tokens, eos_id=eos, use_cache=not args.no_cache,
+                           generator=generator, compile=args.compile, **vars(sampling))
+            rows = [r[len(ids):].tolist() for r in out]
+        for j, row in enumerate(rows):
+            n_tokens += len(row)
+            row = row[:row.index(eos)] if eos in row else row
+            body = tok.decode(row)
+            if args.num_samples > 1:
+                print(f"{'-' * 20} sample {sample + j + 1}")
+            print(text + body[:find_stop(body, args.stop)])
+        if draft:
+            print(f"[speculative: {stats['accepted']}/{stats['proposed']} drafted tokens accepted "
+                  f"({stats['accepted'] / max(1, stats['proposed']):.0%}), {stats['target_passes']} target passes]",
+                  file=sys.stderr)
+    dt = time.perf_counter() - t0
+    print(f"[{n_tokens} tokens in {dt:.2f}s, {n_tokens / dt:.1f} tok/s]", file=sys.stderr)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF directory | checkpoint file")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF (Ctrl-D)")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (one batch)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop when the text contains this (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow; for comparison)")
+    p.add_argument("--draft-model", default=None, help="speculative decoding with this draft (same tokenizer)")
+    p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per target pass")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    try:
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.presence_penalty,
+                            args.frequency_penalty, args.repetition_penalty)
+    except ValueError as e:
+        p.error(str(e))
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        p.error("--num-samples and --max-new-tokens must be >= 1")
+    if args.draft_model and args.no_cache:
+        p.error("speculative decoding needs the KV cache (it rolls it back); drop --no-cache or --draft-model")
+    import bpe  # the tokenizer only matters here: generate() itself works on token ids
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model = load_model(args.model, device, dtype)
+    draft = load_model(args.draft_model, device, dtype, "draft-model") if args.draft_model else None
+    tok = bpe.load_gpt2()
+    for m, flag in ((model, "--model"), (draft, "--draft-model")):
+        if m is not None and m.config.vocab_size < 50257:
+            raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, not GPT-2's 50257: the CLI "
+                             f"speaks GPT-2 BPE only; call generate() with that model's own tokenizer instead")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
+    try:
+        for text in prompts:
+            try:
+                run_prompt(args, text, tok, model, draft, sampling, device, generator)
+            except ValueError as e:  # e.g. a prompt longer than the context: say so, keep the session
+                if not args.interactive:
+                    raise SystemExit(f"error: {e}")
+                print(f"error: {e}", file=sys.stderr)
+    except (EOFError, KeyboardInterrupt):
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -316,3 +316,87 @@ def test_left_pad():
     assert idx.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     with pytest.raises(ValueError, match="at least one token"):
         G.left_pad([[1], []])
+
+
+# -- compiled decode: the static-shape cache, and (slow, opt-in) torch.compile itself --------------------
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_static_cache_matches_gpt2_cache(pos_emb):
+    model = tiny(pos_emb=pos_emb)
+    pidx, mask = G.left_pad(PROMPTS)
+    with torch.no_grad():
+        ref, static = model.new_cache(3, 30), G.StaticKVCache(model.config, 3, 30)
+        a = model(pidx, cache=ref, attention_mask=mask)[0][:, -1]
+        b = model(pidx, cache=static, attention_mask=mask)[0][:, -1]
+        assert torch.allclose(a, b, atol=1e-5)
+        for _ in range(5):
+            tok = a.argmax(-1, keepdim=True)
+            a, b = model(tok, cache=ref)[0][:, -1], model(tok, cache=static)[0][:, -1]
+            assert torch.allclose(a, b, atol=1e-5)
+        assert static.length == ref.length == pidx.size(1) + 5 and int(static.col) == static.length
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("GENERATE_TEST_COMPILE"),
+                    reason="torch.compile takes 20-60 s on a 2-core CPU; set GENERATE_TEST_COMPILE=1 to run")
+@pytest.mark.parametrize("scheme", [dict(pos_emb="learned"), dict(pos_emb="rope", window=8, n_sink=2)])
+def test_compiled_decode_matches_eager(scheme):
+    model = tiny(block=32, **scheme)
+    idx = torch.tensor([PROMPTS[0]])
+    assert torch.equal(G.generate(model, idx, 20, temperature=0, compile=True), G.generate(model, idx, 20, temperature=0))
+
+
+# -- the command line, with a stand-in byte tokenizer (the CLI only needs encode / decode) ----------------
+
+class ByteTokenizer:
+    def encode(self, text, allowed_special=()):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+    monkeypatch.setitem(sys.modules, "bpe", types.SimpleNamespace(load_gpt2=ByteTokenizer))
+    torch.manual_seed(0)
+    path = str(tmp_path / "m.pt")
+    from gpt2 import save_checkpoint
+    save_checkpoint(path, GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)))
+
+    def run(*argv):
+        G.main(["--model", path, "--max-new-tokens", "8", "--device", "cpu", *argv])
+        return capsys.readouterr()
+    return run
+
+
+def test_cli_streams_and_matches_generate(cli):
+    out = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos")
+    assert out.out.startswith("hi") and "8 tokens" in out.err
+    out2 = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos", "--no-cache")
+    assert out.out == out2.out
+    out3 = cli("--prompt", "hi", "--num-samples", "2", "--top-k", "5", "--ignore-eos")
+    assert out3.out.count("sample ") == 2
+
+
+@pytest.mark.parametrize("argv, match", [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
+                                         (["--model", "no-such-model"], "unknown model"),
+                                         (["--prompt", "x" * 100], "longer than the context")])
+def test_cli_bad_input(cli, argv, match):
+    with pytest.raises(SystemExit) as e:
+        cli(*argv)
+    assert e.value.code != 0
+
+
+def test_text_stream_holds_back_split_characters_and_stop_strings():
+    s = G.TextStream(ByteTokenizer())
+    pieces = [s.push(b) for b in "é ok".encode()]  # é is two bytes: nothing printed after the first
+    assert pieces[0] == "" and "".join(pieces) + s.finish() == "é ok"
+    s, shown = G.TextStream(ByteTokenizer(), ["###"]), ""
+    for b in b"abc###def":
+        shown += s.push(b)
+        assert "#" not in shown
+        if s.stopped:
+            break
+    assert shown + s.finish() == "abc" and s.text == "abc###"
