@@ -1,0 +1,400 @@
+"""Tests for bpe.py: offline, against tiktoken's gpt2 encoding built from the shipped data/gpt2 files."""
+import base64
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import bpe  # noqa: E402
+
+SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+
+EDGE_CASES = [
+    "", " ", "  ", "\n", "\n\n", " \n \n", "\t\t x", "hello world", "Hello, World!",
+    "0" * 16, "1234567890 12 3 45678", "I'm you're we've they'll he'd she's IT'S I'M",
+    "   leading and trailing   ", "a\n\nb\n\n\nc \n d", "\r\n\r\nwindows\r\nlines\r\n",
+    "emoji 👍🏽 family 👨‍👩‍👧 flags 🇫🇷", "日本語のテキスト、中文文本。한국어", "ｆｕｌｌｗｉｄｔｈ",
+    "def f(x):\n    return x**2  # comment\n\tif x != 0: pass", "<html><body class='x'>hi</body></html>",
+    "Ⅻ ½ ² ٣ ߁", "ſ K İ ǅ", "\x00\x01\x1c\x1d\x85\xa0\u2028\u3000", "a" * 500, " " * 300 + "x",
+    "x" + "\n" * 100, "🙂" * 50, "naïve café résumé", "'s 's'''s", "<|endoftext|> is special",
+]
+
+
+def random_unicode(n, seed, max_cp=0x10FFFF):
+    """Random code points from all planes (no lone surrogates), mixed with spaces and newlines."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.15:
+            out.append(rng.choice(" \n\t\r  "))
+        elif r < 0.4:
+            out.append(chr(rng.randint(0x20, 0x7E)))
+        elif r < 0.6:
+            out.append(chr(rng.randint(0x80, 0x7FF)))
+        else:
+            cp = rng.randint(0x800, max_cp)
+            out.append(chr(cp if not 0xD800 <= cp < 0xE000 else 0x41))
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return bpe.load_gpt2()
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2(monkeypatch_module=None):
+    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken.load
+    import os
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the shipped files, never a stale cache
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(ROOT / "data/gpt2/vocab.bpe"), str(ROOT / "data/gpt2/encoder.json"))
+    return tiktoken.Encoding(name="gpt2", pat_str=bpe.GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})
+
+
+# --- GPT-2: known ids and equality with tiktoken
+
+def test_known_gpt2_ids(gpt2):
+    assert gpt2.encode("hello world") == [31373, 995]
+    assert gpt2.encode("0" * 16) == [25645]
+    assert gpt2.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert gpt2.encode("<|endoftext|>", allowed_special={"<|endoftext|>"}) == [50256]
+    assert gpt2.eot_token == 50256 and gpt2.n_vocab == 50257
+    # GPT-2's first 256 ids are not the byte values: "!" is id 0, "A" is 32, a space alone is 220
+    assert gpt2.encode("!") == [0] and gpt2.encode("A") == [32] and gpt2.encode(" ") == [220]
+    assert gpt2.byte_ids[ord("!")] == 0 and gpt2.byte_ids[0] == 188
+
+
+def test_gpt2_equals_tiktoken_edge_cases(gpt2, tiktoken_gpt2):
+    for text in EDGE_CASES:
+        assert gpt2.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text), repr(text)
+        assert gpt2.encode(text, disallowed_special=()) == tiktoken_gpt2.encode(text, disallowed_special=())
+
+
+def test_gpt2_equals_tiktoken_shakespeare(gpt2, tiktoken_gpt2):
+    text = SHAKESPEARE[:300_000]
+    assert gpt2.encode_ordinary(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
+def test_gpt2_equals_tiktoken_random_unicode(gpt2, tiktoken_gpt2):
+    for seed in range(4):
+        text = random_unicode(30_000, seed, max_cp=0xFFFF if seed % 2 else 0x10FFFF)
+        ids = gpt2.encode_ordinary(text)
+        assert ids == tiktoken_gpt2.encode_ordinary(text)
+        assert gpt2.decode(ids) == text
+
+
+def test_lone_surrogates_like_tiktoken(gpt2, tiktoken_gpt2):
+    text = "a\ud800b \udfff"
+    assert gpt2.encode(text) == tiktoken_gpt2.encode(text)
+
+
+def test_fast_splitter_equals_regex_module():
+    # bpe.py runs the GPT-2/GPT-4 patterns with `re` and spelled-out classes; they must split as `regex` does
+    texts = [random_unicode(20_000, s, max_cp=0xFFFF) for s in range(3)] + EDGE_CASES + [SHAKESPEARE[:50_000]]
+    texts.append(random_unicode(5000, 9))  # with emoji & co.: the `regex` fallback
+    for pattern in (bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN):
+        fast, slow = bpe.get_splitter(pattern), regex.compile(pattern).findall
+        assert fast is not slow
+        for text in texts:
+            assert fast(text) == slow(text)
+
+
+def test_bpe_merge_short_and_long_agree(gpt2):
+    rng = random.Random(0)
+    for _ in range(200):
+        b = bytes(rng.choice(b"ab \n.eehto") for _ in range(rng.randint(2, 120)))
+        ids = [gpt2.byte_ids[x] for x in b]
+        long = bpe._bpe_merge_long(ids, gpt2.pair_ranks)
+        short = ids[:]  # the simple loop, forced on any length
+        while len(short) > 1:
+            rs = [gpt2.pair_ranks.get(p, float("inf")) for p in zip(short, short[1:])]
+            if min(rs) == float("inf"):
+                break
+            i = rs.index(min(rs))
+            short[i:i + 2] = [min(rs)]
+        assert long == short == bpe.bpe_merge(ids, gpt2.pair_ranks)
+
+
+def test_decode_invalid_utf8_like_tiktoken(gpt2, tiktoken_gpt2):
+    ids = gpt2.encode("é👍")
+    broken = ids[:1] + [gpt2.byte_ids[0xFF]] + ids[1:]
+    assert gpt2.decode(broken) == tiktoken_gpt2.decode(broken)
+    assert "\ufffd" in gpt2.decode(broken)
+    assert gpt2.decode_bytes(broken) == tiktoken_gpt2.decode_bytes(broken)
+
+
+# --- special tokens
+
+def test_special_token_rules(gpt2, tiktoken_gpt2):
+    text = "a<|endoftext|>b"
+    with pytest.raises(ValueError, match=r"<\|endoftext\|>"):
+        gpt2.encode(text)
+    with pytest.raises(ValueError, match="disallowed special token"):
+        gpt2.encode(text, disallowed_special={"<|endoftext|>"}, allowed_special=set())
+    for kwargs in [dict(allowed_special="all"), dict(disallowed_special=()),
+                   dict(allowed_special={"<|endoftext|>"})]:
+        assert gpt2.encode(text, **kwargs) == tiktoken_gpt2.encode(text, **kwargs)
+    assert gpt2.encode(text, allowed_special="all") == [64, 50256, 65]
+    assert gpt2.encode_ordinary(text) == gpt2.encode(text, disallowed_special=())
+    assert gpt2.decode([64, 50256, 65]) == text
+    assert gpt2.encode_batch(["hello world", text], allowed_special="all") == [[31373, 995], [64, 50256, 65]]
+
+
+def test_special_ids_never_collide():
+    tok = bpe.Tokenizer("gpt2")
+    with pytest.raises(ValueError, match="already uses"):
+        tok.register_special_tokens({"<|x|>": 65})  # the byte "A"
+    tok.register_special_tokens({"<|x|>": 300, "<|y|>": 301})
+    with pytest.raises(ValueError, match="already uses"):
+        tok.register_special_tokens({"<|z|>": 300})
+    assert tok.encode("<|y|><|x|>", allowed_special="all") == [301, 300]
+    trained = bpe.Tokenizer("gpt4").train(SHAKESPEARE[:20_000], 300, special_tokens=["<|endoftext|>", "<|pad|>"])
+    assert set(trained.special_tokens.values()) == {298, 299}
+    assert max(trained.vocab) == 297 and trained.n_vocab == 300
+
+
+# --- training
+
+def naive_train(counts, n_merges):
+    """Reference: recount every pair from scratch each step (minbpe-style), same tie rule."""
+    words = {k: list(k.encode()) for k in counts}
+    vocab = {i: bytes([i]) for i in range(256)}
+    merges = []
+    for _ in range(n_merges):
+        stats = Counter()
+        for k, w in words.items():
+            for p in zip(w, w[1:]):
+                stats[p] += counts[k]
+        if not stats:
+            break
+        a, b = min(stats, key=lambda p: (-stats[p], p))
+        merged = vocab[a] + vocab[b]
+        z = next((i for i, v in vocab.items() if v == merged), len(vocab))
+        vocab[z] = merged
+        merges.append((a, b, z))
+        words = {k: bpe._merge_word(w, a, b, z) for k, w in words.items()}
+    return merges
+
+
+def test_incremental_training_equals_naive():
+    for pattern, text in [("gpt2", SHAKESPEARE[:15_000]), ("gpt4", random_unicode(3000, 7) + SHAKESPEARE[:3000]),
+                          ("gpt2", "aaaaaaa aaaa aa ab ab aba abab " * 5)]:
+        counts = bpe.count_chunks(text, pattern)
+        merges, _ = bpe.train_merges(counts, 150)
+        assert merges == naive_train(counts, 150)
+
+
+def test_training_runs_out_of_pairs():
+    tok = bpe.Tokenizer("gpt2").train("ab ab", 400)
+    assert [(a, b) for a, b, _ in tok.merges] == [(97, 98), (32, 256)]  # "ab", then " ab"
+    assert tok.encode("ab ab") == [256, 257]
+
+
+def test_count_chunks_split_invariant(tmp_path):
+    # pieces are cut only where chunking is unchanged, so counts equal one findall over the whole
+    rng = random.Random(1)
+    text = "".join(rng.choice(["word", " ", "\n", "\n\n", "\r\n", " 12", "!", "x\n", "\ty", "é", "1234"])
+                   for _ in range(20_000))
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8", newline="")
+    for pattern in (bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN):
+        expected = Counter(regex.findall(pattern, text))
+        pieces = list(bpe._pieces(text, 500, True))
+        assert len(pieces) > 20 and "".join(pieces) == text
+        assert bpe.count_chunks(text, pattern, piece_chars=500) == expected
+        assert bpe.count_chunks([tmp_path / "a.txt"], pattern, processes=2, piece_chars=700) == expected
+
+
+def test_sequential_and_parallel_training_identical(tmp_path):
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"part{i}.txt")
+        files[-1].write_text(SHAKESPEARE[i * 40_000:(i + 1) * 40_000] + "<|endoftext|>tail", encoding="utf-8")
+    seq = bpe.Tokenizer("gpt4").train(files, 600, special_tokens=["<|endoftext|>"], processes=1)
+    par = bpe.Tokenizer("gpt4")
+    par.train([str(f) for f in files], 600, special_tokens=["<|endoftext|>"], processes=2)
+    assert seq.merges == par.merges and len(seq.merges) == 600 - 257
+    # special-token text is a document boundary, never counted as text
+    assert all(b"<|" not in seq.vocab[i] for _, _, i in seq.merges)
+
+
+def test_save_load_roundtrip(tmp_path, gpt2):
+    tok = bpe.Tokenizer("gpt2").train(SHAKESPEARE[:50_000], 500, special_tokens=["<|endoftext|>"])
+    tok.save(tmp_path / "t.bpe")
+    assert (tmp_path / "t.vocab").is_file()
+    assert "[e][ ] ->" in (tmp_path / "t.vocab").read_text(encoding="utf-8") or tok.merges[0][:2] != (101, 32)
+    back = bpe.Tokenizer.load(tmp_path / "t.bpe")
+    assert back.merges == tok.merges and back.vocab == tok.vocab and back.special_tokens == tok.special_tokens
+    sample = SHAKESPEARE[60_000:70_000] + "<|endoftext|>"
+    assert back.encode(sample, allowed_special="all") == tok.encode(sample, allowed_special="all")
+    assert back.decode(back.encode(sample, allowed_special="all")) == sample
+    # GPT-2 itself (permuted byte ids) survives save/load
+    gpt2.save(tmp_path / "gpt2.bpe")
+    g = bpe.Tokenizer.load(tmp_path / "gpt2.bpe")
+    assert g.encode("hello world <|endoftext|>", allowed_special="all") == [31373, 995, 220, 50256]
+
+
+def test_pattern_none_basic_bpe():
+    text = SHAKESPEARE[:5000]
+    tok = bpe.Tokenizer("none").train(text, 300)
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) < 0.75 * len(text.encode())
+    # with no split pattern merges may cross spaces
+    assert any(b" " in tok.vocab[i][1:] and tok.vocab[i].strip() for _, _, i in tok.merges)
+
+
+# --- tiktoken rank files
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4", "none"])
+def test_export_loads_in_tiktoken_with_same_ids(tmp_path, pattern):
+    tiktoken = pytest.importorskip("tiktoken")
+    import tiktoken.load
+    n = 8000 if pattern == "none" else 60_000  # "none" trains on each text as one long chunk: slow
+    tok = bpe.Tokenizer(pattern).train(SHAKESPEARE[:n], 700 if n > 8000 else 350, special_tokens=["<|endoftext|>"])
+    tok.export_tiktoken(tmp_path / "t.tiktoken")
+    enc = tiktoken.Encoding(name="t", pat_str=tok.tiktoken_pattern(),
+                            mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(tmp_path / "t.tiktoken")),
+                            special_tokens=tok.special_tokens)
+    texts = [SHAKESPEARE[100_000:110_000], random_unicode(1000, 3)] + EDGE_CASES[:-1]
+    if pattern == "none":
+        texts = [t[:2000] for t in texts]
+    for text in texts:
+        assert tok.encode(text) == enc.encode(text), repr(text[:50])
+    assert tok.encode("x<|endoftext|>", allowed_special="all") == enc.encode("x<|endoftext|>", allowed_special="all")
+
+
+def test_load_rank_file_recovers_merges(tmp_path, gpt2):
+    # write GPT-2 as a tiktoken rank file, load it back: the merges recovered from the ranks alone
+    # are GPT-2's vocab.bpe merges, and the ids are the same
+    lines = [base64.b64encode(gpt2.vocab[i]) + b" " + str(i).encode() for i in sorted(gpt2.vocab)]
+    (tmp_path / "gpt2.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    tok = bpe.load_tiktoken(tmp_path / "gpt2.tiktoken", "gpt2", {"<|endoftext|>": 50256})
+    assert tok.merges == gpt2.merges
+    text = SHAKESPEARE[:20_000] + random_unicode(2000, 5)
+    assert tok.encode(text) == gpt2.encode(text)
+
+
+def test_tiny_hand_written_rank_file(tmp_path):
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"ab": 256, b"abc": 257, b"cab": 258})
+    (tmp_path / "r.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tok = bpe.load_tiktoken(tmp_path / "r.tiktoken", "none")
+    assert tok.merges == [(97, 98, 256), (256, 99, 257), (99, 256, 258)]
+    assert tok.encode("abcab") == [257, 256]
+    assert tok.encode("cabc") == [99, 257]  # c,ab,c: "abc" (257) ranks before "cab" (258)
+
+
+# --- encode_file
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_encode_file(tmp_path, gpt2, processes):
+    text = SHAKESPEARE[:200_000] + "\n<|endoftext|>The end.\n"
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    n = bpe.encode_file(gpt2, tmp_path / "in.txt", tmp_path / "out.bin", processes=processes,
+                        allowed_special="all")
+    got = bpe.load_tokens(tmp_path / "out.bin")
+    assert got.dtype == np.uint16 and n == len(got)
+    assert got.tolist() == gpt2.encode(text, allowed_special="all") + [50256]
+    assert not (tmp_path / "out.bin.part").exists()
+    with pytest.raises(ValueError, match="disallowed special"):
+        bpe.encode_file(gpt2, tmp_path / "in.txt", tmp_path / "out2.bin", processes=1)
+
+
+# --- bad input
+
+def test_bad_inputs(tmp_path, gpt2):
+    with pytest.raises(ValueError, match="below 256"):
+        bpe.Tokenizer("gpt2").train("hello", 256, special_tokens=["<|endoftext|>"])
+    with pytest.raises(ValueError, match="empty"):
+        bpe.Tokenizer("gpt2").train("", 300)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bpe.Tokenizer("gpt2").train([tmp_path / "nope.txt"], 300)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        bpe.Tokenizer("gpt2").train([tmp_path / "latin1.txt"], 300)
+    with pytest.raises(ValueError, match="not in this tokenizer's vocabulary"):
+        gpt2.decode([31373, 50257])
+    with pytest.raises(ValueError, match="-1"):
+        gpt2.decode([-1])
+    with pytest.raises(TypeError, match="expects str"):
+        gpt2.encode(b"bytes")
+    with pytest.raises(FileNotFoundError, match="train one"):
+        bpe.Tokenizer.load(tmp_path / "missing.bpe")
+    tok = bpe.Tokenizer("gpt2").train(SHAKESPEARE[:5000], 280)
+    tok.save(tmp_path / "ok.bpe")
+    good = (tmp_path / "ok.bpe").read_text().splitlines()
+    corruptions = {"garbage": ["hello"], "truncated": good[:-5],
+                   "bad merge": good[:-1] + ["1 2 three"], "contradiction": good + ["97 98 256"],
+                   "bad bytes": [good[0], good[1], "bytes 1 2 3"] + good[3:]}
+    for name, lines in corruptions.items():
+        (tmp_path / "bad.bpe").write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match="bad.bpe"):
+            bpe.Tokenizer.load(tmp_path / "bad.bpe")
+    (tmp_path / "bad.tiktoken").write_text("YQ== 0\nnot-base64!! 1\n")
+    with pytest.raises(ValueError, match="bad.tiktoken:2"):
+        bpe.load_tiktoken(tmp_path / "bad.tiktoken")
+    (tmp_path / "short.tiktoken").write_text("YQ== 0\n")
+    with pytest.raises(ValueError, match="all 256 single bytes"):
+        bpe.load_tiktoken(tmp_path / "short.tiktoken")
+    with pytest.raises(FileNotFoundError, match="openaipublic"):
+        bpe.load_gpt2(tmp_path / "empty_dir", download_missing=False)
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|>"):
+        bpe.Tokenizer("gpt2").eot_token
+
+
+# --- downloads (no network: a fake requests.get that honours Range)
+
+class FakeResponse:
+    def __init__(self, data, headers):
+        start = 0
+        if "Range" in headers:
+            start = int(headers["Range"].split("=")[1].rstrip("-"))
+        self.status_code = 206 if start else 200
+        if start >= len(data):
+            self.status_code = 416
+        self.body = data[start:]
+        self.headers = {"Content-Length": str(len(self.body))}
+
+    def iter_content(self, n):
+        for i in range(0, len(self.body), n):
+            yield self.body[i:i + n]
+
+
+def test_download_resumes_and_checks(tmp_path, monkeypatch):
+    requests = pytest.importorskip("requests")
+    import hashlib
+    data = bytes(range(256)) * 1000
+    calls = []
+
+    def fake_get(url, headers=None, **kw):
+        calls.append(dict(headers or {}))
+        return FakeResponse(data, headers or {})
+    monkeypatch.setattr(requests, "get", fake_get)
+    target = tmp_path / "sub" / "file.bin"
+    target.parent.mkdir()
+    (tmp_path / "sub" / "file.bin.part").write_bytes(data[:1000])  # an interrupted earlier download
+    bpe.download("https://example/file", target, hashlib.sha256(data).hexdigest(), chunk_size=4096)
+    assert calls[-1] == {"Range": "bytes=1000-"} and target.read_bytes() == data
+    bpe.download("https://example/file", target)  # cached: no request
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="sha256"):
+        bpe.download("https://example/file", tmp_path / "other.bin", "0" * 64)
+    assert not (tmp_path / "other.bin").exists() and not (tmp_path / "other.bin.part").exists()
+
+
+def test_load_gpt2_downloads_missing_files(tmp_path, monkeypatch):
+    requests = pytest.importorskip("requests")
+    files = {url: (ROOT / "data/gpt2" / name).read_bytes() for name, url in bpe.GPT2_URLS.items()}
+    monkeypatch.setattr(requests, "get", lambda url, headers=None, **kw: FakeResponse(files[url], headers or {}))
+    tok = bpe.load_gpt2(tmp_path / "gpt2")
+    assert tok.encode("hello world") == [31373, 995]
+    assert (tmp_path / "gpt2" / "vocab.bpe").read_bytes() == files[bpe.GPT2_URLS["vocab.bpe"]]
