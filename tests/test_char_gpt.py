@@ -67,7 +67,8 @@ def test_every_stage_builds_and_learns(stage, data):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert abs(losses[0] - math.log(65)) < 0.1  # small init: close to uniform at the start
+    if stage == "full":
+        assert abs(losses[0] - math.log(65)) < 0.1  # GPT-2 init: close to uniform at the start
     assert losses[-1] < losses[0] - 0.5, losses
 
 
