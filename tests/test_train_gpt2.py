@@ -1,0 +1,277 @@
+"""Tests of train_gpt2.py: shard format, the loader's guarantees, HellaSwag scoring, exact resume,
+torchrun == gradient accumulation, learning on real text, and bad input. CPU only, offline, tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2
+import train_gpt2 as tg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a 2-layer, 32-wide model over a 512-token vocabulary: milliseconds per step
+TINY = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--vocab-size", "512",
+        "--device", "cpu", "--dtype", "float32", "--no-compile", "--sample-tokens", "0", "--log-interval", "1"]
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def make_shards(folder, n_train=6000, n_val=1000, vocab=512, seed=0):
+    """A learnable stream (a noisy repeating phrase) split into two train shards and a val shard."""
+    rng = np.random.default_rng(seed)
+    phrase = rng.integers(0, vocab, size=37)
+    stream = np.tile(phrase, (n_train + n_val) // 37 + 1)[:n_train + n_val]
+    noise = rng.random(len(stream)) < 0.1
+    stream[noise] = rng.integers(0, vocab, size=int(noise.sum()))
+    os.makedirs(folder, exist_ok=True)
+    tg.write_shard(os.path.join(folder, "toy_train_000000.bin"), stream[:n_train // 2])
+    tg.write_shard(os.path.join(folder, "toy_train_000001.bin"), stream[n_train // 2:n_train])
+    tg.write_shard(os.path.join(folder, "toy_val_000000.bin"), stream[n_train:])
+    return str(folder)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def train_losses(out_dir):
+    return [r["train_loss"] for r in metrics(out_dir) if "train_loss" in r]
+
+
+# -----------------------------------------------------------------------------
+# shards and loader
+
+
+def test_shard_roundtrip_and_corruption(tmp_path):
+    path = str(tmp_path / "a.bin")
+    tokens = np.array([0, 1, 50256, 65535, 7])
+    tg.write_shard(path, tokens)
+    header = np.fromfile(path, dtype=np.int32, count=3)
+    assert list(header) == [20240520, 1, 5]  # llm.c's header, readable by llm.c itself
+    np.testing.assert_array_equal(tg.read_shard(path), tokens)
+    with open(path, "r+b") as f:  # a download cut short
+        f.truncate(os.path.getsize(path) - 2)
+    with pytest.raises(ValueError, match="truncated"):
+        tg.read_shard(path)
+    with open(path, "wb") as f:
+        f.write(b"not a shard" * 200)
+    with pytest.raises(ValueError, match="not a token shard"):
+        tg.read_shard(path)
+    with pytest.raises(ValueError, match="uint16"):
+        tg.write_shard(path, [70000])
+
+
+def position_shards(folder, sizes):
+    """Shards whose tokens are their global positions, so a window names where it came from."""
+    files, start = [], 0
+    for i, n in enumerate(sizes):
+        files.append(str(folder / f"pos_train_{i:06d}.bin"))
+        tg.write_shard(files[-1], np.arange(start, start + n))
+        start += n
+    return files
+
+
+def test_loader_windows_are_a_permutation_each_epoch(tmp_path):
+    files = position_shards(tmp_path, [500, 333, 170])
+    loader = tg.WindowLoader(files, seq_len=16, seed=3)
+    assert loader.n == 31 + 20 + 10  # (n - 1) // 16 windows per shard: the tail too short for one is dropped
+    x, y = loader.windows(range(loader.n))
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(loader.n, 15, dtype=torch.long))  # no shard crossing
+    # one epoch = every window exactly once, each starting at a multiple of 16 inside its shard
+    expected = [s + 16 * k for s, n in ((0, 31), (500, 20), (833, 10)) for k in range(n)]
+    assert sorted(x[:, 0].tolist()) == expected
+    assert x[:, 0].tolist() != expected  # shuffled
+    # past the end: a new permutation of the same windows instead of running dry
+    x2, _ = loader.windows(range(loader.n, 2 * loader.n))
+    assert sorted(x2[:, 0].tolist()) == expected and x2[:, 0].tolist() != x[:, 0].tolist()
+    # same seed -> same order (every rank agrees); another seed -> another order
+    assert torch.equal(tg.WindowLoader(files, 16, seed=3).windows(range(9))[0], loader.windows(range(9))[0])
+    assert not torch.equal(tg.WindowLoader(files, 16, seed=4).windows(range(9))[0], loader.windows(range(9))[0])
+    val = tg.WindowLoader(files, 16, shuffle=False)
+    assert val.windows(range(3))[0][:, 0].tolist() == [0, 16, 32]
+
+
+@pytest.mark.parametrize("world,accum", [(2, 1), (4, 2)])
+def test_step_examples_do_not_depend_on_process_count(tmp_path, world, accum):
+    files = position_shards(tmp_path, [1200, 900])
+    per_step = world * accum * 2  # windows per optimizer step, micro-batch 2
+    one, many = tg.WindowLoader(files, 16, seed=0), tg.WindowLoader(files, 16, seed=0)
+    seen = []
+    for step in range(2 * one.n // per_step + 3):  # more than two epochs
+        ref = torch.cat([one.micro_batch(m, 0, 1, 2)[0] for m in range(per_step // 2)])
+        got = torch.cat([many.micro_batch(m, r, world, 2)[0] for m in range(accum) for r in range(world)])
+        assert sorted(got[:, 0].tolist()) == sorted(ref[:, 0].tolist())  # the same examples...
+        if many.pos // many.n == (many.pos + per_step - 1) // many.n:  # a step across epochs may repeat one
+            assert len(set(got[:, 0].tolist())) == per_step  # ...in disjoint per-rank slices
+        seen += got[:, 0].tolist()
+        one.pos += per_step
+        many.pos += per_step
+    assert len(set(seen[:one.n])) == one.n  # no window repeats within the first epoch
+    # the position alone restores the stream exactly
+    fresh = tg.WindowLoader(files, 16, seed=0)
+    fresh.pos = many.pos
+    assert torch.equal(fresh.micro_batch(0, 1, world, 2)[0], many.micro_batch(0, 1, world, 2)[0])
+
+
+# -----------------------------------------------------------------------------
+# HellaSwag
+
+
+def byte_encode(text):
+    return list(text.encode())
+
+
+def test_hellaswag_scoring_matches_per_ending_loop(tmp_path):
+    examples = [{"ctx": "The cat sat on", "endings": ["the mat.", "a", "the very long sofa by the door.", "x"],
+                 "label": 0},
+                {"ctx": "Water boils at", "endings": ["100 degrees.", "the moon", "zero", "it"], "label": 2}]
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    loaded = tg.hellaswag_examples(str(path))
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.GPTConfig(vocab_size=256, n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    expected_correct = 0
+    for ex in loaded:
+        tokens, mask, label = tg.render_hellaswag(ex, byte_encode, 64)
+        got = tg.ending_losses(model, tokens, mask, "cpu", torch.float32)
+        ctx = byte_encode(ex["ctx"])
+        want = []
+        for ending in ex["endings"]:  # one ending at a time, no padding: the definition
+            end = byte_encode(" " + ending)
+            ids = torch.tensor([ctx + end])
+            logits, _ = model(ids)
+            logp = torch.log_softmax(logits[0, :-1], -1)
+            tgt = ids[0, 1:]
+            want.append(-logp[torch.arange(len(tgt)), tgt][-len(end):].mean())
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+        expected_correct += int(torch.stack(want).argmin()) == label
+    acc = tg.hellaswag(model, loaded, byte_encode, "cpu", torch.float32, 0, 1)
+    assert acc == expected_correct / len(loaded)
+    # contexts longer than the model's window lose their oldest tokens, never the ending
+    tokens, mask, _ = tg.render_hellaswag(examples[0], byte_encode, 12)
+    assert tokens.size(1) <= 12 and mask[2].sum() == min(11, len(byte_encode(" " + examples[0]["endings"][2])))
+    path.write_text(json.dumps({"ctx": "a", "endings": ["b"], "label": 0}) + "\n")
+    with pytest.raises(ValueError, match="4 endings"):
+        tg.hellaswag_examples(str(path))
+
+
+# -----------------------------------------------------------------------------
+# training runs
+
+
+def run(*argv):
+    tg.main([*TINY, *map(str, argv)])
+
+
+def test_resume_is_exact(tmp_path):
+    data = make_shards(tmp_path / "data")
+    common = ["--data", data, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 128, "--max-steps", 8,
+              "--warmup-steps", 2, "--lr", 3e-3, "--eval-interval", 4, "--dropout", 0.1]
+    run(*common, "--out-dir", tmp_path / "straight")
+    run(*common, "--out-dir", tmp_path / "split", "--stop-after", 4)
+    assert len(train_losses(tmp_path / "split")) == 4
+    run(*common, "--out-dir", tmp_path / "split", "--resume")
+    straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert len(train_losses(tmp_path / "straight")) == 8
+    # bit-identical: model, AdamW moments, schedule, data position and dropout's RNG all restored
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    vals = lambda rows: [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    assert vals(split) == vals(straight) and [s for s, _ in vals(straight)] == [0, 4, 8]
+    assert train_losses(tmp_path / "straight")[-1] < train_losses(tmp_path / "straight")[0]
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert ckpt["step"] == 8 and ckpt["loader"]["pos"] == 8 * 128 // 16
+    assert os.path.exists(tmp_path / "straight" / "loss.png")
+    # the checkpoint is a model gpt2.py (and so generate.py) can load
+    model = gpt2.GPT.from_pretrained(str(tmp_path / "split" / "ckpt.pt"))
+    assert model.config.n_embd == 32 and model.config.vocab_size == 512
+
+
+def test_torchrun_two_processes_equal_one_process_accumulating(tmp_path):
+    data = make_shards(tmp_path / "data")
+    common = ["--data", data, "--seq-len", 16, "--batch-size", 2, "--total-batch-size", 64, "--max-steps", 4,
+              "--warmup-steps", 1, "--lr", 3e-3, "--eval-interval", 2, "--eval-tokens", 320]
+    run(*common, "--out-dir", tmp_path / "one")  # 1 process x 2 accumulation micro-steps
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_gpt2.py"), *TINY, *map(str, common), "--out-dir", str(tmp_path / "two")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "2 processes x 1 accumulation" in res.stdout
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 4 + 3  # 4 train rows, val at 0, 2, 4
+    for a, b in zip(one, two):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+    losses = train_losses(tmp_path / "one")
+    assert losses[-1] < losses[0] - 0.1  # it trained: the comparison is not trivial
+
+
+def test_learns_real_text_below_unigram_entropy(tmp_path, monkeypatch):
+    """A short version of the default run (GPT-2 tokens of tiny Shakespeare): its loss must fall well
+    below the unigram entropy, the best a model that ignores context can do."""
+    pytest.importorskip("bpe")
+    train, _ = tg.resolve_data("shakespeare", 0)
+    entropy = tg.unigram_entropy([tg.read_shard(f) for f in train])
+    assert 5.5 < entropy < 7.5
+    tg.main(["--rope", "--n-layer", "2", "--n-embd", "64", "--seq-len", "64", "--batch-size", "8",
+             "--total-batch-size", "512", "--max-steps", "80", "--warmup-steps", "10", "--lr", "4e-3",
+             "--eval-interval", "80", "--eval-tokens", "8192", "--sample-tokens", "20",
+             "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    rows = metrics(tmp_path / "out")
+    final = [r["val_loss"] for r in rows if "val_loss" in r][-1]
+    assert final < entropy - 0.5, (final, entropy)
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error before any work
+
+
+def error_of(argv, capsys=None):
+    with pytest.raises(SystemExit) as e:
+        tg.main([*map(str, argv)])
+    return str(e.value.code) + (capsys.readouterr().err if capsys else "")
+
+
+def test_bad_input_errors(tmp_path, monkeypatch, capsys):
+    data = make_shards(tmp_path / "data")
+    base = [*TINY, "--data", data, "--out-dir", tmp_path / "out"]
+    msg = error_of([*base, "--seq-len", 16, "--batch-size", 3, "--total-batch-size", 100])
+    assert "--total-batch-size 100 is not a multiple" in msg and "48" in msg
+    msg = error_of([*base, "--seq-len", 512, "--block-size", 256, "--batch-size", 1, "--total-batch-size", 512])
+    assert "longer than the model's context" in msg
+    msg = error_of([*base, "--resume"])
+    assert "no checkpoint at" in msg and "ckpt.pt" in msg
+    msg = error_of([*base, "--data", tmp_path / "missing"])
+    assert "no such file or folder" in msg and "fineweb-edu-10b" in msg
+    assert "invalid choice" in error_of([*base, "--model", "gpt5"], capsys)
+    msg = error_of([*base, "--init", "gpt7"])
+    assert "--init 'gpt7'" in msg
+    msg = error_of([*base, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 16 * 4 * 100])
+    assert "lower --total-batch-size" in msg  # a step larger than the whole data set
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_no_network_names_url_and_destination(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_SCRATCH_CACHE", str(tmp_path / "cache"))
+
+    def offline(*a, **k):
+        raise gpt2.requests.ConnectionError("offline")
+    monkeypatch.setattr(gpt2.requests, "get", offline)
+    msg = error_of([*TINY, "--data", "fineweb-edu-10b", "--out-dir", tmp_path / "out"])
+    assert "https://huggingface.co/datasets/" in msg and "edu_fineweb_train_000001.bin" in msg
+    assert str(tmp_path / "cache") in msg  # where to put the file by hand
+    data = make_shards(tmp_path / "data")
+    msg = error_of([*TINY, "--data", data, "--hellaswag-interval", 1, "--out-dir", tmp_path / "out"])
+    assert tg.HELLASWAG_URL in msg and "hellaswag_val.jsonl" in msg
