@@ -202,13 +202,18 @@ def bpe_merge(ids, ranks, max_rank=None):
     ids = list(ids)
     inf = max_rank if max_rank is not None else float("inf")
     get = ranks.get
-    while len(ids) > 1:
-        rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))
+    rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))  # rs[k]: rank of the pair (ids[k], ids[k+1])
+    while rs:
         best = min(rs)
         if best >= inf:
             break
         i = rs.index(best)
         ids[i:i + 2] = [best]
+        del rs[i]  # only the two pairs next to the merge change
+        if i > 0:
+            rs[i - 1] = get((ids[i - 1], best), inf)
+        if i < len(rs):
+            rs[i] = get((best, ids[i + 1]), inf)
     return ids
 
 
@@ -323,13 +328,12 @@ class Tokenizer:
             pass
         if len(cache) > 1_000_000:  # bound the memory of a long-running encoder
             cache.clear()
-        for c in chunks:
-            if c not in cache:
-                try:
-                    cache[c] = self._encode_chunk(c.encode("utf-8"))
-                except UnicodeEncodeError:  # lone surrogates: tiktoken replaces them with U+FFFD
-                    fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                    return self.encode_ordinary(fixed)
+        for c in set(chunks).difference(cache):
+            try:
+                cache[c] = self._encode_chunk(c.encode("utf-8"))
+            except UnicodeEncodeError:  # lone surrogates: tiktoken replaces them with U+FFFD
+                fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                return self.encode_ordinary(fixed)
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def _specials_regex(self, names):
