@@ -139,7 +139,7 @@ def _pieces(sources, piece_chars, can_cut):
     """Yield the input as text pieces of about piece_chars characters, cut only where safe.
     `sources` is a str (the text) or a list of file paths; a file is never joined with the next."""
     if isinstance(sources, str):
-        readers = [iter([sources])]
+        readers = [(sources[i:i + piece_chars] for i in range(0, len(sources), piece_chars))]
     else:
         def read(path):
             with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n as is
@@ -533,6 +533,9 @@ def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None
     the input size. Special-token text separates documents and is not counted."""
     pattern = PATTERNS.get(pattern, pattern)
     if isinstance(data, str):
+        if "\n" not in data and len(data) < 4096 and os.path.isfile(data):
+            raise ValueError(f"a str is the training text itself, and {data!r} names a file: pass [{data!r}] "
+                             f"to train on the file")
         total = len(data)
     else:
         data = [Path(p) for p in ([data] if isinstance(data, os.PathLike) else data)]
@@ -818,8 +821,8 @@ def demo():
     text = (HERE / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:300_000]
     print("Training a 512-token tokenizer (GPT-4 split pattern) on 300 KB of tiny Shakespeare...")
     tok = Tokenizer("gpt4").train(text, 512, special_tokens=[ENDOFTEXT], verbose=True)
-    print("first merges:", ", ".join(f"{render_token(tok.vocab[i])!r}" for _, _, i in tok.merges[:12]))
-    print("last merges: ", ", ".join(f"{render_token(tok.vocab[i])!r}" for _, _, i in tok.merges[-8:]))
+    print("first merges:", ", ".join(f"'{render_token(tok.vocab[i])}'" for _, _, i in tok.merges[:12]))
+    print("last merges: ", ", ".join(f"'{render_token(tok.vocab[i])}'" for _, _, i in tok.merges[-8:]))
     sample = "To be, or not to be, that is the question:<|endoftext|>"
     ids = tok.encode(sample, allowed_special="all")
     print(f"\n{sample!r}\n -> {len(ids)} ids {ids}")
@@ -887,4 +890,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, RuntimeError) as e:  # bad input: the message, not a traceback
+        sys.exit(f"error: {e}")

@@ -168,8 +168,9 @@ def bench_scale(src, target_mb, vocab_size, workdir):
         res = subprocess.run([sys.executable, __file__, "scale-run", "--file", str(big), "--vocab-size",
                               str(vocab_size), "--processes", str(p)], capture_output=True, text=True, check=True)
         s = json.loads(res.stdout.strip().splitlines()[-1])
+        worker = f"{s['rss_child_mb']:,.0f} MB" if p > 1 else "(no workers)"
         print(f"| {p} | {s['count_s']:.1f} s | {s['merge_s']:.1f} s | {s['total_s']:.1f} s | {s['unique_chunks']:,} "
-              f"| {s['rss_parent_mb']:,.0f} MB | {s['rss_child_mb']:,.0f} MB |")
+              f"| {s['rss_parent_mb']:,.0f} MB | {worker} |")
     print()
 
 

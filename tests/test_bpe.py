@@ -318,6 +318,9 @@ def test_bad_inputs(tmp_path, gpt2):
         bpe.Tokenizer("gpt2").train("", 300)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         bpe.Tokenizer("gpt2").train([tmp_path / "nope.txt"], 300)
+    (tmp_path / "some.txt").write_text("some text")
+    with pytest.raises(ValueError, match="names a file"):
+        bpe.Tokenizer("gpt2").train(str(tmp_path / "some.txt"), 300)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not valid UTF-8"):
         bpe.Tokenizer("gpt2").train([tmp_path / "latin1.txt"], 300)
@@ -398,3 +401,20 @@ def test_load_gpt2_downloads_missing_files(tmp_path, monkeypatch):
     tok = bpe.load_gpt2(tmp_path / "gpt2")
     assert tok.encode("hello world") == [31373, 995]
     assert (tmp_path / "gpt2" / "vocab.bpe").read_bytes() == files[bpe.GPT2_URLS["vocab.bpe"]]
+
+
+# --- command line
+
+def test_cli(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text(SHAKESPEARE[:30_000], encoding="utf-8")
+    bpe.main(["train", "--input", str(tmp_path / "in.txt"), "--vocab-size", "400", "--output",
+              str(tmp_path / "t.bpe"), "--pattern", "gpt2", "--processes", "1"])
+    assert len(bpe.Tokenizer.load(tmp_path / "t.bpe").merges) == 400 - 256 - 1
+    bpe.main(["decode", "--tokenizer", "gpt2", "31373", "995"])
+    assert capsys.readouterr().out.endswith("hello world")
+    (tmp_path / "hw.txt").write_text("hello world<|endoftext|>")
+    bpe.main(["encode", "--tokenizer", str(tmp_path / "t.bpe"), "--input", str(tmp_path / "hw.txt")])
+    ids = [int(x) for x in capsys.readouterr().out.split()]
+    assert ids[-1] == 399 and bpe.Tokenizer.load(tmp_path / "t.bpe").decode(ids) == "hello world<|endoftext|>"
+    bpe.main(["export", "--tokenizer", str(tmp_path / "t.bpe"), "--output", str(tmp_path / "t.tiktoken")])
+    assert bpe.load_tiktoken(tmp_path / "t.tiktoken", "gpt2").vocab == bpe.Tokenizer.load(tmp_path / "t.bpe").vocab
