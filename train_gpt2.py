@@ -45,7 +45,7 @@ from gpt2 import (GPT, GPTConfig, PRESETS, MetricsLog, add_common_args, autocast
 RUN_PRESETS = {
     # a few minutes on a 2-core CPU; the GPT-2 vocabulary's softmax dominates the cost of a model this small
     "shakespeare": dict(model="tiny", data="shakespeare", seq_len=128, batch_size=8, total_batch_size=1024,
-                        max_steps=800, lr=2e-3, warmup_steps=40, eval_interval=200, eval_tokens=1 << 20,
+                        max_steps=400, lr=3e-3, warmup_steps=30, eval_interval=100, eval_tokens=16384,
                         hellaswag_interval=0, checkpoint_interval=0, prompt="ROMEO:"),
     # GPT-2 124M on 10B tokens: 524,288 tokens (2**19) per step, 19,073 steps = one pass over the data
     "gpt2-10b": dict(model="gpt2", data="fineweb-edu-10b", seq_len=1024, batch_size=64, total_batch_size=524288,
@@ -137,17 +137,19 @@ def check_args(args, world):
 
 def model_config(args):
     """The config of the model to train, known before anything is built or downloaded."""
+    if args.resume:  # the checkpoint defines the model; architecture flags are ignored
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        return GPTConfig(**load_checkpoint(path)["config"]), path
     arch = {k: getattr(args, k) for k in ("pos_emb", "norm", "mlp", "bias", "tie_weights",
                                           *(f[2:].replace("-", "_") for f, _ in ARCH_FLAGS))}
     arch = {k: v for k, v in arch.items() if v is not None}
-    if args.resume or os.path.isfile(args.init):
-        path = os.path.join(args.out_dir, "ckpt.pt") if args.resume else args.init
-        return GPTConfig(**load_checkpoint(path)["config"]), path
     if args.init == "scratch":
         return GPTConfig.from_preset(args.model, **arch), None
     if set(arch) - {"dropout"}:
         fail(f"architecture flags ({', '.join(sorted(set(arch) - {'dropout'}))}) only apply to --init scratch; "
              f"pretrained weights fix the architecture")
+    if os.path.isfile(args.init):
+        return GPTConfig(**{**load_checkpoint(args.init)["config"], **arch}), args.init
     if os.path.isdir(args.init):
         with open(os.path.join(args.init, "config.json")) as f:
             return GPTConfig(block_size=json.load(f)["n_positions"]), args.init
@@ -170,6 +172,8 @@ def write_shard(path, tokens):
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
         raise ValueError(f"token ids must fit in uint16 to be written to {path}")
+    if len(tokens) >= 2 ** 31:
+        raise ValueError(f"{len(tokens):,} tokens do not fit one shard's int32 count; split them")
     header = np.zeros(256, dtype=np.int32)
     header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -227,23 +231,26 @@ def tokenize_text(source):
         return [train], [val]
     import bpe
     tok = bpe.load_gpt2()
-    parts = []
-    for t in texts:  # every document ends with <|endoftext|>, as in GPT-2's training data
-        with open(t, encoding="utf-8") as f:
-            parts += [np.asarray(tok.encode_ordinary(f.read()), dtype=np.int64), np.array([tok.eot_token])]
-    tokens = np.concatenate(parts)
-    split = int(len(tokens) * 0.9)
     os.makedirs(out, exist_ok=True)
     for old in os.listdir(out):  # shards of an older version of the input
         if old.endswith(".bin"):
             os.remove(os.path.join(out, old))
-    write_shard(train, tokens[:split])
+    parts = []
+    for i, t in enumerate(texts):  # in parallel over all cores; each document ends with <|endoftext|>
+        raw = os.path.join(out, f"raw_{i}.bin")
+        bpe.encode_file(tok, t, raw, append_eot=True)
+        parts.append(np.array(bpe.load_tokens(raw)))
+        os.remove(raw)
+    tokens = np.concatenate(parts)
+    split = int(len(tokens) * 0.9)
     write_shard(val, tokens[split:])
+    write_shard(train, tokens[:split])  # written last: its presence marks a complete tokenization
     return [train], [val]
 
 
 def resolve_data(data, rank):
-    """--data -> (train shard paths, val shard paths). Rank 0 downloads or tokenizes; the others wait."""
+    """--data -> (train shard paths, val shard paths). `rank` is the process's rank on its node: local
+    rank 0 downloads or tokenizes (once per node, whether or not nodes share a file system), the rest wait."""
     if data == "shakespeare":
         data = os.path.join(DATA_DIR, "tinyshakespeare.txt")
     if data in REMOTE_SETS:
@@ -480,13 +487,13 @@ def main(argv=None):
     master = rank == 0
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     try:
-        train_files, val_files = resolve_data(args.data, rank)
+        train_files, val_files = resolve_data(args.data, local_rank)
         train_loader = WindowLoader(train_files, args.seq_len, args.seed)
         val_loader = WindowLoader(val_files, args.seq_len, shuffle=False)
         hs_examples = None
         if args.hellaswag_interval:
             path = args.hellaswag_file or os.path.join(cache_dir("hellaswag"), "hellaswag_val.jsonl")
-            if master and not os.path.exists(path):
+            if local_rank == 0 and not os.path.exists(path):
                 download(HELLASWAG_URL, path)
             barrier()
             hs_examples = hellaswag_examples(path)[:args.hellaswag_limit or None]
@@ -506,9 +513,9 @@ def main(argv=None):
     seed_everything(args.seed)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.init == "scratch" or args.resume:
+    if args.init == "scratch" or args.resume or os.path.isfile(args.init):
         raw_model = GPT(config)
-    else:
+    else:  # OpenAI's weights from the HF hub, or an HF directory
         raw_model = GPT.from_pretrained(args.init, **({"dropout": args.dropout} if args.dropout else {}))
     raw_model.to(device)
     optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device.split(":")[0])
