@@ -580,17 +580,20 @@ def main(argv=None):
     log(f"{args.total_batch_size:,} tokens per step = {args.batch_size} x {args.seq_len} x {world} processes x "
         f"{grad_accum} accumulation steps | {args.max_steps} steps")
 
+    def due(every, done):
+        return every and (done % every == 0 or done == args.max_steps)
+
     def evaluate(done):
         row = {}
-        if args.eval_interval:
+        if due(args.eval_interval, done):
             row["val_loss"] = val_loss(model, val_loader, args.eval_tokens // args.seq_len, args.batch_size,
                                        device, dtype, rank, world)
-        if hs_examples and args.hellaswag_interval and (done % args.hellaswag_interval == 0 or done == args.max_steps):
+        if hs_examples and due(args.hellaswag_interval, done):
             row["hellaswag"] = hellaswag(raw_model, hs_examples, tokenizer.encode, device, dtype, rank, world)
         if row:
             log(f"step {done:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
             record(step=done, **row)
-        if master and tokenizer and args.sample_tokens and args.eval_interval:
+        if "val_loss" in row and master and tokenizer and args.sample_tokens:
             log(sample(raw_model, tokenizer.encode, tokenizer.decode, args.prompt, args.sample_tokens, device,
                        args.seed + done).strip() + "\n")
 
@@ -605,7 +608,7 @@ def main(argv=None):
                             scaler=scaler.state_dict(), step=done, rng=rngs, args=vars(args),
                             loader={"pos": train_loader.pos, "n": train_loader.n})
 
-    if step == 0 and args.eval_interval:
+    if step == 0:
         evaluate(0)
     start_time, t_last = time.time(), time.time()
     stop = min(args.max_steps, args.stop_after or args.max_steps)
@@ -643,7 +646,7 @@ def main(argv=None):
         if step % args.log_interval == 0 or step == stop:
             log(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm.item():.2f} | "
                 f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
-        if args.eval_interval and (step % args.eval_interval == 0 or step == args.max_steps):
+        if due(args.eval_interval, step) or due(args.hellaswag_interval, step):
             evaluate(step)
             t_last = time.time()  # evaluation is not training time
         if (args.checkpoint_interval and step % args.checkpoint_interval == 0) or step == stop:

@@ -23,6 +23,10 @@ TINY = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", 
 def single_process(monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these models are too small to gain from threads, and the CI box is shared
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_shards(folder, n_train=6000, n_val=1000, vocab=512, seed=0):
@@ -204,8 +208,13 @@ def test_resume_is_exact(tmp_path):
 
 def test_torchrun_two_processes_equal_one_process_accumulating(tmp_path):
     data = make_shards(tmp_path / "data")
+    hs = tmp_path / "hellaswag.jsonl"  # 5 examples: an uneven split over 2 processes
+    hs.write_text("".join(json.dumps({"ctx": f"Example {i}: the man opens the", "label": i % 4,
+                                      "endings": ["door.", "window slowly.", "box of tea", "book"]}) + "\n"
+                          for i in range(5)))
     common = ["--data", data, "--seq-len", 16, "--batch-size", 2, "--total-batch-size", 64, "--max-steps", 4,
-              "--warmup-steps", 1, "--lr", 3e-3, "--eval-interval", 2, "--eval-tokens", 320]
+              "--warmup-steps", 1, "--lr", 3e-3, "--eval-interval", 2, "--eval-tokens", 320,
+              "--vocab-size", 50257, "--hellaswag-interval", 4, "--hellaswag-file", hs]
     run(*common, "--out-dir", tmp_path / "one")  # 1 process x 2 accumulation micro-steps
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -215,9 +224,10 @@ def test_torchrun_two_processes_equal_one_process_accumulating(tmp_path):
     assert "2 processes x 1 accumulation" in res.stdout
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 4 + 3  # 4 train rows, val at 0, 2, 4
+    assert [r["step"] for r in one if "hellaswag" in r] == [0, 4]
     for a, b in zip(one, two):
         assert a["step"] == b["step"]
-        for key in ("train_loss", "val_loss"):
+        for key in ("train_loss", "val_loss", "hellaswag"):
             if key in a:
                 assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
     losses = train_losses(tmp_path / "one")
