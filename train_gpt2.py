@@ -22,10 +22,8 @@ What it teaches, top to bottom:
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 
@@ -35,8 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gpt2 import (GPT, GPTConfig, PRESETS, MetricsLog, add_common_args, autocast, cache_dir, download,
-                  grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, peak_flops,
+from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir,
+                  download, grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, peak_flops,
                   pick_device, pick_dtype, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
@@ -63,7 +61,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="shakespeare", choices=list(RUN_PRESETS))
     p.add_argument("--model", choices=list(PRESETS), help="architecture preset of gpt2.py (scratch init)")
-    p.add_argument("--init", default="scratch", help="scratch | gpt2 | gpt2-medium | ... | HF directory | checkpoint file")
+    p.add_argument("--init", default="scratch", help="scratch | gpt2 | gpt2-medium | ... | HF folder | checkpoint")
     p.add_argument("--rope", dest="pos_emb", action="store_const", const="rope", help="rotary positions")
     p.add_argument("--pos-emb", choices=["learned", "sinusoidal", "rope"])
     p.add_argument("--rmsnorm", dest="norm", action="store_const", const="rmsnorm")
@@ -123,9 +121,8 @@ def check_args(args, world):
     ckpt = os.path.join(args.out_dir, "ckpt.pt")
     if args.resume and not os.path.exists(ckpt):
         fail(f"--resume: no checkpoint at {ckpt}; run without --resume to start, or point --out-dir at the run")
-    if args.init not in ("scratch", *PRESETS) and not os.path.exists(args.init):
-        fail(f"--init {args.init!r}: not scratch, not one of {', '.join(p for p in PRESETS if p != 'tiny')}, "
-             f"and no such file or directory")
+    if args.init not in ("scratch", *HF_MODELS) and not os.path.exists(args.init):
+        fail(f"--init {args.init!r}: not scratch, not one of {', '.join(HF_MODELS)}, and no such file or folder")
     for flag, enabled in (("--wandb", args.wandb), ("--tensorboard", args.tensorboard)):
         module = "wandb" if flag == "--wandb" else "torch.utils.tensorboard"
         if enabled:
@@ -164,7 +161,8 @@ SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # Karpathy's GPT-2 tokens of FineWeb-Edu (the 100B sample), 100M tokens per shard: the first 100 train
 # shards are 10B tokens. Not reachable from the machine this was written on: unverified here.
-FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100B-gpt2-token-shards/resolve/main/edu_fineweb_{split}_{i:06d}.bin"
+FINEWEB_URL = ("https://huggingface.co/datasets/karpathy/fineweb-edu-100B-gpt2-token-shards/resolve/main/"
+               "edu_fineweb_{split}_{i:06d}.bin")
 REMOTE_SETS = {"fineweb-edu-10b": dict(train=range(1, 101), val=range(0, 1), url=FINEWEB_URL)}
 
 
