@@ -8,11 +8,11 @@ What it teaches, in the order the pieces are used:
      each step attending to the cached keys and values instead of recomputing the whole context.
   3. Batches of prompts of different lengths: left padding, an attention mask, per-row positions and a
      per-row stop at end-of-text, all with the cache on.
-  4. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
-     pass, both caches roll back what was rejected; the output follows the target's distribution exactly.
-  5. Generating past the context window: a rolling cache with a sliding window and attention sinks
+  4. Generating past the context window: a rolling cache with a sliding window and attention sinks
      (StreamingLLM) for rotary / sinusoidal models; crop-and-recompute for learned positions.
-  6. torch.compile of the decode step (CUDA graphs on a GPU).
+  5. torch.compile of the decode step, with a static-shape cache so CUDA graphs can replay it.
+  6. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
+     pass, both caches roll back what was rejected; the output follows the target's distribution exactly.
   7. The command line: streaming text to the terminal as tokens arrive, stop strings, an interactive mode.
 
     python generate.py --model gpt2 --prompt "Hello, I'm a language model," --max-new-tokens 50
@@ -162,7 +162,7 @@ class TokenCounts:
 
 
 # -----------------------------------------------------------------------------
-# 2-3, 5-6. The generate loop: cache, padded batches, per-row stop, past the context, compiled step
+# 2-5. The generate loop: cache, padded batches, per-row stop, past the context, compiled step
 
 
 def check_prompt(model, idx, attention_mask):
@@ -320,7 +320,7 @@ def left_pad(prompts, pad_id=0, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# 4. Speculative decoding (Leviathan et al. 2023, Chen et al. 2023)
+# 6. Speculative decoding (Leviathan et al. 2023, Chen et al. 2023)
 
 
 def speculative_accept(p, q, drafted, s, generator=None):
@@ -381,7 +381,7 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
                              f"the {name}'s context without a sliding window: {T} + {max_new_tokens} tokens > "
                              f"block_size {m.config.block_size} (or window set); generate fewer tokens")
     stats = stats if stats is not None else {}
-    stats.update(proposed=0, accepted=0, target_passes=0, rounds=0)
+    stats.update(proposed=0, accepted=0, target_passes=0)
     tc, dc = target.new_cache(1, T + max_new_tokens), draft.new_cache(1, T + max_new_tokens)
     if T > 1:
         target(idx[:, :-1], cache=tc, last_logits_only=True)
@@ -408,7 +408,6 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
         stats["proposed"] += k
         stats["accepted"] += n
         stats["target_passes"] += 1
-        stats["rounds"] += 1
         # roll back: keep the caches up to (and including) the last accepted drafted token
         base = tc.length - (k + 1)
         tc.crop(base + 1 + n)

@@ -47,12 +47,16 @@ def timed(fn, repeats):
     return best, out
 
 
+SHAPES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+          "mini": dict(n_layer=6, n_head=6, n_embd=384)}  # 30M, for runs where 124M would take too long
+
+
 def gpt2_dir(args):
-    """A random-init gpt2 (124M) shaped model in HF layout, made once."""
-    path = os.path.join(args.out, "gpt2-random")
+    """A random-init model of the chosen shape (GPT-2 vocabulary, 1024 context) in HF layout, made once."""
+    path = os.path.join(args.out, f"{args.shape}-random")
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         torch.manual_seed(0)
-        GPT(GPTConfig.from_preset("gpt2")).save_pretrained(path)
+        GPT(GPTConfig(**SHAPES[args.shape])).save_pretrained(path)
     return path
 
 
@@ -72,7 +76,7 @@ def prompt(n, batch=1, vocab=50257, seed=0):
 
 
 def bench_hf(args):
-    print(f"### gpt2 (124M shape) batch 1, prompt 16, {args.new} new tokens, greedy, {args.device} ({machine()})\n")
+    print(f"### {args.shape} shape {SHAPES[args.shape]} batch 1, prompt 16, {args.new} new tokens, greedy, {args.device} ({machine()})\n")
     print("| dtype | ours tok/s | transformers tok/s | ours / HF | identical tokens |\n|---|---|---|---|---|")
     for name in args.dtypes:
         dtype = DTYPES[name]
@@ -80,7 +84,7 @@ def bench_hf(args):
         idx = prompt(16).to(args.device)
         run_ours = lambda: G.generate(ours, idx, args.new, temperature=0)
         run_hf = lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=args.new,
-                                     min_new_tokens=args.new, do_sample=False, pad_token_id=0, eos_token_id=None)
+                                     do_sample=False, pad_token_id=0, eos_token_id=None)
         run_ours(), run_hf()  # warm-up
         t_ours, a, t_hf, b = math.inf, None, math.inf, None
         for _ in range(args.repeats):  # interleaved so a busy spell on the shared machine hits both
@@ -98,7 +102,7 @@ def bench_hf(args):
 def bench_cache(args):
     dtype = DTYPES[args.dtypes[0]]
     ours, _ = load_pair(args, dtype)
-    print(f"### KV cache vs recompute, gpt2 (124M shape) batch 1, prompt 16, greedy, {args.dtypes[0]}, "
+    print(f"### KV cache vs recompute, {args.shape} shape {SHAPES[args.shape]} batch 1, prompt 16, greedy, {args.dtypes[0]}, "
           f"{args.device} ({machine()})\n")
     print("| new tokens | cache tok/s | no cache tok/s | speedup | identical |\n|---|---|---|---|---|")
     idx = prompt(16).to(args.device)
@@ -112,7 +116,7 @@ def bench_cache(args):
 def bench_batch(args):
     dtype = DTYPES[args.dtypes[0]]
     ours, hf = load_pair(args, dtype)
-    print(f"### Throughput, gpt2 (124M shape), prompts of 8..32 tokens left-padded, {args.new} new tokens, greedy, "
+    print(f"### Throughput, {args.shape} shape {SHAPES[args.shape]}, prompts of 8..32 tokens left-padded, {args.new} new tokens, greedy, "
           f"{args.dtypes[0]}, {args.device} ({machine()})\n")
     print("| batch | ours tok/s | transformers tok/s | ours / HF | identical |\n|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
@@ -121,7 +125,7 @@ def bench_batch(args):
         idx, mask = G.left_pad([torch.randint(0, 50257, (n,), generator=g).tolist() for n in lens])
         idx, mask = idx.to(args.device), mask.to(args.device)
         run_ours = lambda: G.generate(ours, idx, args.new, temperature=0, attention_mask=mask)
-        run_hf = lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=args.new, min_new_tokens=args.new,
+        run_hf = lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=args.new,
                                      do_sample=False, pad_token_id=0, eos_token_id=None)
         t_o, a = timed(run_ours, args.repeats)
         t_h, b = timed(run_hf, args.repeats)
@@ -133,7 +137,7 @@ def bench_compile(args):
     dtype = DTYPES[args.dtypes[0]]
     ours, _ = load_pair(args, dtype)
     idx = prompt(16).to(args.device)
-    print(f"### Compiled decode step, gpt2 (124M shape) batch 1, {args.new} new tokens, greedy, {args.dtypes[0]}, "
+    print(f"### Compiled decode step, {args.shape} shape {SHAPES[args.shape]} batch 1, {args.new} new tokens, greedy, {args.dtypes[0]}, "
           f"{args.device} ({machine()})\n")
     t_e, a = timed(lambda: G.generate(ours, idx, args.new, temperature=0), args.repeats)
     t0 = time.perf_counter()
@@ -151,7 +155,7 @@ def bench_compile(args):
 
 SPEC_MODELS = {  # character-level tiny Shakespeare; sizes chosen so both train in minutes on 2 CPU cores
     "target": dict(n_layer=4, n_head=4, n_embd=256, block_size=256),
-    "draft": dict(n_layer=1, n_head=2, n_embd=64, block_size=256),
+    "draft": dict(n_layer=2, n_head=2, n_embd=64, block_size=256),
 }
 
 
@@ -173,7 +177,8 @@ def val_loss(model, val, T=256, batches=20):
 
 
 def train(args):
-    """A minimal AdamW loop: batch 16 x 128 characters, cosine learning rate, for a wall-clock budget."""
+    """A minimal AdamW loop: batch x 128 characters, warmup then cosine learning rate, for a wall-clock budget
+    (steps, not tokens, are what a 2-core CPU is short of, so the batch is small)."""
     chars, tr, val = shakespeare(args)
     for name in args.which:
         torch.manual_seed(0)
@@ -181,10 +186,10 @@ def train(args):
         opt = model.configure_optimizer(0.1, args.lr)
         budget, t0, step = args.minutes[name] * 60, time.time(), 0
         while time.time() - t0 < budget:
-            lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / budget))))
+            lr = args.lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - t0) / budget))))
             for gr in opt.param_groups:
                 gr["lr"] = lr
-            ix = torch.randint(0, len(tr) - 129, (16,))
+            ix = torch.randint(0, len(tr) - 129, (args.batch_size,))
             x, y = torch.stack([tr[i:i + 128] for i in ix]), torch.stack([tr[i + 1:i + 129] for i in ix])
             loss = model.train()(x, y)[1]
             loss.backward()
@@ -209,12 +214,14 @@ def bench_spec(args):
     ckpt = load_checkpoint(paths[0])
     chars = ckpt["vocab"]
     _, _, val = shakespeare(args)
-    prompts = [val[i:i + 64][None].to(args.device) for i in (0, 20000, 40000, 60000)]
+    prompts = [val[i:i + 32][None].to(args.device) for i in (0, 20000, 40000, 60000)]  # 32 + 200 <= 256
     n = args.new
-    print(f"### Speculative decoding, char-level Shakespeare: target {SPEC_MODELS['target']} "
-          f"(val loss {ckpt['val_loss']:.2f}, {ckpt['steps']} steps), draft {SPEC_MODELS['draft']} "
-          f"(val loss {load_checkpoint(paths[1])['val_loss']:.2f}), batch 1, {len(prompts)} prompts of 64 characters "
-          f"x {n} new, {args.device} ({machine()})\n")
+    shape = lambda m: f"{m.config.n_layer}L/{m.config.n_embd}d ({m.num_params() / 1e6:.2f}M)"
+    dckpt = load_checkpoint(paths[1])
+    print(f"### Speculative decoding, char-level Shakespeare: target {shape(target)}, val loss "
+          f"{ckpt['val_loss']:.2f} after {ckpt['steps']} steps; draft {shape(draft)}, val loss {dckpt['val_loss']:.2f} "
+          f"after {dckpt['steps']} steps; batch 1, {len(prompts)} prompts of 32 characters x {n} new, {args.device} "
+          f"({machine()})\n")
     for mode, s in (("greedy", G.Sampling(temperature=0)), ("sampled, temperature 0.8", G.Sampling(temperature=0.8))):
         seed = lambda: torch.Generator(args.device).manual_seed(0)
         t_base = timed(lambda: [G.generate(target, p, n, temperature=s.temperature, generator=seed())
@@ -242,17 +249,18 @@ def bench_spec(args):
             same = "yes" if ref and all(torch.equal(a, b) for a, b in zip(outs, ref)) else ("no" if ref else "n/a")
             print(f"| {k} | {len(prompts) * n / t:.1f} | {t_base / t:.2f}x | {total['accepted'] / total['proposed']:.1%} "
                   f"| {len(prompts) * n / total['target_passes']:.2f} | {same} |", flush=True)
-    sample = G.speculative_generate(target, draft, prompts[0], 200, G.Sampling(temperature=0.8), num_draft=4,
+    sample = G.speculative_generate(target, draft, prompts[0], n, G.Sampling(temperature=0.8), num_draft=4,
                                     generator=torch.Generator().manual_seed(0))
     print("\nSample (temperature 0.8, k=4), prompt | continuation:\n\n```\n" +
-          "".join(chars[i] for i in sample[0, :64].tolist()) + " | " +
-          "".join(chars[i] for i in sample[0, 64:].tolist()) + "\n```")
+          "".join(chars[i] for i in sample[0, :32].tolist()) + " | " +
+          "".join(chars[i] for i in sample[0, 32:].tolist()) + "\n```")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["hf", "cache", "batch", "compile", "train", "spec"])
     p.add_argument("--out", default="out_generate", help="where models are written (ignored by git)")
+    p.add_argument("--shape", default="gpt2", choices=list(SHAPES), help="random-init model shape")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--new", type=int, default=200, help="new tokens per generation")
@@ -262,9 +270,10 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--which", nargs="+", default=["draft", "target"], help="train: which models")
-    p.add_argument("--target-minutes", type=float, default=6.0)
-    p.add_argument("--draft-minutes", type=float, default=1.5)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--target-minutes", type=float, default=8.0)
+    p.add_argument("--draft-minutes", type=float, default=2.5)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=8, help="train: sequences of 128 characters per step")
     args = p.parse_args()
     args.minutes = {"target": args.target_minutes, "draft": args.draft_minutes}
     if args.threads:
