@@ -59,13 +59,20 @@ def gpt2():
 
 
 @pytest.fixture(scope="module")
-def tiktoken_gpt2(monkeypatch_module=None):
+def tiktoken_gpt2():
     tiktoken = pytest.importorskip("tiktoken")
     import tiktoken.load
     import os
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the shipped files, never a stale cache
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        str(ROOT / "data/gpt2/vocab.bpe"), str(ROOT / "data/gpt2/encoder.json"))
+    try:
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+            str(ROOT / "data/gpt2/vocab.bpe"), str(ROOT / "data/gpt2/encoder.json"))
+    finally:  # leave the environment of other test files alone
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
     return tiktoken.Encoding(name="gpt2", pat_str=gpt2_pat_str(), mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
 
