@@ -386,7 +386,7 @@ def train(args):
         open(metrics_path, "w").close()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"stage={cfg['stage']} preset={cfg['preset']} params={n_params:,} device={device} dtype={dtype} "
-          f"layers={cfg['n_layer']} heads={cfg['n_head']} n_embd={cfg['n_embd']} block={cfg['block_size']} "
+          f"layers={cfg['n_layer'] if cfg['stage'] in STAGES[4:] else '-'} heads={cfg['n_head']} n_embd={cfg['n_embd']} block={cfg['block_size']} "
           f"batch={cfg['batch_size']} steps={cfg['max_steps']}")
 
     compile_ = device == "cuda" if args.compile is None else args.compile
