@@ -1,5 +1,5 @@
 """
-train_gpt2.py: pretraining a GPT, from a few minutes on a laptop CPU to the GPT-2 124M reproduction on
+train_gpt2.py: pretraining a GPT, from a small run on a laptop CPU to the GPT-2 124M reproduction on
 10B tokens of FineWeb-Edu on a node of GPUs. The model is gpt2.py's; this file is everything around it.
 
 What it teaches, top to bottom:
