@@ -234,9 +234,9 @@ def tokenize_text(source):
         if old.endswith(".bin"):
             os.remove(os.path.join(out, old))
     parts = []
-    for i, t in enumerate(texts):  # in parallel over all cores; each document ends with <|endoftext|>
-        raw = os.path.join(out, f"raw_{i}.bin")
-        bpe.encode_file(tok, t, raw, append_eot=True)
+    for i, t in enumerate(texts):  # in parallel over all cores; each file, and each document in it marked
+        raw = os.path.join(out, f"raw_{i}.bin")  # by a literal <|endoftext|>, ends with the end-of-text token
+        bpe.encode_file(tok, t, raw, append_eot=True, allowed_special={"<|endoftext|>"})
         parts.append(np.array(bpe.load_tokens(raw)))
         os.remove(raw)
     tokens = np.concatenate(parts)

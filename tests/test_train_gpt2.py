@@ -250,11 +250,12 @@ def test_text_is_tokenized_once_into_shards(tmp_path):
     text = tmp_path / "corpus" / "a.txt"
     text.parent.mkdir()
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40)
-    (tmp_path / "corpus" / "b.txt").write_text("All:\nSpeak, speak.\n" * 30)
+    (tmp_path / "corpus" / "b.txt").write_text("All:\nSpeak, speak.\n<|endoftext|>Second document.\n" * 30)
     train, val = tg.resolve_data(str(tmp_path / "corpus"), 0)
     tok = bpe.load_gpt2()
-    want = [*tok.encode(text.read_text()), tok.eot_token, *tok.encode((tmp_path / "corpus" / "b.txt").read_text()),
-            tok.eot_token]
+    b = (tmp_path / "corpus" / "b.txt").read_text()
+    want = [*tok.encode(text.read_text()), tok.eot_token, *tok.encode(b, allowed_special="all"), tok.eot_token]
+    assert want.count(tok.eot_token) == 2 + 30  # literal <|endoftext|> marks documents inside a file
     got = np.concatenate([tg.read_shard(train[0]), tg.read_shard(val[0])])
     assert got.tolist() == want and len(tg.read_shard(val[0])) == len(want) - int(len(want) * 0.9)
     assert os.path.dirname(train[0]) == str(tmp_path / "corpus_gpt2")  # cached next to the input
