@@ -358,3 +358,21 @@ def test_download_without_network_names_url_and_destination(tmp_path):
     dest = str(tmp_path / "w.safetensors")
     with pytest.raises(RuntimeError, match=r"could not download http://127\.0\.0\.1:9/x .*put it at .*w\.safetensors"):
         gpt2.download("http://127.0.0.1:9/x", dest)
+
+
+def test_checkpoint_unwraps_ddp_and_compile_in_any_order(tmp_path):
+    class Compiled(torch.nn.Module):  # stand-ins with the attributes torch.compile and DDP add
+        def __init__(self, m):
+            super().__init__()
+            self._orig_mod = m
+
+    class Parallel(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    model = small()
+    for wrapped in (Parallel(Compiled(model)), Compiled(Parallel(model))):
+        path = str(tmp_path / "w.pt")
+        gpt2.save_checkpoint(path, wrapped)
+        assert set(gpt2.load_checkpoint(path)["model"]) == set(model.state_dict())
