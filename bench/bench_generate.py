@@ -106,6 +106,7 @@ def bench_cache(args):
           f"{args.device} ({machine()})\n")
     print("| new tokens | cache tok/s | no cache tok/s | speedup | identical |\n|---|---|---|---|---|")
     idx = prompt(16).to(args.device)
+    G.generate(ours, idx, 2, temperature=0)  # warm-up
     for n in args.lengths:
         t_c, a = timed(lambda: G.generate(ours, idx, n, temperature=0), args.repeats)
         t_n, b = timed(lambda: G.generate(ours, idx, n, temperature=0, use_cache=False), 1)
@@ -127,6 +128,8 @@ def bench_batch(args):
         run_ours = lambda: G.generate(ours, idx, args.new, temperature=0, attention_mask=mask)
         run_hf = lambda: hf.generate(idx, attention_mask=mask, max_new_tokens=args.new,
                                      do_sample=False, pad_token_id=0, eos_token_id=None)
+        G.generate(ours, idx, 2, temperature=0, attention_mask=mask)  # warm-up both: first calls pay one-off costs
+        hf.generate(idx, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None)
         t_o, a = timed(run_ours, args.repeats)
         t_h, b = timed(run_hf, args.repeats)
         print(f"| {B} | {B * args.new / t_o:.1f} | {B * args.new / t_h:.1f} | {t_h / t_o:.2f}x | "
@@ -139,6 +142,7 @@ def bench_compile(args):
     idx = prompt(16).to(args.device)
     print(f"### Compiled decode step, {args.shape} shape {SHAPES[args.shape]} batch 1, {args.new} new tokens, greedy, {args.dtypes[0]}, "
           f"{args.device} ({machine()})\n")
+    G.generate(ours, idx, 2, temperature=0)  # warm-up
     t_e, a = timed(lambda: G.generate(ours, idx, args.new, temperature=0), args.repeats)
     t0 = time.perf_counter()
     G.generate(ours, idx, args.new, temperature=0, compile=True)  # compiles (and recompiles once, see below)
