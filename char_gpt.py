@@ -37,7 +37,7 @@ SMALL = dict(n_layer=3, n_head=4, n_embd=32, block_size=8, batch_size=32, dropou
 PRESETS = {
     # Sized by measurement to finish in under 10 minutes on 2 CPU cores (see README).
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, dropout=0.0, lr=2e-3,
-                max_steps=2000, warmup_steps=100, schedule="cosine", weight_decay=0.1, grad_clip=1.0,
+                max_steps=1800, warmup_steps=100, schedule="cosine", weight_decay=0.1, grad_clip=1.0,
                 eval_interval=400, eval_iters=50),
     # The lecture's scaled-up model, trained with nanoGPT's shakespeare_char recipe.
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, lr=1e-3,
