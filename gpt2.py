@@ -393,7 +393,7 @@ class GPT(nn.Module):
         else:  # the training path: plain causal attention, the flash kernel's fast case
             pos = torch.arange(T, device=idx.device).expand(B, T)
             mask = None
-        if cfg.pos_emb == "learned" and not torch.compiler.is_compiling() and cache is not None:
+        if cfg.pos_emb == "learned" and cache is not None and not idx.is_cuda and not torch.compiler.is_compiling():
             if int(pos.max()) >= cfg.block_size:
                 raise ValueError(f"position {int(pos.max())} is beyond block_size {cfg.block_size}: learned "
                                  f"position embeddings do not exist there; crop the context instead")
@@ -425,7 +425,7 @@ class GPT(nn.Module):
         if cache is None and T > cfg.block_size and (cfg.window is None or cfg.pos_emb == "learned"):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}; crop it, "
                              f"or use a sliding-window model (window=...) with rope or sinusoidal positions")
-        if idx.is_cuda and self.training:
+        if idx.is_cuda:
             return  # reading min/max would stall the GPU every step; CUDA's own index assert fires instead
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
@@ -530,8 +530,8 @@ class GPT(nn.Module):
                      "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.norm_eps,
                      "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                      "tie_word_embeddings": True}
-        if cfg.vocab_size > 50256:  # GPT-2's <|endoftext|>
-            hf_config.update(bos_token_id=50256, eos_token_id=50256)
+        eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
+        hf_config.update(bos_token_id=eot, eos_token_id=eot)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
