@@ -24,8 +24,7 @@ import math
 import os
 import random
 import struct
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
