@@ -626,39 +626,42 @@ def train_merges(counts, n_merges, verbose=False):
 # -----------------------------------------------------------------------------
 # 5. Loading real tokenizers: GPT-2's files, tiktoken rank files, downloads
 
-def download(url, path, sha256=None, chunk_size=1 << 20):
-    """Download url to path with a progress bar, unless path exists. Resumable: bytes go to
-    path + ".part" and a later call continues it with an HTTP Range request; the file is renamed
-    into place only when its size (and sha256, when given) is right."""
+def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None):
+    """Download url to path with a progress bar, unless a complete copy is there. Resumable: bytes go
+    to path + ".part" and a later call continues it with an HTTP Range request; the file is renamed
+    into place only when its size (and sha256, when given) is right. The one downloader of the project:
+    gpt2.py re-exports it (this file cannot import gpt2.py, which needs torch)."""
     import requests  # only needed here
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and (expected_size is None or path.stat().st_size == expected_size):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
+    hint = f"Without network access, download it elsewhere and put it at {path}"
     try:
         r = requests.get(url, headers=headers, stream=True, timeout=60)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({e}); download it by hand to {path}") from None
+        raise RuntimeError(f"could not download {url} ({e.__class__.__name__}). {hint}") from None
     if have and r.status_code == 416:  # nothing left to fetch: the .part is complete
         total = have
     else:
         if r.status_code != 206:  # the server ignored Range: start over
             have = 0
         if r.status_code >= 400:
-            raise RuntimeError(f"could not download {url}: HTTP {r.status_code}; download it by hand to {path}")
+            raise RuntimeError(f"could not download {url}: HTTP {r.status_code}. {hint}")
         length = r.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=path.name) as bar:
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=desc or path.name) as bar:
             for block in r.iter_content(chunk_size):
                 f.write(block)
                 bar.update(len(block))
     size = part.stat().st_size
-    if total is not None and size != total:
-        raise RuntimeError(f"download of {url} stopped at {size} of {total} bytes; run again to resume")
+    want = expected_size if expected_size is not None else total
+    if (want is not None and size != want) or (total is not None and size != total):
+        raise RuntimeError(f"download of {url} is incomplete: {size} of {want} bytes; run again to resume")
     if sha256 and hashlib.sha256(part.read_bytes()).hexdigest() != sha256:
         part.unlink()
         raise RuntimeError(f"{url} downloaded with the wrong sha256 (corrupt); run again to retry")

@@ -28,11 +28,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
-import requests
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
+
+import bpe
+from bpe import download  # noqa: F401  (re-exported: every script downloads through gpt2.download)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -607,7 +608,8 @@ def read_hf_weights(directory):
 
 
 # -----------------------------------------------------------------------------
-# Downloads: requests + tqdm, cached, resumable (HTTP Range into a .part file), size-checked.
+# Downloads: bpe.download (requests + tqdm, cached, resumable through an HTTP Range into a .part file,
+# size-checked) is the project's one downloader; it lives in bpe.py because that file must not need torch.
 
 HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -616,39 +618,6 @@ def cache_dir(sub=""):
     root = os.environ.get("LLM_SCRATCH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm-from-scratch"))
     path = os.path.join(root, sub)
     os.makedirs(path, exist_ok=True)
-    return path
-
-
-def download(url, path, expected_size=None, desc=None):
-    """Fetch url to path unless a complete copy is there. Resumes a partial .part file."""
-    if os.path.exists(path) and (expected_size is None or os.path.getsize(path) == expected_size):
-        return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part = path + ".part"
-    start = os.path.getsize(part) if os.path.exists(part) else 0
-    try:
-        r = requests.get(url, stream=True, timeout=30, headers={"Range": f"bytes={start}-"} if start else {})
-        if r.status_code == 416:  # the .part file is already complete
-            r, total = None, start
-        else:
-            r.raise_for_status()
-            if r.status_code == 200:
-                start = 0  # the server ignored the Range header: start over
-            total = start + int(r.headers.get("content-length", 0))
-        if r is not None:
-            with open(part, "ab" if start else "wb") as f, \
-                    tqdm(total=total or None, initial=start, unit="B", unit_scale=True, desc=desc or os.path.basename(path)) as bar:
-                for chunk in r.iter_content(chunk_size=1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({e.__class__.__name__}). Without network access, "
-                           f"download it elsewhere and put it at {path}") from e
-    size = os.path.getsize(part)
-    if (expected_size is not None and size != expected_size) or (total and size != total):
-        raise RuntimeError(f"download of {url} is incomplete: {size} bytes of {expected_size or total}; "
-                           f"run again to resume")
-    os.replace(part, path)
     return path
 
 
@@ -839,7 +808,6 @@ def main():
         logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
         print(f"tiny forward: logits {tuple(logits.shape)}")
         return
-    import bpe  # only the demo needs the tokenizer
     seed_everything(args.seed)
     device = pick_device(args.device)
     model = GPT.from_pretrained(args.model).to(device).eval()

@@ -308,9 +308,11 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
 def test_no_network_names_url_and_destination(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_SCRATCH_CACHE", str(tmp_path / "cache"))
 
+    import requests
+
     def offline(*a, **k):
-        raise gpt2.requests.ConnectionError("offline")
-    monkeypatch.setattr(gpt2.requests, "get", offline)
+        raise requests.ConnectionError("offline")
+    monkeypatch.setattr(requests, "get", offline)
     msg = error_of([*TINY, "--data", "fineweb-edu-10b", "--out-dir", tmp_path / "out"])
     assert "https://huggingface.co/datasets/" in msg and "edu_fineweb_train_000001.bin" in msg
     assert str(tmp_path / "cache") in msg  # where to put the file by hand
