@@ -266,6 +266,34 @@ def test_text_is_tokenized_once_into_shards(tmp_path):
     assert train2 != train and not os.path.exists(train[0])
 
 
+def test_reproduction_preset_recipe_and_a_cpu_run_of_its_code_path(tmp_path):
+    """--preset gpt2-10b is the recipe of the issue; its code path (bf16 autocast, val loss and HellaSwag on the
+    same interval, periodic checkpoints, accumulation) runs here with the sizes shrunk to a toy."""
+    a = tg.parse_args(["--preset", "gpt2-10b"])
+    assert (a.model, a.data, a.seq_len, a.total_batch_size, a.max_steps) == ("gpt2", "fineweb-edu-10b", 1024, 2 ** 19,
+                                                                           19073)
+    assert (a.lr, a.warmup_steps, a.min_lr_ratio, a.weight_decay, a.grad_clip) == (1.5e-3, 300, 0.1, 0.1, 1.0)
+    assert (a.dtype, a.compile, a.eval_interval, a.hellaswag_interval) == ("bfloat16", True, 250, 250)
+    assert gpt2.lr_at(19073, 1.5e-3, 300, 19073, 0.1) == pytest.approx(1.5e-4)
+    assert gpt2.lr_at(149, 1.5e-3, 300, 19073, 0.1) == pytest.approx(1.5e-3 * 150 / 300)
+    data = make_shards(tmp_path / "data")
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps({"ctx": f"Example {i}:", "endings": ["a b", "c", "d e f", "g"], "label": i % 4})
+                          + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    tg.main(["--preset", "gpt2-10b", "--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32",
+             "--device", "cpu", "--no-compile", "--data", data, "--seq-len", "32", "--batch-size", "2",
+             "--total-batch-size", "128", "--max-steps", "4", "--warmup-steps", "1", "--eval-interval", "2",
+             "--eval-tokens", "128", "--hellaswag-interval", "2", "--hellaswag-file", str(hs),
+             "--checkpoint-interval", "2", "--sample-tokens", "0", "--out-dir", str(out)])
+    rows = metrics(out)
+    evals = [(r["step"], sorted(k for k in r if k in ("val_loss", "hellaswag"))) for r in rows if "val_loss" in r]
+    assert evals == [(0, ["hellaswag", "val_loss"]), (2, ["hellaswag", "val_loss"]), (4, ["hellaswag", "val_loss"])]
+    assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+    ckpt = gpt2.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["step"] == 4 and ckpt["config"]["n_layer"] == 2
+
+
 @pytest.mark.skipif(not os.environ.get("LLM_SCRATCH_SLOW"), reason="the full default run takes ~10+ minutes "
                     "on a 2-core CPU; set LLM_SCRATCH_SLOW=1 (README reports a measured run)")
 def test_default_run_beats_unigram_entropy(tmp_path):
