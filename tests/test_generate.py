@@ -114,6 +114,19 @@ def test_temperature_and_greedy():
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.02)
 
 
+def test_draw_follows_probs_per_row_and_never_picks_zero_probability():
+    """draw (inverse CDF) against the exact distribution, rows independent; zero-probability tokens, first
+    and last included, never come out; unnormalized rows (a speculative residual) are fine."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.2, 0.0, 0.0, 0.7]])
+    g = torch.Generator().manual_seed(0)
+    out = torch.stack([G.draw(probs * 3.0, g) for _ in range(4000)])  # (4000, 2)
+    for row in range(2):
+        counts = torch.bincount(out[:, row], minlength=6).float()
+        assert counts[probs[row] == 0].sum() == 0
+        assert chi_square_pvalue(counts, probs[row]) > 1e-3
+    assert G.draw(torch.tensor([0.0, 0.0, 1.0]), g).shape == ()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
     (dict(top_k=0), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
