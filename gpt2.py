@@ -414,11 +414,11 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_logits_only and targets is None:
             x = x[:, -1:]
-        if x.device.type == "cpu" and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and x.numel() > x.size(-1) and not torch.is_grad_enabled():
             # CPU BLAS splits x @ W.T of a few rows across threads by row, so each thread streams all V x C
             # weights; W @ x.T splits by vocabulary and reads them once: 2-4x faster for the 2-8 rows of a
-            # speculative check or a small batch (bench/results/generate_cpu.md). Training keeps nn.Linear:
-            # with the backward pass the two come out level.
+            # speculative check or a small batch (bench/results/generate_cpu.md). One row, and training
+            # (with its backward pass), come out level or better with nn.Linear.
             logits = (self.lm_head.weight @ x.reshape(-1, x.size(-1)).T).T.contiguous().view(*x.shape[:-1], -1)
         else:
             logits = self.lm_head(x)
