@@ -6,6 +6,7 @@
     python bench/bench_generate.py compile   # eager vs torch.compile'd decode step (CUDA graphs on a GPU)
     python bench/bench_generate.py train     # trains the Shakespeare draft and target for `spec` (minutes)
     python bench/bench_generate.py spec      # speculative decoding: speedup and acceptance for k = 2..7
+    python bench/bench_generate.py verify    # what checking k + 1 tokens costs the target vs one step
 
 No GPT-2 weights are needed: the 124M-shaped models are random-init, written with save_pretrained and
 loaded by both our GPT and transformers' GPT2LMHeadModel (the same weights; speed does not depend on them).
@@ -234,9 +235,34 @@ def bench_spec(args):
           + " | " + tok.decode(sample[0, 32:].tolist()) + "\n```")
 
 
+@torch.no_grad()
+def bench_verify(args):
+    """What a speculative check of M tokens costs the spec target, against one decode step; and its lm_head
+    as nn.Linear computes it (x @ W.T) vs as gpt2.py computes it on CPU for M > 1 (W @ x.T)."""
+    target = GPT.from_pretrained(os.path.join(args.out, "target", "ckpt.pt")).to(args.device).eval()
+    W = target.lm_head.weight
+    print(f"### Cost of scoring M tokens with the cache, spec target {target.config.n_layer}L/{target.config.n_embd}d, "
+          f"100 tokens cached, {args.device} ({machine()})\n")
+    print("| M | forward ms | vs M=1 | lm_head as x @ W.T ms | as W @ x.T ms |\n|---|---|---|---|---|")
+    cache = target.new_cache(1, 128)
+    target(torch.randint(0, W.size(0), (1, 100), device=args.device), cache=cache)
+    one = None
+    for M in (1, 2, 3, 4, 6, 8):
+        idx = torch.randint(0, W.size(0), (1, M), device=args.device)
+        x = torch.randn(M, W.size(1), device=args.device)
+
+        def step():
+            target(idx, cache=cache)
+            cache.crop(100)
+        ms = [1e3 * timed(lambda: [f() for _ in range(10)], args.repeats)[0] / 10
+              for f in (step, lambda: torch.nn.functional.linear(x, W), lambda: (W @ x.T).T.contiguous())]
+        one = one or ms[0]
+        print(f"| {M} | {ms[0]:.1f} | {ms[0] / one:.2f}x | {ms[1]:.1f} | {ms[2]:.1f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["hf", "cache", "batch", "compile", "train", "spec"])
+    p.add_argument("what", choices=["hf", "cache", "batch", "compile", "train", "spec", "verify"])
     p.add_argument("--out", default="out_generate", help="where models are written (ignored by git)")
     p.add_argument("--shape", default="gpt2", choices=list(SHAPES), help="random-init model shape")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -255,7 +281,7 @@ def main():
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     {"hf": bench_hf, "cache": bench_cache, "batch": bench_batch, "compile": bench_compile, "train": train,
-     "spec": bench_spec}[args.what](args)
+     "spec": bench_spec, "verify": bench_verify}[args.what](args)
 
 
 if __name__ == "__main__":
