@@ -777,6 +777,15 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    @staticmethod
+    def read(out_dir):
+        """The rows of <out_dir>/metrics.jsonl ([] when there is none)."""
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
     def plot(self, title="loss"):
         try:
             import matplotlib
@@ -784,7 +793,7 @@ class MetricsLog:
             import matplotlib.pyplot as plt
         except ImportError:
             return None  # optional: no plot without matplotlib
-        rows = [json.loads(line) for line in open(self.path)] if os.path.exists(self.path) else []
+        rows = self.read(self.out_dir)
         fig, ax = plt.subplots(figsize=(7, 4))
         for key in ("train_loss", "val_loss"):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]

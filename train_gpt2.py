@@ -547,7 +547,7 @@ def main(argv=None):
 
     metrics = MetricsLog(args.out_dir, append=args.resume) if master else None
     if master and args.resume:  # drop rows logged after the checkpoint: those steps run again
-        rows = [json.loads(line) for line in open(metrics.path)] if os.path.exists(metrics.path) else []
+        rows = MetricsLog.read(args.out_dir)
         with open(metrics.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
     trackers = []

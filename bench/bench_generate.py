@@ -14,7 +14,6 @@ The speculative pair is trained here by train_gpt2.py on tiny Shakespeare (see `
 """
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import generate as G  # noqa: E402
-from gpt2 import GPT, GPTConfig  # noqa: E402
+from gpt2 import GPT, GPTConfig, MetricsLog  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -180,9 +179,7 @@ def train(args):
 
 
 def last_val_loss(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    step, loss = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r][-1]
+    step, loss = [(r["step"], r["val_loss"]) for r in MetricsLog.read(run_dir) if "val_loss" in r][-1]
     return f"val loss {loss:.3f} after {step} steps"
 
 

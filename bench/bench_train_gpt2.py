@@ -14,7 +14,6 @@ with the command and the machine.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_gpt2  # noqa: E402
+from gpt2 import MetricsLog  # noqa: E402
 
 
 def machine():
@@ -48,7 +48,7 @@ def measure(argv, skip):
         train_gpt2.main([*argv, "--out-dir", out])
         if int(os.environ.get("RANK", 0)) != 0:
             return None
-        rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        rows = MetricsLog.read(out)
     rows = [r for r in rows if "tokens_per_sec" in r][skip:]
     tps = statistics.median(r["tokens_per_sec"] for r in rows)
     mfu = statistics.median(r["mfu"] for r in rows) if all("mfu" in r for r in rows) else None
