@@ -767,11 +767,14 @@ def add_common_args(parser, **defaults):
 class MetricsLog:
     """<out_dir>/metrics.jsonl: one JSON object per logged step; plot() draws the loss curves."""
 
-    def __init__(self, out_dir, append=False):
+    def __init__(self, out_dir, resume_step=None):
+        """A fresh log, or (resume_step=N) the existing one without the rows logged after step N: a resumed
+        run repeats those steps, so keeping them would draw every step past the checkpoint twice."""
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir, self.path = out_dir, os.path.join(out_dir, "metrics.jsonl")
-        if not append and os.path.exists(self.path):
-            os.remove(self.path)
+        kept = [] if resume_step is None else [r for r in self.read(out_dir) if r["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def log(self, **row):
         with open(self.path, "a") as f:

@@ -545,11 +545,7 @@ def main(argv=None):
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
 
-    metrics = MetricsLog(args.out_dir, append=args.resume) if master else None
-    if master and args.resume:  # drop rows logged after the checkpoint: those steps run again
-        rows = MetricsLog.read(args.out_dir)
-        with open(metrics.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+    metrics = MetricsLog(args.out_dir, resume_step=step if args.resume else None) if master else None
     trackers = []
     if master and args.wandb:
         import wandb
