@@ -424,11 +424,10 @@ class Tokenizer:
 
     # --- saving and loading
 
-    def save(self, path):
-        """Write the tokenizer to `path` (text: version, pattern, specials, merges in order) and a
-        human-readable rendering of every token next to it, with suffix .vocab."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def dumps(self):
+        """The tokenizer as text (version, pattern, specials, merges in order): what save() writes and
+        what a checkpoint records so that every later stage encodes exactly the same way.
+        Tokenizer.loads(tok.dumps()) encodes like tok."""
         identity = self.byte_ids == list(range(256))
         lines = ["bpe v1", f"pattern {json.dumps(self.pattern)}",
                  "bytes identity" if identity else "bytes " + " ".join(map(str, self.byte_ids)),
@@ -436,7 +435,14 @@ class Tokenizer:
         lines += [f"{json.dumps(n)} {i}" for n, i in self.special_tokens.items()]
         lines.append(f"merges {len(self.merges)}")
         lines += [f"{a} {b} {i}" for a, b, i in self.merges]
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path):
+        """Write dumps() to `path` and a human-readable rendering of every token next to it, with
+        suffix .vocab."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.dumps(), encoding="utf-8")
         with open(path.with_suffix(".vocab"), "w", encoding="utf-8") as f:
             made = {i: (a, b) for a, b, i in self.merges}
             for i in sorted(self.vocab):
@@ -453,7 +459,13 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}; train one with: python bpe.py train ...")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return cls.loads(path.read_text(encoding="utf-8"), source=path)
+
+    @classmethod
+    def loads(cls, text, source="<string>"):
+        """The tokenizer that dumps() wrote as `text`; errors name `source` and the line."""
+        path = source
+        lines = text.splitlines()
         pos = 0
 
         def take(prefix):

@@ -1,0 +1,29 @@
+"""Shared test settings.
+
+Tests that take a `device` argument run once per device listed in LLM_SCRATCH_TEST_DEVICES (comma-separated,
+default "cpu"), e.g. on a GPU machine:
+
+    LLM_SCRATCH_TEST_DEVICES=cpu,cuda python -m pytest
+
+A listed device that this machine does not have stops the run with an error (it is never skipped silently).
+"""
+
+import os
+
+import pytest
+import torch
+
+DEVICES = [d.strip() for d in os.environ.get("LLM_SCRATCH_TEST_DEVICES", "cpu").split(",") if d.strip()]
+
+
+def pytest_configure(config):
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    for d in DEVICES:
+        if not available.get(d.split(":")[0], False):
+            raise pytest.UsageError(f"LLM_SCRATCH_TEST_DEVICES lists {d!r}, which this machine does not have "
+                                    f"(available: {[k for k, v in available.items() if v]})")
+
+
+def pytest_generate_tests(metafunc):
+    if "device" in metafunc.fixturenames:
+        metafunc.parametrize("device", DEVICES)
