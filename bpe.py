@@ -60,9 +60,11 @@ ENDOFTEXT = "<|endoftext|>"
 # -----------------------------------------------------------------------------
 # 1. Pre-tokenization
 
-# The split patterns of GPT-2 and GPT-4 (cl100k_base), in the `regex` module's syntax.
+# The split patterns of GPT-2 (OpenAI's encoder.py) and GPT-4 (tiktoken's cl100k_base, verbatim),
+# in the `regex` module's syntax. tests/test_bpe.py checks that both split every text exactly as
+# tiktoken's own gpt2 and cl100k_base encodings do.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN, "none": ""}
 _SPLITTERS = {}  # pattern -> compiled split function, one per process
 
@@ -555,7 +557,7 @@ class Tokenizer:
 # text identically (tests/test_bpe.py checks it). `re` needs Python >= 3.11 for possessive `?+`.
 _RE_TEMPLATES = {
     GPT2_SPLIT_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+""",
-    GPT4_SPLIT_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n{L}{N}]?+[{L}]+|[{N}]{1,3}| ?[^{S}{L}{N}]++[\r\n]*|[{S}]*[\r\n]|[{S}]+(?![^{S}])|[{S}]+""",
+    GPT4_SPLIT_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n{L}{N}]?+[{L}]++|[{N}]{1,3}+| ?[^{S}{L}{N}]++[\r\n]*+|[{S}]++$|[{S}]*[\r\n]|[{S}]+(?![^{S}])|[{S}]""",
 }
 _CLASSES = {}   # built on first use: {"L": ranges, "N": ranges, "S": ranges, "ws": set of chars}
 
