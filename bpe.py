@@ -61,8 +61,11 @@ ENDOFTEXT = "<|endoftext|>"
 # 1. Pre-tokenization
 
 # The split patterns of GPT-2 (OpenAI's encoder.py) and GPT-4 (tiktoken's cl100k_base, verbatim),
-# in the `regex` module's syntax. tests/test_bpe.py checks that both split every text exactly as
-# tiktoken's own gpt2 and cl100k_base encodings do.
+# in the `regex` module's syntax. Alternatives, first match wins: contractions, a letter run, a
+# number, a punctuation run (each may take one leading space), then whitespace, which leaves its
+# last space to the word after it. GPT-4 changes: contractions in any case, numbers of at most 3
+# digits, newlines kept out of words, trailing whitespace (\s++$) one chunk. tests/test_bpe.py
+# checks that both split every text exactly as tiktoken's own gpt2 and cl100k_base encodings do.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN, "none": ""}
@@ -299,8 +302,7 @@ class Tokenizer:
         [104, 105, 32, 60]
         """
         chunks = get_splitter(self.pattern)(text)
-        # Text repeats its chunks (words) all the time, so each unique chunk is merged once and
-        # remembered: on real text this cache makes encoding several times faster.
+        # text repeats its chunks (words) all the time: each unique chunk is merged once and remembered
         cache = self._cache
         try:  # every chunk seen before: the loop runs in C
             return list(chain.from_iterable(map(cache.__getitem__, chunks)))
