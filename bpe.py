@@ -6,10 +6,17 @@ What it teaches, in the order the code is written:
      and BPE never merges across chunks;
   2. byte pair encoding: a chunk starts as its UTF-8 bytes and adjacent pairs are merged,
      lowest rank first, until no known pair is left;
-  3. training: count the unique chunks once (in parallel, streaming over files of any size),
-     then learn merges with incremental pair counts and a lazy max-heap;
-  4. the formats of the real world: OpenAI's GPT-2 files (encoder.json + vocab.bpe) and
-     tiktoken's rank files (`<base64 token> <rank>` per line), loaded and exported.
+  3. training: merge the most frequent pair over all chunks, again and again, with incremental
+     pair counts and a lazy max-heap;
+  4. the Tokenizer: train, encode (with special tokens), decode, save and load.
+  ---- sections 1-4 are the whole tokenizer; what follows makes it fast and connects it ----
+  5. speed and scale: the split run by Python's faster `re`, a heap merge for long chunks, and
+     chunk counting that streams files of any size through several processes;
+  6. file formats: OpenAI's GPT-2 files (encoder.json + vocab.bpe) and tiktoken's rank files
+     (`<base64 token> <rank>` per line), loaded and exported;
+  7. download: resumable and checksummed;
+  8. encoding text files into flat uint16 token files for training;
+  9. the command line.
 
 Run it:
   python bpe.py                                            # demo on the bundled tiny Shakespeare
@@ -48,39 +55,513 @@ import regex
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
-GPT2_DIR = HERE / "data" / "gpt2"
-GPT2_URLS = {
-    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-}
-GPT2_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
-CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
-CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-CL100K_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
-                   "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
 ENDOFTEXT = "<|endoftext|>"
 
 # -----------------------------------------------------------------------------
 # 1. Pre-tokenization
 
-# The split patterns of GPT-2 and GPT-4 (cl100k_base), in the `regex` module's syntax.
+# The split patterns of GPT-2 (OpenAI's encoder.py) and GPT-4 (tiktoken's cl100k_base, verbatim),
+# in the `regex` module's syntax. Alternatives, first match wins: contractions, a letter run, a
+# number, a punctuation run (each may take one leading space), then whitespace, which leaves its
+# last space to the word after it. GPT-4 changes: contractions in any case, numbers of at most 3
+# digits, newlines kept out of words, trailing whitespace (\s++$) one chunk. tests/test_bpe.py
+# checks that both split every text exactly as tiktoken's own gpt2 and cl100k_base encodings do.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN, "none": ""}
+_SPLITTERS = {}  # pattern -> compiled split function, one per process
 
-# The same two patterns for Python's built-in `re`, which runs them about 2x faster than `regex`
+
+def get_splitter(pattern):
+    r"""Return a function text -> list of chunks for a split pattern ("" means: the text is one chunk).
+
+    >>> get_splitter(GPT2_SPLIT_PATTERN)("Hello world!! It's 2024\n")
+    ['Hello', ' world', '!!', ' It', "'s", ' 2024', '\n']
+    >>> get_splitter(GPT4_SPLIT_PATTERN)("Hello world!! It's 2024\n")
+    ['Hello', ' world', '!!', ' It', "'s", ' ', '202', '4', '\n']
+    """
+    if pattern not in _SPLITTERS:
+        if pattern == "":
+            _SPLITTERS[pattern] = lambda text: [text] if text else []
+        else:  # the GPT patterns run with the faster `re` where it can (section 5), same chunks
+            _SPLITTERS[pattern] = _re_splitter(pattern) or regex.compile(pattern).findall
+    return _SPLITTERS[pattern]
+
+
+# -----------------------------------------------------------------------------
+# 2. Byte pair encoding of one chunk
+
+def bpe_merge(ids, ranks, max_rank=None):
+    """Merge a chunk's token ids the way tiktoken does: repeatedly merge the adjacent pair whose
+    merged token has the lowest rank (= id), the leftmost one on ties. `ranks` maps an id pair to
+    the id of its concatenation; pairs that make a rank >= max_rank are not merged. Returns a new list.
+
+    >>> bpe_merge([97, 98, 99], {(97, 98): 256, (256, 99): 257})   # a b c -> ab c -> abc
+    [257]
+    >>> bpe_merge([99, 97, 98], {(97, 98): 256, (99, 97): 257})    # ab (256) ranks before ca (257)
+    [99, 256]
+    """
+    if len(ids) > 48:  # this loop is O(n^2): long chunks take the heap version (section 5)
+        return _bpe_merge_long(ids, ranks, max_rank)
+    ids = list(ids)
+    inf = max_rank if max_rank is not None else float("inf")
+    get = ranks.get
+    rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))  # rs[k]: rank of the pair (ids[k], ids[k+1])
+    while rs:
+        best = min(rs)
+        if best >= inf:
+            break
+        i = rs.index(best)
+        ids[i:i + 2] = [best]
+        del rs[i]  # only the two pairs next to the merge change
+        if i > 0:
+            rs[i - 1] = get((ids[i - 1], best), inf)
+        if i < len(rs):
+            rs[i] = get((best, ids[i + 1]), inf)
+    return ids
+
+
+# -----------------------------------------------------------------------------
+# 3. Training: learn the merges
+
+def _merge_word(w, a, b, z):
+    """Replace every adjacent (a, b) in w by z, left to right.
+
+    >>> _merge_word([1, 2, 3, 1, 2, 2], 1, 2, 9)
+    [9, 3, 9, 2]
+    """
+    out, i, n = [], 0, len(w)
+    while i < n:
+        if i + 1 < n and w[i] == a and w[i + 1] == b:
+            out.append(z)
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return out
+
+
+def train_merges(counts, n_merges, verbose=False):
+    """Learn up to n_merges merges from {chunk: count}. Returns (merges, vocab).
+
+    Each step merges the most frequent adjacent pair over all chunks (weighted by chunk count).
+    Ties go to the pair with the smallest (first id, second id), so the result is deterministic
+    and independent of the order of `counts`. Recounting every pair after each merge would cost
+    a pass over all chunks per merge; instead only the chunks that contain the merged pair are
+    revisited (`where` remembers them) and the best pair comes from a lazy max-heap: a popped
+    entry whose count is out of date is pushed back with the current count.
+
+    >>> merges, vocab = train_merges({"ab": 3, "abc": 1}, 2)   # "ab" 4 times, then "ab"+"c" once
+    >>> merges, vocab[257]
+    ([(97, 98, 256), (256, 99, 257)], b'abc')
+    """
+    words = [list(c.encode("utf-8")) for c in counts]
+    freqs = list(counts.values())
+    pair_counts, where = Counter(), {}
+    for wi, (w, f) in enumerate(zip(words, freqs)):
+        for p in zip(w, w[1:]):
+            pair_counts[p] += f
+            where.setdefault(p, set()).add(wi)
+    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    vocab = {i: bytes([i]) for i in range(256)}
+    token_id = {b: i for i, b in vocab.items()}
+    merges = []
+    bar = tqdm(total=n_merges, desc="merging", disable=not verbose)
+    while len(merges) < n_merges and heap:
+        neg, a, b = heapq.heappop(heap)
+        count = pair_counts.get((a, b), 0)
+        if count != -neg:  # stale entry
+            if count > 0:
+                heapq.heappush(heap, (-count, a, b))
+            continue
+        merged = vocab[a] + vocab[b]
+        z = token_id.get(merged)
+        if z is None:  # (rarely, two different pairs spell the same bytes: reuse that token)
+            z = len(vocab)
+            vocab[z], token_id[merged] = merged, z
+        merges.append((a, b, z))
+        bar.update()
+        new_pairs = set()
+        for wi in where.pop((a, b)):
+            w = words[wi]
+            nw = _merge_word(w, a, b, z)
+            if len(nw) == len(w):  # this chunk lost the pair to an earlier merge
+                continue
+            f = freqs[wi]
+            for p in zip(w, w[1:]):
+                pair_counts[p] -= f
+            for p in zip(nw, nw[1:]):
+                pair_counts[p] += f
+                if z in p:
+                    new_pairs.add(p)
+                    where.setdefault(p, set()).add(wi)
+            words[wi] = nw
+        del pair_counts[(a, b)]
+        for p in new_pairs:  # new pairs only grow during a step: push their final counts
+            heapq.heappush(heap, (-pair_counts[p], p[0], p[1]))
+    bar.close()
+    return merges, vocab
+
+
+# -----------------------------------------------------------------------------
+# 4. The tokenizer
+
+def render_token(b):
+    r"""Token bytes as readable text for the .vocab file: control characters escaped, bytes that
+    are not UTF-8 shown as U+FFFD.
+
+    >>> print(render_token(b"\n\tx\xe2"))
+    \n\tx�
+    """
+    s = b.decode("utf-8", errors="replace")
+    return "".join(ch if ch.isprintable() and ch != "\\" else repr(ch)[1:-1] for ch in s)
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with tiktoken's behaviour.
+
+    vocab:    {id: bytes} of the mergeable tokens; every single byte must be one of them.
+    merges:   [(a, b, id)] in training order: token `id` was made by joining tokens a and b.
+    pattern:  "gpt2", "gpt4", "none" or a `regex` pattern string.
+    special_tokens: {name: id}, ids outside the mergeable vocabulary.
+    Encoding needs only `vocab`: a pair of adjacent tokens merges when their concatenation is a
+    token, lowest id first (that is tiktoken's rule). `merges` is the history, for saving and reading.
+
+    >>> tok = Tokenizer("gpt4").train("hug hugs pug pugs hugged hug", 260)
+    >>> tok.merges                      # "ug", "h"+"ug", " "+"hug", " "+"p"
+    [(117, 103, 256), (104, 256, 257), (32, 257, 258), (32, 112, 259)]
+    >>> tok.encode("hugs"), tok.decode([257, 115])
+    ([257, 115], 'hugs')
+    """
+
+    def __init__(self, pattern="gpt2", vocab=None, merges=None, special_tokens=None):
+        self.pattern = PATTERNS.get(pattern, pattern)
+        self.vocab = dict(vocab) if vocab is not None else {i: bytes([i]) for i in range(256)}
+        self.merges = list(merges or [])
+        self.special_tokens = {}
+        self._build()
+        self.register_special_tokens(special_tokens or {})
+
+    def _build(self):
+        self.token_id = {b: i for i, b in self.vocab.items()}
+        if len(self.token_id) != len(self.vocab):
+            raise ValueError("two token ids have the same bytes; a vocabulary must be unique")
+        missing = [b for b in range(256) if bytes([b]) not in self.token_id]
+        if missing:
+            raise ValueError(f"byte-level BPE needs all 256 single bytes as tokens; missing {missing[:5]}")
+        self.byte_ids = [self.token_id[bytes([b])] for b in range(256)]
+        # every way to split a token into two tokens; tiktoken merges any of them
+        get, self.pair_ranks = self.token_id.get, {}
+        for t, b in self.vocab.items():
+            for k in range(1, len(b)):
+                a, c = get(b[:k]), get(b[k:])
+                if a is not None and c is not None:
+                    self.pair_ranks[(a, c)] = t
+        self._cache = {}
+
+    def register_special_tokens(self, special_tokens):
+        """Add special tokens, {name: id}; ids must not be used by any other token.
+
+        >>> tok = Tokenizer("gpt2", special_tokens={"<|x|>": 300})
+        >>> tok.encode("a<|x|>", allowed_special="all"), tok.n_vocab
+        ([97, 300], 301)
+        """
+        for name, i in special_tokens.items():
+            if not isinstance(name, str) or not name or not isinstance(i, int) or i < 0:
+                raise ValueError(f"special token {name!r}: {i!r} must be a non-empty str and an id >= 0")
+            if i in self.vocab or (i in self.special_tokens.values() and self.special_tokens.get(name) != i):
+                raise ValueError(f"special token {name!r} has id {i}, which another token already uses")
+            self.special_tokens[name] = i
+        self._special_by_id = {i: n.encode("utf-8") for n, i in self.special_tokens.items()}
+        self._special_re = {}
+
+    @property
+    def n_vocab(self):
+        return max(chain(self.vocab, self.special_tokens.values())) + 1
+
+    @property
+    def eot_token(self):
+        if ENDOFTEXT not in self.special_tokens:
+            raise ValueError(f"this tokenizer has no {ENDOFTEXT} token; train or load it with "
+                             f"special_tokens={{'{ENDOFTEXT}': id}}")
+        return self.special_tokens[ENDOFTEXT]
+
+    # --- encoding
+
+    def _encode_chunk(self, b):
+        t = self.token_id.get(b)
+        if t is not None:  # tiktoken's shortcut: a chunk that is a token is never split
+            return (t,)
+        return tuple(bpe_merge([self.byte_ids[x] for x in b], self.pair_ranks))
+
+    def encode_ordinary(self, text):
+        """Encode text, treating special-token text as ordinary text.
+
+        >>> Tokenizer("gpt2").encode_ordinary("hi <|endoftext|>")[:4]   # no merges: the bytes
+        [104, 105, 32, 60]
+        """
+        chunks = get_splitter(self.pattern)(text)
+        # text repeats its chunks (words) all the time: each unique chunk is merged once and remembered
+        cache = self._cache
+        try:  # every chunk seen before: the loop runs in C
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except KeyError:
+            pass
+        if len(cache) > 1_000_000:  # bound the memory of a long-running encoder
+            cache.clear()
+        for c in set(chunks).difference(cache):
+            try:
+                cache[c] = self._encode_chunk(c.encode("utf-8"))
+            except UnicodeEncodeError:  # lone surrogates: tiktoken replaces them with U+FFFD
+                fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                return self.encode_ordinary(fixed)
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    def _specials_regex(self, names):
+        key = frozenset(names)
+        if key not in self._special_re:
+            # longest first, so that a special token that contains another one wins
+            alts = "|".join(re.escape(n) for n in sorted(key, key=len, reverse=True))
+            self._special_re[key] = re.compile(f"({alts})")
+        return self._special_re[key]
+
+    def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
+        """Encode text like tiktoken's Encoding.encode.
+
+        allowed_special: "all" or a set of special-token names to encode as their special ids.
+        disallowed_special: "all" (every special not allowed) or a set; their text raises
+        ValueError. Pass disallowed_special=() to encode such text as ordinary text.
+
+        >>> tok = Tokenizer("gpt2", special_tokens={ENDOFTEXT: 256})
+        >>> tok.encode("hi<|endoftext|>", allowed_special="all")
+        [104, 105, 256]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}; decode bytes first")
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
+        if disallowed and (m := self._specials_regex(disallowed).search(text)):
+            raise ValueError(
+                f"Encountered text corresponding to disallowed special token {m.group()!r}. Pass "
+                f"allowed_special={{{m.group()!r}}} (or 'all') to encode it as a special token, or "
+                f"disallowed_special=() to encode it as normal text.")
+        allowed &= set(self.special_tokens)
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids = []
+        for i, part in enumerate(self._specials_regex(allowed).split(text)):
+            if i % 2:  # re.split with a group: odd parts are the separators
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode_batch(self, texts, **kwargs):
+        """Encode a list of texts (one process; for big data use encode_file).
+
+        >>> Tokenizer("gpt2").encode_batch(["a", "bc"])
+        [[97], [98, 99]]
+        """
+        return [self.encode(t, **kwargs) for t in texts]
+
+    # --- decoding
+
+    def decode_bytes(self, ids):
+        r"""Ids to the bytes they stand for.
+
+        >>> Tokenizer("gpt2").decode_bytes([104, 105, 0xE2])
+        b'hi\xe2'
+        """
+        try:
+            return b"".join(map(self._decode_one, ids))
+        except KeyError as e:
+            raise ValueError(f"token id {e.args[0]!r} is not in this tokenizer's vocabulary "
+                             f"(ids 0..{self.n_vocab - 1})") from None
+
+    def _decode_one(self, i):
+        b = self.vocab.get(i)
+        return b if b is not None else self._special_by_id[i]
+
+    def decode(self, ids):
+        r"""Ids to text; bytes that are not valid UTF-8 become U+FFFD, as in tiktoken.
+
+        >>> Tokenizer("gpt2").decode([104, 105, 0xE2])
+        'hi\ufffd'
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # --- training (the algorithm is train_merges, section 3)
+
+    def train(self, data, vocab_size, *, special_tokens=(), processes=1, verbose=False):
+        """Learn merges from `data`: a str (the text itself) or a list of file paths.
+
+        vocab_size counts the 256 bytes, the merges and the special tokens (names, given ids
+        right after the merges). Special-token text separates documents and is never merged.
+        Returns self (see the class docstring for an example)."""
+        specials = list(special_tokens)
+        n_merges = vocab_size - 256 - len(specials)
+        if n_merges < 0:
+            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(specials)} special tokens")
+        t0 = time.time()
+        # {chunk: count} over the text split at special tokens; count_chunks (section 5) streams
+        # files of any size through `processes` processes to get it
+        counts = count_chunks(data, self.pattern, specials, processes=processes, verbose=verbose)
+        t1 = time.time()
+        if not counts:
+            raise ValueError("the training input is empty: give it some text")
+        merges, vocab = train_merges(counts, n_merges, verbose=verbose)
+        t2 = time.time()
+        self.vocab, self.merges, self.special_tokens = vocab, merges, {}
+        self._build()
+        self.register_special_tokens({s: len(vocab) + k for k, s in enumerate(specials)})
+        self.train_stats = {"unique_chunks": len(counts), "chunks": sum(counts.values()),
+                            "merges": len(merges), "count_s": t1 - t0, "merge_s": t2 - t1}
+        if verbose:
+            s = self.train_stats
+            print(f"trained: {s['chunks']:,} chunks ({s['unique_chunks']:,} unique), {s['merges']:,} merges; "
+                  f"counting {s['count_s']:.1f}s, merging {s['merge_s']:.1f}s")
+        if len(merges) < n_merges:
+            print(f"warning: only {len(merges)} merges were possible (asked for {n_merges}): "
+                  f"the text is too small for this vocab_size", file=sys.stderr)
+        return self
+
+    # --- saving and loading
+
+    def dumps(self):
+        """The tokenizer as text (version, pattern, byte ids, specials, merges in order): what save()
+        writes and what a checkpoint records, so that every later stage encodes exactly the same way.
+
+        >>> tok = Tokenizer("none", special_tokens={ENDOFTEXT: 256})
+        >>> print(tok.dumps(), end="")
+        bpe v1
+        pattern ""
+        bytes identity
+        specials 1
+        "<|endoftext|>" 256
+        merges 0
+        >>> Tokenizer.loads(tok.dumps()).special_tokens
+        {'<|endoftext|>': 256}
+        """
+        identity = self.byte_ids == list(range(256))
+        lines = ["bpe v1", f"pattern {json.dumps(self.pattern)}",
+                 "bytes identity" if identity else "bytes " + " ".join(map(str, self.byte_ids)),
+                 f"specials {len(self.special_tokens)}"]
+        lines += [f"{json.dumps(n)} {i}" for n, i in self.special_tokens.items()]
+        lines.append(f"merges {len(self.merges)}")
+        lines += [f"{a} {b} {i}" for a, b, i in self.merges]
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def loads(cls, text, source="<string>"):
+        """The tokenizer that dumps() wrote as `text`; errors name `source` and the line.
+        Tokenizer.loads(tok.dumps()) encodes exactly like tok (example in dumps)."""
+        lines = text.splitlines()
+        pos = 0
+
+        def take(prefix):
+            nonlocal pos
+            if pos >= len(lines) or not lines[pos].startswith(prefix):
+                raise ValueError(f"{source}:{pos + 1}: expected a line starting with {prefix!r}; the file "
+                                 f"is not a bpe.py tokenizer or is corrupt (re-create it with save())")
+            pos += 1
+            return lines[pos - 1][len(prefix):]
+        try:
+            if take("bpe v") != "1":
+                raise ValueError(f"{source}: unsupported version")
+            pattern = json.loads(take("pattern "))
+            byte_spec = take("bytes ")
+            byte_ids = list(range(256)) if byte_spec == "identity" else [int(x) for x in byte_spec.split()]
+            if sorted(byte_ids) != sorted(set(byte_ids)) or len(byte_ids) != 256:
+                raise ValueError(f"{source}: the bytes line must hold 256 distinct ids")
+            specials = {}
+            for _ in range(int(take("specials "))):
+                name, i = take("").rsplit(" ", 1)
+                specials[json.loads(name)] = int(i)
+            vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
+            merges = []
+            for _ in range(int(take("merges "))):
+                a, b, i = map(int, take("").split())
+                merged = vocab[a] + vocab[b]
+                if vocab.setdefault(i, merged) != merged:
+                    raise ValueError(f"{source}:{pos}: merge {a} {b} -> {i} contradicts an earlier token {i}")
+                merges.append((a, b, i))
+            if any(line.strip() for line in lines[pos:]):
+                raise ValueError(f"{source}:{pos + 1}: unexpected lines after the {len(merges)} merges")
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            if isinstance(e, ValueError) and str(e).startswith(str(source)):
+                raise  # already names the place and the fix
+            raise ValueError(f"{source}:{pos}: corrupt tokenizer file ({e!r}); re-create it with save()") from None
+        return cls(pattern, vocab, merges, specials)
+
+    def save(self, path):
+        """Write dumps() to `path` and a human-readable rendering of every token next to it, with
+        suffix .vocab: `tok.save("out/t.bpe")` -> out/t.bpe and out/t.vocab, whose lines read
+        `[h][ug] -> [hug] 257` for a merged token and `[<|endoftext|>] 260 (special)`."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.dumps(), encoding="utf-8")
+        with open(path.with_suffix(".vocab"), "w", encoding="utf-8") as f:
+            made = {i: (a, b) for a, b, i in self.merges}
+            for i in sorted(self.vocab):
+                if i in made:
+                    a, b = made[i]
+                    f.write(f"[{render_token(self.vocab[a])}][{render_token(self.vocab[b])}] -> ")
+                f.write(f"[{render_token(self.vocab[i])}] {i}\n")
+            for n, i in self.special_tokens.items():
+                f.write(f"[{n}] {i} (special)\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by save(): `Tokenizer.load("out/t.bpe")` -> that Tokenizer."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}; train one with: python bpe.py train ...")
+        return cls.loads(path.read_text(encoding="utf-8"), source=path)
+
+    # --- tiktoken's format (section 6 reads it)
+
+    def tiktoken_pattern(self):
+        r"""The pattern to give tiktoken.Encoding(pat_str=...).
+
+        >>> Tokenizer("none").tiktoken_pattern()    # "none" = the whole text is one chunk
+        '[\\s\\S]+'
+        """
+        return self.pattern or r"[\s\S]+"
+
+    def export_tiktoken(self, path):
+        """Write a tiktoken rank file (`<base64 token> <rank>` per line, like cl100k_base.tiktoken):
+        the token b"hi" with id 300 becomes the line `aGk= 300`."""
+        with open(path, "wb") as f:
+            for i in sorted(self.vocab):
+                f.write(base64.b64encode(self.vocab[i]) + b" " + str(i).encode() + b"\n")
+
+    def __getstate__(self):  # for worker processes: no cache, nothing that rebuilds cheaply
+        return {"pattern": self.pattern, "vocab": self.vocab, "merges": self.merges,
+                "special_tokens": self.special_tokens}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+
+# =============================================================================
+# Speed and scale. Sections 1-4 above are the whole tokenizer. What follows gives the same results
+# faster and on inputs of any size, reads and writes the real world's files, and runs it all from
+# the command line.
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# 5. Speed and scale: a faster split, long chunks, streaming parallel counting
+
+# The two GPT patterns for Python's built-in `re`, which runs them about 2x faster than `regex`
 # but has no \p{...} classes. {L}, {N} and {S} are filled in with the exact code point ranges (of
 # the BMP) that `regex` itself matches for \p{L}, \p{N} and \s, so both spellings split every
 # text identically (tests/test_bpe.py checks it). `re` needs Python >= 3.11 for possessive `?+`.
 _RE_TEMPLATES = {
     GPT2_SPLIT_PATTERN: r"""'(?:[sdmt]|ll|ve|re)| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+""",
-    GPT4_SPLIT_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n{L}{N}]?+[{L}]+|[{N}]{1,3}| ?[^{S}{L}{N}]++[\r\n]*|[{S}]*[\r\n]|[{S}]+(?![^{S}])|[{S}]+""",
+    GPT4_SPLIT_PATTERN: r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n{L}{N}]?+[{L}]++|[{N}]{1,3}+| ?[^{S}{L}{N}]++[\r\n]*+|[{S}]++$|[{S}]*[\r\n]|[{S}]+(?![^{S}])|[{S}]""",
 }
 _CLASSES = {}   # built on first use: {"L": ranges, "N": ranges, "S": ranges, "ws": set of chars}
-_SPLITTERS = {}  # pattern -> compiled findall, one per process
 
 
 def _char_classes():
@@ -98,33 +579,59 @@ def _char_classes():
     return _CLASSES
 
 
-def get_splitter(pattern):
-    """Return a function text -> list of chunks for a split pattern ("" means: the text is one chunk)."""
-    if pattern not in _SPLITTERS:
-        slow = regex.compile(pattern).findall if pattern else None
-        if pattern == "":
-            _SPLITTERS[pattern] = lambda text: [text] if text else []
-        elif pattern in _RE_TEMPLATES and sys.version_info >= (3, 11):
-            c = _char_classes()
-            template = _RE_TEMPLATES[pattern]
-            for name in "LNS":
-                template = template.replace("{" + name + "}", c[name])
-            fast, astral = re.compile(template).findall, re.compile("[\U00010000-\U0010ffff]").search
-            # `re` checks code points beyond the BMP against a long list of ranges, one by one, so
-            # the classes above stop at U+FFFF and texts with emoji & co. go to `regex` instead
-            _SPLITTERS[pattern] = lambda text: fast(text) if text.isascii() or not astral(text) else slow(text)
-        else:
-            _SPLITTERS[pattern] = slow
-    return _SPLITTERS[pattern]
+def _re_splitter(pattern):
+    """The split function of a GPT pattern run by `re`, or None for other patterns (and Python < 3.11)."""
+    if pattern not in _RE_TEMPLATES or sys.version_info < (3, 11):
+        return None
+    c = _char_classes()
+    template = _RE_TEMPLATES[pattern]
+    for name in "LNS":
+        template = template.replace("{" + name + "}", c[name])
+    fast, slow = re.compile(template).findall, regex.compile(pattern).findall
+    astral = re.compile("[\U00010000-\U0010ffff]").search
+    # `re` checks code points beyond the BMP against a long list of ranges, one by one, so the
+    # classes above stop at U+FFFF and texts with emoji & co. go to `regex` instead
+    return lambda text: fast(text) if text.isascii() or not astral(text) else slow(text)
+
+
+def _bpe_merge_long(ids, ranks, max_rank=None):
+    # bpe_merge for long chunks (a page of CJK text without spaces, pattern "none"): a linked list
+    # of tokens plus a heap of (rank, position) candidates, O(n log n). Positions keep their
+    # left-to-right order, so (rank, position) pops the leftmost lowest rank, as bpe_merge does.
+    # Entries go stale when a neighbour merges; they are checked and skipped when popped.
+    n, tok, get = len(ids), list(ids), ranks.get
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(r, i) for i, r in enumerate(map(get, zip(tok, tok[1:]))) if r is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        if max_rank is not None and r >= max_rank:
+            break
+        j = nxt[i]
+        if tok[i] < 0 or j >= n or get((tok[i], tok[j])) != r:
+            continue
+        tok[i], tok[j] = r, -1
+        nxt[i] = nxt[j]
+        if nxt[j] < n:
+            prv[nxt[j]] = i
+        if prv[i] >= 0 and (r2 := get((tok[prv[i]], r))) is not None:
+            heapq.heappush(heap, (r2, prv[i]))
+        if nxt[i] < n and (r2 := get((r, tok[nxt[i]]))) is not None:
+            heapq.heappush(heap, (r2, i))
+    return [t for t in tok if t >= 0]
 
 
 def _safe_cut(text):
-    """Index where `text` can be cut so that chunking both halves equals chunking the whole, or -1.
+    r"""Index where `text` can be cut so that chunking both halves equals chunking the whole, or -1.
 
     We cut after a single newline that sits between two non-space characters: in both GPT patterns
     a chunk always ends at that newline and the next starts fresh, whichever side is read alone.
-    (A blank line is not safe: GPT-2 splits "\\n\\nWord" as "\\n", "\\n", "Word" but a text ending
-    in "\\n\\n" as one "\\n\\n".)"""
+    (A blank line is not safe: GPT-2 splits "\n\nWord" as "\n", "\n", "Word" but a text ending
+    in "\n\n" as one "\n\n".)
+
+    >>> _safe_cut("one\ntwo\n\nthree")    # after "one\n"; the blank line is not safe
+    4
+    """
     ws = _char_classes()["ws"]
     i = len(text) - 1
     while True:
@@ -136,8 +643,9 @@ def _safe_cut(text):
 
 
 def _pieces(sources, piece_chars, can_cut):
-    """Yield the input as text pieces of about piece_chars characters, cut only where safe.
-    `sources` is a str (the text) or a list of file paths; a file is never joined with the next."""
+    """Yield the input as text pieces of about piece_chars characters, cut only where safe, so that
+    memory stays flat however large the input. `sources` is a str (the text) or a list of file
+    paths; a file is never joined with the next."""
     if isinstance(sources, str):
         readers = [(sources[i:i + piece_chars] for i in range(0, len(sources), piece_chars))]
     else:
@@ -189,344 +697,6 @@ def _map(fn, items, processes, initializer=None, initargs=()):
             yield pending.popleft().get()
 
 
-# -----------------------------------------------------------------------------
-# 2. Byte pair encoding of one chunk
-
-def bpe_merge(ids, ranks, max_rank=None):
-    """Merge a chunk's token ids the way tiktoken does: repeatedly merge the adjacent pair whose
-    merged token has the lowest rank (= id), the leftmost one on ties. `ranks` maps an id pair to
-    the id of its concatenation. Returns a new list. O(n^2) in Python, fine for short chunks;
-    long ones (a page of CJK text without spaces, pattern "none") take the heap version."""
-    if len(ids) > 48:
-        return _bpe_merge_long(ids, ranks, max_rank)
-    ids = list(ids)
-    inf = max_rank if max_rank is not None else float("inf")
-    get = ranks.get
-    rs = list(map(get, zip(ids, ids[1:]), repeat(inf)))  # rs[k]: rank of the pair (ids[k], ids[k+1])
-    while rs:
-        best = min(rs)
-        if best >= inf:
-            break
-        i = rs.index(best)
-        ids[i:i + 2] = [best]
-        del rs[i]  # only the two pairs next to the merge change
-        if i > 0:
-            rs[i - 1] = get((ids[i - 1], best), inf)
-        if i < len(rs):
-            rs[i] = get((best, ids[i + 1]), inf)
-    return ids
-
-
-def _bpe_merge_long(ids, ranks, max_rank=None):
-    # A linked list of tokens plus a heap of (rank, position) candidates: O(n log n). Positions
-    # keep their left-to-right order, so (rank, position) pops the leftmost lowest rank, as above.
-    # Entries go stale when a neighbour merges; they are checked and skipped when popped.
-    n, tok, get = len(ids), list(ids), ranks.get
-    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
-    heap = [(r, i) for i, r in enumerate(map(get, zip(tok, tok[1:]))) if r is not None]
-    heapq.heapify(heap)
-    while heap:
-        r, i = heapq.heappop(heap)
-        if max_rank is not None and r >= max_rank:
-            break
-        j = nxt[i]
-        if tok[i] < 0 or j >= n or get((tok[i], tok[j])) != r:
-            continue
-        tok[i], tok[j] = r, -1
-        nxt[i] = nxt[j]
-        if nxt[j] < n:
-            prv[nxt[j]] = i
-        if prv[i] >= 0 and (r2 := get((tok[prv[i]], r))) is not None:
-            heapq.heappush(heap, (r2, prv[i]))
-        if nxt[i] < n and (r2 := get((r, tok[nxt[i]]))) is not None:
-            heapq.heappush(heap, (r2, i))
-    return [t for t in tok if t >= 0]
-
-
-def render_token(b):
-    """Bytes as readable text for the .vocab file: control characters escaped."""
-    s = b.decode("utf-8", errors="replace")
-    return "".join(ch if ch.isprintable() and ch != "\\" else repr(ch)[1:-1] for ch in s)
-
-
-# -----------------------------------------------------------------------------
-# 3. The tokenizer
-
-class Tokenizer:
-    """A byte-level BPE tokenizer with tiktoken's behaviour.
-
-    vocab:    {id: bytes} of the mergeable tokens; every single byte must be one of them.
-    merges:   [(a, b, id)] in training order: token `id` was made by joining tokens a and b.
-    pattern:  "gpt2", "gpt4", "none" or a `regex` pattern string.
-    special_tokens: {name: id}, ids outside the mergeable vocabulary.
-    Encoding needs only `vocab`: a pair of adjacent tokens merges when their concatenation is a
-    token, lowest id first (that is tiktoken's rule). `merges` is the history, for saving and reading.
-    """
-
-    def __init__(self, pattern="gpt2", vocab=None, merges=None, special_tokens=None):
-        self.pattern = PATTERNS.get(pattern, pattern)
-        self.vocab = dict(vocab) if vocab is not None else {i: bytes([i]) for i in range(256)}
-        self.merges = list(merges or [])
-        self.special_tokens = {}
-        self._build()
-        self.register_special_tokens(special_tokens or {})
-
-    def _build(self):
-        self.token_id = {b: i for i, b in self.vocab.items()}
-        if len(self.token_id) != len(self.vocab):
-            raise ValueError("two token ids have the same bytes; a vocabulary must be unique")
-        missing = [b for b in range(256) if bytes([b]) not in self.token_id]
-        if missing:
-            raise ValueError(f"byte-level BPE needs all 256 single bytes as tokens; missing {missing[:5]}")
-        self.byte_ids = [self.token_id[bytes([b])] for b in range(256)]
-        # every way to split a token into two tokens; tiktoken merges any of them
-        get, self.pair_ranks = self.token_id.get, {}
-        for t, b in self.vocab.items():
-            for k in range(1, len(b)):
-                a, c = get(b[:k]), get(b[k:])
-                if a is not None and c is not None:
-                    self.pair_ranks[(a, c)] = t
-        self._cache = {}
-
-    def register_special_tokens(self, special_tokens):
-        """Add special tokens, {name: id}; ids must not be used by any other token."""
-        for name, i in special_tokens.items():
-            if not isinstance(name, str) or not name or not isinstance(i, int) or i < 0:
-                raise ValueError(f"special token {name!r}: {i!r} must be a non-empty str and an id >= 0")
-            if i in self.vocab or (i in self.special_tokens.values() and self.special_tokens.get(name) != i):
-                raise ValueError(f"special token {name!r} has id {i}, which another token already uses")
-            self.special_tokens[name] = i
-        self._special_by_id = {i: n.encode("utf-8") for n, i in self.special_tokens.items()}
-        self._special_re = {}
-
-    @property
-    def n_vocab(self):
-        return max(chain(self.vocab, self.special_tokens.values())) + 1
-
-    @property
-    def eot_token(self):
-        if ENDOFTEXT not in self.special_tokens:
-            raise ValueError(f"this tokenizer has no {ENDOFTEXT} token; train or load it with "
-                             f"special_tokens={{'{ENDOFTEXT}': id}}")
-        return self.special_tokens[ENDOFTEXT]
-
-    # --- encoding
-
-    def _encode_chunk(self, b):
-        t = self.token_id.get(b)
-        if t is not None:  # tiktoken's shortcut: a chunk that is a token is never split
-            return (t,)
-        return tuple(bpe_merge([self.byte_ids[x] for x in b], self.pair_ranks))
-
-    def encode_ordinary(self, text):
-        """Encode text, treating special-token text as ordinary text."""
-        chunks = get_splitter(self.pattern)(text)
-        cache = self._cache
-        try:  # the fast path: every chunk seen before, the loop runs in C
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-        except KeyError:
-            pass
-        if len(cache) > 1_000_000:  # bound the memory of a long-running encoder
-            cache.clear()
-        for c in set(chunks).difference(cache):
-            try:
-                cache[c] = self._encode_chunk(c.encode("utf-8"))
-            except UnicodeEncodeError:  # lone surrogates: tiktoken replaces them with U+FFFD
-                fixed = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                return self.encode_ordinary(fixed)
-        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-
-    def _specials_regex(self, names):
-        key = frozenset(names)
-        if key not in self._special_re:
-            alts = "|".join(re.escape(n) for n in sorted(key, key=len, reverse=True))
-            self._special_re[key] = re.compile(f"({alts})")
-        return self._special_re[key]
-
-    def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
-        """Encode text like tiktoken's Encoding.encode.
-
-        allowed_special: "all" or a set of special-token names to encode as their special ids.
-        disallowed_special: "all" (every special not allowed) or a set; their text raises
-        ValueError. Pass disallowed_special=() to encode such text as ordinary text."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}; decode bytes first")
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
-        if disallowed and (m := self._specials_regex(disallowed).search(text)):
-            raise ValueError(
-                f"Encountered text corresponding to disallowed special token {m.group()!r}. Pass "
-                f"allowed_special={{{m.group()!r}}} (or 'all') to encode it as a special token, or "
-                f"disallowed_special=() to encode it as normal text.")
-        allowed &= set(self.special_tokens)
-        if not allowed:
-            return self.encode_ordinary(text)
-        ids = []
-        for i, part in enumerate(self._specials_regex(allowed).split(text)):
-            if i % 2:  # re.split with a group: odd parts are the separators
-                ids.append(self.special_tokens[part])
-            elif part:
-                ids.extend(self.encode_ordinary(part))
-        return ids
-
-    def encode_batch(self, texts, **kwargs):
-        """Encode a list of texts (one process; for big data use encode_file)."""
-        return [self.encode(t, **kwargs) for t in texts]
-
-    # --- decoding
-
-    def decode_bytes(self, ids):
-        try:
-            return b"".join(map(self._decode_one, ids))
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]!r} is not in this tokenizer's vocabulary "
-                             f"(ids 0..{self.n_vocab - 1})") from None
-
-    def _decode_one(self, i):
-        b = self.vocab.get(i)
-        return b if b is not None else self._special_by_id[i]
-
-    def decode(self, ids):
-        """Ids to text; bytes that are not valid UTF-8 become U+FFFD, as in tiktoken."""
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-    # --- training (the algorithm is in section 4)
-
-    def train(self, data, vocab_size, *, special_tokens=(), processes=1, verbose=False):
-        """Learn merges from `data`: a str (the text itself) or a list of file paths.
-
-        vocab_size counts the 256 bytes, the merges and the special tokens (names, given ids
-        right after the merges). Returns self."""
-        specials = list(special_tokens)
-        n_merges = vocab_size - 256 - len(specials)
-        if n_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(specials)} special tokens")
-        t0 = time.time()
-        counts = count_chunks(data, self.pattern, specials, processes=processes, verbose=verbose)
-        t1 = time.time()
-        if not counts:
-            raise ValueError("the training input is empty: give it some text")
-        merges, vocab = train_merges(counts, n_merges, verbose=verbose)
-        t2 = time.time()
-        self.vocab, self.merges, self.special_tokens = vocab, merges, {}
-        self._build()
-        self.register_special_tokens({s: len(vocab) + k for k, s in enumerate(specials)})
-        self.train_stats = {"unique_chunks": len(counts), "chunks": sum(counts.values()),
-                            "merges": len(merges), "count_s": t1 - t0, "merge_s": t2 - t1}
-        if verbose:
-            s = self.train_stats
-            print(f"trained: {s['chunks']:,} chunks ({s['unique_chunks']:,} unique), {s['merges']:,} merges; "
-                  f"counting {s['count_s']:.1f}s, merging {s['merge_s']:.1f}s")
-        if len(merges) < n_merges:
-            print(f"warning: only {len(merges)} merges were possible (asked for {n_merges}): "
-                  f"the text is too small for this vocab_size", file=sys.stderr)
-        return self
-
-    # --- saving and loading
-
-    def dumps(self):
-        """The tokenizer as text (version, pattern, specials, merges in order): what save() writes and
-        what a checkpoint records so that every later stage encodes exactly the same way.
-        Tokenizer.loads(tok.dumps()) encodes like tok."""
-        identity = self.byte_ids == list(range(256))
-        lines = ["bpe v1", f"pattern {json.dumps(self.pattern)}",
-                 "bytes identity" if identity else "bytes " + " ".join(map(str, self.byte_ids)),
-                 f"specials {len(self.special_tokens)}"]
-        lines += [f"{json.dumps(n)} {i}" for n, i in self.special_tokens.items()]
-        lines.append(f"merges {len(self.merges)}")
-        lines += [f"{a} {b} {i}" for a, b, i in self.merges]
-        return "\n".join(lines) + "\n"
-
-    def save(self, path):
-        """Write dumps() to `path` and a human-readable rendering of every token next to it, with
-        suffix .vocab."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.dumps(), encoding="utf-8")
-        with open(path.with_suffix(".vocab"), "w", encoding="utf-8") as f:
-            made = {i: (a, b) for a, b, i in self.merges}
-            for i in sorted(self.vocab):
-                if i in made:
-                    a, b = made[i]
-                    f.write(f"[{render_token(self.vocab[a])}][{render_token(self.vocab[b])}] -> ")
-                f.write(f"[{render_token(self.vocab[i])}] {i}\n")
-            for n, i in self.special_tokens.items():
-                f.write(f"[{n}] {i} (special)\n")
-
-    @classmethod
-    def load(cls, path):
-        """Read a file written by save()."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {path}; train one with: python bpe.py train ...")
-        return cls.loads(path.read_text(encoding="utf-8"), source=path)
-
-    @classmethod
-    def loads(cls, text, source="<string>"):
-        """The tokenizer that dumps() wrote as `text`; errors name `source` and the line."""
-        path = source
-        lines = text.splitlines()
-        pos = 0
-
-        def take(prefix):
-            nonlocal pos
-            if pos >= len(lines) or not lines[pos].startswith(prefix):
-                raise ValueError(f"{path}:{pos + 1}: expected a line starting with {prefix!r}; the file "
-                                 f"is not a bpe.py tokenizer or is corrupt (re-create it with save())")
-            pos += 1
-            return lines[pos - 1][len(prefix):]
-        try:
-            if take("bpe v") != "1":
-                raise ValueError(f"{path}: unsupported version")
-            pattern = json.loads(take("pattern "))
-            byte_spec = take("bytes ")
-            byte_ids = list(range(256)) if byte_spec == "identity" else [int(x) for x in byte_spec.split()]
-            if sorted(byte_ids) != sorted(set(byte_ids)) or len(byte_ids) != 256:
-                raise ValueError(f"{path}: the bytes line must hold 256 distinct ids")
-            specials = {}
-            for _ in range(int(take("specials "))):
-                name, i = take("").rsplit(" ", 1)
-                specials[json.loads(name)] = int(i)
-            vocab = {i: bytes([b]) for b, i in enumerate(byte_ids)}
-            merges = []
-            for _ in range(int(take("merges "))):
-                a, b, i = map(int, take("").split())
-                merged = vocab[a] + vocab[b]
-                if vocab.setdefault(i, merged) != merged:
-                    raise ValueError(f"{path}:{pos}: merge {a} {b} -> {i} contradicts an earlier token {i}")
-                merges.append((a, b, i))
-            if any(line.strip() for line in lines[pos:]):
-                raise ValueError(f"{path}:{pos + 1}: unexpected lines after the {len(merges)} merges")
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
-            if isinstance(e, ValueError) and str(e).startswith(str(path)):
-                raise
-            raise ValueError(f"{path}:{pos}: corrupt tokenizer file ({e!r}); re-create it with save()") from None
-        return cls(pattern, vocab, merges, specials)
-
-    def tiktoken_ranks(self):
-        """{token bytes: id}, the `mergeable_ranks` that tiktoken.Encoding takes."""
-        return {b: i for i, b in self.vocab.items()}
-
-    def tiktoken_pattern(self):
-        return self.pattern or r"[\s\S]+"  # "none" = the whole text is one chunk
-
-    def export_tiktoken(self, path):
-        """Write a tiktoken rank file (`<base64 token> <rank>` per line, like cl100k_base.tiktoken)."""
-        with open(path, "wb") as f:
-            for i in sorted(self.vocab):
-                f.write(base64.b64encode(self.vocab[i]) + b" " + str(i).encode() + b"\n")
-
-    def __getstate__(self):  # for worker processes: no cache, nothing that rebuilds cheaply
-        return {"pattern": self.pattern, "vocab": self.vocab, "merges": self.merges,
-                "special_tokens": self.special_tokens}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-
-# -----------------------------------------------------------------------------
-# 4. Training
-
 def _count_piece(args):
     text, pattern, specials = args
     split = get_splitter(pattern)
@@ -538,11 +708,15 @@ def _count_piece(args):
 
 
 def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None, verbose=False):
-    """Count the unique chunks of `data` (a str, or a list of file paths), in `processes` processes.
+    r"""Count the unique chunks of `data` (a str, or a list of file paths), in `processes` processes.
 
     The input is streamed in pieces cut at safe newlines (see _safe_cut), so the result does not
     depend on the number of processes and memory grows with the number of unique chunks, not with
-    the input size. Special-token text separates documents and is not counted."""
+    the input size. Special-token text separates documents and is not counted.
+
+    >>> count_chunks("the cat<|endoftext|>the hat\n", "gpt2", ["<|endoftext|>"])
+    Counter({'the': 2, ' cat': 1, ' hat': 1, '\n': 1})
+    """
     pattern = PATTERNS.get(pattern, pattern)
     if isinstance(data, str):
         if "\n" not in data and len(data) < 4096 and os.path.isfile(data):
@@ -566,83 +740,146 @@ def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None
     return counts
 
 
-def _merge_word(w, a, b, z):
-    out, i, n = [], 0, len(w)
-    while i < n:
-        if i + 1 < n and w[i] == a and w[i + 1] == b:
-            out.append(z)
-            i += 2
-        else:
-            out.append(w[i])
-            i += 1
-    return out
+# -----------------------------------------------------------------------------
+# 6. File formats: GPT-2's encoder.json + vocab.bpe, tiktoken rank files
+
+GPT2_DIR = HERE / "data" / "gpt2"
+GPT2_URLS = {
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+}
+GPT2_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+CL100K_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                   "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
 
 
-def train_merges(counts, n_merges, verbose=False):
-    """Learn up to n_merges merges from {chunk: count}. Returns (merges, vocab).
+def bytes_to_unicode():
+    r"""GPT-2's map from the 256 byte values to printable characters: encoder.json and vocab.bpe
+    spell tokens with these characters instead of raw bytes (a space is "Ġ", a newline "Ċ").
 
-    Each step merges the most frequent adjacent pair over all chunks (weighted by chunk count).
-    Ties go to the pair with the smallest (first id, second id), so the result is deterministic
-    and independent of the order of `counts`. Only the chunks that contain the merged pair are
-    revisited (`where` remembers them) and the best pair comes from a lazy max-heap: a popped
-    entry whose count is out of date is pushed back with the current count."""
-    words = [list(c.encode("utf-8")) for c in counts]
-    freqs = list(counts.values())
-    pair_counts, where = Counter(), {}
-    for wi, (w, f) in enumerate(zip(words, freqs)):
-        for p in zip(w, w[1:]):
-            pair_counts[p] += f
-            where.setdefault(p, set()).add(wi)
-    heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
-    heapq.heapify(heap)
-    vocab = {i: bytes([i]) for i in range(256)}
+    >>> b2u = bytes_to_unicode()
+    >>> b2u[ord("A")], b2u[ord(" ")], b2u[ord("\n")]
+    ('A', 'Ġ', 'Ċ')
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def load_gpt2(path=None, download_missing=True):
+    """OpenAI's GPT-2 tokenizer from the directory `path` (default data/gpt2/) holding encoder.json
+    and vocab.bpe; they are downloaded there when missing. Its ids equal tiktoken's "gpt2".
+
+    >>> load_gpt2().encode("hello world")
+    [31373, 995]
+    """
+    d = Path(path) if path is not None else GPT2_DIR
+    for name, url in GPT2_URLS.items():
+        if not (d / name).is_file():
+            if not download_missing:
+                raise FileNotFoundError(f"{d / name} is missing; download it from {url}")
+            download(url, d / name, GPT2_SHA256[name])
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        encoder = json.loads((d / "encoder.json").read_text(encoding="utf-8"))
+        to_bytes = lambda s: bytes(decoder[c] for c in s)  # noqa: E731
+        vocab = {i: to_bytes(s) for s, i in encoder.items() if s != ENDOFTEXT}
+        token_id = {b: i for i, b in vocab.items()}
+        merges = []
+        for line in (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]:  # line 1: "#version: 0.2"
+            if line:
+                x, y = line.split(" ")
+                merges.append((token_id[to_bytes(x)], token_id[to_bytes(y)], token_id[to_bytes(x + y)]))
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{d}: encoder.json / vocab.bpe are not GPT-2's files ({e!r}); delete them "
+                         f"and run again to download them, or fetch {GPT2_URLS['encoder.json']} and "
+                         f"{GPT2_URLS['vocab.bpe']}") from None
+    return Tokenizer("gpt2", vocab, merges, {ENDOFTEXT: encoder[ENDOFTEXT]})
+
+
+def recover_merges(vocab):
+    """Rebuild the merge history of a rank-only vocabulary: token t came from the two pieces that
+    BPE leaves when it may use only tokens of lower rank (as tiktoken's _educational.py does).
+
+    >>> recover_merges({**{i: bytes([i]) for i in range(256)}, 256: b"ab", 257: b"abc"})
+    [(97, 98, 256), (256, 99, 257)]
+    """
     token_id = {b: i for i, b in vocab.items()}
-    merges = []
-    bar = tqdm(total=n_merges, desc="merging", disable=not verbose)
-    while len(merges) < n_merges and heap:
-        neg, a, b = heapq.heappop(heap)
-        count = pair_counts.get((a, b), 0)
-        if count != -neg:  # stale entry
-            if count > 0:
-                heapq.heappush(heap, (-count, a, b))
-            continue
-        merged = vocab[a] + vocab[b]
-        z = token_id.get(merged)
-        if z is None:  # (rarely, two different pairs spell the same bytes: reuse that token)
-            z = len(vocab)
-            vocab[z], token_id[merged] = merged, z
-        merges.append((a, b, z))
-        bar.update()
-        new_pairs = set()
-        for wi in where.pop((a, b)):
-            w = words[wi]
-            nw = _merge_word(w, a, b, z)
-            if len(nw) == len(w):  # this chunk lost the pair to an earlier merge
-                continue
-            f = freqs[wi]
-            for p in zip(w, w[1:]):
-                pair_counts[p] -= f
-            for p in zip(nw, nw[1:]):
-                pair_counts[p] += f
-                if z in p:
-                    new_pairs.add(p)
-                    where.setdefault(p, set()).add(wi)
-            words[wi] = nw
-        del pair_counts[(a, b)]
-        for p in new_pairs:  # new pairs only grow during a step: push their final counts
-            heapq.heappush(heap, (-pair_counts[p], p[0], p[1]))
-    bar.close()
-    return merges, vocab
+    ranks, merges = {}, []
+    for t in sorted(vocab):
+        b = vocab[t]
+        if len(b) > 1:
+            parts = bpe_merge([token_id[bytes([x])] for x in b], ranks, max_rank=t)
+            if len(parts) != 2:
+                raise ValueError(f"token {t} {b!r} cannot be made from two lower-ranked tokens")
+            merges.append((parts[0], parts[1], t))
+            for k in range(1, len(b)):  # make t available to the tokens after it
+                a, c = token_id.get(b[:k]), token_id.get(b[k:])
+                if a is not None and c is not None:
+                    ranks[(a, c)] = t
+        # pairs whose concatenation has a lower rank but one half a higher rank cannot matter:
+        # pieces are built only from lower-ranked tokens
+    return merges
+
+
+def load_tiktoken(path, pattern="gpt4", special_tokens=None):
+    """Load a tiktoken rank file (`<base64 token> <rank>` per line) and recover its merges:
+    `load_tiktoken("data/cl100k_base.tiktoken")` -> a Tokenizer with cl100k_base's 100,256 tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no rank file at {path} (cl100k_base: {CL100K_URL})")
+    vocab = {}
+    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
+        if line:
+            try:
+                tok, rank = line.split()
+                vocab[int(rank)] = base64.b64decode(tok, validate=True)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
+    return Tokenizer(pattern, vocab, recover_merges(vocab), special_tokens or {})
+
+
+def load_cl100k(path=None):
+    """GPT-4's cl100k_base, downloaded to data/cl100k_base.tiktoken when missing:
+    `load_cl100k().encode("hello world")` -> [15339, 1917], as tiktoken's cl100k_base."""
+    path = Path(path) if path is not None else HERE / "data" / "cl100k_base.tiktoken"
+    download(CL100K_URL, path, CL100K_SHA256)
+    return load_tiktoken(path, "gpt4", CL100K_SPECIALS)
+
+
+def get_tokenizer(name):
+    """'gpt2', 'cl100k_base', a .tiktoken rank file or a file written by Tokenizer.save:
+    `get_tokenizer("gpt2").encode("hello world")` -> [31373, 995]."""
+    if name == "gpt2":
+        return load_gpt2()
+    if name == "cl100k_base":
+        return load_cl100k()
+    if str(name).endswith(".tiktoken"):
+        return load_tiktoken(name)
+    return Tokenizer.load(name)
 
 
 # -----------------------------------------------------------------------------
-# 5. Loading real tokenizers: GPT-2's files, tiktoken rank files, downloads
+# 7. Download
 
 def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None):
-    """Download url to path with a progress bar, unless a complete copy is there. Resumable: bytes go
-    to path + ".part" and a later call continues it with an HTTP Range request; the file is renamed
-    into place only when its size (and sha256, when given) is right. The one downloader of the project:
-    gpt2.py re-exports it (this file cannot import gpt2.py, which needs torch)."""
+    """Download url to path with a progress bar, unless a complete copy is there; returns the Path:
+    `download(GPT2_URLS["vocab.bpe"], "data/gpt2/vocab.bpe", GPT2_SHA256["vocab.bpe"])` ->
+    Path("data/gpt2/vocab.bpe"). Resumable: bytes go to path + ".part" and a later call continues
+    it with an HTTP Range request; the file is renamed into place only when its size (and sha256,
+    when given) is right. The one downloader of the project: gpt2.py re-exports it (this file
+    cannot import gpt2.py, which needs torch)."""
     import requests  # only needed here
     path = Path(path)
     if path.is_file() and (expected_size is None or path.stat().st_size == expected_size):
@@ -681,107 +918,10 @@ def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, des
     return path
 
 
-def bytes_to_unicode():
-    """GPT-2's map from the 256 byte values to printable characters: encoder.json and vocab.bpe
-    spell tokens with these characters instead of raw bytes."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def load_gpt2(path=None, download_missing=True):
-    """OpenAI's GPT-2 tokenizer from the directory `path` (default data/gpt2/) holding encoder.json
-    and vocab.bpe; they are downloaded there when missing. Its ids equal tiktoken's "gpt2"."""
-    d = Path(path) if path is not None else GPT2_DIR
-    for name, url in GPT2_URLS.items():
-        if not (d / name).is_file():
-            if not download_missing:
-                raise FileNotFoundError(f"{d / name} is missing; download it from {url}")
-            download(url, d / name, GPT2_SHA256[name])
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
-    try:
-        encoder = json.loads((d / "encoder.json").read_text(encoding="utf-8"))
-        to_bytes = lambda s: bytes(decoder[c] for c in s)  # noqa: E731
-        vocab = {i: to_bytes(s) for s, i in encoder.items() if s != ENDOFTEXT}
-        token_id = {b: i for i, b in vocab.items()}
-        merges = []
-        lines = (d / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-        for lineno, line in enumerate(lines[1:], 2):  # line 1 is "#version: 0.2"
-            if line:
-                x, y = line.split(" ")
-                merges.append((token_id[to_bytes(x)], token_id[to_bytes(y)], token_id[to_bytes(x + y)]))
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{d}: encoder.json / vocab.bpe are not GPT-2's files ({e!r}); delete them "
-                         f"and run again to download them, or fetch {GPT2_URLS['encoder.json']} and "
-                         f"{GPT2_URLS['vocab.bpe']}") from None
-    return Tokenizer("gpt2", vocab, merges, {ENDOFTEXT: encoder[ENDOFTEXT]})
-
-
-def recover_merges(vocab):
-    """Rebuild the merge history of a rank-only vocabulary: token t came from the two pieces that
-    BPE leaves when it may use only tokens of lower rank (as tiktoken's _educational.py does)."""
-    token_id = {b: i for i, b in vocab.items()}
-    ranks, merges = {}, []
-    for t in sorted(vocab):
-        b = vocab[t]
-        if len(b) > 1:
-            parts = bpe_merge([token_id[bytes([x])] for x in b], ranks, max_rank=t)
-            if len(parts) != 2:
-                raise ValueError(f"token {t} {b!r} cannot be made from two lower-ranked tokens")
-            merges.append((parts[0], parts[1], t))
-            for k in range(1, len(b)):  # make t available to the tokens after it
-                a, c = token_id.get(b[:k]), token_id.get(b[k:])
-                if a is not None and c is not None:
-                    ranks[(a, c)] = t
-        # pairs whose concatenation has a lower rank but one half a higher rank cannot matter:
-        # pieces are built only from lower-ranked tokens
-    return merges
-
-
-def load_tiktoken(path, pattern="gpt4", special_tokens=None):
-    """Load a tiktoken rank file (`<base64 token> <rank>` per line) and recover its merges."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no rank file at {path} (cl100k_base: {CL100K_URL})")
-    vocab = {}
-    for lineno, line in enumerate(path.read_bytes().splitlines(), 1):
-        if line:
-            try:
-                tok, rank = line.split()
-                vocab[int(rank)] = base64.b64decode(tok, validate=True)
-            except ValueError:
-                raise ValueError(f"{path}:{lineno}: expected '<base64 token> <rank>', got {line[:60]!r}") from None
-    return Tokenizer(pattern, vocab, recover_merges(vocab), special_tokens or {})
-
-
-def load_cl100k(path=None):
-    """GPT-4's cl100k_base, downloaded to data/cl100k_base.tiktoken when missing."""
-    path = Path(path) if path is not None else HERE / "data" / "cl100k_base.tiktoken"
-    download(CL100K_URL, path, CL100K_SHA256)
-    return load_tiktoken(path, "gpt4", CL100K_SPECIALS)
-
-
-def get_tokenizer(name):
-    """'gpt2', 'cl100k_base', a .tiktoken rank file or a file written by Tokenizer.save."""
-    if name == "gpt2":
-        return load_gpt2()
-    if name == "cl100k_base":
-        return load_cl100k()
-    if str(name).endswith(".tiktoken"):
-        return load_tiktoken(name)
-    return Tokenizer.load(name)
-
-
 # -----------------------------------------------------------------------------
-# 6. Encoding files for training
+# 8. Encoding files for training
 
-_WORKER = {}
+_WORKER = {}  # each worker process receives the tokenizer once, not with every piece
 
 
 def _init_worker(tok, allowed_special):
@@ -793,13 +933,16 @@ def _encode_piece(text):
 
 
 def encode_file(tokenizer, input_path, output_path, processes=None, append_eot=True, allowed_special=()):
-    """Tokenize a UTF-8 text file of any size into a flat token file; returns the number of tokens.
+    """Tokenize a UTF-8 text file of any size into a flat token file; returns the number of tokens:
+    `encode_file(load_gpt2(), "hw.txt", "hw.bin")` with hw.txt = "hello world" -> 3, and hw.bin
+    holds 31373 995 50256.
 
     Format of output_path: the token ids as raw little-endian uint16, no header (nanoGPT's .bin);
     read it with np.memmap(output_path, dtype=np.uint16, mode="r") or load_tokens(). The ids are
     exactly tokenizer.encode(text, allowed_special=allowed_special), plus the <|endoftext|> id at
     the end when append_eot. The file is cut into pieces at safe newlines and encoded in
-    `processes` processes (default: all cores); it is written to output_path + ".part" and renamed."""
+    `processes` processes (default: all cores); it is written to output_path + ".part" and renamed,
+    so a crash never leaves a truncated file that looks complete."""
     if tokenizer.n_vocab > 1 << 16:
         raise ValueError(f"uint16 holds ids below 65536, this tokenizer has {tokenizer.n_vocab}")
     input_path, output_path = Path(input_path), Path(output_path)
@@ -825,12 +968,14 @@ def encode_file(tokenizer, input_path, output_path, processes=None, append_eot=T
 
 
 def load_tokens(path):
-    """The token file written by encode_file, as a read-only uint16 array (memory-mapped)."""
+    """The token file written by encode_file, as a read-only uint16 array (memory-mapped, so a file
+    larger than memory costs nothing until read): `load_tokens("hw.bin")` -> memmap([31373, 995, 50256])."""
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line
+# 9. Command line
+
 
 def demo():
     text = (HERE / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:300_000]
@@ -868,7 +1013,8 @@ def main(argv=None):
         s.add_argument("--output", required=name == "export", help="output file")
         if name == "encode":
             s.add_argument("--allowed-special", default="all", help="'all' or 'none'")
-            s.add_argument("--processes", type=int, default=None)
+            s.add_argument("--processes", type=int, default=None,
+                           help="processes for encoding an --output file (default: all cores)")
         if name == "decode":
             s.add_argument("ids", nargs="*", type=int, help="ids (default: read from --input or stdin)")
     args = p.parse_args(argv)

@@ -25,12 +25,10 @@ DEFAULT_FILE = ROOT.parent / "shared" / "data" / "shakespeare_complete.txt"
 
 
 def gpt2_pat_str():
-    """The pattern tiktoken's own "gpt2" encoding uses (an equivalent, faster spelling of GPT-2's)."""
-    try:
-        from tiktoken_ext.openai_public import r50k_pat_str
-        return r50k_pat_str
-    except ImportError:
-        return bpe.GPT2_SPLIT_PATTERN
+    """The pattern tiktoken's own "gpt2" encoding uses (an equivalent, faster spelling of GPT-2's);
+    never bpe.py's own, so that the comparison stays a comparison."""
+    from tiktoken_ext.openai_public import r50k_pat_str
+    return r50k_pat_str
 
 
 def tiktoken_gpt2():

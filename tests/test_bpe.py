@@ -1,17 +1,25 @@
-"""Tests for bpe.py: offline, against tiktoken's gpt2 encoding built from the shipped data/gpt2 files."""
+"""Tests for bpe.py: offline, against tiktoken's gpt2 encoding built from the shipped data/gpt2 files
+and against the split patterns of tiktoken's own gpt2 and cl100k_base encodings."""
 import base64
+import doctest
+import hashlib
+import os
 import random
-import sys
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import regex
+import requests
+import tiktoken
+import tiktoken.load
+from tiktoken_ext import openai_public
+
+import bpe
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import bpe  # noqa: E402
 
 SHAKESPEARE = (ROOT / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
 
@@ -22,7 +30,8 @@ EDGE_CASES = [
     "emoji 👍🏽 family 👨‍👩‍👧 flags 🇫🇷", "日本語のテキスト、中文文本。한국어", "ｆｕｌｌｗｉｄｔｈ",
     "def f(x):\n    return x**2  # comment\n\tif x != 0: pass", "<html><body class='x'>hi</body></html>",
     "Ⅻ ½ ² ٣ ߁", "ſ K İ ǅ", "\x00\x01\x1c\x1d\x85\xa0\u2028\u3000", "a" * 500, " " * 300 + "x",
-    "x" + "\n" * 100, "🙂" * 50, "naïve café résumé", "'s 's'''s", "<|endoftext|> is special",
+    "x" + "\n" * 100, "1\n ", "ends in spaces after a newline\n \t",
+    "🙂" * 50, "naïve café résumé", "'s 's'''s", "<|endoftext|> is special",
 ]
 
 
@@ -44,13 +53,13 @@ def random_unicode(n, seed, max_cp=0x10FFFF):
     return "".join(out)
 
 
-def gpt2_pat_str():
-    """The pattern tiktoken's own "gpt2" encoding uses (an equivalent, faster spelling of GPT-2's)."""
-    try:
-        from tiktoken_ext.openai_public import r50k_pat_str
-        return r50k_pat_str
-    except ImportError:
-        return bpe.GPT2_SPLIT_PATTERN
+def tiktoken_pat_str(name):
+    """The split pattern of tiktoken's own encoding `name` ("gpt2", "cl100k_base"), read offline: the
+    loaders that would download its vocabulary are stubbed out, only pat_str is used."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(openai_public, "load_tiktoken_bpe", lambda *a, **kw: {})
+        mp.setattr(openai_public, "data_gym_to_mergeable_bpe_ranks", lambda *a, **kw: {})
+        return getattr(openai_public, name)()["pat_str"]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +69,6 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
-    tiktoken = pytest.importorskip("tiktoken")
-    import tiktoken.load
-    import os
     saved = os.environ.get("TIKTOKEN_CACHE_DIR")
     os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the shipped files, never a stale cache
     try:
@@ -73,7 +79,7 @@ def tiktoken_gpt2():
             del os.environ["TIKTOKEN_CACHE_DIR"]
         else:
             os.environ["TIKTOKEN_CACHE_DIR"] = saved
-    return tiktoken.Encoding(name="gpt2", pat_str=gpt2_pat_str(), mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=tiktoken_pat_str("gpt2"), mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256})
 
 
@@ -123,6 +129,38 @@ def test_fast_splitter_equals_regex_module():
         assert fast is not slow
         for text in texts:
             assert fast(text) == slow(text)
+
+
+def split_texts():
+    """Many short texts from a tricky alphabet (whitespace runs at the end, CR/LF, contractions,
+    digits, Unicode spaces, astral code points), random Unicode and English."""
+    rng = random.Random(0)
+    alphabet = list(" \n\r\t\u00a0\u2028\u3000abcXYZé日ſK'sdmtlvre0123456789.,!?-_\"") + ["👍", "  ", "\r\n"]
+    short = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 16))) for _ in range(3000)]
+    # tiktoken's Rust regex and the `regex` module follow different Unicode versions, so a code
+    # point assigned after Unicode 14 (Python 3.11's unicodedata) may be a letter to one and not the
+    # other (U+058B is): the random texts keep assigned code points only
+    long = ["".join(c for c in random_unicode(20_000, s, max_cp=0xFFFF if s % 2 else 0x10FFFF)
+                    if unicodedata.category(c) != "Cn") for s in range(2)]
+    return short + EDGE_CASES + long + [SHAKESPEARE[:50_000]]
+
+
+@pytest.mark.parametrize("name, ours", [("gpt2", bpe.GPT2_SPLIT_PATTERN), ("cl100k_base", bpe.GPT4_SPLIT_PATTERN)],
+                         ids=["gpt2", "cl100k_base"])
+def test_split_equals_tiktoken(name, ours):
+    # our chunks (through get_splitter: the `re` fast path, and `regex` for astral texts) must be
+    # those of tiktoken's own pattern for that encoding...
+    pat, split, texts = tiktoken_pat_str(name), bpe.get_splitter(ours), split_texts()
+    for text in texts:
+        assert split(text) == regex.findall(pat, text), repr(text[:80])
+    # ...run by tiktoken's own regex engine (Rust): in an encoding whose vocabulary holds every chunk
+    # of every text, each chunk becomes one token, so the ids spell out tiktoken's chunks
+    ranks = {bytes([b]): b for b in range(256)}
+    for chunk in sorted({c.encode() for text in texts for c in regex.findall(pat, text)}):
+        ranks.setdefault(chunk, len(ranks))
+    enc = tiktoken.Encoding(name="chunks", pat_str=pat, mergeable_ranks=ranks, special_tokens={})
+    for text in texts:
+        assert enc.encode_ordinary(text) == [ranks[c.encode()] for c in split(text)], repr(text[:80])
 
 
 def test_bpe_merge_short_and_long_agree(gpt2):
@@ -230,15 +268,30 @@ def test_count_chunks_split_invariant(tmp_path):
         assert bpe.count_chunks([tmp_path / "a.txt"], pattern, processes=2, piece_chars=700) == expected
 
 
-def test_sequential_and_parallel_training_identical(tmp_path):
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_sequential_and_parallel_training_identical(tmp_path, monkeypatch, pattern):
     files = []
     for i in range(2):
         files.append(tmp_path / f"part{i}.txt")
         files[-1].write_text(SHAKESPEARE[i * 40_000:(i + 1) * 40_000] + "<|endoftext|>tail", encoding="utf-8")
-    seq = bpe.Tokenizer("gpt4").train(files, 600, special_tokens=["<|endoftext|>"], processes=1)
-    par = bpe.Tokenizer("gpt4")
+    whole = bpe.Tokenizer(pattern).train(files, 600, special_tokens=["<|endoftext|>"], processes=1)
+    # the default pieces hold a 40 KB file whole: cut them to 2,000 characters so that the cutting
+    # at safe newlines really runs, in one process and in two
+    cut, real_pieces = [], bpe._pieces
+
+    def small_pieces(sources, piece_chars, can_cut):
+        for piece in real_pieces(sources, 2000, can_cut):
+            cut.append(len(piece))
+            yield piece
+    monkeypatch.setattr(bpe, "_pieces", small_pieces)
+    seq = bpe.Tokenizer(pattern).train(files, 600, special_tokens=["<|endoftext|>"], processes=1)
+    assert len(cut) > 40 and max(cut) < 4000 and sum(cut) == sum(len(f.read_text()) for f in files)
+    par = bpe.Tokenizer(pattern)
     par.train([str(f) for f in files], 600, special_tokens=["<|endoftext|>"], processes=2)
-    assert seq.merges == par.merges and len(seq.merges) == 600 - 257
+    assert len(cut) > 80
+    counts = [{k: t.train_stats[k] for k in ("chunks", "unique_chunks")} for t in (whole, seq, par)]
+    assert counts[0] == counts[1] == counts[2]
+    assert whole.merges == seq.merges == par.merges and len(seq.merges) == 600 - 257
     # special-token text is a document boundary, never counted as text
     assert all(b"<|" not in seq.vocab[i] for _, _, i in seq.merges)
 
@@ -246,8 +299,10 @@ def test_sequential_and_parallel_training_identical(tmp_path):
 def test_save_load_roundtrip(tmp_path, gpt2):
     tok = bpe.Tokenizer("gpt2").train(SHAKESPEARE[:50_000], 500, special_tokens=["<|endoftext|>"])
     tok.save(tmp_path / "t.bpe")
-    assert (tmp_path / "t.vocab").is_file()
-    assert "[e][ ] ->" in (tmp_path / "t.vocab").read_text(encoding="utf-8") or tok.merges[0][:2] != (101, 32)
+    vocab_file = (tmp_path / "t.vocab").read_text(encoding="utf-8")
+    assert len(vocab_file.splitlines()) == 500 and tok.merges[0] == (32, 116, 256)  # " t" comes first
+    for line in ["[\\n] 10", "[ ][t] -> [ t] 256", "[ t][he] -> [ the] 260", "[<|endoftext|>] 499 (special)"]:
+        assert line + "\n" in vocab_file, line
     back = bpe.Tokenizer.load(tmp_path / "t.bpe")
     assert back.merges == tok.merges and back.vocab == tok.vocab and back.special_tokens == tok.special_tokens
     sample = SHAKESPEARE[60_000:70_000] + "<|endoftext|>"
@@ -257,6 +312,31 @@ def test_save_load_roundtrip(tmp_path, gpt2):
     gpt2.save(tmp_path / "gpt2.bpe")
     g = bpe.Tokenizer.load(tmp_path / "gpt2.bpe")
     assert g.encode("hello world <|endoftext|>", allowed_special="all") == [31373, 995, 220, 50256]
+
+
+def test_dumps_loads_roundtrip(gpt2):
+    # a checkpoint records its tokenizer as dumps() text; loads() must give back one that encodes alike
+    tok = bpe.Tokenizer("gpt4").train(SHAKESPEARE[:5000], 300, special_tokens=["<|endoftext|>", "<|pad|>"])
+    text = tok.dumps()
+    back = bpe.Tokenizer.loads(text)
+    assert (back.pattern, back.vocab, back.merges, back.special_tokens) == \
+        (tok.pattern, tok.vocab, tok.merges, tok.special_tokens)
+    assert back.dumps() == text
+    sample = SHAKESPEARE[9000:12_000] + "<|pad|>\n 🙂"
+    assert back.encode(sample, allowed_special="all") == tok.encode(sample, allowed_special="all")
+    g = bpe.Tokenizer.loads(gpt2.dumps())  # permuted byte ids survive too
+    assert g.byte_ids == gpt2.byte_ids and g.encode("hello world <|endoftext|>", allowed_special="all") == \
+        [31373, 995, 220, 50256]
+    with pytest.raises(ValueError, match="<string>:4"):
+        bpe.Tokenizer.loads(text.replace("specials 2", "specials two"))
+    with pytest.raises(ValueError, match="ckpt.pt:1"):
+        bpe.Tokenizer.loads("hello\n", source="ckpt.pt")
+
+
+def test_docstring_examples():
+    # the input -> output examples in bpe.py's docstrings are true
+    result = doctest.testmod(bpe)
+    assert result.attempted >= 25 and result.failed == 0
 
 
 def test_pattern_none_basic_bpe():
@@ -272,12 +352,13 @@ def test_pattern_none_basic_bpe():
 
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4", "none"])
 def test_export_loads_in_tiktoken_with_same_ids(tmp_path, pattern):
-    tiktoken = pytest.importorskip("tiktoken")
-    import tiktoken.load
     n = 8000 if pattern == "none" else 60_000  # "none" trains on each text as one long chunk: slow
     tok = bpe.Tokenizer(pattern).train(SHAKESPEARE[:n], 700 if n > 8000 else 350, special_tokens=["<|endoftext|>"])
     tok.export_tiktoken(tmp_path / "t.tiktoken")
-    enc = tiktoken.Encoding(name="t", pat_str=tok.tiktoken_pattern(),
+    # tiktoken splits with its own gpt2 / cl100k_base pattern, not with ours
+    pat_str = {"gpt2": tiktoken_pat_str("gpt2"), "gpt4": tiktoken_pat_str("cl100k_base")}.get(pattern,
+                                                                                             tok.tiktoken_pattern())
+    enc = tiktoken.Encoding(name="t", pat_str=pat_str,
                             mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(tmp_path / "t.tiktoken")),
                             special_tokens=tok.special_tokens)
     texts = [SHAKESPEARE[100_000:110_000], random_unicode(1000, 3)] + EDGE_CASES[:-1]
@@ -389,8 +470,6 @@ class FakeResponse:
 
 
 def test_download_resumes_and_checks(tmp_path, monkeypatch):
-    requests = pytest.importorskip("requests")
-    import hashlib
     data = bytes(range(256)) * 1000
     calls = []
 
@@ -411,7 +490,6 @@ def test_download_resumes_and_checks(tmp_path, monkeypatch):
 
 
 def test_load_gpt2_downloads_missing_files(tmp_path, monkeypatch):
-    requests = pytest.importorskip("requests")
     files = {url: (ROOT / "data/gpt2" / name).read_bytes() for name, url in bpe.GPT2_URLS.items()}
     monkeypatch.setattr(requests, "get", lambda url, headers=None, **kw: FakeResponse(files[url], headers or {}))
     tok = bpe.load_gpt2(tmp_path / "gpt2")
