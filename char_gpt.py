@@ -37,6 +37,7 @@ STAGES = ["bigram", "attention", "multihead", "ffn", "residual", "layernorm", "f
 SMALL = dict(n_layer=3, n_head=4, n_embd=32, block_size=8, batch_size=32, dropout=0.0, lr=1e-3,
              max_steps=5000, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=0.0,
              eval_interval=500, eval_iters=200)
+BIGRAM = dict(lr=1e-2, max_steps=3000)  # a lookup table learns fast and needs a big step size
 PRESETS = {
     # Sized by measurement to finish in under 10 minutes on 2 CPU cores (see README).
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, dropout=0.0, lr=2e-3,
@@ -276,15 +277,14 @@ def generate(model, idx, max_new_tokens, block_size, *, temperature=1.0, top_k=N
 # ----------------------------------------------------------------------------- training
 
 def resolve_device(name):
+    """--device -> a device this machine has. resolve_device("auto") -> "cuda" with an NVIDIA GPU,
+    else "mps" on Apple silicon, else "cpu"; resolve_device("cuda") without a GPU -> a clear error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA GPU is visible; use --device cpu or --device auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise SystemExit(f"--device {name}: no CUDA GPU is visible here; use --device cpu or --device auto")
+    if name == "mps" and not has_mps:
         raise SystemExit("--device mps: MPS is not available here; use --device cpu or --device auto")
     return name
 
@@ -329,8 +329,8 @@ def make_config(args, vocab_size):
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
     cfg = dict(PRESETS[preset] if args.stage == "full" else SMALL)
-    if args.stage == "bigram":  # a lookup table learns fast and needs a big step size
-        cfg.update(lr=1e-2, max_steps=3000)
+    if args.stage == "bigram":
+        cfg.update(BIGRAM)
     cfg.update(stage=args.stage, preset=preset if args.stage == "full" else "small", vocab_size=vocab_size)
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "lr", "max_steps",
               "warmup_steps", "weight_decay", "eval_interval", "eval_iters"):
@@ -416,7 +416,7 @@ def train(args):
     with open(metrics_path, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
     n_params = sum(p.numel() for p in model.parameters())
-    n_layer = cfg["n_layer"] if stage_includes(cfg["stage"], "residual") else "-"  # a stack of blocks from there on
+    n_layer = cfg["n_layer"] if stage_includes(cfg["stage"], "residual") else "-"  # from there on: n_layer blocks
     print(f"stage={cfg['stage']} preset={cfg['preset']} params={n_params:,} device={device} dtype={dtype} "
           f"layers={n_layer} heads={cfg['n_head']} n_embd={cfg['n_embd']} block={cfg['block_size']} "
           f"batch={cfg['batch_size']} steps={cfg['max_steps']}")
@@ -485,7 +485,8 @@ def train(args):
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
     print(f"done: {step} steps in {time.time() - t0:.1f}s, val loss {metrics[-1]['val_loss']:.4f}")
-    plot_losses(metrics, os.path.join(args.out_dir, "loss.png"), f"char_gpt.py --stage {cfg['stage']} ({cfg['preset']})")
+    plot_losses(metrics, os.path.join(args.out_dir, "loss.png"), f"char_gpt.py --stage {cfg['stage']} "
+                                                                  f"({cfg['preset']})")
     return model, tok, cfg, metrics
 
 
@@ -508,15 +509,15 @@ def sample_text(model, tok, cfg, prompt, num_chars, seed, device="cpu", temperat
 
 
 def parse_args(argv=None):
-    def defaults(key):  # "ladder 5000, bigram 3000, cpu 1800, gpu 5000": what a flag overrides
-        bigram = {"lr": 1e-2, "max_steps": 3000}
-        vals = [("ladder", SMALL[key])] + ([("bigram", bigram[key])] if key in bigram else [])
+    def defaults(key):  # "default: ladder 5000, bigram 3000, cpu 1800, gpu 5000": what a flag overrides
+        vals = [("ladder", SMALL[key])] + ([("bigram", BIGRAM[key])] if key in BIGRAM else [])
         return "default: " + ", ".join(f"{k} {v:g}" for k, v in vals + [(k, PRESETS[k][key]) for k in PRESETS])
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", choices=STAGES, default="full",
-                   help="rung of the ladder; every stage below full trains at the lecture's small scale (default: full)")
+                   help="rung of the ladder; the stages below full train at the lecture's small scale "
+                        "(default: full)")
     g.add_argument("--preset", choices=["cpu", "gpu", "auto"], default="auto",
                    help="size of the full stage: cpu = 4 layers x 128 wide, sized for 2 CPU cores; gpu = 6 x 384 with "
                         "dropout (nanoGPT's shakespeare_char recipe); auto = gpu with CUDA, else cpu")
@@ -534,10 +535,12 @@ def parse_args(argv=None):
                                                      "(default: data/tinyshakespeare.txt)")
     g.add_argument("--out-dir", default="out-char", help="where metrics.jsonl, ckpt.pt and loss.png go")
     g.add_argument("--resume", action="store_true",
-                   help="continue from <out-dir>/ckpt.pt exactly, with its hyperparameters (only --max-steps may change)")
+                   help="continue from <out-dir>/ckpt.pt exactly, with its hyperparameters "
+                        "(only --max-steps may change)")
     g.add_argument("--max-steps", type=int, help=f"optimizer steps ({defaults('max_steps')})")
     g.add_argument("--batch-size", type=int, help=f"sequences per step ({defaults('batch_size')})")
-    g.add_argument("--eval-interval", type=int, help=f"steps between evaluations and checkpoints ({defaults('eval_interval')})")
+    g.add_argument("--eval-interval", type=int,
+                   help=f"steps between evaluations and checkpoints ({defaults('eval_interval')})")
     g.add_argument("--eval-iters", type=int, help=f"batches per loss estimate ({defaults('eval_iters')})")
     g.add_argument("--log-interval", type=int, default=10,
                    help="steps between rows of the mean training loss in metrics.jsonl (default: 10)")
@@ -546,11 +549,13 @@ def parse_args(argv=None):
     g.add_argument("--n-head", type=int, help=f"attention heads ({defaults('n_head')})")
     g.add_argument("--n-embd", type=int, help=f"embedding width ({defaults('n_embd')})")
     g.add_argument("--block-size", type=int, help=f"context length in characters ({defaults('block_size')})")
-    g.add_argument("--dropout", type=float, help=f"dropout probability in the blocks, residual stage and up ({defaults('dropout')})")
+    g.add_argument("--dropout", type=float,
+                   help=f"dropout probability in the blocks, residual stage and up ({defaults('dropout')})")
     g = p.add_argument_group("optimizer (AdamW)")
     g.add_argument("--lr", type=float, help=f"peak learning rate ({defaults('lr')})")
     g.add_argument("--warmup-steps", type=int, help=f"linear warmup, full stage only ({defaults('warmup_steps')})")
-    g.add_argument("--lr-decay-steps", type=int, help="step where the cosine decay reaches lr/10 (default: --max-steps)")
+    g.add_argument("--lr-decay-steps", type=int,
+                   help="step where the cosine decay reaches lr/10, full stage only (default: --max-steps)")
     g.add_argument("--weight-decay", type=float, help=f"on matrices and embeddings only ({defaults('weight_decay')})")
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")

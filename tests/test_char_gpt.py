@@ -248,6 +248,13 @@ def test_missing_data_file_says_where_to_get_it(tmp_path):
     assert cg.DATA_URL in str(e.value)
 
 
+def test_unavailable_device_says_what_to_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cg.main(["--device", "cuda", "--out-dir", "unused"])
+    assert "no CUDA GPU" in str(e.value) and "--device cpu" in str(e.value)
+
+
 def test_unknown_stage_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         cg.parse_args(["--stage", "transformer"])
@@ -268,6 +275,11 @@ def test_gpu_bench_without_cuda_says_so(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main([])
     assert e.value.code != 0 and "needs a CUDA GPU" in capsys.readouterr().err
+    args, rest = bench.parse_args(["--device", "cpu", "--results", "r.md", "--max-steps", "4"])
+    assert args.goal == 1.47 and rest == ["--max-steps", "4"]  # nanoGPT's 1.4697 for the gpu preset
+    with pytest.raises(SystemExit):  # a CPU run must not append to bench/results/char_gpt_gpu.md
+        bench.parse_args(["--device", "cpu"])
+    assert "--results" in capsys.readouterr().err
 
 
 def test_gpu_bench_code_path_on_cpu(tmp_path):
@@ -282,7 +294,8 @@ def test_gpu_bench_code_path_on_cpu(tmp_path):
         val = [json.loads(line)["val_loss"] for line in f if "val_loss" in line]
     with open(results) as f:
         text = f.read()
-    assert f"final val loss **{val[-1]:.4f}**" in text and "goal <= 10.0 (nanoGPT's shakespeare_char: 1.4697): **met**" in text
+    assert f"final val loss **{val[-1]:.4f}**" in text
+    assert "goal <= 10.0 (nanoGPT's shakespeare_char: 1.4697): **met**" in text
     assert f"torch {torch.__version__}" in text and "char_gpt.py --stage full --preset gpu --device cpu" in text
     assert "wall time" in text and text.count("| 4 |") == 1
     with pytest.raises(SystemExit) as e:  # a missed goal: the section is written, and the exit status says so
