@@ -11,8 +11,10 @@ scaled up. Each `--stage` adds exactly one idea to the previous one so you can s
     python char_gpt.py --stage bigram          # any rung of the ladder, at the lecture's small scale
     python char_gpt.py --preset gpu            # the scaled-up 6-layer, 384-wide model (for a GPU)
     python char_gpt.py --sample --prompt "ROMEO:"   # load out-char/ckpt.pt and generate
+    python char_gpt.py --help                  # every flag, in groups
 
-Every run writes <out-dir>/metrics.jsonl, <out-dir>/ckpt.pt and (with matplotlib) <out-dir>/loss.png.
+Every run writes <out-dir>/metrics.jsonl (the mean training loss every --log-interval steps, train and
+val loss at every evaluation), <out-dir>/ckpt.pt and (with matplotlib) <out-dir>/loss.png.
 """
 import argparse
 import json
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 DATA_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 DATA_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tinyshakespeare.txt")
+# The ladder: each stage keeps every idea of the stages before it and adds one.
 STAGES = ["bigram", "attention", "multihead", "ffn", "residual", "layernorm", "full"]
 
 # The lecture's small scale: every rung of the ladder below "full" is trained like this, so the
@@ -34,6 +37,7 @@ STAGES = ["bigram", "attention", "multihead", "ffn", "residual", "layernorm", "f
 SMALL = dict(n_layer=3, n_head=4, n_embd=32, block_size=8, batch_size=32, dropout=0.0, lr=1e-3,
              max_steps=5000, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=0.0,
              eval_interval=500, eval_iters=200)
+BIGRAM = dict(lr=1e-2, max_steps=3000)  # a lookup table learns fast and needs a big step size
 PRESETS = {
     # Sized by measurement to finish in under 10 minutes on 2 CPU cores (see README).
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32, dropout=0.0, lr=2e-3,
@@ -93,6 +97,12 @@ def get_batch(data, block_size, batch_size, generator=None, device="cpu"):
 
 
 # ----------------------------------------------------------------------------- the model, one idea at a time
+
+def stage_includes(stage, idea):
+    """Whether a stage has the idea that the stage named `idea` introduced.
+    stage_includes("full", "layernorm") -> True; stage_includes("ffn", "residual") -> False"""
+    return STAGES.index(stage) >= STAGES.index(idea)
+
 
 class BigramLanguageModel(nn.Module):
     """Rung 0: a table of next-character logits indexed by the current character. No context at all."""
@@ -202,10 +212,10 @@ class CharGPT(nn.Module):
         elif stage == "ffn":
             body = nn.Sequential(MultiHeadAttention(d, cfg["n_head"], T, proj=False), FeedForward(d, 1))
         else:  # residual, layernorm, full: a stack of n_layer blocks
-            ln = STAGES.index(stage) >= STAGES.index("layernorm")
+            ln = stage_includes(stage, "layernorm")
             body = nn.Sequential(*[Block(d, cfg["n_head"], T, cfg["dropout"], ln) for _ in range(cfg["n_layer"])])
         self.body = body
-        self.ln_f = nn.LayerNorm(d) if stage in ("layernorm", "full") else nn.Identity()
+        self.ln_f = nn.LayerNorm(d) if stage_includes(stage, "layernorm") else nn.Identity()
         self.lm_head = nn.Linear(d, V)
 
     def forward(self, idx):
@@ -250,7 +260,7 @@ def estimate_loss(model, data, block_size, batch_size, eval_iters, device="cpu",
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, block_size, temperature=1.0, top_k=None, generator=None):
+def generate(model, idx, max_new_tokens, block_size, *, temperature=1.0, top_k=None, generator=None):
     """Sample one character at a time, feeding each back in. Only the last block_size characters fit
     in the context (the position table has block_size rows)."""
     model.eval()
@@ -267,12 +277,15 @@ def generate(model, idx, max_new_tokens, block_size, temperature=1.0, top_k=None
 # ----------------------------------------------------------------------------- training
 
 def resolve_device(name):
+    """--device -> a device this machine has. resolve_device("auto") -> "cuda" with an NVIDIA GPU,
+    else "mps" on Apple silicon, else "cpu"; resolve_device("cuda") without a GPU -> a clear error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA GPU is visible here; use --device cpu or --device auto")
+    if name == "mps" and not has_mps:
+        raise SystemExit("--device mps: MPS is not available here; use --device cpu or --device auto")
     return name
 
 
@@ -282,16 +295,24 @@ def resolve_dtype(name, device):
     return name
 
 
-def lr_at(step, cfg):
-    # Linear warmup (Adam's early updates are noisy), then cosine decay to lr/10 at lr_decay_steps.
-    lr = cfg["lr"]
+def lr_at(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
+    """Linear warmup (Adam's first updates are noisy), then cosine decay to min_lr_ratio * max_lr at
+    max_steps (the same schedule as gpt2.lr_at; this file imports nothing of ours, so it has its own).
+    lr_at(0, 1e-3, 10, 110) -> 1e-4; lr_at(60, 1e-3, 10, 110) -> 5.5e-4; lr_at(500, 1e-3, 10, 110) -> 1e-4"""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return max_lr * min_lr_ratio
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def lr_for_step(step, cfg):
+    """The ladder trains at a constant lr, as in the lecture; the full model warms up and decays.
+    lr_for_step(999, SMALL) -> 1e-3"""
     if cfg["schedule"] == "constant":
-        return lr
-    if step < cfg["warmup_steps"]:
-        return lr * (step + 1) / cfg["warmup_steps"]
-    decay = cfg["lr_decay_steps"] - cfg["warmup_steps"]
-    ratio = min(1.0, (step - cfg["warmup_steps"]) / max(1, decay))
-    return lr / 10 + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - lr / 10)
+        return cfg["lr"]
+    return lr_at(step, cfg["lr"], cfg["warmup_steps"], cfg["lr_decay_steps"])
 
 
 def make_optimizer(model, cfg, device):
@@ -308,8 +329,8 @@ def make_config(args, vocab_size):
     if preset == "auto":
         preset = "gpu" if torch.cuda.is_available() else "cpu"
     cfg = dict(PRESETS[preset] if args.stage == "full" else SMALL)
-    if args.stage == "bigram":  # a lookup table learns fast and needs a big step size
-        cfg.update(lr=1e-2, max_steps=3000)
+    if args.stage == "bigram":
+        cfg.update(BIGRAM)
     cfg.update(stage=args.stage, preset=preset if args.stage == "full" else "small", vocab_size=vocab_size)
     for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "dropout", "lr", "max_steps",
               "warmup_steps", "weight_decay", "eval_interval", "eval_iters"):
@@ -319,13 +340,16 @@ def make_config(args, vocab_size):
     return cfg
 
 
-def save_checkpoint(path, **state):
+def save_checkpoint(path, model, **extra):
+    """{"model": model's weights, **extra} to path (the same call as gpt2.save_checkpoint; here the
+    config goes in extra, as the bigram model has none of its own)."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    torch.save({"model": model.state_dict(), **extra}, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written checkpoint
 
 
-def plot_losses(metrics, path):
+def plot_losses(metrics, path, title="char_gpt.py"):
+    """metrics.jsonl rows -> a PNG: the mean training loss as a line, train and val loss at evaluations."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -333,12 +357,16 @@ def plot_losses(metrics, path):
     except ImportError:
         print("matplotlib not installed: no loss plot")
         return
-    steps = [m["step"] for m in metrics]
-    plt.figure(figsize=(6, 4))
-    plt.plot(steps, [m["train_loss"] for m in metrics], label="train")
-    plt.plot(steps, [m["val_loss"] for m in metrics], label="val")
+    running = [(m["step"], m["train_loss_avg"]) for m in metrics if "train_loss_avg" in m]
+    evals = [m for m in metrics if "val_loss" in m]
+    plt.figure(figsize=(7, 4))
+    if running:
+        plt.plot(*zip(*running), lw=1, alpha=0.7, label="train (mean of the batches since the last point)")
+    steps = [m["step"] for m in evals]
+    plt.plot(steps, [m["train_loss"] for m in evals], "o--", label="train (evaluation)")
+    plt.plot(steps, [m["val_loss"] for m in evals], "o-", label="val (evaluation)")
     plt.xlabel("step"), plt.ylabel("loss (nats/char)"), plt.legend(), plt.grid(alpha=0.3)
-    plt.title("char_gpt.py")
+    plt.title(title)
     plt.savefig(path, dpi=100, bbox_inches="tight")
     plt.close()
 
@@ -370,23 +398,27 @@ def train(args):
     model = build_model(cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device, enabled=dtype == "float16")
-    step, metrics = 0, []
+    # metrics: every row of metrics.jsonl; recent: the losses of the training steps since the last
+    # train_loss_avg row (in the checkpoint too, so a resumed run logs the same averages)
+    step, metrics, recent = 0, [], []
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
+        step, recent = ckpt["step"], list(ckpt.get("recent_losses", []))
         torch.set_rng_state(ckpt["rng_cpu"])
         if device == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"])
         gen.set_state(ckpt["rng_batches"])
         with open(metrics_path) as f:
-            metrics = [json.loads(line) for line in f]
-    else:
-        open(metrics_path, "w").close()
+            # rows logged after the checkpoint (by a run that stopped before its next one) come again
+            metrics = [m for m in map(json.loads, f) if m["step"] <= step]
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
     n_params = sum(p.numel() for p in model.parameters())
+    n_layer = cfg["n_layer"] if stage_includes(cfg["stage"], "residual") else "-"  # from there on: n_layer blocks
     print(f"stage={cfg['stage']} preset={cfg['preset']} params={n_params:,} device={device} dtype={dtype} "
-          f"layers={cfg['n_layer'] if cfg['stage'] in STAGES[4:] else '-'} heads={cfg['n_head']} n_embd={cfg['n_embd']} block={cfg['block_size']} "
+          f"layers={n_layer} heads={cfg['n_head']} n_embd={cfg['n_embd']} block={cfg['block_size']} "
           f"batch={cfg['batch_size']} steps={cfg['max_steps']}")
 
     compile_ = device == "cuda" if args.compile is None else args.compile
@@ -394,18 +426,20 @@ def train(args):
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
     B, T = cfg["batch_size"], cfg["block_size"]
 
+    def log_row(**row):
+        metrics.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     def evaluate_and_save(step, t_train, tokens):
         tr = estimate_loss(fwd, train_data, T, B, cfg["eval_iters"], device, autocast=autocast)
         va = estimate_loss(fwd, val_data, T, B, cfg["eval_iters"], device, autocast=autocast)
-        m = dict(step=step, train_loss=round(tr, 4), val_loss=round(va, 4), lr=lr_at(max(step - 1, 0), cfg),
-                 tokens_per_sec=round(tokens / t_train, 1) if t_train > 0 else None,
-                 elapsed=round(time.time() - t0, 2))
-        metrics.append(m)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        tqdm.write(f"step {step}: train {tr:.4f} val {va:.4f} ({m['elapsed']:.0f}s)")
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), step=step, config=cfg, chars=tok.chars,
+        log_row(step=step, train_loss=round(tr, 4), val_loss=round(va, 4), lr=lr_for_step(max(step - 1, 0), cfg),
+                tokens_per_sec=round(tokens / t_train, 1) if t_train > 0 else None,
+                elapsed=round(time.time() - t0, 2))
+        tqdm.write(f"step {step}: train {tr:.4f} val {va:.4f} ({metrics[-1]['elapsed']:.0f}s)")
+        save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        step=step, config=cfg, chars=tok.chars, recent_losses=recent,
                         rng_cpu=torch.get_rng_state(), rng_batches=gen.get_state(),
                         rng_cuda=torch.cuda.get_rng_state() if device == "cuda" else None)
 
@@ -421,8 +455,9 @@ def train(args):
         if step >= cfg["max_steps"]:
             break
         t = time.time()
+        lr = lr_for_step(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         x, y = get_batch(train_data, T, B, gen, device)
         with autocast:
             loss = loss_fn(fwd(x), y)
@@ -438,11 +473,20 @@ def train(args):
             torch.cuda.synchronize()
         t_train += time.time() - t
         tokens += B * T
+        # The training loss comes for free with each step (no extra forward pass): its mean over the
+        # last log_interval steps draws the curve between evaluations, which cost 2 x eval_iters batches.
+        loss_value = loss.item()
+        recent.append(loss_value)
+        if step % args.log_interval == 0:
+            log_row(step=step, train_loss_avg=round(sum(recent) / len(recent), 4), lr=lr,
+                    elapsed=round(time.time() - t0, 2))
+            recent.clear()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
     print(f"done: {step} steps in {time.time() - t0:.1f}s, val loss {metrics[-1]['val_loss']:.4f}")
-    plot_losses(metrics, os.path.join(args.out_dir, "loss.png"))
+    plot_losses(metrics, os.path.join(args.out_dir, "loss.png"), f"char_gpt.py --stage {cfg['stage']} "
+                                                                  f"({cfg['preset']})")
     return model, tok, cfg, metrics
 
 
@@ -460,36 +504,68 @@ def sample_text(model, tok, cfg, prompt, num_chars, seed, device="cpu", temperat
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = tok.encode(prompt) if prompt else [tok.stoi["\n"]]  # a newline is a natural start of text
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, num_chars, cfg["block_size"], temperature, top_k, gen)
+    out = generate(model, idx, num_chars, cfg["block_size"], temperature=temperature, top_k=top_k, generator=gen)
     return tok.decode(out[0].tolist())
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=STAGES, default="full", help="rung of the ladder (default: full)")
-    p.add_argument("--preset", choices=["cpu", "gpu", "auto"], default="auto",
-                   help="size of the full stage; auto = gpu with CUDA, else cpu")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    def defaults(key):  # "default: ladder 5000, bigram 3000, cpu 1800, gpu 5000": what a flag overrides
+        vals = [("ladder", SMALL[key])] + ([("bigram", BIGRAM[key])] if key in BIGRAM else [])
+        return "default: " + ", ".join(f"{k} {v:g}" for k, v in vals + [(k, PRESETS[k][key]) for k in PRESETS])
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--stage", choices=STAGES, default="full",
+                   help="rung of the ladder; the stages below full train at the lecture's small scale "
+                        "(default: full)")
+    g.add_argument("--preset", choices=["cpu", "gpu", "auto"], default="auto",
+                   help="size of the full stage: cpu = 4 layers x 128 wide, sized for 2 CPU cores; gpu = 6 x 384 with "
+                        "dropout (nanoGPT's shakespeare_char recipe); auto = gpu with CUDA, else cpu")
+    g.add_argument("--sample", action="store_true", help="no training: load <out-dir>/ckpt.pt and generate")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto = cuda, else mps, else cpu")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="autocast dtype; auto = bfloat16 on CUDA where supported, else float32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA only)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out-dir", default="out-char")
-    p.add_argument("--data", default=DATA_PATH, help=argparse.SUPPRESS)
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt exactly")
-    for name, typ in (("max-steps", int), ("batch-size", int), ("eval-interval", int), ("eval-iters", int),
-                      ("n-layer", int), ("n-head", int), ("n-embd", int), ("block-size", int),
-                      ("dropout", float), ("lr", float), ("warmup-steps", int), ("lr-decay-steps", int),
-                      ("weight-decay", float)):
-        p.add_argument(f"--{name}", type=typ, default=None, help="override the stage/preset value")
-    p.add_argument("--sample", action="store_true", help="only load <out-dir>/ckpt.pt and generate")
-    p.add_argument("--prompt", default="", help="text to continue when sampling")
-    p.add_argument("--num-chars", type=int, default=500, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    return p.parse_args(argv)
+    g.add_argument("--seed", type=int, default=1337, help="seeds the weights, the training batches and the sample")
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default=DATA_PATH, help="text file to train on; its characters are the vocabulary "
+                                                     "(default: data/tinyshakespeare.txt)")
+    g.add_argument("--out-dir", default="out-char", help="where metrics.jsonl, ckpt.pt and loss.png go")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/ckpt.pt exactly, with its hyperparameters "
+                        "(only --max-steps may change)")
+    g.add_argument("--max-steps", type=int, help=f"optimizer steps ({defaults('max_steps')})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per step ({defaults('batch_size')})")
+    g.add_argument("--eval-interval", type=int,
+                   help=f"steps between evaluations and checkpoints ({defaults('eval_interval')})")
+    g.add_argument("--eval-iters", type=int, help=f"batches per loss estimate ({defaults('eval_iters')})")
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="steps between rows of the mean training loss in metrics.jsonl (default: 10)")
+    g = p.add_argument_group("model (the stage's or preset's values unless given)")
+    g.add_argument("--n-layer", type=int, help=f"transformer blocks, residual stage and up ({defaults('n_layer')})")
+    g.add_argument("--n-head", type=int, help=f"attention heads ({defaults('n_head')})")
+    g.add_argument("--n-embd", type=int, help=f"embedding width ({defaults('n_embd')})")
+    g.add_argument("--block-size", type=int, help=f"context length in characters ({defaults('block_size')})")
+    g.add_argument("--dropout", type=float,
+                   help=f"dropout probability in the blocks, residual stage and up ({defaults('dropout')})")
+    g = p.add_argument_group("optimizer (AdamW)")
+    g.add_argument("--lr", type=float, help=f"peak learning rate ({defaults('lr')})")
+    g.add_argument("--warmup-steps", type=int, help=f"linear warmup, full stage only ({defaults('warmup_steps')})")
+    g.add_argument("--lr-decay-steps", type=int,
+                   help="step where the cosine decay reaches lr/10, full stage only (default: --max-steps)")
+    g.add_argument("--weight-decay", type=float, help=f"on matrices and embeddings only ({defaults('weight_decay')})")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", default="", help="text to continue (default: start from a newline)")
+    g.add_argument("--num-chars", type=int, default=500, help="characters to generate (default: 500)")
+    g.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens the distribution, > 1 flattens it")
+    g.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest characters")
+    args = p.parse_args(argv)
+    if args.log_interval < 1:
+        p.error(f"--log-interval must be at least 1, got {args.log_interval}")
+    return args
 
 
 def main(argv=None):

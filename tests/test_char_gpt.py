@@ -1,14 +1,16 @@
-"""Tests for char_gpt.py: tiny configs, CPU, a few seconds each."""
+"""Tests for char_gpt.py and bench/bench_char_gpt.py: tiny configs, CPU, a few seconds each."""
+import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import char_gpt as cg  # noqa: E402
+import char_gpt as cg
+import gpt2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = dict(vocab_size=65, n_layer=2, n_head=2, n_embd=16, block_size=8, dropout=0.0)
 TINY_ARGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -152,10 +154,15 @@ def test_sampling_is_reproducible_with_a_seed(data):
 
 def test_lr_schedule():
     cfg = dict(lr=1e-3, schedule="cosine", warmup_steps=10, lr_decay_steps=110)
-    assert cg.lr_at(0, cfg) == pytest.approx(1e-4)
-    assert cg.lr_at(9, cfg) == pytest.approx(1e-3)
-    assert cg.lr_at(60, cfg) == pytest.approx(0.55e-3)
-    assert cg.lr_at(110, cfg) == pytest.approx(1e-4) and cg.lr_at(500, cfg) == pytest.approx(1e-4)
+    assert cg.lr_for_step(0, cfg) == pytest.approx(1e-4)
+    assert cg.lr_for_step(9, cfg) == pytest.approx(1e-3)
+    assert cg.lr_for_step(60, cfg) == pytest.approx(0.55e-3)
+    assert cg.lr_for_step(110, cfg) == pytest.approx(1e-4) and cg.lr_for_step(500, cfg) == pytest.approx(1e-4)
+    assert [cg.lr_for_step(s, cg.SMALL) for s in (0, 2500, 5000)] == [cg.SMALL["lr"]] * 3  # the ladder: constant
+    # lr_at is gpt2.lr_at (same arguments, same values), written again only because char_gpt.py stands alone
+    for args in [(2e-3, 100, 1800), (1e-3, 100, 5000), (1e-3, 0, 50, 0.5)]:
+        assert [cg.lr_at(s, *args) for s in range(0, args[2] + 20, 7)] == \
+               [gpt2.lr_at(s, *args) for s in range(0, args[2] + 20, 7)]
 
 
 def test_training_run_writes_metrics_checkpoint_and_samples(tmp_path, capsys):
@@ -163,11 +170,12 @@ def test_training_run_writes_metrics_checkpoint_and_samples(tmp_path, capsys):
     cg.main(["--stage", "full", "--max-steps", "30", "--eval-interval", "10", "--out-dir", out,
              "--num-chars", "20", *TINY_ARGS])
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
+        metrics = [json.loads(line) for line in f if "val_loss" in line]  # the evaluations
     assert [m["step"] for m in metrics] == [0, 10, 20, 30]
     for m in metrics:
         assert set(m) >= {"step", "train_loss", "val_loss", "lr", "tokens_per_sec", "elapsed"}
     assert metrics[-1]["val_loss"] < metrics[0]["val_loss"]
+    assert os.path.exists(os.path.join(out, "loss.png"))
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 30 and ckpt["config"]["n_embd"] == 16
     capsys.readouterr()
@@ -180,12 +188,15 @@ def test_training_run_writes_metrics_checkpoint_and_samples(tmp_path, capsys):
 
 
 def test_resume_is_exact(tmp_path):
-    # dropout > 0 so that the restored RNG state matters, not only the weights and optimizer
+    # dropout > 0 so that the restored RNG state matters, not only the weights and optimizer; a log
+    # interval that does not divide the checkpoint step, so the losses averaged across it must be restored
     common = ["--stage", "full", "--dropout", "0.1", "--eval-interval", "5", "--lr-decay-steps", "20",
-              "--warmup-steps", "3", "--num-chars", "1", *TINY_ARGS]
+              "--warmup-steps", "3", "--log-interval", "3", "--num-chars", "1", *TINY_ARGS]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     cg.main([*common, "--max-steps", "20", "--out-dir", a])
     cg.main([*common, "--max-steps", "10", "--out-dir", b])
+    with open(os.path.join(b, "metrics.jsonl"), "a") as f:  # as if the run had gone on past its checkpoint
+        f.write(json.dumps({"step": 12, "train_loss_avg": 9.9, "lr": 0.0, "elapsed": 0.0}) + "\n")
     cg.main([*common, "--max-steps", "20", "--out-dir", b, "--resume"])
     sa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     sb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
@@ -195,7 +206,40 @@ def test_resume_is_exact(tmp_path):
         ma = [json.loads(line) for line in f]
     with open(os.path.join(b, "metrics.jsonl")) as f:
         mb = [json.loads(line) for line in f]
-    assert [m["val_loss"] for m in ma] == [m["val_loss"] for m in mb]
+    assert [m["val_loss"] for m in ma if "val_loss" in m] == [m["val_loss"] for m in mb if "val_loss" in m]
+    # every row but the timings, the mean training losses included, and no row twice
+    def losses(rows):
+        return [{k: v for k, v in m.items() if k not in ("elapsed", "tokens_per_sec")} for m in rows]
+    assert losses(ma) == losses(mb)
+    assert [m["step"] for m in ma if "train_loss_avg" in m] == [3, 6, 9, 12, 15, 18]
+
+
+def test_metrics_have_the_mean_training_loss_between_evaluations(tmp_path, monkeypatch):
+    # The training loss of every step, as the loop sees it: loss_fn is called with grad on only in training.
+    step_losses = []
+    real_loss_fn = cg.loss_fn
+
+    def recording_loss_fn(logits, targets):
+        loss = real_loss_fn(logits, targets)
+        if torch.is_grad_enabled():
+            step_losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(cg, "loss_fn", recording_loss_fn)
+    out = str(tmp_path / "run")
+    cg.main(["--stage", "full", "--max-steps", "20", "--eval-interval", "10", "--log-interval", "4",
+             "--out-dir", out, "--num-chars", "1", *TINY_ARGS])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(m["step"], "val_loss" in m) for m in rows] == [
+        (0, True), (4, False), (8, False), (10, True), (12, False), (16, False), (20, False), (20, True)]
+    assert len(step_losses) == 20
+    cfg = cg.make_config(cg.parse_args(["--max-steps", "20", *TINY_ARGS]), 65)
+    for m in rows:
+        if "train_loss_avg" in m:  # the mean of the log_interval steps that end at this row's step
+            s = m["step"]
+            assert m["train_loss_avg"] == round(sum(step_losses[s - 4:s]) / 4, 4), m
+            assert m["lr"] == cg.lr_for_step(s - 1, cfg)  # the lr of the row's last step
 
 
 def test_missing_data_file_says_where_to_get_it(tmp_path):
@@ -204,8 +248,58 @@ def test_missing_data_file_says_where_to_get_it(tmp_path):
     assert cg.DATA_URL in str(e.value)
 
 
+def test_unavailable_device_says_what_to_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        cg.main(["--device", "cuda", "--out-dir", "unused"])
+    assert "no CUDA GPU" in str(e.value) and "--device cpu" in str(e.value)
+
+
 def test_unknown_stage_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit):
         cg.parse_args(["--stage", "transformer"])
     err = capsys.readouterr().err
     assert all(s in err for s in cg.STAGES)
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_char_gpt", os.path.join(ROOT, "bench", "bench_char_gpt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_without_cuda_says_so(monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench.main([])
+    assert e.value.code != 0 and "needs a CUDA GPU" in capsys.readouterr().err
+    args, rest = bench.parse_args(["--device", "cpu", "--results", "r.md", "--max-steps", "4"])
+    assert args.goal == 1.47 and rest == ["--max-steps", "4"]  # nanoGPT's 1.4697 for the gpu preset
+    with pytest.raises(SystemExit):  # a CPU run must not append to bench/results/char_gpt_gpu.md
+        bench.parse_args(["--device", "cpu"])
+    assert "--results" in capsys.readouterr().err
+
+
+def test_gpu_bench_code_path_on_cpu(tmp_path):
+    # The GPU benchmark's whole path (run, read metrics, write the results section, check the goal) with
+    # a tiny model on the CPU.
+    bench = load_bench()
+    results, out = str(tmp_path / "results.md"), str(tmp_path / "run")
+    tiny = ["--results", results, "--out-dir", out, "--num-chars", "5", "--max-steps", "4", "--eval-interval", "2",
+            *TINY_ARGS]  # its --device cpu is the benchmark's own flag; the others go on to char_gpt.py
+    bench.main([*tiny, "--goal", "10"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        val = [json.loads(line)["val_loss"] for line in f if "val_loss" in line]
+    with open(results) as f:
+        text = f.read()
+    assert f"final val loss **{val[-1]:.4f}**" in text
+    assert "goal <= 10.0 (nanoGPT's shakespeare_char: 1.4697): **met**" in text
+    assert f"torch {torch.__version__}" in text and "char_gpt.py --stage full --preset gpu --device cpu" in text
+    assert "wall time" in text and text.count("| 4 |") == 1
+    with pytest.raises(SystemExit) as e:  # a missed goal: the section is written, and the exit status says so
+        bench.main([*tiny, "--goal", "0.5"])
+    assert "above the goal 0.5" in str(e.value)
+    with open(results) as f:
+        assert f.read().count("## char_gpt.py --preset gpu") == 2
