@@ -160,7 +160,7 @@ def check_args(args, world):
 
 
 # -----------------------------------------------------------------------------
-# Processes: torchrun starts one per GPU; every helper here is a no-op in a single process.
+# Processes: torchrun starts one per GPU; in a single process barrier and all_reduce do nothing.
 
 
 @dataclass
@@ -702,9 +702,9 @@ def evaluate(step, args, model, raw_model, data, tok, proc, dtype, record):
                                      proc.world)
     if not row:
         return False
-    row["eval_seconds"] = time.time() - t0
-    log(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-    record(step=step, **row)
+    seconds = time.time() - t0
+    log(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()) + f" | {seconds:.1f} s")
+    record(step=step, **row, eval_seconds=seconds)
     if "val_loss" in row and proc.master and args.sample_tokens:
         log(sample(raw_model, tok, args.prompt, args.sample_tokens, proc.device, args.seed + step).strip() + "\n")
     return True
