@@ -3,20 +3,26 @@ train_gpt2.py: pretraining a GPT, from a small run on a laptop CPU to the GPT-2 
 10B tokens of FineWeb-Edu on a node of GPUs. The model is gpt2.py's; this file is everything around it.
 
 What it teaches, top to bottom:
-  1. Data: text -> GPT-2 tokens (bpe.py) -> uint16 shards in llm.c's .bin format; FineWeb-Edu arrives
-     already tokenized in the same format.
-  2. The loader: the data cut into non-overlapping windows, shuffled globally with one seed, each step
+  1. Processes: one per GPU under torchrun (DDP), or a single plain process; rank 0 logs and saves.
+  2. Tokenizer and model: GPT-2's BPE, raw bytes, or any bpe.py tokenizer; a new model's vocabulary
+     follows the tokenizer, and every checkpoint records the tokenizer so later stages encode the same way.
+  3. Data: text -> tokens (bpe.py) -> uint16 shards in llm.c's .bin format, cached per tokenizer;
+     FineWeb-Edu arrives already tokenized (GPT-2) in the same format.
+  4. The loader: the data cut into non-overlapping windows, shuffled globally with one seed, each step
      taking the next fixed block of windows, each process a disjoint slice of it. A step sees the same
-     examples on 1 or 64 processes, and the whole loader state is one integer, so resuming is exact.
-  3. Evaluation: validation loss, HellaSwag (pick the ending with the lowest mean token loss), a sample.
-  4. The training loop: DDP across processes, gradient accumulation, mixed precision, torch.compile,
-     AdamW, warmup + cosine, gradient clipping, tokens/s and MFU, atomic checkpoints and --resume.
+     examples on 1 or 64 processes, and the whole loader state is one integer, so resuming is exact,
+     even with another number of processes.
+  5. Evaluation: validation loss, HellaSwag (pick the ending with the lowest mean token loss), a sample.
+  6. The training loop: gradient accumulation, mixed precision, torch.compile, AdamW, warmup + cosine,
+     gradient clipping, tokens/s and MFU, atomic checkpoints and --resume.
 
     python train_gpt2.py --rope                          # tiny Shakespeare on a CPU (see README for time)
     python train_gpt2.py --rope --resume                 # continue from out/ckpt.pt
     python train_gpt2.py --preset gpt2-10b --rope        # GPT-2 124M, 10B tokens, one GPU
     torchrun --nproc_per_node 8 train_gpt2.py --preset gpt2-10b --rope    # the same on 8 GPUs
     python train_gpt2.py --data my_book.txt --model tiny  # any text file or folder, or a folder of shards
+    python train_gpt2.py --rope --tokenizer bytes        # byte-level tokens: a 320-entry vocabulary
+    python train_gpt2.py --rope --tokenizer tok.bpe      # a tokenizer trained with `python bpe.py train`
 """
 
 import argparse
@@ -25,7 +31,9 @@ import json
 import os
 import random
 import time
+from collections import namedtuple
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir,
                   download, grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, peak_flops,
                   pick_device, pick_dtype, save_checkpoint, seed_everything)
@@ -53,50 +62,68 @@ RUN_PRESETS = {
 }
 
 ARCH_FLAGS = [  # gpt2.GPTConfig fields a flag may override when training from scratch
-    ("--n-layer", int), ("--n-head", int), ("--n-embd", int), ("--block-size", int), ("--n-kv-head", int),
-    ("--vocab-size", int), ("--window", int), ("--n-sink", int), ("--dropout", float), ("--rope-base", float)]
+    ("--n-layer", int, "transformer blocks"), ("--n-head", int, "attention heads"),
+    ("--n-embd", int, "width of the residual stream"), ("--block-size", int, "longest context the model takes"),
+    ("--n-kv-head", int, "key/value heads: fewer than --n-head is grouped-query attention, 1 multi-query"),
+    ("--vocab-size", int, "embedding rows (default: the tokenizer's ids rounded up to a multiple of 64)"),
+    ("--window", int, "sliding-window attention: each token sees the last N tokens"),
+    ("--n-sink", int, "with --window: the first N tokens stay visible (attention sinks)"),
+    ("--dropout", float, "dropout probability (also applies to --init weights)"),
+    ("--rope-base", float, "rotary base frequency (with --rope)")]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="shakespeare", choices=list(RUN_PRESETS))
-    p.add_argument("--model", choices=list(PRESETS), help="architecture preset of gpt2.py (scratch init)")
-    p.add_argument("--init", default="scratch", help="scratch | gpt2 | gpt2-medium | ... | HF folder | checkpoint")
-    p.add_argument("--rope", dest="pos_emb", action="store_const", const="rope", help="rotary positions")
-    p.add_argument("--pos-emb", choices=["learned", "sinusoidal", "rope"])
-    p.add_argument("--rmsnorm", dest="norm", action="store_const", const="rmsnorm")
-    p.add_argument("--swiglu", dest="mlp", action="store_const", const="swiglu")
-    p.add_argument("--no-bias", dest="bias", action="store_const", const=False)
-    p.add_argument("--untied", dest="tie_weights", action="store_const", const=False, help="separate lm_head")
-    for flag, kind in ARCH_FLAGS:
-        p.add_argument(flag, type=kind)
-    p.add_argument("--data", help="shakespeare | fineweb-edu-10b | text file | folder of text | folder of .bin shards")
-    p.add_argument("--batch-size", type=int, help="micro-batch per process, in sequences")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, over all processes")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--stop-after", type=int, default=None,
+    p.add_argument("--preset", default="shakespeare", choices=list(RUN_PRESETS),
+                   help="the run's defaults (model, data, batch, schedule, evaluations); flags given win")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=list(PRESETS), help="gpt2.py architecture preset (training from scratch)")
+    g.add_argument("--init", default="scratch",
+                   help="scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl (OpenAI's weights) | HF folder | checkpoint")
+    g.add_argument("--tokenizer", help="gpt2 | bytes | a file written by bpe.Tokenizer.save (default: gpt2 from "
+                                       "scratch; with --resume or --init, the tokenizer the checkpoint records)")
+    g.add_argument("--rope", dest="pos_emb", action="store_const", const="rope", help="rotary positions")
+    g.add_argument("--pos-emb", choices=["learned", "sinusoidal", "rope"], help="positions (default learned)")
+    g.add_argument("--rmsnorm", dest="norm", action="store_const", const="rmsnorm", help="RMSNorm, not LayerNorm")
+    g.add_argument("--swiglu", dest="mlp", action="store_const", const="swiglu", help="SwiGLU MLP, not GELU")
+    g.add_argument("--no-bias", dest="bias", action="store_const", const=False, help="no biases (linear, norm)")
+    g.add_argument("--untied", dest="tie_weights", action="store_const", const=False,
+                   help="an lm_head of its own instead of the token embedding")
+    for flag, kind, text in ARCH_FLAGS:
+        g.add_argument(flag, type=kind, help=text)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="shakespeare | fineweb-edu-10b | text file | folder of text | folder of .bin shards")
+    g.add_argument("--seq-len", type=int, help="tokens per training sequence")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, help="micro-batch per process, in sequences")
+    g.add_argument("--total-batch-size", type=int, help="tokens per optimizer step, over all processes; the rest "
+                                                        "is made up by gradient accumulation")
+    g.add_argument("--max-steps", type=int, help="optimizer steps of the whole run (the schedule ends here)")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine decay)")
+    g.add_argument("--warmup-steps", type=int, help="steps of linear warmup")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, help="steps between val losses (0 = none)")
+    g.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation")
+    g.add_argument("--hellaswag-interval", type=int, help="steps between HellaSwag evals (0 = none)")
+    g.add_argument("--hellaswag-file", help="a HellaSwag-format .jsonl (default: download the val set)")
+    g.add_argument("--hellaswag-limit", type=int, default=0, help="evaluate only the first N examples (0 = all)")
+    g.add_argument("--sample-tokens", type=int, default=100, help="tokens sampled at each val loss (0 = none)")
+    g.add_argument("--prompt", help="the start of each sample")
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--out-dir", default="out", help="where ckpt.pt, metrics.jsonl and loss.png go")
+    g.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (0 = only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
+    g.add_argument("--stop-after", type=int, default=None,
                    help="stop (with a checkpoint) after this step without changing the schedule; --resume goes on")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-interval", type=int, help="steps between val losses (0 = none)")
-    p.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation")
-    p.add_argument("--hellaswag-interval", type=int, help="steps between HellaSwag evals (0 = none)")
-    p.add_argument("--hellaswag-file", help="a HellaSwag-format .jsonl (default: download the val set)")
-    p.add_argument("--hellaswag-limit", type=int, default=0, help="evaluate only the first N examples (0 = all)")
-    p.add_argument("--sample-tokens", type=int, default=100, help="tokens sampled at each eval (0 = none)")
-    p.add_argument("--prompt")
-    p.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (0 = only at the end)")
-    p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--out-dir", default="out")
-    p.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
-    p.add_argument("--wandb", action="store_true")
-    p.add_argument("--wandb-project", default="llm-from-scratch")
-    p.add_argument("--tensorboard", action="store_true")
-    add_common_args(p)
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10, help="steps between printed lines and smoothed losses")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install wandb)")
+    g.add_argument("--wandb-project", default="llm-from-scratch", help="the wandb project")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tensorboard")
+    add_common_args(p.add_argument_group("system"))
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**RUN_PRESETS[first.preset])
     return p.parse_args(argv)
@@ -108,7 +135,7 @@ def fail(msg):
 
 def check_args(args, world):
     """Everything that can be wrong with the flags, found before any data is read or any weight made."""
-    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive")
     per_micro = args.batch_size * args.seq_len * world
@@ -132,35 +159,156 @@ def check_args(args, world):
                 fail(f"{flag} needs the {module.split('.')[-1]} package: pip install {module.split('.')[-1]}")
 
 
-def model_config(args):
+# -----------------------------------------------------------------------------
+# Processes: torchrun starts one per GPU; in a single process barrier and all_reduce do nothing.
+
+
+@dataclass
+class Proc:
+    """This process's place in the run: its rank among `world` processes (rank 0 logs and saves), its
+    rank on its node (which GPU it drives) and its device."""
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return dist.is_initialized()
+
+
+def setup_distributed(device):
+    """Join the process group when torchrun started us (it sets RANK, LOCAL_RANK, WORLD_SIZE and the
+    rendezvous address, on one node or many): NCCL between GPUs, gloo between CPUs. A plain
+    `python train_gpt2.py` is process 0 of 1."""
+    if "RANK" not in os.environ:
+        return Proc(device=device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Proc(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
+
+
+def log(*parts):
+    """print, on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*parts, flush=True)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()  # weights_only loading refuses numpy arrays: store a list
+    state["numpy"] = (np_state[0], np_state[1].tolist(), *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and model config: both fixed before any data is read, so that bad flags fail at once.
+
+
+def load_tokenizer(spec):
+    """--tokenizer -> a bpe.Tokenizer: "gpt2" (OpenAI's 50,257 ids), "bytes" (no merges: the 256 bytes,
+    split with GPT-2's pattern, plus <|endoftext|> = 256), or the path of a file bpe.Tokenizer.save wrote.
+    load_tokenizer("bytes").encode("hi") -> [104, 105]"""
+    if spec == "gpt2":
+        return bpe.load_gpt2()
+    if spec == "bytes":
+        return bpe.Tokenizer("gpt2", special_tokens={bpe.ENDOFTEXT: 256})
+    if not os.path.isfile(spec):
+        raise ValueError(f"--tokenizer {spec!r}: not gpt2, not bytes, and no such file; give a file written by "
+                         f"bpe.Tokenizer.save (python bpe.py train ...)")
+    return bpe.Tokenizer.load(spec)
+
+
+def start_checkpoint(args):
+    """(checkpoint, path) the run starts from: <out-dir>/ckpt.pt with --resume, an --init file, else (None, None)."""
+    path = os.path.join(args.out_dir, "ckpt.pt") if args.resume else args.init
+    if args.resume or os.path.isfile(args.init):
+        return load_checkpoint(path), path  # on the CPU: weights, optimizer and RNG states move on load
+    return None, None
+
+
+def run_tokenizer(args, ckpt, ckpt_path):
+    """From scratch, --tokenizer (default gpt2). Otherwise the tokenizer the weights were trained with:
+    the one the checkpoint records (GPT-2's for OpenAI's weights and checkpoints that record none); a
+    --tokenizer that differs from it is an error, since the same ids would stand for other text."""
+    if args.init == "scratch" and not args.resume:
+        return load_tokenizer(args.tokenizer or "gpt2")
+    recorded = ckpt.get("tokenizer") if ckpt else None
+    tok = bpe.Tokenizer.loads(recorded, source=f"{ckpt_path}['tokenizer']") if recorded else bpe.load_gpt2()
+    if args.tokenizer and load_tokenizer(args.tokenizer).dumps() != tok.dumps():
+        raise ValueError(f"--tokenizer {args.tokenizer}: {ckpt_path or args.init} was trained with another "
+                         f"tokenizer ({tok.n_vocab} ids); drop --tokenizer to use that one, or train from scratch "
+                         f"with this tokenizer in a new --out-dir")
+    return tok
+
+
+def model_config(args, ckpt, tok):
     """The config of the model to train, known before anything is built or downloaded."""
     if args.resume:  # the checkpoint defines the model; architecture flags are ignored
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        return GPTConfig(**load_checkpoint(path)["config"]), path
-    arch = {k: getattr(args, k) for k in ("pos_emb", "norm", "mlp", "bias", "tie_weights",
-                                          *(f[2:].replace("-", "_") for f, _ in ARCH_FLAGS))}
-    arch = {k: v for k, v in arch.items() if v is not None}
-    if args.init == "scratch":
-        return GPTConfig.from_preset(args.model, **arch), None
-    if set(arch) - {"dropout"}:
-        fail(f"architecture flags ({', '.join(sorted(set(arch) - {'dropout'}))}) only apply to --init scratch; "
-             f"pretrained weights fix the architecture")
-    if os.path.isfile(args.init):
-        return GPTConfig(**{**load_checkpoint(args.init)["config"], **arch}), args.init
-    if os.path.isdir(args.init):
-        with open(os.path.join(args.init, "config.json")) as f:
-            return GPTConfig(block_size=json.load(f)["n_positions"]), args.init
-    return GPTConfig.from_preset(args.init), args.init  # HF GPT-2 sizes share our preset names
+        config = GPTConfig(**ckpt["config"])
+    else:
+        arch = {k: getattr(args, k) for k in ("pos_emb", "norm", "mlp", "bias", "tie_weights",
+                                              *(f[2:].replace("-", "_") for f, _, _ in ARCH_FLAGS))}
+        arch = {k: v for k, v in arch.items() if v is not None}
+        if args.init == "scratch":  # a multiple of 64 keeps the lm_head's matmul on fast GPU tile sizes
+            config = GPTConfig.from_preset(args.model, **{"vocab_size": -(-tok.n_vocab // 64) * 64, **arch})
+        elif set(arch) - {"dropout"}:
+            fail(f"architecture flags ({', '.join(sorted(set(arch) - {'dropout'}))}) only apply to --init "
+                 f"scratch; pretrained weights fix the architecture")
+        elif ckpt:
+            config = GPTConfig(**{**ckpt["config"], **arch})
+        elif os.path.isdir(args.init):
+            with open(os.path.join(args.init, "config.json")) as f:
+                config = GPTConfig(block_size=json.load(f)["n_positions"])
+        else:
+            config = GPTConfig.from_preset(args.init)  # HF GPT-2 sizes share our preset names
+    if config.vocab_size < tok.n_vocab:
+        raise ValueError(f"the model's vocab_size {config.vocab_size} is below the tokenizer's {tok.n_vocab} ids; "
+                         f"raise --vocab-size, or leave it out to follow the tokenizer")
+    if args.seq_len > config.block_size and (config.window is None or config.pos_emb == "learned"):
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context (block_size "
+                         f"{config.block_size}); lower --seq-len" + (" or raise --block-size" if args.init == "scratch"
+                                                                       else ""))
+    return config
 
 
 # -----------------------------------------------------------------------------
 # Data: token shards in llm.c's format: a header of 256 int32 (magic 20240520, version 1, token count),
-# then the tokens as uint16 (the GPT-2 vocabulary, 50,257 ids, fits in 16 bits).
+# then the tokens as uint16 (the GPT-2 vocabulary, 50,257 ids, fits in 16 bits; so does any tokenizer of
+# up to 65,536 ids).
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-# Karpathy's GPT-2 tokens of FineWeb-Edu (the 100B sample), 100M tokens per shard: the first 100 train
-# shards are 10B tokens. Not reachable from the machine this was written on: unverified here.
+# GPT-2 tokens of FineWeb-Edu's 100B-token sample (karpathy/fineweb-edu-100B-gpt2-token-shards on the HF
+# hub), 100M tokens per shard: the first 100 train shards are 10B tokens.
 FINEWEB_URL = ("https://huggingface.co/datasets/karpathy/fineweb-edu-100B-gpt2-token-shards/resolve/main/"
                "edu_fineweb_{split}_{i:06d}.bin")
 REMOTE_SETS = {"fineweb-edu-10b": dict(train=range(1, 101), val=range(0, 1), url=FINEWEB_URL)}
@@ -213,22 +361,23 @@ def fetch_remote(name):
     return files["train"], files["val"]
 
 
-def tokenize_text(source):
-    """A text file or a folder of .txt files -> GPT-2 token shards cached next to the input, the last 10%
-    of the tokens held out for validation. The file names carry a hash of the inputs' names, sizes and
-    modification times, so an edited input is tokenized again."""
+def tokenize_text(source, tok):
+    """A text file or a folder of .txt files -> token shards of the tokenizer `tok`, cached next to the
+    input, the last 10% of the tokens held out for validation. The cache is keyed on the tokenizer (one
+    folder per tokenizer, <input>_tokens_<hash of tok.dumps()>) and on the inputs' names, sizes and
+    modification times (the file names), so another tokenizer never reads these tokens and an edited
+    input is tokenized again."""
     texts = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(".txt")) \
         if os.path.isdir(source) else [source]
     if not texts:
         raise ValueError(f"{source} holds neither .txt files nor .bin token shards")
-    out = source.rstrip(os.sep).removesuffix(".txt") + "_gpt2"
+    tok_tag = hashlib.sha1(tok.dumps().encode()).hexdigest()[:10]
+    out = f"{source.rstrip(os.sep).removesuffix('.txt')}_tokens_{tok_tag}"
     stamp = json.dumps([[os.path.basename(t), os.path.getsize(t), os.path.getmtime(t)] for t in texts])
     tag = hashlib.sha1(stamp.encode()).hexdigest()[:10]
     train, val = os.path.join(out, f"train_{tag}.bin"), os.path.join(out, f"val_{tag}.bin")
     if os.path.exists(train) and os.path.exists(val):
         return [train], [val]
-    import bpe
-    tok = bpe.load_gpt2()
     os.makedirs(out, exist_ok=True)
     for old in os.listdir(out):  # shards of an older version of the input
         if old.endswith(".bin"):
@@ -246,9 +395,10 @@ def tokenize_text(source):
     return [train], [val]
 
 
-def resolve_data(data, rank):
+def resolve_data(data, rank, tok=None):
     """--data -> (train shard paths, val shard paths). `rank` is the process's rank on its node: local
-    rank 0 downloads or tokenizes (once per node, whether or not nodes share a file system), the rest wait."""
+    rank 0 downloads or tokenizes (once per node, whether or not nodes share a file system), the rest wait.
+    Text is tokenized with `tok` (default GPT-2's); shards are taken as they are."""
     if data == "shakespeare":
         data = os.path.join(DATA_DIR, "tinyshakespeare.txt")
     if data in REMOTE_SETS:
@@ -268,18 +418,25 @@ def resolve_data(data, rank):
             raise ValueError(f"{data}: need both train and validation shards (validation files have 'val' "
                              f"in their name); found {len(train)} train and {len(val)} val")
         return train, val
+    tok = bpe.load_gpt2() if tok is None else tok
     if rank == 0:
-        tokenize_text(data)
+        tokenize_text(data, tok)
     barrier()
-    return tokenize_text(data)
+    return tokenize_text(data, tok)
+
+
+def token_counts(shards, limit=10_000_000):
+    """How often each id occurs in the first `limit` tokens of the shards.
+    token_counts([np.array([1, 1, 3])])[:4] -> [0, 2, 0, 1]"""
+    counts = np.zeros(2 ** 16, dtype=np.int64)
+    for s in shards:
+        counts += np.bincount(np.asarray(s[:limit - counts.sum()]), minlength=2 ** 16)
+    return counts
 
 
 def unigram_entropy(shards, limit=10_000_000):
     """Entropy (nats) of the token frequencies: the loss of the best model that ignores context."""
-    counts = np.zeros(2 ** 16, dtype=np.int64)
-    for s in shards:
-        chunk = np.asarray(s[:limit - counts.sum()])
-        counts += np.bincount(chunk, minlength=2 ** 16)
+    counts = token_counts(shards, limit)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -370,7 +527,7 @@ def render_hellaswag(ex, encode, block_size):
     ctx = encode(ex["ctx"])
     rows, masks = [], []
     for ending in ex["endings"]:
-        end = encode(" " + ending)  # GPT-2 tokens carry their leading space
+        end = encode(" " + ending)  # the ending's first word with its leading space, as in running text
         row = (ctx + end)[-block_size:]
         n = min(len(end), len(row) - 1)  # a row's first token has nothing before it to predict it
         rows.append(row)
@@ -408,219 +565,222 @@ def hellaswag(model, examples, encode, device, dtype, rank, world):
 
 
 @torch.no_grad()
-def sample(model, encode, decode, prompt, n_tokens, device, seed, top_k=50):
-    """Top-k sampling with the KV cache, from its own generator so training's random state is untouched."""
+def sample(model, tok, prompt, n_tokens, device, seed, top_k=50):
+    """Top-k sampling with the KV cache, from its own generator so training's random state is untouched.
+    Only the tokenizer's ids are candidates: the rows that round the vocabulary up stand for no text."""
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([encode(prompt)], device=device)
+    idx = torch.tensor([tok.encode(prompt)], device=device)
     cache = model.new_cache(1)
     logits, _ = model(idx, cache=cache, last_logits_only=True)
     out = []
     for _ in range(min(n_tokens, model.config.block_size - idx.size(1))):
-        probs, ids = F.softmax(logits[:, -1].float(), dim=-1).topk(top_k)
+        probs, ids = F.softmax(logits[:, -1, :tok.n_vocab].float(), dim=-1).topk(top_k)
         nxt = ids.gather(-1, torch.multinomial(probs, 1, generator=g))
         out.append(int(nxt))
         logits, _ = model(nxt, cache=cache)
     model.train()
-    return prompt + decode(out)
+    return prompt + tok.decode(out)
 
 
 # -----------------------------------------------------------------------------
-# Distributed helpers: no-ops in a single process
+# Training: the set-up steps main takes, in order, then the training step and main itself.
+
+Data = namedtuple("Data", "train val hellaswag")  # two WindowLoaders, HellaSwag examples (None = not evaluated)
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def load_data(args, tok, config, proc):
+    """Every process opens the same shards (local rank 0 first downloads or tokenizes them)."""
+    try:
+        train_files, val_files = resolve_data(args.data, proc.local_rank, tok)
+        data = Data(WindowLoader(train_files, args.seq_len, args.seed),
+                    WindowLoader(val_files, args.seq_len, shuffle=False), None)
+        if args.hellaswag_interval:
+            path = args.hellaswag_file or os.path.join(cache_dir("hellaswag"), "hellaswag_val.jsonl")
+            if proc.local_rank == 0 and not os.path.exists(path):
+                download(HELLASWAG_URL, path)
+            barrier()
+            data = data._replace(hellaswag=hellaswag_examples(path)[:args.hellaswag_limit or None])
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        fail(e)
+    if args.total_batch_size // args.seq_len > data.train.n:
+        fail(f"a step needs {args.total_batch_size // args.seq_len} windows of {args.seq_len} tokens but the "
+             f"training data has only {data.train.n}; lower --total-batch-size")
+    top = int(np.flatnonzero(token_counts(data.train.shards)).max())
+    if top >= config.vocab_size:  # checked on the first 10M tokens: pre-tokenized shards come from elsewhere
+        fail(f"the training data holds token id {top} but the model has {config.vocab_size} ids: the data was "
+             f"tokenized with a larger vocabulary; pass the --tokenizer it was made with (FineWeb-Edu's shards "
+             f"hold GPT-2 ids) or a larger --vocab-size")
+    return data
 
 
-def all_reduce(t, op=None):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def build_model(args, config, ckpt, ckpt_path, device, dtype):
+    """(model, optimizer, grad scaler), the model initialised from --seed (the same weights on every
+    rank; DDP also broadcasts rank 0's), from OpenAI's weights, or from a checkpoint."""
+    seed_everything(args.seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ckpt or args.init == "scratch":
+        model = GPT(config)
+    else:  # OpenAI's weights from the HF hub, or an HF directory
+        model = GPT.from_pretrained(args.init, **({"dropout": args.dropout} if args.dropout else {}))
+    if ckpt:
+        load_model_state(model, ckpt["model"], ckpt_path)
+    model.to(device)
+    optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device.split(":")[0])
+    return model, optimizer, grad_scaler(device, dtype)
 
 
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    np_state = np.random.get_state()  # weights_only loading refuses numpy arrays: store a list
-    state["numpy"] = (np_state[0], np_state[1].tolist(), *np_state[2:])
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+def resume(args, ckpt, ckpt_path, optimizer, scaler, loader, proc):
+    """Restore the optimizer, grad scaler, data position and RNG states of a checkpoint; returns its step.
+    The loader's position counts windows, not per-process batches, so the run may go on with another
+    number of processes (its RNG streams then start afresh: dropout masks differ, the data does not)."""
+    saved = ckpt["args"]
+    for key in ("seq_len", "total_batch_size", "seed", "data"):
+        if saved[key] != getattr(args, key):
+            fail(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint was "
+                 f"trained with {saved[key]!r}; use the same value or start a new --out-dir")
+    if ckpt["loader"]["n"] != loader.n:
+        fail(f"--resume: the training data changed since the checkpoint ({ckpt['loader']['n']} windows "
+             f"then, {loader.n} now)")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    loader.pos = ckpt["loader"]["pos"]
+    if len(ckpt["rng"]) == proc.world:
+        set_rng_state(ckpt["rng"][proc.rank])
+    else:
+        seed_everything(args.seed + proc.rank + ckpt["step"])
+    log(f"resumed from {ckpt_path} at step {ckpt['step']}")
+    return ckpt["step"]
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+class Recorder:
+    """Where the numbers go: <out-dir>/metrics.jsonl (gpt2.MetricsLog, and its plot), and wandb or
+    TensorBoard when asked (imported only then). Rank 0 records; on other ranks every call does nothing."""
+
+    def __init__(self, args, master, resume_step=None):
+        self.metrics = MetricsLog(args.out_dir, resume_step=resume_step) if master else None
+        self.sinks, self.closers = [], []
+        if master and args.wandb:
+            import wandb
+            wandb.init(project=args.wandb_project, config=vars(args), dir=args.out_dir)
+            self.sinks.append(lambda row: wandb.log(row, step=row["step"]))
+            self.closers.append(wandb.finish)
+        if master and args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
+            self.sinks.append(lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"])
+            self.closers.append(tb.close)
+
+    def __call__(self, **row):
+        if self.metrics:
+            self.metrics.log(**row)
+            for sink in self.sinks:
+                sink(row)
+
+    def finish(self, title):
+        """Flush the trackers and draw the loss plot; returns its path (None without matplotlib or on rank > 0)."""
+        for close in self.closers:
+            close()
+        return self.metrics.plot(title=title) if self.metrics else None
 
 
-# -----------------------------------------------------------------------------
-# Training
+def due(every, step, last):
+    """Whether something done every `every` steps (0 = never) happens at `step`; always at the last step."""
+    return bool(every) and (step % every == 0 or step == last)
+
+
+def evaluate(step, args, model, raw_model, data, tok, proc, dtype, record):
+    """The evaluations due at `step` (val loss, HellaSwag), logged and recorded with the seconds they
+    took; a sample after each val loss. Returns whether any ran."""
+    row, t0 = {}, time.time()
+    if due(args.eval_interval, step, args.max_steps):
+        row["val_loss"] = val_loss(model, data.val, args.eval_tokens // args.seq_len, args.batch_size,
+                                   proc.device, dtype, proc.rank, proc.world)
+    if data.hellaswag and due(args.hellaswag_interval, step, args.max_steps):
+        row["hellaswag"] = hellaswag(raw_model, data.hellaswag, tok.encode, proc.device, dtype, proc.rank,
+                                     proc.world)
+    if not row:
+        return False
+    seconds = time.time() - t0
+    log(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()) + f" | {seconds:.1f} s")
+    record(step=step, **row, eval_seconds=seconds)
+    if "val_loss" in row and proc.master and args.sample_tokens:
+        log(sample(raw_model, tok, args.prompt, args.sample_tokens, proc.device, args.seed + step).strip() + "\n")
+    return True
+
+
+def accumulate_gradients(model, loader, micro_steps, batch_size, proc, dtype, scaler):
+    """Forward and backward over one optimizer step's micro-batches, leaving in .grad the gradient of the
+    mean loss over all the step's sequences; returns that mean loss (over all processes) and moves the
+    loader past the step. Each micro-step's loss is divided by micro_steps, and DDP averages over
+    processes, so the gradient is the same as that of one batch of all the sequences."""
+    loss_sum = torch.zeros((), device=proc.device)
+    for micro in range(micro_steps):
+        x, y = loader.micro_batch(micro, proc.rank, proc.world, batch_size)
+        # DDP all-reduces the gradients on the last micro-step only; before that they just accumulate
+        with model.no_sync() if proc.ddp and micro < micro_steps - 1 else nullcontext():
+            with autocast(proc.device, dtype):
+                _, loss = model(to_device(x, proc.device), to_device(y, proc.device))
+            loss = loss / micro_steps  # the mean over the step's sequences, not the sum
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+    loader.pos += micro_steps * proc.world * batch_size
+    return all_reduce(loss_sum) / proc.world
+
+
+def save_run(path, raw_model, proc, **state):
+    """An atomic checkpoint of the model and `state`, with the RNG states of every process (gathered to rank 0)."""
+    rngs = [None] * proc.world
+    if proc.ddp:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if proc.master:
+        save_checkpoint(path, raw_model, rng=rngs, **state)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    check_args(args, world)
+    check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     try:
-        config, init_path = model_config(args)
-        if args.seq_len > config.block_size and (config.window is None or config.pos_emb == "learned"):
-            fail(f"--seq-len {args.seq_len} is longer than the model's context (block_size {config.block_size}); "
-                 f"lower --seq-len" + (" or raise --block-size" if args.init == "scratch" else ""))
+        ckpt, ckpt_path = start_checkpoint(args)
+        tok = run_tokenizer(args, ckpt, ckpt_path)
+        config = model_config(args, ckpt, tok)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
-
-    ddp = "RANK" in os.environ
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if ddp:  # torchrun set RANK, LOCAL_RANK, WORLD_SIZE and the rendezvous address; works across nodes too
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    try:
-        train_files, val_files = resolve_data(args.data, local_rank)
-        train_loader = WindowLoader(train_files, args.seq_len, args.seed)
-        val_loader = WindowLoader(val_files, args.seq_len, shuffle=False)
-        hs_examples = None
-        if args.hellaswag_interval:
-            path = args.hellaswag_file or os.path.join(cache_dir("hellaswag"), "hellaswag_val.jsonl")
-            if local_rank == 0 and not os.path.exists(path):
-                download(HELLASWAG_URL, path)
-            barrier()
-            hs_examples = hellaswag_examples(path)[:args.hellaswag_limit or None]
-    except (ValueError, RuntimeError) as e:
-        fail(e)
-    windows_per_step = args.total_batch_size // args.seq_len
-    if windows_per_step > train_loader.n:
-        fail(f"a step needs {windows_per_step} windows of {args.seq_len} tokens but the training data has "
-             f"only {train_loader.n}; lower --total-batch-size")
-    grad_accum = args.total_batch_size // (args.batch_size * args.seq_len * world)
-    tokenizer = None
-    if (args.sample_tokens and args.eval_interval) or hs_examples:
-        import bpe
-        tokenizer = bpe.load_gpt2()
-
-    # the model: identical initial weights on every rank (same seed); DDP also broadcasts rank 0's
-    seed_everything(args.seed)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.init == "scratch" or args.resume or os.path.isfile(args.init):
-        raw_model = GPT(config)
-    else:  # OpenAI's weights from the HF hub, or an HF directory
-        raw_model = GPT.from_pretrained(args.init, **({"dropout": args.dropout} if args.dropout else {}))
-    raw_model.to(device)
-    optimizer = raw_model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device.split(":")[0])
-    scaler = grad_scaler(device, dtype)
-    step = 0
-    if args.resume:
-        ckpt = load_checkpoint(init_path, map_location=device)
-        saved = ckpt["args"]
-        for key in ("seq_len", "total_batch_size", "seed", "data"):
-            if saved[key] != getattr(args, key):
-                fail(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint was "
-                     f"trained with {saved[key]!r}; use the same value or start a new --out-dir")
-        if ckpt["loader"]["n"] != train_loader.n:
-            fail(f"--resume: the training data changed since the checkpoint ({ckpt['loader']['n']} windows "
-                 f"then, {train_loader.n} now)")
-        load_model_state(raw_model, ckpt["model"], init_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, train_loader.pos = ckpt["step"], ckpt["loader"]["pos"]
-        rngs = ckpt["rng"]
-        if len(rngs) == world:
-            set_rng_state(rngs[rank])
-        else:  # another process count: exact data order still, but dropout masks differ from the original
-            seed_everything(args.seed + rank + step)
-        log(f"resumed from {init_path} at step {step}")
-    elif init_path and os.path.isfile(init_path):
-        load_model_state(raw_model, load_checkpoint(init_path)["model"], init_path)
+    proc = setup_distributed(device)
+    data = load_data(args, tok, config, proc)
+    raw_model, optimizer, scaler = build_model(args, config, ckpt, ckpt_path, proc.device, dtype)
+    step = resume(args, ckpt, ckpt_path, optimizer, scaler, data.train, proc) if args.resume else 0
+    loss_ema = ckpt.get("train_loss_ema", 0.0) if args.resume else 0.0
+    del ckpt  # the CPU copy of the weights and optimizer state is not needed any more
     model = maybe_compile(raw_model, args.compile)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device.startswith("cuda") else None)
-
-    metrics = MetricsLog(args.out_dir, resume_step=step if args.resume else None) if master else None
-    trackers = []
-    if master and args.wandb:
-        import wandb
-        trackers.append(lambda row: wandb.log(row, step=row["step"]))
-        wandb.init(project=args.wandb_project, config=vars(args), dir=args.out_dir)
-    if master and args.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(args.out_dir, "tensorboard"))
-        trackers.append(lambda row: [tb.add_scalar(k, v, row["step"]) for k, v in row.items() if k != "step"])
-
-    def record(**row):
-        if master:
-            metrics.log(**row)
-            for t in trackers:
-                t(row)
-
-    n_params = raw_model.num_params()
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.local_rank] if proc.device.startswith("cuda") else None)
+    record = Recorder(args, proc.master, resume_step=step if args.resume else None)
+    grad_accum = args.total_batch_size // (args.batch_size * args.seq_len * proc.world)
     flops_per_step = raw_model.flops_per_token(args.seq_len) * args.total_batch_size
-    peak = peak_flops(device)
-    log(f"model {n_params / 1e6:.2f}M params ({config.n_layer} layers, {config.n_embd} wide, {config.pos_emb} "
-        f"positions) | device {device} {str(dtype).removeprefix('torch.')} x {world} process(es)"
+    peak = peak_flops(proc.device)
+    log(f"model {raw_model.num_params() / 1e6:.2f}M params ({config.n_layer} layers, {config.n_embd} wide, "
+        f"{config.pos_emb} positions, {config.vocab_size} vocab for {tok.n_vocab} token ids) | device "
+        f"{proc.device} {str(dtype).removeprefix('torch.')} x {proc.world} process(es)"
         f"{' | compiled' if args.compile else ''}")
-    log(f"data {sum(len(s) for s in train_loader.shards):,} train tokens ({train_loader.n:,} windows), "
-        f"{sum(len(s) for s in val_loader.shards):,} val | unigram entropy "
-        f"{unigram_entropy(train_loader.shards):.3f} nats (the loss of a model that ignores context)")
-    log(f"{args.total_batch_size:,} tokens per step = {args.batch_size} x {args.seq_len} x {world} processes x "
-        f"{grad_accum} accumulation steps | {args.max_steps} steps")
-
-    def due(every, done):
-        return every and (done % every == 0 or done == args.max_steps)
-
-    def evaluate(done):
-        row = {}
-        if due(args.eval_interval, done):
-            row["val_loss"] = val_loss(model, val_loader, args.eval_tokens // args.seq_len, args.batch_size,
-                                       device, dtype, rank, world)
-        if hs_examples and due(args.hellaswag_interval, done):
-            row["hellaswag"] = hellaswag(raw_model, hs_examples, tokenizer.encode, device, dtype, rank, world)
-        if row:
-            log(f"step {done:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in row.items()))
-            record(step=done, **row)
-        if "val_loss" in row and master and tokenizer and args.sample_tokens:
-            log(sample(raw_model, tokenizer.encode, tokenizer.decode, args.prompt, args.sample_tokens, device,
-                       args.seed + done).strip() + "\n")
-
-    def checkpoint(done):
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if master:
-            save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), raw_model, optimizer=optimizer.state_dict(),
-                            scaler=scaler.state_dict(), step=done, rng=rngs, args=vars(args),
-                            loader={"pos": train_loader.pos, "n": train_loader.n})
+    if proc.master:
+        log(f"data {sum(len(s) for s in data.train.shards):,} train tokens ({data.train.n:,} windows), "
+            f"{sum(len(s) for s in data.val.shards):,} val | unigram entropy "
+            f"{unigram_entropy(data.train.shards):.3f} nats (the loss of a model that ignores context)")
+    log(f"{args.total_batch_size:,} tokens per step = {args.batch_size} x {args.seq_len} x {proc.world} "
+        f"processes x {grad_accum} accumulation steps | {args.max_steps} steps")
 
     if step == 0:
-        evaluate(0)
-    start_time, t_last = time.time(), time.time()
+        evaluate(0, args, model, raw_model, data, tok, proc, dtype, record)
+    start_time = t_last = time.time()
     stop = min(args.max_steps, args.stop_after or args.max_steps)
     while step < stop:
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y = train_loader.micro_batch(micro, rank, world, args.batch_size)
-            # gradients are all-reduced only on the last micro-step; before that they just accumulate
-            sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
-            with sync:
-                with autocast(device, dtype):
-                    _, loss = model(to_device(x, device), to_device(y, device))
-                loss = loss / grad_accum  # the mean over the step's sequences, not the sum
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-        train_loader.pos += windows_per_step
-        all_reduce(loss_sum)
-        loss_sum /= world
+        loss = accumulate_gradients(model, data.train, grad_accum, args.batch_size, proc, dtype, scaler)
         scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
@@ -630,27 +790,33 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_loss = loss_sum.item()  # waits for the GPU, so the time below is real
+        train_loss = loss.item()  # waits for the GPU, so the time below is real
         now = time.time()
         dt, t_last = now - t_last, now
-        tps = args.total_batch_size / dt
-        mfu = flops_per_step / dt / (peak * world) if peak else None
-        record(step=step, train_loss=train_loss, lr=lr, grad_norm=norm.item(), tokens_per_sec=tps,
-               **({"mfu": mfu} if mfu is not None else {}))
+        row = dict(train_loss=train_loss, lr=lr, grad_norm=norm.item(), tokens_per_sec=args.total_batch_size / dt)
+        if peak:
+            row["mfu"] = flops_per_step / dt / (peak * proc.world)
+        # one step's loss is noisy: an exponential moving average (divided by 1 - 0.9^step, since it
+        # starts at 0) draws the curve; it goes into the checkpoint, so a resumed run continues it
+        loss_ema = 0.9 * loss_ema + 0.1 * train_loss
         if step % args.log_interval == 0 or step == stop:
-            log(f"step {step:5d} | loss {train_loss:.4f} | lr {lr:.2e} | norm {norm.item():.2f} | "
-                f"{dt * 1000:.0f} ms | {tps:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else ""))
-        if due(args.eval_interval, step) or due(args.hellaswag_interval, step):
-            evaluate(step)
+            row["train_loss_ema"] = loss_ema / (1 - 0.9 ** step)
+            log(f"step {step:5d} | loss {train_loss:.4f} (ema {row['train_loss_ema']:.4f}) | lr {lr:.2e} | "
+                f"norm {row['grad_norm']:.2f} | {dt * 1000:.0f} ms | {row['tokens_per_sec']:,.0f} tok/s"
+                + (f" | mfu {row['mfu']:.1%}" if peak else ""))
+        record(step=step, **row)
+        if evaluate(step, args, model, raw_model, data, tok, proc, dtype, record):
             t_last = time.time()  # evaluation is not training time
-        if (args.checkpoint_interval and step % args.checkpoint_interval == 0) or step == stop:
-            checkpoint(step)
+        if step == stop or due(args.checkpoint_interval, step, stop):
+            save_run(os.path.join(args.out_dir, "ckpt.pt"), raw_model, proc, optimizer=optimizer.state_dict(),
+                     scaler=scaler.state_dict(), step=step, loader={"pos": data.train.pos, "n": data.train.n},
+                     train_loss_ema=loss_ema, tokenizer=tok.dumps(), args=vars(args))
             t_last = time.time()
     log(f"{'stopped' if step < args.max_steps else 'done'} at step {step} in {time.time() - start_time:.0f} s; "
         f"checkpoint {os.path.join(args.out_dir, 'ckpt.pt')}")
-    if master and (plot := metrics.plot(title=f"train_gpt2 {args.preset}")):
+    if plot := record.finish(title=f"train_gpt2 {args.preset}"):
         log(f"loss plot {plot}")
-    if ddp:
+    if proc.ddp:
         dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
-"""Tests of train_gpt2.py: shard format, the loader's guarantees, HellaSwag scoring, exact resume,
-torchrun == gradient accumulation, learning on real text, and bad input. CPU only, offline, tiny models."""
+"""Tests of train_gpt2.py: shard format, the loader's guarantees, HellaSwag scoring, gradient accumulation,
+exact resume (also with another process count), torchrun == accumulation, tokenizers, learning, and bad
+input. Offline, tiny models; the `device` tests also run on each device in LLM_SCRATCH_TEST_DEVICES."""
 
 import json
 import os
@@ -10,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+import bpe
 import gpt2
 import train_gpt2 as tg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a 2-layer, 32-wide model over a 512-token vocabulary: milliseconds per step
-TINY = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--vocab-size", "512",
-        "--device", "cpu", "--dtype", "float32", "--no-compile", "--sample-tokens", "0", "--log-interval", "1"]
+# a 2-layer, 32-wide model: milliseconds per step. TINY gives it a 512-token vocabulary (the toy shards
+# hold ids up to 511) and the byte tokenizer (quick to build; its 257 ids fit).
+SMALL = ["--model", "tiny", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--device", "cpu",
+         "--dtype", "float32", "--no-compile", "--sample-tokens", "0", "--log-interval", "1"]
+TINY = [*SMALL, "--vocab-size", "512", "--tokenizer", "bytes"]
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +131,26 @@ def test_step_examples_do_not_depend_on_process_count(tmp_path, world, accum):
     assert torch.equal(fresh.micro_batch(0, 1, world, 2)[0], many.micro_batch(0, 1, world, 2)[0])
 
 
+def test_two_micro_steps_give_the_gradient_of_one_batch_twice_the_size(tmp_path):
+    """Gradient accumulation: 2 micro-batches of 2 sequences leave the same .grad (and so the same clipped
+    norm) as one batch of 4. Adam alone would hide a factor of 2 in the gradient; this does not."""
+    data = make_shards(tmp_path / "data")
+    grads, norms, losses = [], [], []
+    for micro_steps, batch in ((2, 2), (1, 4)):
+        torch.manual_seed(0)
+        model = gpt2.GPT(gpt2.GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=32, block_size=16))
+        loader = tg.WindowLoader([os.path.join(data, "toy_train_000000.bin")], 16, seed=0)
+        scaler = gpt2.grad_scaler("cpu", torch.float32)
+        losses.append(tg.accumulate_gradients(model, loader, micro_steps, batch, tg.Proc(), torch.float32, scaler))
+        assert loader.pos == 4  # the step's windows are consumed
+        grads.append([p.grad.clone() for p in model.parameters()])
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(norms[0], norms[1])
+
+
 # -----------------------------------------------------------------------------
 # HellaSwag
 
@@ -189,6 +213,8 @@ def test_resume_is_exact(tmp_path):
     assert len(train_losses(tmp_path / "straight")) == 8
     # bit-identical: model, AdamW moments, schedule, data position and dropout's RNG all restored
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+    ema = lambda rows: [r["train_loss_ema"] for r in rows if "train_loss" in r]  # smoothed: its state resumes too
+    assert ema(split) == ema(straight) and ema(straight)[-1] < ema(straight)[0]
     vals = lambda rows: [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     assert vals(split) == vals(straight) and [s for s, _ in vals(straight)] == [0, 4, 8]
     assert train_losses(tmp_path / "straight")[-1] < train_losses(tmp_path / "straight")[0]
@@ -207,67 +233,87 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_torchrun_two_processes_equal_one_process_accumulating(tmp_path):
+    """8 steps in one process (2 accumulation micro-steps) == 4 steps under torchrun with 2 processes (1
+    micro-step each), then --resume in one process for the other 4: the loader's position, optimizer and
+    schedule carry over to another process count. The grad norm is compared too: Adam's scale invariance
+    and clipping would hide gradients that are a multiple of the right ones in the losses."""
     data = make_shards(tmp_path / "data")
     hs = tmp_path / "hellaswag.jsonl"  # 5 examples: an uneven split over 2 processes
     hs.write_text("".join(json.dumps({"ctx": f"Example {i}: the man opens the", "label": i % 4,
                                       "endings": ["door.", "window slowly.", "box of tea", "book"]}) + "\n"
                           for i in range(5)))
-    common = ["--data", data, "--seq-len", 16, "--batch-size", 2, "--total-batch-size", 64, "--max-steps", 4,
+    common = ["--data", data, "--seq-len", 16, "--batch-size", 2, "--total-batch-size", 64, "--max-steps", 8,
               "--warmup-steps", 1, "--lr", 3e-3, "--eval-interval", 2, "--eval-tokens", 320,
-              "--vocab-size", 50257, "--hellaswag-interval", 4, "--hellaswag-file", hs]
+              "--tokenizer", "gpt2", "--vocab-size", 50257, "--hellaswag-interval", 4, "--hellaswag-file", hs]
     run(*common, "--out-dir", tmp_path / "one")  # 1 process x 2 accumulation micro-steps
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train_gpt2.py"), *TINY, *map(str, common), "--out-dir", str(tmp_path / "two")]
+           os.path.join(ROOT, "train_gpt2.py"), *TINY, *map(str, common), "--stop-after", "4",
+           "--out-dir", str(tmp_path / "two")]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "2 processes x 1 accumulation" in res.stdout
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert len(one) == len(two) == 4 + 3  # 4 train rows, val at 0, 2, 4
-    assert [r["step"] for r in one if "hellaswag" in r] == [0, 4]
-    for a, b in zip(one, two):
-        assert a["step"] == b["step"]
-        for key in ("train_loss", "val_loss", "hellaswag"):
-            if key in a:
-                assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+    assert len(one) == 8 + 5 and len(two) == 4 + 3  # a row per step, val at 0, 2, 4 (, 6, 8)
+    assert [r["step"] for r in one if "hellaswag" in r] == [0, 4, 8]
+
+    def same(rows_a, rows_b):
+        for a, b in zip(rows_a, rows_b, strict=True):
+            assert a["step"] == b["step"]
+            for key in ("train_loss", "grad_norm", "val_loss", "hellaswag"):
+                if key in a:
+                    assert abs(a[key] - b[key]) < 1e-5, (key, a, b)
+    same(one[:len(two)], two)
+    run(*common, "--out-dir", tmp_path / "two", "--resume")  # 1 process x 2 micro-steps from step 4
+    same(one, metrics(tmp_path / "two"))
     losses = train_losses(tmp_path / "one")
     assert losses[-1] < losses[0] - 0.1  # it trained: the comparison is not trivial
 
 
-def test_loss_falls_below_unigram_entropy(tmp_path):
+def test_loss_falls_below_unigram_entropy(tmp_path, device, capsys):
     """The toy stream is a phrase repeated with 10% noise: a model must use the context to beat the
-    unigram entropy (the best loss without context), and by a wide margin."""
+    unigram entropy (the best loss without context), and by a wide margin. On every test device, in
+    bf16 autocast where the device has it."""
     data = make_shards(tmp_path / "data")
     entropy = tg.unigram_entropy([tg.read_shard(os.path.join(data, "toy_train_000000.bin"))])
+    bf16 = device == "cpu" or (device.startswith("cuda") and torch.cuda.is_bf16_supported())
     run("--data", data, "--seq-len", 32, "--batch-size", 8, "--total-batch-size", 256, "--max-steps", 60,
-        "--warmup-steps", 5, "--lr", 1e-2, "--eval-interval", 60, "--out-dir", tmp_path / "out")
+        "--warmup-steps", 5, "--lr", 1e-2, "--eval-interval", 60, "--out-dir", tmp_path / "out",
+        "--device", device, "--dtype", "bfloat16" if bf16 else "float32")
+    assert f"device {device} {'bfloat16' if bf16 else 'float32'}" in capsys.readouterr().out
     final = [r["val_loss"] for r in metrics(tmp_path / "out") if "val_loss" in r][-1]
     assert final < entropy - 1.5, (final, entropy)
 
 
-def test_text_is_tokenized_once_into_shards(tmp_path):
-    bpe = pytest.importorskip("bpe")
+def test_text_is_tokenized_once_per_tokenizer_into_shards(tmp_path):
     text = tmp_path / "corpus" / "a.txt"
     text.parent.mkdir()
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40)
     (tmp_path / "corpus" / "b.txt").write_text("All:\nSpeak, speak.\n<|endoftext|>Second document.\n" * 30)
-    train, val = tg.resolve_data(str(tmp_path / "corpus"), 0)
+    train, val = tg.resolve_data(str(tmp_path / "corpus"), 0)  # GPT-2's tokenizer unless told otherwise
     tok = bpe.load_gpt2()
     b = (tmp_path / "corpus" / "b.txt").read_text()
     want = [*tok.encode(text.read_text()), tok.eot_token, *tok.encode(b, allowed_special="all"), tok.eot_token]
     assert want.count(tok.eot_token) == 2 + 30  # literal <|endoftext|> marks documents inside a file
     got = np.concatenate([tg.read_shard(train[0]), tg.read_shard(val[0])])
     assert got.tolist() == want and len(tg.read_shard(val[0])) == len(want) - int(len(want) * 0.9)
-    assert os.path.dirname(train[0]) == str(tmp_path / "corpus_gpt2")  # cached next to the input
+    assert os.path.dirname(train[0]).startswith(str(tmp_path / "corpus_tokens_"))  # cached next to the input
     mtime = os.path.getmtime(train[0])
-    assert tg.resolve_data(str(tmp_path / "corpus"), 0)[0] == train and os.path.getmtime(train[0]) == mtime
+    assert tg.resolve_data(str(tmp_path / "corpus"), 0, tok)[0] == train and os.path.getmtime(train[0]) == mtime
+    # another tokenizer never reads these tokens: it gets shards of its own, and GPT-2's stay cached
+    byte_tok = tg.load_tokenizer("bytes")
+    assert byte_tok.encode(text.read_text()) == list(text.read_bytes()) and byte_tok.eot_token == 256
+    btrain, bval = tg.resolve_data(str(tmp_path / "corpus"), 0, byte_tok)
+    got = np.concatenate([tg.read_shard(btrain[0]), tg.read_shard(bval[0])]).tolist()
+    assert got == [*text.read_bytes(), 256, *byte_tok.encode(b, allowed_special="all"), 256]
+    assert os.path.getmtime(train[0]) == mtime
     text.write_text("changed")  # an edited input is tokenized again, the stale shards removed
     train2, _ = tg.resolve_data(str(tmp_path / "corpus"), 0)
     assert train2 != train and not os.path.exists(train[0])
 
 
 def test_reproduction_preset_recipe_and_a_cpu_run_of_its_code_path(tmp_path):
-    """--preset gpt2-10b is the recipe of the issue; its code path (bf16 autocast, val loss and HellaSwag on the
+    """--preset gpt2-10b is the GPT-2 124M reproduction recipe; its code path (bf16 autocast, val loss and HellaSwag on the
     same interval, periodic checkpoints, accumulation) runs here with the sizes shrunk to a toy."""
     a = tg.parse_args(["--preset", "gpt2-10b"])
     assert (a.model, a.data, a.seq_len, a.total_batch_size, a.max_steps) == ("gpt2", "fineweb-edu-10b", 1024, 2 ** 19,
@@ -292,6 +338,34 @@ def test_reproduction_preset_recipe_and_a_cpu_run_of_its_code_path(tmp_path):
     assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
     ckpt = gpt2.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["step"] == 4 and ckpt["config"]["n_layer"] == 2
+    # GPT-2's tokenizer by default, recorded; the vocabulary is its 50,257 ids rounded up to a multiple of 64
+    assert ckpt["config"]["vocab_size"] == 50304 and "\nmerges 50000\n" in ckpt["tokenizer"]
+
+
+def test_tokenizer_sets_the_vocabulary_and_travels_with_the_checkpoint(tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer\n" * 60)
+    tok = bpe.Tokenizer().train(text.read_text(), 300, special_tokens=["<|endoftext|>"])
+    tok.save(tmp_path / "tok.bpe")
+    for spec, n_vocab in (("bytes", 320), (str(tmp_path / "tok.bpe"), 320)):  # 257 and 300 ids
+        args = tg.parse_args(["--tokenizer", spec])
+        assert tg.model_config(args, None, tg.load_tokenizer(spec)).vocab_size == n_vocab
+    common = [*SMALL, "--data", text, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 64,
+              "--max-steps", 3, "--eval-interval", 2, "--sample-tokens", 8, "--prompt", "To be",
+              "--out-dir", tmp_path / "out"]
+    tg.main([*map(str, common), "--tokenizer", str(tmp_path / "tok.bpe"), "--stop-after", "2"])
+    assert "\nTo be" in capsys.readouterr().out  # the samples decode with this tokenizer
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)  # the tokenizer is plain text
+    assert ckpt["config"]["vocab_size"] == 320
+    line = "whether 'tis nobler, or not? <|endoftext|> To be"
+    assert bpe.Tokenizer.loads(ckpt["tokenizer"]).encode(line, allowed_special="all") == \
+        tok.encode(line, allowed_special="all")
+    # --resume without --tokenizer uses the recorded one (the same shards: else "the training data changed")
+    tg.main([*map(str, common), "--resume"])
+    assert gpt2.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["step"] == 3
+    for start in (["--resume"], ["--init", tmp_path / "out" / "ckpt.pt", "--out-dir", tmp_path / "init"]):
+        msg = error_of([*common, *start, "--tokenizer", "bytes"])
+        assert "was trained with another tokenizer (300 ids)" in msg and "drop --tokenizer" in msg
 
 
 @pytest.mark.skipif(not os.environ.get("LLM_SCRATCH_SLOW"), reason="the full default run takes ~10+ minutes "
@@ -330,6 +404,11 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     assert "--init 'gpt7'" in msg
     msg = error_of([*base, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 16 * 4 * 100])
     assert "lower --total-batch-size" in msg  # a step larger than the whole data set
+    assert "no such file" in error_of([*base, "--tokenizer", tmp_path / "missing.bpe"])
+    msg = error_of([*base, "--vocab-size", 200])
+    assert "vocab_size 200 is below the tokenizer's 257 ids" in msg
+    msg = error_of([*base, "--vocab-size", 320])  # the toy shards hold ids up to 511
+    assert "holds token id 5" in msg and "--tokenizer" in msg
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
