@@ -1,4 +1,5 @@
-"""Tests for generate.py: tiny random models on CPU, offline.
+"""Tests for generate.py: tiny random models, offline, on CPU; the tests that take `device` also run on every
+device in LLM_SCRATCH_TEST_DEVICES (see conftest.py).
 
 Random models from the default init mostly repeat one token, which would make cache/no-cache equality
 trivially true; `diverse` scales the weights and unties the output layer so greedy paths actually vary."""
