@@ -1,19 +1,22 @@
 """
 generate.py: how text comes out of a language model, and how to make that fast.
 
-What it teaches, in the order the pieces are used:
-  1. From logits to a token: repetition / presence / frequency penalties, temperature, top-k, top-p
-     (nucleus), min-p, and greedy decoding (temperature 0).
-  2. The generate loop on gpt2.py's KV cache: one prefill pass over the prompt, then one token per step,
-     each step attending to the cached keys and values instead of recomputing the whole context.
-  3. Batches of prompts of different lengths: left padding, an attention mask, per-row positions and a
-     per-row stop at end-of-text, all with the cache on.
-  4. Generating past the context window: a rolling cache with a sliding window and attention sinks
-     (StreamingLLM) for rotary / sinusoidal models; crop-and-recompute for learned positions.
-  5. torch.compile of the decode step, with a static-shape cache so CUDA graphs can replay it.
-  6. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
+The pieces, in file order:
+  1. Logits -> token, as a few verbs: `Sampling` holds the settings (repetition / presence / frequency
+     penalties, temperature, top-k, top-p (nucleus), min-p; temperature 0 = greedy); `process_logits`
+     applies them, `logits_to_probs` gives the distribution, `multinomial` draws from it, and `sample`
+     does logits -> token in one call.
+  2. The generate loop on gpt2.py's KV cache (`stream_tokens`, `generate`): one prefill pass over the
+     prompt, then one token per step, each step attending to the cached keys and values instead of
+     recomputing the whole context. Batches of prompts of different lengths (`left_pad`): left padding, an
+     attention mask, per-row positions and a per-row stop at end-of-text, all with the cache on. Past the
+     context window: gpt2.py's rolling cache (sliding window + attention sinks, StreamingLLM) for rotary /
+     sinusoidal models; crop-and-recompute for learned positions.
+  3. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
      pass, both caches roll back what was rejected; the output follows the target's distribution exactly.
-  7. The command line: streaming text to the terminal as tokens arrive, stop strings, an interactive mode.
+  ---- speed-ups and plumbing
+  4. torch.compile of the decode step, with a static-shape cache so CUDA graphs can replay it.
+  5. The command line: streaming text to the terminal as tokens arrive, stop strings, an interactive mode.
 
     python generate.py --model gpt2 --prompt "Hello, I'm a language model," --max-new-tokens 50
     python generate.py --model out/ckpt.pt --temperature 0.8 --top-p 0.95 --num-samples 4
@@ -26,7 +29,7 @@ import sys
 import time
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -35,10 +38,10 @@ import torch.nn.functional as F
 from gpt2 import GPT, KVCache, add_common_args, build_mask, pick_device, pick_dtype, seed_everything
 
 # -----------------------------------------------------------------------------
-# 1. Logits -> next token
+# 1. Logits -> token
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     """How a distribution over the vocabulary becomes a token. temperature=0 means greedy.
 
@@ -47,6 +50,8 @@ class Sampling:
         token's logit is divided by the penalty if positive, multiplied by it if negative.
       presence_penalty / frequency_penalty (as in the OpenAI API and vLLM): generated tokens only;
         logit -= presence * [count > 0] + frequency * count.
+
+    Sampling(temperature=0.8, top_p=0.95) -> nucleus sampling; Sampling(top_p=0) -> ValueError naming top_p.
     """
     temperature: float = 1.0
     top_k: Optional[int] = None
@@ -77,8 +82,12 @@ class Sampling:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
+GREEDY = Sampling(temperature=0)
+
+
 def apply_penalties(logits, seen, generated, s):
-    """seen: (.., V) counts of prompt + generated tokens; generated: (.., V) counts of generated ones."""
+    """seen: (.., V) counts of prompt + generated tokens; generated: (.., V) counts of generated ones.
+    logits [2, -2], seen [1, 1], generated [0, 0], repetition_penalty 2 -> [1, -4]."""
     if s.repetition_penalty != 1:
         r = s.repetition_penalty
         logits = torch.where(seen > 0, torch.where(logits > 0, logits / r, logits * r), logits)
@@ -88,6 +97,7 @@ def apply_penalties(logits, seen, generated, s):
 
 
 def top_k_filter(logits, k):
+    """[1, 5, 3, 4], k=2 -> [-inf, 5, -inf, 4]."""
     if k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -95,7 +105,8 @@ def top_k_filter(logits, k):
 
 
 def top_p_filter(logits, p):
-    """Keep the smallest set of most likely tokens whose probabilities sum to >= p."""
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= p.
+    log [0.5, 0.2, 0.15, 0.1, 0.05], p=0.6 -> the first two kept, the rest -inf."""
     if p >= 1:
         return logits  # float rounding in the cumsum would otherwise drop a few tail tokens
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -106,14 +117,15 @@ def top_p_filter(logits, p):
 
 
 def min_p_filter(logits, min_p):
-    """Keep tokens at least min_p times as likely as the most likely one: the cut adapts to confidence."""
+    """Keep tokens at least min_p times as likely as the most likely one: the cut adapts to confidence.
+    log [0.4, 0.3, 0.2, 0.06, 0.04], min_p=0.25 (cut at 0.1) -> the first three kept."""
     probs = logits.softmax(dim=-1)
     return logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
 def process_logits(logits, s, seen=None, generated=None):
     """The model's logits -> the logits we sample from (fp32, temperature applied, -inf = filtered).
-    Order as in HF: penalties, temperature, top-k, top-p, min-p."""
+    Order as in HF: penalties, temperature, top-k, top-p, min-p. [1, 2, 3] at temperature 2 -> [0.5, 1, 1.5]."""
     logits = logits.float()
     if s.penalized:
         logits = apply_penalties(logits, seen, generated, s)
@@ -129,16 +141,19 @@ def process_logits(logits, s, seen=None, generated=None):
     return logits
 
 
-def to_probs(logits, s):
-    """Processed logits -> the distribution the token is drawn from (one-hot for greedy)."""
+def logits_to_probs(logits, s, seen=None, generated=None):
+    """The model's logits (..., V) -> the distribution the next token is drawn from (one-hot for greedy).
+    [1, 2, 3] greedy -> [0, 0, 1]; at temperature 1 -> softmax [0.09, 0.24, 0.67]."""
+    logits = process_logits(logits, s, seen, generated)
     if s.greedy:
-        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     return logits.softmax(dim=-1)
 
 
-def draw(probs, generator=None):
+def multinomial(probs, generator=None):
     """One token per row of probs (..., V), by inverse CDF: a uniform number looked up in the running sum.
-    The distribution of torch.multinomial, ~15x faster over 50,257 tokens on a CPU (one pass, no sort).
+    The distribution of torch.multinomial, ~15x faster over 50,257 tokens on a CPU (one pass, no sort); rows
+    need not be normalized, and a one-hot row gives its token exactly. [0, 0.5, 0, 0.5] -> 1 or 3.
     The sum runs in float64 (where the device has it) so that tokens of tiny probability keep their share."""
     cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)
     u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[..., -1:]
@@ -146,14 +161,17 @@ def draw(probs, generator=None):
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1).squeeze(-1)
 
 
-def pick(logits, s, generator=None):
+def sample(logits, s, seen=None, generated=None, generator=None):
+    """The model's logits (..., V) -> one token per row: the generate loop's whole logits -> token step.
+    [1, 2, 3] greedy -> 2."""
     if s.greedy:
-        return logits.argmax(dim=-1)
-    return draw(logits.softmax(dim=-1), generator)
+        return process_logits(logits, s, seen, generated).argmax(dim=-1)  # no softmax needed
+    return multinomial(logits_to_probs(logits, s, seen, generated), generator)
 
 
 class TokenCounts:
-    """Per-row token counts for the penalties, kept only when a penalty is on (a (B, V) scatter per step)."""
+    """Per-row token counts for the penalties, kept only when a penalty is on (a (B, V) scatter per step).
+    Prompt [[7, 8]] -> seen[0, 7] = 1; add([7]) -> seen[0, 7] = 2, generated[0, 7] = 1."""
 
     def __init__(self, idx, valid, vocab_size, enabled):
         self.enabled = enabled
@@ -172,7 +190,7 @@ class TokenCounts:
 
 
 # -----------------------------------------------------------------------------
-# 2-5. The generate loop: cache, padded batches, per-row stop, past the context, compiled step
+# 2. The generate loop: cache, padded batches, per-row stop, past the context
 
 
 def check_prompt(model, idx, attention_mask):
@@ -199,76 +217,13 @@ def unbounded(model):
     return model.config.window is not None and model.config.pos_emb != "learned"
 
 
-class StaticKVCache(KVCache):
-    """gpt2.py's linear cache with shapes that never change, for torch.compile and CUDA graphs (as in
-    gpt-fast): every step attends over the whole preallocated buffer, empty slots masked out by kpos = -1,
-    and the write column is a tensor, not a Python int (an int would be baked into the graph and force a
-    recompile per step). `length` is therefore advanced by the caller after a compiled step."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.col = torch.zeros(1, dtype=torch.long, device=self.kpos.device)
-        if self.k[0].is_cuda:  # CUDA graphs replay fixed addresses: tell the compiler these buffers stay put
-            for t in (*self.k, *self.v, self.kpos, self.next_pos, self.col):
-                torch._dynamo.mark_static_address(t)
-
-    def prepare(self, pos, valid):
-        if not torch.compiler.is_compiling() and self.length + pos.size(1) > self.size:
-            raise ValueError(f"KV cache full: {self.length} + {pos.size(1)} tokens > {self.size} slots")
-        self._cols = self.col + torch.arange(pos.size(1), device=pos.device)
-        self._new_kpos, self._valid = torch.where(valid, pos, -1), valid
-        self.kpos.index_copy_(1, self._cols, self._new_kpos)
-        return build_mask(pos, self.kpos)
-
-    def update(self, layer, k, v):
-        self.k[layer].index_copy_(2, self._cols, k)
-        self.v[layer].index_copy_(2, self._cols, v)
-        return self.k[layer], self.v[layer]
-
-    def commit(self):
-        self.col += self._valid.size(1)
-        self.next_pos += self._valid.long().sum(1)
-        if not torch.compiler.is_compiling():
-            self.length += self._valid.size(1)
-
-
-def new_cache(model, batch_size, max_len, compile):
-    cfg, p = model.config, model.lm_head.weight
-    if compile and cfg.window is None:
-        return StaticKVCache(cfg, batch_size, max_len, p.dtype, p.device)
-    return model.new_cache(batch_size, max_len)  # the rolling cache is static-shaped already
-
-
-_compiled_steps = weakref.WeakKeyDictionary()
-
-
-def decode_step(model, compile=False):
-    """One token per row through the cache -> last logits. Compiled once per model; on CUDA with
-    mode='reduce-overhead', i.e. CUDA graphs: the whole step replays as one launch instead of ~15 kernel
-    launches per layer, which is what bounds small-batch decoding on a GPU."""
-    def step(tok, cache):
-        return model(tok, cache=cache)[0][:, -1]
-    if not compile:
-        return step
-    if model not in _compiled_steps:
-        cuda = next(model.parameters()).is_cuda
-        _compiled_steps[model] = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False)
-    compiled = _compiled_steps[model]
-
-    def run(tok, cache):
-        length = cache.length
-        logits = compiled(tok, cache)
-        cache.length = length + tok.size(1)  # the Python-side count a compiled graph cannot update
-        return logits.clone() if next(model.parameters()).is_cuda else logits  # CUDA graphs reuse outputs
-    return run
-
-
 @torch.no_grad()
 def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use_cache=True,
                   attention_mask=None, generator=None, compile=False):
     """Yield the next token of every row, (B,), one step at a time: generate() collects them and the CLI
-    prints them as they arrive. Rows that produced eos_id keep emitting eos_id; the loop ends early once
-    every row has. attention_mask (B, T): 1 = token, 0 = left padding."""
+    prints them as they arrive. sampling: a Sampling (default: temperature 1, no filters). Rows that produced
+    eos_id keep emitting eos_id; the loop ends early once every row has. attention_mask (B, T): 1 = token,
+    0 = left padding. compile: torch.compile the decode step (section 4)."""
     s = sampling or Sampling()
     cfg = model.config
     check_prompt(model, idx, attention_mask)
@@ -280,7 +235,7 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
     cache, step = None, decode_step(model, compile)
     if use_cache:
         # A linear cache only as long as this generation needs; a rolling one has a fixed size anyway.
-        cache = new_cache(model, B, None if cfg.window else min(cfg.block_size, T + max_new_tokens), compile)
+        cache = make_cache(model, B, None if cfg.window else min(cfg.block_size, T + max_new_tokens), compile)
     for i in range(max_new_tokens):
         if cache is not None and i == 0:  # prefill: the whole prompt in one pass
             logits = model(idx, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
@@ -293,9 +248,10 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
                 cache = None
             # Without a cache: the whole sequence each step, cropped to the context as nanoGPT does (positions
             # restart at 0 for the crop). A rolling-window model sees everything; its mask does the windowing.
-            ctx, ctx_mask = (tokens, mask) if unbounded(model) else (tokens[:, -cfg.block_size:], mask[:, -cfg.block_size:])
+            crop = slice(None) if unbounded(model) else slice(-cfg.block_size, None)
+            ctx, ctx_mask = tokens[:, crop], mask[:, crop]
             logits = model(ctx, attention_mask=None if ctx_mask.all() else ctx_mask, last_logits_only=True)[0][:, -1]
-        tok = pick(process_logits(logits, s, *counts.get()), s, generator)
+        tok = sample(logits, s, *counts.get(), generator)
         if eos_id is not None:
             tok = tok.masked_fill(done, eos_id)
             done = done | (tok == eos_id)
@@ -307,20 +263,18 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
             return
 
 
-def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, min_p=None,
-             presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0, eos_id=None, use_cache=True,
-             attention_mask=None, generator=None, compile=False):
+def generate(model, idx, max_new_tokens, sampling=None, **kwargs):
     """idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (fewer if every row hit eos_id; finished
-    rows are filled with eos_id). See Sampling for what each option does and which tokens penalties count."""
-    s = Sampling(temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty)
-    new = list(stream_tokens(model, idx, max_new_tokens, s, eos_id=eos_id, use_cache=use_cache,
-                             attention_mask=attention_mask, generator=generator, compile=compile))
+    rows are filled with eos_id). Same arguments as stream_tokens.
+    generate(model, idx, 20, GREEDY) -> the 20 most likely next tokens, one at a time, after each row of idx."""
+    new = list(stream_tokens(model, idx, max_new_tokens, sampling, **kwargs))
     return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx
 
 
 def left_pad(prompts, pad_id=0, device="cpu"):
     """Lists of token ids of different lengths -> (idx, attention_mask), padded on the left so every row's
-    last prompt token sits in the last column (where the next token's logits come from)."""
+    last prompt token sits in the last column (where the next token's logits come from).
+    [[1, 2, 3], [4]], pad_id=9 -> idx [[1, 2, 3], [9, 9, 4]], mask [[1, 1, 1], [0, 0, 1]]."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     T = max(len(p) for p in prompts)
@@ -330,34 +284,29 @@ def left_pad(prompts, pad_id=0, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# 6. Speculative decoding (Leviathan et al. 2023, Chen et al. 2023)
+# 3. Speculative decoding (Leviathan et al. 2023, Chen et al. 2023)
 
 
-def speculative_accept(p, q, drafted, s, generator=None):
+def speculative_accept(p, q, drafted, generator=None):
     """p (k+1, V): the target's distributions at the k drafted positions and one past them; q (k, V): the
     draft's; drafted (k,). Accept token x with probability min(1, p(x) / q(x)); at the first rejection draw
     from norm(max(0, p - q)), which makes the result distributed exactly as p; if all k pass, draw a bonus
-    token from p[k]. Greedy is the special case of one-hot p and q. Returns (n accepted, next token)."""
+    token from p[k]. Greedy needs no special case: with one-hot p and q a drafted token is accepted exactly
+    when it is the target's argmax, and every draw returns the one-hot token. Returns (n accepted, next token)."""
     k = drafted.numel()
     rows = torch.arange(k, device=p.device)
     ratio = p[rows, drafted] / q[rows, drafted]
-    r = torch.rand(k, device=p.device, generator=generator) if not s.greedy else torch.zeros(k, device=p.device)
-    rejected = (r >= ratio).nonzero()
+    rejected = (torch.rand(k, device=p.device, generator=generator) >= ratio).nonzero()
     if len(rejected) == 0:
-        return k, pick_from(p[k], s, generator)
+        return k, multinomial(p[k], generator)
     n = int(rejected[0])
     residual = (p[n] - q[n]).clamp(min=0)
-    residual = residual if residual.sum() > 0 else p[n]  # p == q: a rejection has probability 0 anyway
-    return n, pick_from(residual / residual.sum(), s, generator)
-
-
-def pick_from(probs, s, generator=None):
-    return probs.argmax() if s.greedy else draw(probs, generator)
+    return n, multinomial(residual if residual.sum() > 0 else p[n], generator)  # p == q: a rejection has probability 0
 
 
 def sequence_counts(counts, tokens):
     """Penalty counts at each of len(tokens) + 1 positions of a speculated run: position i has also seen
-    tokens[:i]. counts: TokenCounts of the accepted text, batch 1."""
+    tokens[:i]. counts: TokenCounts of the accepted text, batch 1. Returns (None, None) with no penalty on."""
     if not counts.enabled:
         return None, None
     extra = torch.zeros(len(tokens) + 1, counts.seen.size(1), device=counts.seen.device)
@@ -406,15 +355,14 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
         for j in range(k):  # the draft proposes k tokens, one cached step each
             logits = draft(feed[None], cache=dc, last_logits_only=True)[0][0, -1]
             seen, gen = sequence_counts(counts, torch.stack(drafted) if drafted else last[:0])
-            logits = process_logits(logits, s, *(None if seen is None else x[-1] for x in (seen, gen)))
-            q.append(to_probs(logits, s))
-            drafted.append(pick_from(q[-1], s, generator))
+            q.append(logits_to_probs(logits, s, *(None if seen is None else x[-1] for x in (seen, gen))))
+            drafted.append(multinomial(q[-1], generator))
             feed = drafted[-1][None]
         drafted = torch.stack(drafted) if drafted else last[:0]
         # the target scores `last` and every drafted token in one pass: k + 1 distributions
         logits = target(torch.cat((last, drafted))[None], cache=tc)[0][0]
-        p = to_probs(process_logits(logits, s, *sequence_counts(counts, drafted)), s)
-        n, nxt = speculative_accept(p, torch.stack(q) if k else p[:0], drafted, s, generator)
+        p = logits_to_probs(logits, s, *sequence_counts(counts, drafted))
+        n, nxt = speculative_accept(p, torch.stack(q) if k else p[:0], drafted, generator)
         stats["proposed"] += k
         stats["accepted"] += n
         stats["target_passes"] += 1
@@ -438,13 +386,85 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
 
 
 # -----------------------------------------------------------------------------
-# 7. Command line
+# Speed-ups and plumbing
+# 4. Compiled decode step
+
+
+class StaticKVCache(KVCache):
+    """gpt2.py's linear cache with shapes that never change, for torch.compile and CUDA graphs (as in
+    gpt-fast): every step attends over the whole preallocated buffer, empty slots masked out by kpos = -1,
+    and the write column is a tensor, not a Python int (an int would be baked into the graph and force a
+    recompile per step). `length` is therefore advanced by the caller after a compiled step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.col = torch.zeros(1, dtype=torch.long, device=self.kpos.device)
+        if self.k[0].is_cuda:  # CUDA graphs replay fixed addresses: tell the compiler these buffers stay put
+            for t in (*self.k, *self.v, self.kpos, self.next_pos, self.col):
+                torch._dynamo.mark_static_address(t)
+
+    def prepare(self, pos, valid):
+        if not torch.compiler.is_compiling() and self.length + pos.size(1) > self.size:
+            raise ValueError(f"KV cache full: {self.length} + {pos.size(1)} tokens > {self.size} slots")
+        self._cols = self.col + torch.arange(pos.size(1), device=pos.device)
+        self._new_kpos, self._valid = torch.where(valid, pos, -1), valid
+        self.kpos.index_copy_(1, self._cols, self._new_kpos)
+        return build_mask(pos, self.kpos)
+
+    def update(self, layer, k, v):
+        self.k[layer].index_copy_(2, self._cols, k)
+        self.v[layer].index_copy_(2, self._cols, v)
+        return self.k[layer], self.v[layer]
+
+    def commit(self):
+        self.col += self._valid.size(1)
+        self.next_pos += self._valid.long().sum(1)
+        if not torch.compiler.is_compiling():
+            self.length += self._valid.size(1)
+
+
+def make_cache(model, batch_size, max_len, compile):
+    """The cache stream_tokens decodes with: gpt2.py's (model.new_cache), or the static-shape one when the
+    step is compiled. A rolling cache is static-shaped already."""
+    cfg, p = model.config, model.lm_head.weight
+    if compile and cfg.window is None:
+        return StaticKVCache(cfg, batch_size, max_len, p.dtype, p.device)
+    return model.new_cache(batch_size, max_len)
+
+
+_compiled_steps = weakref.WeakKeyDictionary()
+
+
+def decode_step(model, compile=False):
+    """One token per row through the cache -> last logits. Compiled once per model; on CUDA with
+    mode='reduce-overhead', i.e. CUDA graphs: the whole step replays as one launch instead of ~15 kernel
+    launches per layer, which is what bounds small-batch decoding on a GPU."""
+    def step(tok, cache):
+        return model(tok, cache=cache)[0][:, -1]
+    if not compile:
+        return step
+    if model not in _compiled_steps:
+        cuda = next(model.parameters()).is_cuda
+        _compiled_steps[model] = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False)
+    compiled = _compiled_steps[model]
+
+    def run(tok, cache):
+        length = cache.length
+        logits = compiled(tok, cache)
+        cache.length = length + tok.size(1)  # the Python-side count a compiled graph cannot update
+        return logits.clone() if next(model.parameters()).is_cuda else logits  # CUDA graphs reuse outputs
+    return run
+
+
+# -----------------------------------------------------------------------------
+# 5. Command line
 
 
 class TextStream:
     """Token ids in, printable text out, as the tokens arrive. One character can span several byte-level
     tokens, so text ending in an unfinished character (decoded as U+FFFD) waits for the next token; the
-    last len(stop) - 1 characters wait too, so a stop string is never half printed."""
+    last len(stop) - 1 characters wait too, so a stop string is never half printed.
+    stops ["###"]: pushing a, b, #, #, # returns "", "", "a", "b", "" and sets stopped; "ab" was shown."""
 
     def __init__(self, tokenizer, stops=()):
         self.tok, self.stops, self.ids, self.text, self.shown = tokenizer, [s for s in stops if s], [], "", 0
@@ -471,6 +491,7 @@ class TextStream:
 
 
 def find_stop(text, stops):
+    """Where the first stop string starts, or None. ("ab##c", ["##"]) -> 2."""
     hits = [text.find(s) for s in stops if s and s in text]
     return min(hits) if hits else None
 
@@ -484,12 +505,12 @@ def load_model(name, device, dtype, what="model"):
 
 
 def run_prompt(args, text, tok, model, draft, sampling, device, generator):
-    ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [50256]  # empty prompt: start of a document
+    ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [tok.eot_token]  # empty prompt: start of a document
     idx = torch.tensor([ids] * (1 if draft else args.num_samples), dtype=torch.long, device=device)
     check_prompt(model, idx, None)  # before anything is printed
-    eos = None if args.ignore_eos else 50256
+    eos = None if args.ignore_eos else tok.eot_token
     t0, n_tokens = time.perf_counter(), 0
-    for sample in range(args.num_samples if draft else 1):
+    for sample_i in range(args.num_samples if draft else 1):
         if draft:  # one prompt at a time; stats printed below
             stats = {}
             out = speculative_generate(model, draft, idx, args.max_new_tokens, sampling, num_draft=args.num_draft,
@@ -498,7 +519,7 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator):
         elif args.num_samples == 1:  # stream: print each piece of text as soon as it is complete
             stream = TextStream(tok, args.stop)
             print(text, end="", flush=True)
-            for t in stream_tokens(model, idx, args.max_new_tokens, sampling, eos_id=eos, use_cache=not args.no_cache,
+            for t in stream_tokens(model, idx, args.max_new_tokens, sampling, eos_id=eos, use_cache=args.cache,
                                    generator=generator, compile=args.compile):
                 n_tokens += 1
                 if int(t[0]) == eos:
@@ -509,15 +530,15 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator):
             print(stream.finish(), flush=True)
             rows = []
         else:
-            out = generate(model, idx, args.max_new_tokens, eos_id=eos, use_cache=not args.no_cache,
-                           generator=generator, compile=args.compile, **vars(sampling))
+            out = generate(model, idx, args.max_new_tokens, sampling, eos_id=eos, use_cache=args.cache,
+                           generator=generator, compile=args.compile)
             rows = [r[len(ids):].tolist() for r in out]
         for j, row in enumerate(rows):
             n_tokens += len(row)
             row = row[:row.index(eos)] if eos in row else row
             body = tok.decode(row)
             if args.num_samples > 1:
-                print(f"{'-' * 20} sample {sample + j + 1}")
+                print(f"{'-' * 20} sample {sample_i + j + 1}")
             print(text + body[:find_stop(body, args.stop)])
         if draft:
             print(f"[speculative: {stats['accepted']}/{stats['proposed']} drafted tokens accepted "
@@ -529,33 +550,44 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF directory | checkpoint file")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF (Ctrl-D)")
-    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (one batch)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop when the text contains this (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow; for comparison)")
-    p.add_argument("--draft-model", default=None, help="speculative decoding with this draft (same tokenizer)")
-    p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per target pass")
-    add_common_args(p)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="gpt2",
+                   help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF directory | checkpoint file")
+    g.add_argument("--draft-model", default=None,
+                   help="speculative decoding with this draft model (same tokenizer as --model)")
+    g.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per target pass")
+    g = p.add_argument_group("prompt and output")
+    g.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue")
+    g.add_argument("--interactive", action="store_true", help="read prompts from the terminal until EOF (Ctrl-D)")
+    g.add_argument("--num-samples", type=int, default=1, help="completions per prompt (one batch)")
+    g.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per completion at most")
+    g.add_argument("--stop", action="append", default=[], help="stop when the text contains this (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    g = p.add_argument_group("sampling (penalties, then temperature, then filters; see Sampling)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; < 1 sharper, > 1 flatter")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+    g.add_argument("--top-p", type=float, default=None,
+                   help="keep the most likely tokens up to this total probability, in (0, 1] (default: all)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens at least this fraction as likely as the top one, in [0, 1] (default: all)")
+    g.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from the logit of every token generated so far")
+    g.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted from a token's logit once per time it was generated")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divides (or multiplies, if negative) the logit of every token of prompt and output; 1 = off")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="KV cache; --no-cache recomputes the whole context every step (slow; for comparison)")
+    add_common_args(g)
     args = p.parse_args(argv)
     try:
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.presence_penalty,
-                            args.frequency_penalty, args.repetition_penalty)
+        sampling = Sampling(**{f.name: getattr(args, f.name) for f in fields(Sampling)})
     except ValueError as e:
         p.error(str(e))
     if args.num_samples < 1 or args.max_new_tokens < 1:
         p.error("--num-samples and --max-new-tokens must be >= 1")
-    if args.draft_model and args.no_cache:
+    if args.draft_model and not args.cache:
         p.error("speculative decoding needs the KV cache (it rolls it back); drop --no-cache or --draft-model")
     import bpe  # the tokenizer only matters here: generate() itself works on token ids
     seed_everything(args.seed)
@@ -565,9 +597,10 @@ def main(argv=None):
     draft = load_model(args.draft_model, device, dtype, "draft-model") if args.draft_model else None
     tok = bpe.load_gpt2()
     for m, flag in ((model, "--model"), (draft, "--draft-model")):
-        if m is not None and m.config.vocab_size < 50257:
-            raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, not GPT-2's 50257: the CLI "
-                             f"speaks GPT-2 BPE only; call generate() with that model's own tokenizer instead")
+        if m is not None and m.config.vocab_size < tok.n_vocab:
+            raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than GPT-2's "
+                             f"{tok.n_vocab}: the CLI speaks GPT-2 BPE only; call generate() with that model's "
+                             f"own tokenizer instead")
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
     try:

@@ -1,16 +1,23 @@
-"""Tests for generate.py: tiny random models on CPU, offline.
+"""Tests for generate.py: tiny random models, offline, on CPU; the tests that take `device` also run on every
+device in LLM_SCRATCH_TEST_DEVICES (see conftest.py).
 
 Random models from the default init mostly repeat one token, which would make cache/no-cache equality
 trivially true; `diverse` scales the weights and unties the output layer so greedy paths actually vary."""
 
+import builtins
 import copy
 import math
+import os
+import re
+import sys
+import types
 
 import pytest
 import torch
+import transformers
 
 import generate as G
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT, GPTConfig, save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,6 +52,13 @@ def noisy_copy(model, noise, seed=1):
         for p in m.parameters():
             p.add_(noise * torch.randn_like(p))
     return m
+
+
+def record_caches(monkeypatch):
+    """The caches stream_tokens decodes with, in the order it makes them."""
+    made, make = [], G.make_cache
+    monkeypatch.setattr(G, "make_cache", lambda *args: made.append(make(*args)) or made[-1])
+    return made
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23]]
@@ -106,25 +120,27 @@ def test_penalties_ignore_padding_and_count_prompt_for_repetition_only():
 def test_temperature_and_greedy():
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     assert torch.allclose(G.process_logits(logits, G.Sampling(temperature=2.0)), logits / 2)
-    assert G.pick(G.process_logits(logits, G.Sampling(temperature=0)), G.Sampling(temperature=0)).item() == 2
+    assert G.sample(logits, G.GREEDY).item() == 2
+    assert G.logits_to_probs(logits, G.GREEDY).tolist() == [[0.0, 0.0, 1.0]]
+    assert torch.allclose(G.logits_to_probs(logits, G.Sampling(temperature=2.0)), (logits / 2).softmax(-1))
     # sampling at temperature 1 follows softmax: a cheap frequency check with a fixed seed
     g = torch.Generator().manual_seed(0)
-    draws = torch.stack([G.pick(logits.repeat(2000, 1), G.Sampling(), g) for _ in range(5)]).flatten()
+    draws = torch.stack([G.sample(logits.repeat(2000, 1), G.Sampling(), generator=g) for _ in range(5)]).flatten()
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.02)
 
 
-def test_draw_follows_probs_per_row_and_never_picks_zero_probability():
-    """draw (inverse CDF) against the exact distribution, rows independent; zero-probability tokens, first
+def test_multinomial_follows_probs_per_row_and_never_picks_zero_probability():
+    """multinomial (inverse CDF) against the exact distribution, rows independent; zero-probability tokens, first
     and last included, never come out; unnormalized rows (a speculative residual) are fine."""
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.2, 0.0, 0.0, 0.7]])
     g = torch.Generator().manual_seed(0)
-    out = torch.stack([G.draw(probs * 3.0, g) for _ in range(4000)])  # (4000, 2)
+    out = torch.stack([G.multinomial(probs * 3.0, g) for _ in range(4000)])  # (4000, 2)
     for row in range(2):
         counts = torch.bincount(out[:, row], minlength=6).float()
         assert counts[probs[row] == 0].sum() == 0
         assert chi_square_pvalue(counts, probs[row]) > 1e-3
-    assert G.draw(torch.tensor([0.0, 0.0, 1.0]), g).shape == ()
+    assert G.multinomial(torch.tensor([0.0, 0.0, 1.0]), g).shape == ()
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -132,52 +148,62 @@ def test_draw_follows_probs_per_row_and_never_picks_zero_probability():
     (dict(top_k=0), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
 def test_bad_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        G.generate(tiny(), torch.tensor([[1, 2]]), 2, **kwargs)
+        G.Sampling(**kwargs)
 
 
 # -- the generate loop --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(f"{v}" for v in s.values()))
-def test_cache_equals_no_cache_single_and_padded_batch(scheme):
-    model = tiny(**scheme)
-    idx = torch.tensor([PROMPTS[0]])
-    a = G.generate(model, idx, 20, temperature=0)
+def test_cache_equals_no_cache_single_and_padded_batch(scheme, device, monkeypatch):
+    model = tiny(**scheme).to(device)
+    idx = torch.tensor([PROMPTS[0]], device=device)
+    made = record_caches(monkeypatch)
+    a = G.generate(model, idx, 20, G.GREEDY)
     assert len(set(a[0, -20:].tolist())) > 3  # the test model does not just repeat a token
-    assert torch.equal(a, G.generate(model, idx, 20, temperature=0, use_cache=False))
-    pidx, mask = G.left_pad(PROMPTS)
-    b = G.generate(model, pidx, 12, temperature=0, attention_mask=mask)
-    assert torch.equal(b, G.generate(model, pidx, 12, temperature=0, attention_mask=mask, use_cache=False))
+    assert torch.equal(a, G.generate(model, idx, 20, G.GREEDY, use_cache=False))
+    # the cache that produced `a`: as long as prompt + new tokens (a rolling one: sinks + window + 1 spare)
+    c = made[0]
+    assert c.size == (c.n_sink + c.window + 1 if c.rolling else 7 + 20)
+    pidx, mask = G.left_pad(PROMPTS, device=device)
+    b = G.generate(model, pidx, 12, G.GREEDY, attention_mask=mask)
+    assert torch.equal(b, G.generate(model, pidx, 12, G.GREEDY, attention_mask=mask, use_cache=False))
     for i, p in enumerate(PROMPTS):  # padding changes nothing: each row equals its prompt alone
-        assert torch.equal(b[i, -12:], G.generate(model, torch.tensor([p]), 12, temperature=0)[0, -12:])
+        assert torch.equal(b[i, -12:], G.generate(model, torch.tensor([p], device=device), 12, G.GREEDY)[0, -12:])
 
 
-def test_cache_equals_no_cache_with_penalties_and_sampling():
-    model = tiny(pos_emb="rope")
-    pidx, mask = G.left_pad(PROMPTS)
-    kw = dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.4,
-              frequency_penalty=0.2, attention_mask=mask)
-    a = G.generate(model, pidx, 15, generator=torch.Generator().manual_seed(3), **kw)
-    b = G.generate(model, pidx, 15, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+def test_cache_equals_no_cache_with_penalties_and_sampling(device):
+    model = tiny(pos_emb="rope").to(device)
+    pidx, mask = G.left_pad(PROMPTS, device=device)
+    s = G.Sampling(temperature=0.9, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.4,
+                   frequency_penalty=0.2)
+    a = G.generate(model, pidx, 15, s, attention_mask=mask, generator=torch.Generator(device).manual_seed(3))
+    b = G.generate(model, pidx, 15, s, attention_mask=mask, generator=torch.Generator(device).manual_seed(3),
+                   use_cache=False)
     assert torch.equal(a, b)
 
 
 def test_per_row_eos_stop():
+    """A row that produced eos_id keeps emitting it; the loop ends at the step the last row ends, and runs to
+    max_new_tokens while any row has not."""
     model = tiny()
     pidx, mask = G.left_pad(PROMPTS)
-    free = G.generate(model, pidx, 15, temperature=0, attention_mask=mask)
-    eos = int(free[1, -15:][4])  # row 1's 5th new token becomes end-of-text
-    out = G.generate(model, pidx, 15, temperature=0, attention_mask=mask, eos_id=eos)
-    for i in range(3):
-        new, ref = out[i, pidx.size(1):], free[i, pidx.size(1):]
-        hits = (ref == eos).nonzero()
-        stop = int(hits[0]) if len(hits) else len(new)
-        assert torch.equal(new[:stop + 1], ref[:stop + 1][:len(new)])  # same tokens up to the eos
-        assert (new[stop:] == eos).all()  # then only eos
-    assert (out[:, -1] == eos).all() or out.size(1) == pidx.size(1) + 15  # stops once every row is done
+    T = pidx.size(1)
+    free = G.generate(model, pidx, 15, G.GREEDY, attention_mask=mask)[:, T:].tolist()
+    first = lambda t: [row.index(t) if t in row else None for row in free]
+    # an end-of-text every row reaches, each at its own step; and one that row 0 never produces
+    every = min((t for t in range(64) if None not in first(t) and len(set(first(t))) == 3), key=lambda t: max(first(t)))
+    some = next(t for t in range(64) if first(t)[0] is None and first(t)[1] is not None)
+    for eos in (every, some):
+        out = G.generate(model, pidx, 15, G.GREEDY, attention_mask=mask, eos_id=eos)[:, T:]
+        stops = [15 if i is None else i for i in first(eos)]
+        assert out.size(1) == min(15, max(stops) + 1)
+        for i, stop in enumerate(stops):
+            assert out[i, :stop + 1].tolist() == free[i][:stop + 1][:out.size(1)]  # same tokens up to the eos
+            assert (out[i, stop:] == eos).all()  # then only eos
+    assert max(first(every)) + 1 < 15  # the first case did end early
 
 
-def test_greedy_matches_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+def test_greedy_matches_transformers(tmp_path, device):
     torch.manual_seed(0)
     ours = GPT(GPTConfig(block_size=64, vocab_size=96, n_layer=2, n_head=2, n_embd=32)).eval()
     with torch.no_grad():
@@ -185,38 +211,41 @@ def test_greedy_matches_transformers(tmp_path):
             if p.dim() == 2 and "wte" not in name:
                 p.mul_(8)
     ours.save_pretrained(tmp_path)
-    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ours = ours.to(device)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).to(device).eval()
     hf_kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
-    idx = torch.tensor([[5, 17, 33, 2, 9]])
-    a = G.generate(ours, idx, 20, temperature=0)
+    idx = torch.tensor([[5, 17, 33, 2, 9]], device=device)
+    a = G.generate(ours, idx, 20, G.GREEDY)
     assert len(set(a[0, -20:].tolist())) > 3
     assert torch.equal(a, hf.generate(idx, attention_mask=torch.ones_like(idx), **hf_kw))
-    pidx, mask = G.left_pad(PROMPTS)
-    assert torch.equal(G.generate(ours, pidx, 20, temperature=0, attention_mask=mask),
+    pidx, mask = G.left_pad(PROMPTS, device=device)
+    assert torch.equal(G.generate(ours, pidx, 20, G.GREEDY, attention_mask=mask),
                        hf.generate(pidx, attention_mask=mask, **hf_kw))
-    assert torch.equal(G.generate(ours, idx, 20, temperature=0, repetition_penalty=1.5),
+    assert torch.equal(G.generate(ours, idx, 20, G.Sampling(temperature=0, repetition_penalty=1.5)),
                        hf.generate(idx, attention_mask=torch.ones_like(idx), repetition_penalty=1.5, **hf_kw))
 
 
 # -- past the context window ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pos_emb", ["rope", "sinusoidal"])
-def test_streaming_past_the_context_with_rolling_cache(pos_emb):
+def test_streaming_past_the_context_with_rolling_cache(pos_emb, monkeypatch):
     model = tiny(block=16, pos_emb=pos_emb, window=8, n_sink=2)
     idx = torch.tensor([PROMPTS[0]])
-    a = G.generate(model, idx, 60, temperature=0)  # 67 tokens, four times block_size
+    made = record_caches(monkeypatch)
+    a = G.generate(model, idx, 60, G.GREEDY)  # 67 tokens, four times block_size
     assert a.shape == (1, 67)
-    assert torch.equal(a, G.generate(model, idx, 60, temperature=0, use_cache=False))  # full recompute
-    cache = model.new_cache(1)
-    assert cache.k[0].size(2) == 2 + 8 + 1  # memory stays at sinks + window (+ the spare slot)
+    (cache,) = made
+    assert int(cache.next_pos[0]) == 66  # every token but the last went through this one cache
+    assert cache.k[0].size(2) == 2 + 8 + 1  # and its memory stayed at sinks + window (+ the spare slot)
+    assert torch.equal(a, G.generate(model, idx, 60, G.GREEDY, use_cache=False))  # full recompute
 
 
 def test_learned_positions_crop_past_the_context():
     model = tiny(block=16)
     idx = torch.tensor([PROMPTS[0]])
     with pytest.warns(UserWarning, match="context full"):
-        a = G.generate(model, idx, 30, temperature=0)
-    b = G.generate(model, idx, 30, temperature=0, use_cache=False)
+        a = G.generate(model, idx, 30, G.GREEDY)
+    b = G.generate(model, idx, 30, G.GREEDY, use_cache=False)
     assert torch.equal(a, b)
     # the token after the context fills is what the model says about the last block_size tokens alone
     ctx = a[:, 17 - 16:17]
@@ -241,9 +270,9 @@ def test_speculative_greedy_equals_target_greedy(k):
     target = tiny(n_layer=3)
     draft = noisy_copy(target, 0.05)
     idx = torch.tensor([PROMPTS[0]])
-    ref = G.generate(target, idx, 30, temperature=0)
+    ref = G.generate(target, idx, 30, G.GREEDY)
     stats = {}
-    out = G.speculative_generate(target, draft, idx, 30, G.Sampling(temperature=0), num_draft=k, stats=stats)
+    out = G.speculative_generate(target, draft, idx, 30, G.GREEDY, num_draft=k, stats=stats)
     assert torch.equal(out, ref)
     assert 0 < stats["accepted"] < stats["proposed"]  # some rejections: the rollback path is exercised
     assert stats["target_passes"] < 30 or k == 1
@@ -253,8 +282,7 @@ def test_speculative_greedy_with_penalties_and_unrelated_draft():
     target = tiny(n_layer=3)
     idx = torch.tensor([PROMPTS[0]])
     s = G.Sampling(temperature=0, repetition_penalty=1.4, presence_penalty=0.5, frequency_penalty=0.2)
-    ref = G.generate(target, idx, 25, temperature=0, repetition_penalty=1.4, presence_penalty=0.5,
-                     frequency_penalty=0.2)
+    ref = G.generate(target, idx, 25, s)
     for draft in (noisy_copy(target, 0.02), tiny(n_layer=1, n_embd=16, seed=5)):
         assert torch.equal(G.speculative_generate(target, draft, idx, 25, s, num_draft=4), ref)
 
@@ -264,11 +292,11 @@ def test_speculative_accept_rule_gives_target_distribution():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
     q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
-    s, N = G.Sampling(), 10000
+    N = 10000
     first = torch.empty(N, dtype=torch.long)
     for i in range(N):
         d = torch.multinomial(q[0], 1, generator=g)
-        n, nxt = G.speculative_accept(p, q, d, s, g)
+        n, nxt = G.speculative_accept(p, q, d, g)
         first[i] = d[0] if n >= 1 else nxt
     freq = torch.bincount(first, minlength=4).float() / N
     assert (freq - p[0]).abs().max() < 0.02  # 4 standard deviations at N = 10000
@@ -299,7 +327,7 @@ def test_speculative_sampling_follows_target_distribution():
     draft = tiny(vocab=V, n_layer=1, n_embd=16, seed=7)
     s = G.Sampling(temperature=1.5, top_k=6)
     idx = torch.tensor([[1, 2, 3]])
-    probs = lambda m, x: G.to_probs(G.process_logits(m(x)[0][:, -1], s), s)[0]
+    probs = lambda m, x: G.logits_to_probs(m(x)[0][:, -1], s)[0]
     p1 = probs(target, idx)
     joint = torch.stack([p1[a] * probs(target, torch.cat((idx, torch.tensor([[a]])), 1)) for a in range(V)]).flatten()
     draft_joint = torch.stack([probs(draft, idx)[a] * probs(draft, torch.cat((idx, torch.tensor([[a]])), 1))
@@ -334,11 +362,11 @@ def test_left_pad():
 # -- compiled decode: the static-shape cache, and (slow, opt-in) torch.compile itself --------------------
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_static_cache_matches_gpt2_cache(pos_emb):
-    model = tiny(pos_emb=pos_emb)
-    pidx, mask = G.left_pad(PROMPTS)
+def test_static_cache_matches_gpt2_cache(pos_emb, device):
+    model = tiny(pos_emb=pos_emb).to(device)
+    pidx, mask = G.left_pad(PROMPTS, device=device)
     with torch.no_grad():
-        ref, static = model.new_cache(3, 30), G.StaticKVCache(model.config, 3, 30)
+        ref, static = model.new_cache(3, 30), G.StaticKVCache(model.config, 3, 30, device=device)
         a = model(pidx, cache=ref, attention_mask=mask)[0][:, -1]
         b = model(pidx, cache=static, attention_mask=mask)[0][:, -1]
         assert torch.allclose(a, b, atol=1e-5)
@@ -349,18 +377,38 @@ def test_static_cache_matches_gpt2_cache(pos_emb):
         assert static.length == ref.length == pidx.size(1) + 5 and int(static.col) == static.length
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("GENERATE_TEST_COMPILE"),
+def test_compile_path_with_compiler_stubbed_matches_eager(device, monkeypatch):
+    """generate(compile=True) with torch.compile replaced by the identity: the static cache and the decode
+    step's wrapper, run eagerly (cheap), give the tokens of the plain path."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    model = tiny(block=32).to(device)
+    pidx, mask = G.left_pad(PROMPTS, device=device)
+    made = record_caches(monkeypatch)
+    out = G.generate(model, pidx, 20, G.GREEDY, attention_mask=mask, compile=True)
+    assert type(made[0]) is G.StaticKVCache and made[0].length == pidx.size(1) + 19
+    assert torch.equal(out, G.generate(model, pidx, 20, G.GREEDY, attention_mask=mask))
+
+
+@pytest.mark.skipif(not os.environ.get("GENERATE_TEST_COMPILE"),
                     reason="torch.compile takes 20-60 s on a 2-core CPU; set GENERATE_TEST_COMPILE=1 to run")
 @pytest.mark.parametrize("scheme", [dict(pos_emb="learned"), dict(pos_emb="rope", window=8, n_sink=2)])
-def test_compiled_decode_matches_eager(scheme):
-    model = tiny(block=32, **scheme)
-    idx = torch.tensor([PROMPTS[0]])
-    assert torch.equal(G.generate(model, idx, 20, temperature=0, compile=True), G.generate(model, idx, 20, temperature=0))
+def test_compiled_decode_matches_eager(scheme, device, monkeypatch):
+    model = tiny(block=32, **scheme).to(device)
+    idx = torch.tensor([PROMPTS[0]], device=device)
+    made = record_caches(monkeypatch)
+    out = G.generate(model, idx, 20, G.GREEDY, compile=True)
+    assert isinstance(made[0], G.StaticKVCache) == ("window" not in scheme)  # the rolling cache is static already
+    assert torch.equal(out, G.generate(model, idx, 20, G.GREEDY))
 
 
-# -- the command line, with a stand-in byte tokenizer (the CLI only needs encode / decode) ----------------
+# -- the command line, with a stand-in byte tokenizer (the CLI only needs encode / decode / eot_token / n_vocab)
 
 class ByteTokenizer:
+    n_vocab = 50257
+
+    def __init__(self, eot_token=50256):
+        self.eot_token = eot_token
+
     def encode(self, text, allowed_special=()):
         return list(text.encode())
 
@@ -370,36 +418,90 @@ class ByteTokenizer:
 
 @pytest.fixture
 def cli(tmp_path, monkeypatch, capsys):
-    import sys
-    import types
-    monkeypatch.setitem(sys.modules, "bpe", types.SimpleNamespace(load_gpt2=ByteTokenizer))
+    """run(*argv, tok=...) -> captured (out, err) of generate.py's main on a 1-layer random model (run.model)."""
     torch.manual_seed(0)
     path = str(tmp_path / "m.pt")
-    from gpt2 import save_checkpoint
-    save_checkpoint(path, GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)))
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    save_checkpoint(path, model)
 
-    def run(*argv):
-        G.main(["--model", path, "--max-new-tokens", "8", "--device", "cpu", *argv])
+    def run(*argv, tok=None):
+        monkeypatch.setitem(sys.modules, "bpe", types.SimpleNamespace(load_gpt2=lambda: tok or ByteTokenizer()))
+        G.main(["--model", path, "--max-new-tokens", "8", "--device", "cpu", "--seed", "3", *argv])
         return capsys.readouterr()
+    run.model, run.path = model, path
     return run
 
 
-def test_cli_streams_and_matches_generate(cli):
-    out = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos")
-    assert out.out.startswith("hi") and "8 tokens" in out.err
-    out2 = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos", "--no-cache")
-    assert out.out == out2.out
-    out3 = cli("--prompt", "hi", "--num-samples", "2", "--top-k", "5", "--ignore-eos")
-    assert out3.out.count("sample ") == 2
+def cli_reference(cli, text, sampling, n, max_new=8):
+    """What generate() makes of the CLI's prompt: n rows of new token ids, with the CLI's --seed 3."""
+    idx = torch.tensor([list(text.encode())] * n)
+    out = G.generate(cli.model, idx, max_new, sampling, generator=torch.Generator().manual_seed(3))
+    return out[:, idx.size(1):].tolist()
+
+
+@pytest.mark.parametrize("argv, sampling", [(["--temperature", "0"], G.GREEDY),
+                                            (["--temperature", "0.7", "--top-k", "5"], G.Sampling(0.7, top_k=5))])
+def test_cli_streams_what_generate_returns(cli, argv, sampling):
+    (new,) = cli_reference(cli, "hi", sampling, 1)
+    out = cli("--prompt", "hi", "--ignore-eos", *argv)
+    assert out.out == "hi" + ByteTokenizer().decode(new) + "\n" and "8 tokens" in out.err
+    assert cli("--prompt", "hi", "--ignore-eos", "--no-cache", *argv).out == out.out
+    rows = cli_reference(cli, "hi", sampling, 2)  # --num-samples 2: one batch, printed at the end
+    out = cli("--prompt", "hi", "--ignore-eos", "--num-samples", "2", *argv)
+    assert out.out == "".join(f"{'-' * 20} sample {i + 1}\nhi{ByteTokenizer().decode(r)}\n" for i, r in enumerate(rows))
+
+
+def test_cli_stops_at_the_tokenizers_end_of_text(cli):
+    (new,) = cli_reference(cli, "hi", G.GREEDY, 1)
+    eot = next(t for t in new[2:] if t not in new[:2])  # a token first produced at step >= 3
+    stop = new.index(eot)
+    out = cli("--prompt", "hi", "--temperature", "0", tok=ByteTokenizer(eot_token=eot))
+    assert out.out == "hi" + ByteTokenizer().decode(new[:stop]) + "\n"
+    out = cli("--prompt", "hi", "--temperature", "0", "--num-samples", "2", tok=ByteTokenizer(eot_token=eot))
+    assert out.out.count("hi" + ByteTokenizer().decode(new[:stop]) + "\n") == 2
 
 
 @pytest.mark.parametrize("argv, match", [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
-                                         (["--model", "no-such-model"], "unknown model"),
-                                         (["--prompt", "x" * 100], "longer than the context")])
-def test_cli_bad_input(cli, argv, match):
+                                         (["--num-samples", "0"], "--num-samples"),
+                                         (["--draft-model", "d.pt", "--no-cache"], "needs the KV cache"),
+                                         (["--model", "no-such-model"], "unknown model")])
+def test_cli_bad_input(cli, capsys, argv, match):
     with pytest.raises(SystemExit) as e:
         cli(*argv)
-    assert e.value.code != 0
+    assert e.value.code not in (0, None)
+    assert re.search(match, f"{e.value.code} {capsys.readouterr().err}")
+
+
+def test_cli_refuses_a_vocabulary_smaller_than_the_tokenizers(cli, tmp_path):
+    small = str(tmp_path / "small.pt")
+    save_checkpoint(small, GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=1, n_head=2, n_embd=16)))
+    with pytest.raises(SystemExit, match="vocabulary of 300"):
+        cli("--model", small)
+
+
+def typed(lines):
+    """A stand-in for input(): the given lines, then EOF (Ctrl-D)."""
+    lines = iter(lines)
+
+    def read(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        return line
+    return read
+
+
+def test_cli_prompt_longer_than_the_context(cli, capsys, monkeypatch):
+    """Refused before anything is printed; in --interactive mode the error is shown and the session goes on."""
+    with pytest.raises(SystemExit, match="prompt of 65 tokens is longer than the context"):
+        cli("--prompt", "x" * 65)
+    assert capsys.readouterr().out == ""
+    assert cli("--prompt", "x" * 64, "--max-new-tokens", "1").out.startswith("x" * 64)  # 64 fits
+    monkeypatch.setattr(builtins, "input", typed(["x" * 65, "hi"]))
+    out = cli("--interactive", "--temperature", "0", "--ignore-eos")
+    assert "longer than the context" in out.err
+    (new,) = cli_reference(cli, "hi", G.GREEDY, 1)
+    assert "hi" + ByteTokenizer().decode(new) in out.out
 
 
 def test_text_stream_holds_back_split_characters_and_stop_strings():
