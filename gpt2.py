@@ -1,17 +1,24 @@
 """
-gpt2.py: the GPT model every other file in this project builds on.
+gpt2.py: the GPT model every other file in this project builds on, then the plumbing its scripts share.
 
-What it teaches, top to bottom:
+What it teaches, in the file's order:
   1. GPTConfig: GPT-2's hyper-parameters plus switches for the modern variants a learner compares
      (learned / sinusoidal / rotary positions, LayerNorm / RMSNorm, GELU / SwiGLU, grouped-query
      attention, sliding-window attention with attention sinks).
-  2. The transformer: attention through F.scaled_dot_product_attention (flash kernels on GPU), checked
-     in the tests against `attention_reference`, the same attention written as plain math.
-  3. A KV cache for generation: prefill many tokens, then one token per step; left-padded batches with
+  2. Positions: a learned table, the sinusoidal table, and rotary embeddings (RoPE), all computed from
+     per-row positions so that padded batches and cached decoding are treated like training.
+  3. Attention: the causal mask (windows, sinks, padding) and attention itself, once as the plain formula
+     (`attention_reference`) and once through F.scaled_dot_product_attention (flash kernels on GPU); the
+     config's `attention` switch picks one, and the tests check that both give the same logits.
+  4. Norm (LayerNorm / RMSNorm), MLP (GELU / SwiGLU), the pre-norm Block, and GPT itself:
+     embed -> blocks -> final norm -> lm_head -> loss; GPT-2's init, parameter count, FLOPs, AdamW groups.
+  5. A KV cache for generation: prefill many tokens, then one token per step; left-padded batches with
      per-row positions; a rolling buffer for sliding window + sinks.
-  4. Loading OpenAI's GPT-2 weights (safetensors read by hand) and exporting back to the HF layout.
-  5. The helpers every script shares: device / dtype / autocast choice, seeding, checkpoints,
-     optimizer groups, learning-rate schedule, FLOPs and MFU, metrics logging, downloads.
+  Below the banner, the plumbing:
+  6. Weights in and out: OpenAI's GPT-2 from the HF hub (safetensors read by hand), export to the HF layout.
+  7. Checkpoints: atomic writes, weights_only loads, clear errors on a mismatch.
+  8. The helpers every script shares: device / dtype / autocast choice, seeding, learning-rate schedule,
+     peak FLOPs for MFU, the common flags, metrics logging.
 
     python gpt2.py                 # parameter counts of the presets and a forward pass of `tiny`
     python gpt2.py --model gpt2    # downloads GPT-2 124M from the HF hub and completes a prompt
@@ -32,15 +39,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import bpe
-from bpe import download  # noqa: F401  (re-exported: every script downloads through gpt2.download)
-
 # -----------------------------------------------------------------------------
 # Config
 
 POS_EMBS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+ATTENTIONS = ("sdpa", "math")
 
 
 @dataclass
@@ -61,12 +66,13 @@ class GPTConfig:
     window: Optional[int] = None  # sliding-window attention: each token sees the last `window` tokens
     n_sink: int = 0  # with a window: the first n_sink tokens stay visible forever (StreamingLLM)
     tie_weights: bool = True  # lm_head shares the token embedding matrix
+    attention: str = "sdpa"  # sdpa (fused kernels) | math (attention_reference: the formula, slower)
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         for name, value, allowed in (("pos_emb", self.pos_emb, POS_EMBS), ("norm", self.norm, NORMS),
-                                     ("mlp", self.mlp, MLPS)):
+                                     ("mlp", self.mlp, MLPS), ("attention", self.attention, ATTENTIONS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(allowed)}")
         if self.n_embd % self.n_head:
@@ -102,25 +108,34 @@ PRESETS = {
 
 # -----------------------------------------------------------------------------
 # Positions: every scheme takes per-row integer positions (B, T), so left-padded rows and
-# cached steps get the same treatment as a plain training batch.
+# cached steps get the same treatment as a plain training batch. (The learned table is GPT.wpe.)
 
 
 def sinusoidal_embedding(pos, dim):
-    """The 'Attention is all you need' table, computed for the positions asked for."""
+    """The 'Attention is all you need' table, computed for the positions asked for.
+    pos (B, T) -> (B, T, dim): sin(p / 10000^(2i/dim)) and cos(...) interleaved."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim))
     angles = pos.float()[..., None] * inv_freq  # (B, T, dim/2)
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # sin, cos interleaved
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (B, T, dim)
+
+
+def rope_frequencies(head_size, base=10000.0):
+    """Rotation speed of each channel pair: base^(-2i/hs), from one turn per token down to ~1/base.
+    rope_frequencies(4) -> tensor([1.0000, 0.0100])"""
+    return 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
 
 
 def rope_cos_sin(pos, inv_freq):
-    angles = pos.float()[..., None] * inv_freq  # (B, T, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+    """pos (B, T) -> cos, sin (B, 1, T, hs) of the angle pos * freq, each frequency twice (both halves)."""
+    angles = pos.float()[..., None] * inv_freq  # (B, T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hs): broadcast over heads
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE: channel i is paired with channel i + hd/2 and the pair is rotated by pos * freq_i.
-    Rotation keeps the dot product q.k a function of the position *difference* only."""
+    """Rotate-half RoPE: channel i is paired with channel i + hs/2 and the pair is rotated by pos * freq_i.
+    Rotation keeps the dot product q.k a function of the position *difference* only.
+    x (B, nh, T, hs), cos, sin (B, 1, T, hs) -> (B, nh, T, hs)"""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -142,14 +157,18 @@ def build_mask(qpos, kpos, window=None, n_sink=0):
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-def attention_reference(q, k, v, mask=None):
-    """The same attention as F.scaled_dot_product_attention, in plain math (tests compare the two).
-    q: (B, H, Tq, hd), k, v: (B, H, Tk, hd), mask: boolean, True = may attend; None = causal."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+def attention_reference(q, k, v, mask=None, dropout_p=0.0):
+    """Attention as the formula softmax(q k^T / sqrt(hs)) v: what F.scaled_dot_product_attention computes
+    in fused kernels. GPTConfig(attention="math") runs the model through this function.
+    q (B, nh, Tq, hs), k, v (B, nh, Tk, hs), mask boolean (B, 1, Tq, Tk), True = may attend; None = causal."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
     if mask is None:
         mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
     scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v  # (B, nh, Tq, hs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -162,24 +181,28 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.sdpa = config.attention == "sdpa"
 
     def forward(self, x, rope=None, mask=None, cache=None, layer=0):
         B, T, C = x.shape
-        hd = self.head_dim
-        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=2)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # the keys and values of everything seen so far
-        if self.n_kv_head != self.n_head:  # each group of query heads shares one k/v head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+            k, v = cache.update(layer, k, v)  # (B, nkv, Tk, hs): the keys and values of everything seen so far
+        if nkv != nh:  # grouped-query: query head h reads k/v head h // (nh / nkv)
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, Tk, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
+        else:
+            y = attention_reference(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -188,7 +211,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (centre and scale, GPT-2) or RMSNorm (scale only, Llama): one switch, same call."""
+    """LayerNorm (centre and scale, GPT-2) or RMSNorm (scale only, Llama): one switch, same call.
+    RMSNorm: x / sqrt(mean(x^2) + eps) * weight, computed in float32 whatever the input dtype."""
 
     def __init__(self, config):
         super().__init__()
@@ -204,8 +228,8 @@ class Norm(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's 4x GELU MLP, or SwiGLU: silu(gate) * up, with ~8/3 n_embd hidden units so the parameter
-    count stays that of the 4x MLP."""
+    """GPT-2's 4x GELU MLP, or SwiGLU: c_proj(silu(gate) * up), gate and up the two halves of c_fc, with
+    ~8/3 n_embd hidden units so the parameter count stays that of the 4x MLP."""
 
     def __init__(self, config):
         super().__init__()
@@ -216,13 +240,13 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)
+        h = self.c_fc(x)  # (B, T, hidden), or (B, T, 2 * hidden) for SwiGLU
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -234,6 +258,178 @@ class Block(nn.Module):
     def forward(self, x, rope=None, mask=None, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)  # pre-norm residual stream
         return x + self.mlp(self.ln_2(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=Norm(config),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_emb == "rope":
+            self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_base), persistent=False)
+        # GPT-2 init: N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 n_layer)
+        # so the stream's variance does not grow with depth (two residual adds per layer).
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, *, cache=None, attention_mask=None, last_logits_only=False):
+        """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy loss if targets are given
+        (targets == -1 are ignored). attention_mask (B, T), 1 for tokens and 0 for (left) padding, gives
+        per-row positions; with a cache it covers the new tokens only. last_logits_only skips the vocab
+        projection of all but the last position (prefill in generation)."""
+        if not torch.compiler.is_compiling():
+            self._check_input(idx, cache)
+        pos, mask = self._positions_and_mask(idx, cache, attention_mask)  # (B, T), (B, 1, T, Tk) or None
+        x, rope = self._embed(idx, pos)  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.commit()
+        x = self.transformer.ln_f(x)
+        if last_logits_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
+        logits = self._logits(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _positions_and_mask(self, idx, cache, attention_mask):
+        """Per-row positions (B, T) and the attention mask; mask None means plain causal attention."""
+        cfg = self.config
+        B, T = idx.shape
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            pos = cache.positions(valid)
+            mask = cache.prepare(pos, valid)
+        elif valid is not None or cfg.window is not None:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # left padding: a row's first token is position 0
+            mask = build_mask(pos, torch.where(valid, pos, -1), cfg.window, cfg.n_sink)
+        else:  # the training path: plain causal attention, the flash kernel's fast case
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            mask = None
+        if cfg.pos_emb == "learned" and cache is not None and not idx.is_cuda and not torch.compiler.is_compiling():
+            if int(pos.max()) >= cfg.block_size:
+                raise ValueError(f"position {int(pos.max())} is beyond block_size {cfg.block_size}: learned "
+                                 f"position embeddings do not exist there; crop the context instead")
+        return pos, mask
+
+    def _embed(self, idx, pos):
+        """Token embeddings plus learned or sinusoidal positions -> x (B, T, C); rotary positions are
+        applied inside attention instead, so they come back as (cos, sin) for the blocks."""
+        cfg = self.config
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if cfg.pos_emb == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(pos, cfg.n_embd).to(x.dtype)
+        else:
+            rope = rope_cos_sin(pos, self.inv_freq)  # (B, 1, T, hs) each
+        return self.transformer.drop(x), rope
+
+    def _logits(self, x):
+        """lm_head: (B, T, C) -> (B, T, V)."""
+        if x.device.type == "cpu" and x.numel() > x.size(-1) and not torch.is_grad_enabled():
+            # CPU BLAS splits x @ W.T of a few rows across threads by row, so each thread streams all V x C
+            # weights; W @ x.T splits by vocabulary and reads them once: 2-4x faster for the 2-8 rows of a
+            # speculative check or a small batch (bench/results/generate_cpu.md). One row, and training
+            # (with its backward pass), come out level or better with nn.Linear.
+            return (self.lm_head.weight @ x.reshape(-1, x.size(-1)).T).T.contiguous().view(*x.shape[:-1], -1)
+        return self.lm_head(x)
+
+    def _check_input(self, idx, cache):
+        cfg = self.config
+        T = idx.size(1)
+        if cache is None and T > cfg.block_size and (cfg.window is None or cfg.pos_emb == "learned"):
+            raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}; crop it, "
+                             f"or use a sliding-window model (window=...) with rope or sinusoidal positions")
+        if idx.is_cuda:
+            return  # reading min/max would stall the GPU every step; CUDA's own index assert fires instead
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
+                             f"max {int(idx.max())}")
+
+    def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        """An empty KVCache for this model, by default in its weights' dtype and device."""
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device)
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding drops position embeddings (the token embedding is shared with
+        lm_head under tying, so it is counted once as the output layer, as nanoGPT does)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    def configure_optimizer(self, weight_decay, lr, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with weight decay on matrices only (biases and norm gains are not shrunk towards zero).
+        The fused kernel (CUDA, and CPU since torch 2.4) is one pass over the parameters instead of a
+        Python loop of small ops: 3.5x faster on CPU for GPT-2's width."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type.split(":")[0] in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+    # -- weights in and out (the code is below the banner, with the rest of the plumbing) --
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, cache_dir=None, **overrides):
+        """'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (downloaded from the HF hub), a directory with
+        an HF GPT-2 checkpoint (config.json + model.safetensors or pytorch_model.bin), or a checkpoint
+        file written by save_checkpoint."""
+        if os.path.isfile(name_or_path):
+            return cls.from_checkpoint(name_or_path)
+        return load_hf_gpt2(cls, name_or_path, cache_dir, **overrides)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        ckpt = load_checkpoint(path, map_location)
+        model = cls(GPTConfig(**ckpt["config"]))
+        load_model_state(model, ckpt["model"], path)
+        return model
+
+    def save_pretrained(self, directory):
+        """Write an HF GPT-2 directory (config.json + model.safetensors) that transformers'
+        GPT2LMHeadModel loads with the same logits."""
+        save_hf_gpt2(self, directory)
 
 
 # -----------------------------------------------------------------------------
@@ -261,10 +457,10 @@ class KVCache:
             if size > config.block_size:
                 raise ValueError(f"cache length {size} exceeds block_size {config.block_size}; without a "
                                  f"sliding window the model cannot see further back than its context")
-        shape = (batch_size, config.n_kv_head, size, config.head_dim)
+        shape = (batch_size, config.n_kv_head, size, config.head_dim)  # (B, nkv, size, hs)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.kpos = torch.full((batch_size, size), -1, dtype=torch.long, device=device)
+        self.kpos = torch.full((batch_size, size), -1, dtype=torch.long, device=device)  # (B, size)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # per-row position counter
         self.length = 0  # linear cache: columns filled
         self.size = size
@@ -328,227 +524,92 @@ class KVCache:
         self.length = length
 
 
+
+
+# =============================================================================
+# Plumbing: everything below moves weights in and out or serves the scripts; the model is complete above.
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# The model
+# Weights in and out: OpenAI's GPT-2 in the HF layout
+
+HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=Norm(config),
-        ))
-        if config.pos_emb == "learned":
-            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_weights:
-            self.lm_head.weight = self.transformer.wte.weight
-        if config.pos_emb == "rope":
-            hd = config.head_dim
-            inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
-            self.register_buffer("inv_freq", inv_freq, persistent=False)
-        # GPT-2 init: N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 n_layer)
-        # so the stream's variance does not grow with depth (two residual adds per layer).
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+def load_hf_gpt2(cls, name_or_path, cache_dir=None, **overrides):
+    """GPT.from_pretrained for HF GPT-2: a hub name (downloaded once) or a local HF directory -> model."""
+    if os.path.isdir(name_or_path):
+        directory = name_or_path
+    elif name_or_path in HF_MODELS:
+        directory = download_hf_model(name_or_path, cache_dir)
+    else:
+        raise ValueError(f"unknown model {name_or_path!r}: not a file or directory, and not one of "
+                         f"{', '.join(HF_MODELS)}")
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's gelu_new")
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                       **overrides)
+    model = cls(config)
+    load_hf_state_dict(model, read_hf_weights(directory))
+    return model
 
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def new_cache(self, batch_size, max_len=None, dtype=None, device=None):
-        p = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device)
-
-    def forward(self, idx, targets=None, *, cache=None, attention_mask=None, last_logits_only=False):
-        """idx (B, T) token ids -> logits (B, T, V) and the mean cross-entropy loss if targets are given
-        (targets == -1 are ignored). attention_mask (B, T), 1 for tokens and 0 for (left) padding, gives
-        per-row positions; with a cache it covers the new tokens only. last_logits_only skips the vocab
-        projection of all but the last position (prefill in generation)."""
-        cfg = self.config
-        B, T = idx.shape
-        if not torch.compiler.is_compiling():
-            self._check_input(idx, T, cache)
-        valid = attention_mask.bool() if attention_mask is not None else None
-        if cache is not None:
-            if valid is None:
-                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-            pos = cache.positions(valid)
-            mask = cache.prepare(pos, valid)
-        elif valid is not None or cfg.window is not None:
-            if valid is None:
-                valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
-            pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-            mask = build_mask(pos, torch.where(valid, pos, -1), cfg.window, cfg.n_sink)
-        else:  # the training path: plain causal attention, the flash kernel's fast case
-            pos = torch.arange(T, device=idx.device).expand(B, T)
-            mask = None
-        if cfg.pos_emb == "learned" and cache is not None and not idx.is_cuda and not torch.compiler.is_compiling():
-            if int(pos.max()) >= cfg.block_size:
-                raise ValueError(f"position {int(pos.max())} is beyond block_size {cfg.block_size}: learned "
-                                 f"position embeddings do not exist there; crop the context instead")
-
-        x = self.transformer.wte(idx)
-        rope = None
-        if cfg.pos_emb == "learned":
-            x = x + self.transformer.wpe(pos)
-        elif cfg.pos_emb == "sinusoidal":
-            x = x + sinusoidal_embedding(pos, cfg.n_embd).to(x.dtype)
-        else:
-            rope = rope_cos_sin(pos, self.inv_freq)
-        x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, mask, cache, i)
-        if cache is not None:
-            cache.commit()
-        x = self.transformer.ln_f(x)
-        if last_logits_only and targets is None:
-            x = x[:, -1:]
-        if x.device.type == "cpu" and x.numel() > x.size(-1) and not torch.is_grad_enabled():
-            # CPU BLAS splits x @ W.T of a few rows across threads by row, so each thread streams all V x C
-            # weights; W @ x.T splits by vocabulary and reads them once: 2-4x faster for the 2-8 rows of a
-            # speculative check or a small batch (bench/results/generate_cpu.md). One row, and training
-            # (with its backward pass), come out level or better with nn.Linear.
-            logits = (self.lm_head.weight @ x.reshape(-1, x.size(-1)).T).T.contiguous().view(*x.shape[:-1], -1)
-        else:
-            logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
-
-    def _check_input(self, idx, T, cache):
-        cfg = self.config
-        if cache is None and T > cfg.block_size and (cfg.window is None or cfg.pos_emb == "learned"):
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {cfg.block_size}; crop it, "
-                             f"or use a sliding-window model (window=...) with rope or sinusoidal positions")
-        if idx.is_cuda:
-            return  # reading min/max would stall the GPU every step; CUDA's own index assert fires instead
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
-                             f"max {int(idx.max())}")
-
-    # -- bookkeeping ------------------------------------------------------------
-
-    def num_params(self, non_embedding=True):
-        """Parameter count; non_embedding drops position embeddings (the token embedding is shared with
-        lm_head under tying, so it is counted once as the output layer, as nanoGPT does)."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
-        return n
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
-        cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-
-    def configure_optimizer(self, weight_decay, lr, betas=(0.9, 0.95), device_type="cpu"):
-        """AdamW with weight decay on matrices only (biases and norm gains are not shrunk towards zero).
-        The fused kernel (CUDA, and CPU since torch 2.4) is one pass over the parameters instead of a
-        Python loop of small ops: 3.5x faster on CPU for GPT-2's width."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = device_type.split(":")[0] in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
-
-    # -- weights in and out -----------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir=None, **overrides):
-        """'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (downloaded from the HF hub), a directory with
-        an HF GPT-2 checkpoint (config.json + model.safetensors or pytorch_model.bin), or a checkpoint
-        file written by save_checkpoint."""
-        if os.path.isfile(name_or_path):
-            return cls.from_checkpoint(name_or_path)
-        if os.path.isdir(name_or_path):
-            directory = name_or_path
-        elif name_or_path in HF_MODELS:
-            directory = download_hf_model(name_or_path, cache_dir)
-        else:
-            raise ValueError(f"unknown model {name_or_path!r}: not a file or directory, and not one of "
-                             f"{', '.join(HF_MODELS)}")
-        with open(os.path.join(directory, "config.json")) as f:
-            hf = json.load(f)
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's gelu_new")
-        config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                           n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           **overrides)
-        model = cls(config)
-        model.load_hf_state_dict(read_hf_weights(directory))
-        return model
-
-    def load_hf_state_dict(self, hf_state):
-        """HF's GPT-2 stores c_attn / c_proj / c_fc as Conv1D, i.e. (in, out): transpose into nn.Linear."""
-        state = {}
-        for key, value in hf_state.items():
-            key = key.removeprefix("transformer.")
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers of old checkpoints; lm_head is tied to wte
-            if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
-                value = value.t()
-            state["transformer." + key] = value
-        ours = self.state_dict()
-        missing = [k for k in ours if k not in state and k != "lm_head.weight"]
-        unexpected = [k for k in state if k not in ours]
-        if missing or unexpected:
-            raise ValueError(f"HF weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+def load_hf_state_dict(model, hf_state):
+    """Copy HF GPT-2 weights into model. HF stores c_attn / c_proj / c_fc as Conv1D, i.e. (in, out):
+    transpose into nn.Linear's (out, in)."""
+    state = {}
+    for key, value in hf_state.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # causal-mask buffers of old checkpoints; lm_head is tied to wte
+        if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
+            value = value.t()
+        state["transformer." + key] = value
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state and k != "lm_head.weight"]
+    unexpected = [k for k in state if k not in ours]
+    if missing or unexpected:
+        raise ValueError(f"HF weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f"HF weight {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
+    with torch.no_grad():
         for k, v in state.items():
-            if v.shape != ours[k].shape:
-                raise ValueError(f"HF weight {k} has shape {tuple(v.shape)}, the model expects {tuple(ours[k].shape)}")
-        with torch.no_grad():
-            for k, v in state.items():
-                ours[k].copy_(v)
+            ours[k].copy_(v)
 
-    def save_pretrained(self, directory):
-        """Write an HF GPT-2 directory (config.json + model.safetensors) that transformers'
-        GPT2LMHeadModel loads with the same logits."""
-        cfg = self.config
-        if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.window, cfg.tie_weights) != ("learned", "layernorm", "gelu", None, True) \
-                or cfg.n_kv_head != cfg.n_head:
-            raise ValueError("only the plain GPT-2 architecture (learned positions, layernorm, gelu, "
-                             "multi-head attention, no window, tied weights) exists in transformers' GPT-2")
-        os.makedirs(directory, exist_ok=True)
-        tensors = {}
-        for key, value in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue
-            if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
-                value = value.t()
-            tensors[key] = value
-        if not cfg.bias:  # GPT-2 always has biases: zeros are the exact equivalent
-            for key, value in list(tensors.items()):
-                if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight")):
-                    tensors[key.removesuffix(".weight") + ".bias"] = torch.zeros(value.shape[-1] if value.dim() == 2 else value.shape[0])
-        hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
-                     "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
-                     "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.norm_eps,
-                     "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                     "tie_word_embeddings": True}
-        eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
-        hf_config.update(bos_token_id=eot, eos_token_id=eot)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
 
-    @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
-        ckpt = load_checkpoint(path, map_location)
-        model = cls(GPTConfig(**ckpt["config"]))
-        load_model_state(model, ckpt["model"], path)
-        return model
+def save_hf_gpt2(model, directory):
+    """GPT.save_pretrained: config.json + model.safetensors in the layout of transformers' GPT2LMHeadModel."""
+    cfg = model.config
+    if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.window, cfg.tie_weights) != ("learned", "layernorm", "gelu", None, True) \
+            or cfg.n_kv_head != cfg.n_head:
+        raise ValueError("only the plain GPT-2 architecture (learned positions, layernorm, gelu, "
+                         "multi-head attention, no window, tied weights) exists in transformers' GPT-2")
+    os.makedirs(directory, exist_ok=True)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
+            value = value.t()
+        tensors[key] = value
+    if not cfg.bias:  # GPT-2 always has biases: zeros are the exact equivalent
+        for key, value in list(tensors.items()):
+            if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight")):
+                tensors[key.removesuffix(".weight") + ".bias"] = torch.zeros(value.shape[-1] if value.dim() == 2 else value.shape[0])
+    hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                 "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
+                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.norm_eps,
+                 "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                 "tie_word_embeddings": True}
+    eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
+    hf_config.update(bos_token_id=eot, eos_token_id=eot)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
 
 
 # -----------------------------------------------------------------------------
@@ -618,7 +679,12 @@ def read_hf_weights(directory):
 # Downloads: bpe.download (requests + tqdm, cached, resumable through an HTTP Range into a .part file,
 # size-checked) is the project's one downloader; it lives in bpe.py because that file must not need torch.
 
-HF_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+def download(url, path, **kwargs):
+    """bpe.download, so that every script downloads through gpt2.download; bpe is imported only here.
+    download("https://huggingface.co/.../config.json", "~/.cache/.../config.json") -> Path of the file"""
+    import bpe
+    return bpe.download(url, path, **kwargs)
 
 
 def cache_dir(sub=""):
@@ -757,10 +823,13 @@ def peak_flops(device):
 
 def add_common_args(parser, **defaults):
     """The flags that mean the same thing in every script."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.get("compile", False))
-    parser.add_argument("--seed", type=int, default=defaults.get("seed", 1337))
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to run; auto = cuda, else mps, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="compute dtype; auto = bfloat16 (or float16) on CUDA, float32 elsewhere")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.get("compile", False),
+                        help="torch.compile the model")
+    parser.add_argument("--seed", type=int, default=defaults.get("seed", 1337), help="random seed")
     return parser
 
 
@@ -815,7 +884,7 @@ class MetricsLog:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="gpt2 | gpt2-medium | ... | HF directory | checkpoint")
-    parser.add_argument("--prompt", default="Hello, I'm a language model,")
+    parser.add_argument("--prompt", default="Hello, I'm a language model,", help="text to complete (with --model)")
     add_common_args(parser)
     args = parser.parse_args()
     if args.model is None:
@@ -827,6 +896,7 @@ def main():
         logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
         print(f"tiny forward: logits {tuple(logits.shape)}")
         return
+    import bpe  # the tokenizer: needed only to complete a prompt here
     seed_everything(args.seed)
     device = pick_device(args.device)
     model = GPT.from_pretrained(args.model).to(device).eval()

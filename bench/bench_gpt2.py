@@ -1,14 +1,18 @@
 """Benchmark gpt2.py's training step (forward + backward + AdamW) against transformers' GPT2LMHeadModel of
-the same size, in the same run, plus parameter counts of the presets. On a CUDA GPU: tokens/s and MFU of
-GPT-2 124M at T=1024 with bf16 autocast + torch.compile.
+the same size, in the same run, plus parameter counts of the presets. With --gpu: tokens/s and MFU of
+GPT-2 124M at T=1024 with bf16 autocast + torch.compile on a CUDA GPU (it stops with an error without one).
 
-    python bench/bench_gpt2.py                      # CPU: gpt2 (124M) shape, B=2, T=128
-    python bench/bench_gpt2.py --batch-size 16 --seq-len 1024 --steps 30   # on a GPU
+    python bench/bench_gpt2.py --steps 8                              # CPU: gpt2 (124M) shape, B=2, T=128
+    python bench/bench_gpt2.py --gpu --out bench/results/gpt2_gpu.md  # CUDA: B=16, T=1024, bf16, compile
+
+--out writes the report (date, command, machine, load, results) to a markdown file as well as stdout.
 """
 
 import argparse
+import datetime
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -18,6 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import gpt2  # noqa: E402
 from gpt2 import GPT, GPTConfig  # noqa: E402
 
+# defaults of a plain run and of --gpu; a flag given on the command line wins over both
+CPU_DEFAULTS = dict(compile=False, batch_size=2, seq_len=128, steps=6, warmup=2)
+GPU_DEFAULTS = dict(compile=True, batch_size=16, seq_len=1024, steps=30, warmup=5)  # + cuda, bfloat16
 
 def param_table():
     rows = ["| preset | layers | heads | width | parameters | non-embedding |", "|---|---|---|---|---|---|"]
@@ -62,23 +69,66 @@ def groups(model):
             {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="gpt2", choices=list(gpt2.PRESETS))
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("what to run")
+    g.add_argument("--gpu", action="store_true",
+                   help="the GPU measurement: --device cuda --dtype bfloat16 " + ", ".join(f"{k}={v}" for k, v in GPU_DEFAULTS.items()))
+    g.add_argument("--model", default="gpt2", choices=list(gpt2.PRESETS), help="architecture preset to time")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 2; --gpu 16)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128; --gpu 1024)")
+    g.add_argument("--steps", type=int, default=None, help="timed steps per contender (default 6; --gpu 30)")
+    g.add_argument("--warmup", type=int, default=None, help="untimed steps first, compile included (default 2; --gpu 5)")
+    g.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    g.add_argument("--out", default=None, help="also write the report to this markdown file")
     gpt2.add_common_args(ap)
-    args = ap.parse_args()
-    device = gpt2.pick_device(args.device)
+    ap.set_defaults(compile=None)  # None = not given: --gpu turns it on, otherwise off
+    args = ap.parse_args(argv)
+    for k, v in (GPU_DEFAULTS if args.gpu else CPU_DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.gpu:
+        if args.device not in ("auto", "cuda"):
+            ap.error(f"--gpu runs on CUDA; drop --device {args.device} (or drop --gpu for a {args.device} run)")
+        if not torch.cuda.is_available():
+            raise SystemExit(f"bench_gpt2.py: --gpu needs a CUDA GPU, and torch {torch.__version__} sees none "
+                             f"(torch.cuda.is_available() is False); run it on a GPU machine, or drop --gpu for "
+                             f"a CPU run: python bench/bench_gpt2.py --steps 8")
+        args.device, args.dtype = "cuda", "bfloat16" if args.dtype == "auto" else args.dtype
+    return args
+
+
+def machine_line(device, dtype, compile):
+    if device == "cuda":
+        where = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), "
+                 f"{os.cpu_count()} cpus")
+    else:
+        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load = f", load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}" if load else ""
+    return (f"machine: {where}, torch {torch.__version__}, device {device}, dtype {dtype}, compile {compile}{load}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        device = gpt2.pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"bench_gpt2.py: {e}") from None
     dtype = gpt2.pick_dtype(args.dtype, device)
-    print(f"# gpt2.py training-step benchmark\n\nmachine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, torch {torch.__version__}, device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
-          + f", dtype {dtype}, compile {args.compile}\n")
-    print(param_table() + "\n")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_gpt2.py
+    lines = []
+
+    def report(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    report("# gpt2.py training-step benchmark\n")
+    report(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ")
+    report(f"command: `python {shlex.join(sys.argv if argv is None else ['bench/bench_gpt2.py', *argv])}`  ")
+    report(machine_line(device, dtype, args.compile) + "\n")
+    report(param_table() + "\n")
 
     B, T = args.batch_size, args.seq_len
     torch.manual_seed(0)
@@ -108,18 +158,28 @@ def main():
             results[name].append(step())
     flops = ours.flops_per_token(T)
     peak = gpt2.peak_flops(device)
-    print(f"training step, {args.model} shape, B={B}, T={T} ({B * T} tokens), fp32 AdamW (fused) for both, "
-          f"median of {args.steps} interleaved steps\n")
-    print("| implementation | forward + backward | whole step | tokens/s | MFU |\n|---|---|---|---|---|")
+    report(f"training step, {args.model} shape, B={B}, T={T} ({B * T} tokens), fp32 AdamW (fused) for both, "
+           f"median of {args.steps} interleaved steps after {args.warmup} warm-up step(s)\n")
+    report("| implementation | forward + backward | whole step | tokens/s | MFU |\n|---|---|---|---|---|")
     med, fb = {}, {}
     for name, ts in results.items():
         fb[name], med[name] = median([t[0] for t in ts]), median([t[1] for t in ts])
         tps = B * T / med[name]
         mfu = f"{tps * flops / peak:.1%}" if peak else "n/a"
-        print(f"| {name} | {fb[name] * 1000:.0f} ms | {med[name] * 1000:.0f} ms | {tps:,.0f} | {mfu} |")
+        report(f"| {name} | {fb[name] * 1000:.0f} ms | {med[name] * 1000:.0f} ms | {tps:,.0f} | {mfu} |")
+    if peak:
+        report(f"\nMFU = tokens/s x {flops / 1e9:.3f} GFLOPs per token (6N + 12 L H Q T) / {peak / 1e12:.0f} "
+               f"TFLOPS (dense bf16 peak of this GPU)")
+    if device == "cuda":
+        report(f"peak GPU memory allocated: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (all contenders)")
     if "transformers" in med:
-        print(f"\nratio gpt2.py / transformers: whole step {med['gpt2.py'] / med['transformers']:.3f}, "
-              f"forward + backward {fb['gpt2.py'] / fb['transformers']:.3f} (<= 1.0 means gpt2.py is no slower)")
+        report(f"\nratio gpt2.py / transformers: whole step {med['gpt2.py'] / med['transformers']:.3f}, "
+               f"forward + backward {fb['gpt2.py'] / fb['transformers']:.3f} (<= 1.0 means gpt2.py is no slower)")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":
