@@ -867,10 +867,13 @@ class MetricsLog:
             return None  # optional: no plot without matplotlib
         rows = self.read(self.out_dir)
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("train_loss", "val_loss"):
+        smoothed = any(r.get("train_loss_ema") is not None for r in rows)
+        for key in ("train_loss", "train_loss_ema", "val_loss"):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
+            if pts:  # with a smoothed curve, the raw per-step loss is only a faint band behind it
+                faint = key == "train_loss" and smoothed
+                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None,
+                        alpha=0.3 if faint else 1.0, linewidth=0.8 if faint else 1.5)
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
         out = os.path.join(self.out_dir, "loss.png")
         fig.savefig(out, dpi=100, bbox_inches="tight")
