@@ -792,9 +792,10 @@ PREAMBLE = ("Below is an instruction that describes a task. "
 
 def byte_tokenizer():
     """256 byte tokens plus <|endoftext|> = 256, no merges: each character of ASCII text is one token (so
-    every digit is its own token), and a 257-row embedding keeps a small model fast on a CPU.
+    every digit is its own token), and a 257-row embedding keeps a small model fast on a CPU. (GPT-2's split
+    pattern changes nothing without merges; it is kept so that every byte tokenizer dumps() the same text.)
     byte_tokenizer().encode("12+3") -> [49, 50, 43, 51]"""
-    return Tokenizer("none", special_tokens={ENDOFTEXT: 256})
+    return Tokenizer("gpt2", special_tokens={ENDOFTEXT: 256})
 
 
 def format_prompt(instruction, input="", preamble=True):
