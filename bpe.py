@@ -916,7 +916,7 @@ def write_rows(path, rows):
 TASK_DIR = HERE / "data" / "task"
 TASK_SIZES = {"pretrain": 200_000, "sft": 20_000, "sft_val": 500, "preference": 10_000, "rl": 10_000,
               "test": 500}
-TASK_MAX_DIGITS = 3
+TASK_MAX_DIGITS = 2
 
 
 def task_problem(rng, max_digits=TASK_MAX_DIGITS):
@@ -949,8 +949,9 @@ def plausible_wrong(a, op, b, rng):
 def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
     """Every split of the task, deterministic from the seed: {"pretrain": text, split: [rows]}.
     test (500 {"prompt", "answer"} rows, distinct problems) comes first and no other split holds any of its
-    problems. pretrain: worked answers, one per line (no template: the base model learns arithmetic, not
-    the format); sft / sft_val: {"prompt", "completion"}; preference: {"prompt", "chosen", "rejected"} with a
+    problems. pretrain: "Q: <question>\nA: <worked answer>\n" per problem, the way worked examples appear in
+    ordinary text (the base model learns arithmetic and to restate a problem, not the template or when to
+    stop); sft / sft_val: {"prompt", "completion"}; preference: {"prompt", "chosen", "rejected"} with a
     plausible wrong answer; rl: {"prompt", "answer"}."""
     sizes = {**TASK_SIZES, **(sizes or {})}
     rng = random.Random(f"task-{seed}-{max_digits}")
@@ -970,7 +971,7 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
         return out
 
     out = {"test": [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in test)]}
-    out["pretrain"] = "".join(task_text(*p)[1] + "\n" for p in draw(sizes["pretrain"]))
+    out["pretrain"] = "".join("Q: {}\nA: {}\n".format(*task_text(*p)[:2]) for p in draw(sizes["pretrain"]))
     for split in ("sft", "sft_val"):
         out[split] = [{"prompt": q, "completion": w} for q, w, _ in (task_text(*p) for p in draw(sizes[split]))]
     out["preference"] = [{"prompt": task_text(*p)[0], "chosen": task_text(*p)[1],
@@ -983,7 +984,7 @@ def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGIT
     """Write make_task's splits to directory (pretrain.txt, sft.jsonl, sft_val.jsonl, preference.jsonl,
     rl.jsonl, test.jsonl) unless the same task is there already; returns {split: path}."""
     directory = Path(directory)
-    spec = {"seed": seed, "max_digits": max_digits, "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 1}
+    spec = {"seed": seed, "max_digits": max_digits, "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 2}
     paths = {s: directory / (f"{s}.txt" if s == "pretrain" else f"{s}.jsonl") for s in spec["sizes"]}
     manifest = directory / "task.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == spec and all(p.is_file() for p in paths.values()):

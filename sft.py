@@ -123,9 +123,12 @@ def load_splits(args):
         fail(f"--data {args.data!r}: no such file or folder, and not 'task'")
     rows = bpe.read_rows(args.data, "sft")
     try:
-        train_pct, val_pct, test_pct = map(float, args.split.split("/"))
+        pcts = [float(x) for x in args.split.split("/")]
     except ValueError:
-        fail(f"--split {args.split!r}: give train/val/test percentages, e.g. 85/5/10")
+        pcts = []
+    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0:
+        fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, e.g. 85/5/10")
+    train_pct, _, test_pct = pcts
     n_train, n_test = int(len(rows) * train_pct / 100), int(len(rows) * test_pct / 100)
     return rows[:n_train], rows[n_train + n_test:], rows[n_train:n_train + n_test]
 

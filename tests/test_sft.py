@@ -163,13 +163,14 @@ def test_task_is_deterministic_disjoint_and_verifiable(tmp_path):
     a, b, c = bpe.make_task(0, sizes), bpe.make_task(0, sizes), bpe.make_task(1, sizes)
     assert a == b and a["test"] != c["test"]
     assert {k: len(v) for k, v in a.items() if k != "pretrain"} == {k: v for k, v in sizes.items() if k != "pretrain"}
-    assert len(a["pretrain"].splitlines()) == sizes["pretrain"]
+    assert len(a["pretrain"].splitlines()) == 2 * sizes["pretrain"]
     test = {r["prompt"] for r in a["test"]}
     assert len(test) == len(a["test"])  # distinct problems
     for split in ("sft", "sft_val", "preference", "rl"):
         assert not test & {r["prompt"] for r in a[split]}, f"{split} holds test problems"
-    pretrain = {"What is " + line.split(" =")[0] + "?" for line in a["pretrain"].splitlines()}
-    assert not test & pretrain
+    lines = a["pretrain"].splitlines()
+    assert [line[:3] for line in lines[:4]] == ["Q: ", "A: ", "Q: ", "A: "]
+    assert not test & {line[3:] for line in lines[::2]}
     for r in a["sft"]:  # the worked answer is right, and says the problem again
         q = r["prompt"].removeprefix("What is ").removesuffix("?")
         assert r["completion"].startswith(q + " = ") and bpe.reward(r["completion"], str(eval(q))) == 1.0
@@ -387,3 +388,6 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
     assert sft.BASE_COMMAND in str(e.value) and "out/task-base/ckpt.pt" in str(e.value)
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sft.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
+    bpe.write_rows(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 20)
+    with pytest.raises(SystemExit, match="sum to 100"):
+        sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"), "--split", "80/10", *RUN])
