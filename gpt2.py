@@ -19,6 +19,9 @@ What it teaches, in the file's order:
   7. Checkpoints: atomic writes, weights_only loads, clear errors on a mismatch.
   8. The helpers every script shares: device / dtype / autocast choice, seeding, learning-rate schedule,
      peak FLOPs for MFU, the common flags, metrics logging.
+  9. Post-training pieces: LoRA adapters (add, merge, save alone) and a cached batched sampler
+     (left-padded prompts, per-row end-of-text, temperature / top-k / top-p, log-probs of the sampled
+     tokens) that sft.py evaluates with and the RL files roll out with.
 
     python gpt2.py                 # parameter counts of the presets and a forward pass of `tiny`
     python gpt2.py --model gpt2    # downloads GPT-2 124M from the HF hub and completes a prompt

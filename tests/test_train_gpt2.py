@@ -368,6 +368,20 @@ def test_tokenizer_sets_the_vocabulary_and_travels_with_the_checkpoint(tmp_path,
         assert "was trained with another tokenizer (300 ids)" in msg and "drop --tokenizer" in msg
 
 
+def test_task_preset_trains_the_pipelines_base_on_the_generated_task_in_bytes(tmp_path):
+    args = tg.parse_args(["--preset", "task"])
+    assert (args.data, args.tokenizer, args.pos_emb, args.out_dir) == ("task", "bytes", "rope", "out/task-base")
+    train, _ = tg.resolve_data("task", 0, tg.load_tokenizer("bytes"))
+    pretrain = bpe.task_files()["pretrain"].read_text(encoding="utf-8")
+    assert bpe.byte_tokenizer().decode(tg.read_shard(train[0])[:200].tolist()) == pretrain[:200]  # the task's text
+    tg.main(["--preset", "task", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "32",
+             "--batch-size", "4", "--total-batch-size", "128", "--max-steps", "2", "--eval-interval", "0",
+             "--sample-tokens", "0", "--out-dir", str(tmp_path / "base")])
+    ckpt = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    assert ckpt["tokenizer"] == bpe.byte_tokenizer().dumps()  # what sft.py rebuilds its tokenizer from
+    assert (ckpt["config"]["vocab_size"], ckpt["config"]["pos_emb"]) == (320, "rope")
+
+
 @pytest.mark.skipif(not os.environ.get("LLM_SCRATCH_SLOW"), reason="the full default run takes ~10+ minutes "
                     "on a 2-core CPU; set LLM_SCRATCH_SLOW=1 (README reports a measured run)")
 def test_default_run_beats_unigram_entropy(tmp_path):
