@@ -262,6 +262,7 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.28, beta=0
         per_token = per_token + beta * kl
     m = mask.sum().clamp(min=1)
     stats = {"kl": float((kl.detach() * mask).sum() / m), "ratio": float((ratio.detach() * mask).sum() / m),
+             "ratio_dev": float(((ratio.detach() - 1).abs() * mask).max()),  # 0 on an on-policy step
              "clip_frac": float((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * mask).sum() / m)}
     return aggregate(per_token, mask, how, max_len), stats
 
@@ -309,7 +310,8 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
              "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
              "max_logp_diff": 0.0}
     if not keep.any():  # every group scored alike: nothing to learn from this batch
-        return {**stats, "loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 1.0, "entropy": 0.0, "skipped": 1}
+        return {**stats, "loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 1.0, "ratio_dev": 0.0, "entropy": 0.0,
+                "skipped": 1}
     idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]
     T = batch["T"]
     ref_logp = None
