@@ -48,7 +48,7 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, downloa
 
 PRESETS = {
     # the arithmetic task on a CPU, from sft.py's model: 8 prompts x 8 answers per step
-    "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=60,
+    "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=40,
                  prompts=8, group_size=8, lr=1e-5, max_new_tokens=16, eval_interval=20, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
@@ -309,7 +309,7 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
     stats = {"reward": float(batch["rewards"].mean()), "train_accuracy": float(batch["correct"].mean()),
              "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
              "max_logp_diff": 0.0}
-    if not keep.any():  # every group scored alike: nothing to learn from this batch
+    if not adv[keep].any():  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
         return {**stats, "loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 1.0, "ratio_dev": 0.0, "entropy": 0.0,
                 "skipped": 1}
     idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]

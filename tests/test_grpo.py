@@ -148,6 +148,14 @@ def test_zero_signal_groups_are_counted_and_dropped():
                         "drop_zero_signal": True}), "cpu", torch.float32)
     assert s["zero_signal"] == 1.0 and s["skipped"] == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing learned
+    # without dropping, a batch of zero-signal groups is skipped too: Adam's momentum alone would move the weights
+    opt = model.configure_optimizer(0.0, 1e-3)
+    b["rewards"] = torch.tensor([1., 0., 0., 1., 1., 0.])
+    grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])
+    s = grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
+    assert s["skipped"] == 1 and all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
 
 
 def test_grpo_learns_a_toy_reward():
