@@ -49,7 +49,7 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, downloa
 PRESETS = {
     # the arithmetic task on a CPU, from sft.py's model: 8 prompts x 8 answers per step
     "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=40,
-                 prompts=8, group_size=8, lr=1e-5, max_new_tokens=16, eval_interval=20, eval_limit=500),
+                 prompts=8, group_size=8, lr=1e-4, max_new_tokens=16, eval_interval=20, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
@@ -310,8 +310,7 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
              "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
              "max_logp_diff": 0.0}
     if not adv[keep].any():  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
-        return {**stats, "loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio": 1.0, "ratio_dev": 0.0, "entropy": 0.0,
-                "skipped": 1}
+        return {**stats, "loss": 0.0, "skipped": 1}  # no forward pass: no KL, clip or entropy to report
     idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]
     T = batch["T"]
     ref_logp = None
@@ -402,7 +401,7 @@ def main(argv=None):
         done = step + 1
         metrics.log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
                     **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()})
-        bar.set_postfix(reward=f"{s['reward']:.2f}", zero=f"{s['zero_signal']:.2f}", kl=f"{s['kl']:.4f}")
+        bar.set_postfix(reward=f"{s['reward']:.2f}", zero=f"{s['zero_signal']:.2f}", kl=f"{s.get('kl', 0):.4f}")
         if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
             train_time += time.time() - t0
             evaluate(done)
