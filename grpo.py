@@ -1,0 +1,448 @@
+"""
+grpo.py: reinforcement learning with verifiable rewards: GRPO (Shao et al., 2024, DeepSeekMath) and the fixes
+that followed it (Dr. GRPO, DAPO), on a task whose answers a program can check.
+
+What it teaches, top to bottom:
+  1. Rollouts: each prompt is answered G times by sampling (gpt2.sample, which also returns the
+     log-probability of every token it drew), and each answer is scored by the task's verifier (bpe.reward:
+     exact final answer), plus an optional small reward for a well-formed answer.
+  2. Group-relative advantages: an answer's reward minus the mean reward of its group (the G answers to the
+     same prompt), optionally divided by the group's standard deviation. The group mean is the baseline a
+     learned value function gives PPO; here it costs nothing. A group whose answers all score the same gets
+     advantage 0 everywhere: it carries no signal (counted; --drop-zero-signal removes it, DAPO's dynamic
+     sampling).
+  3. The loss: PPO's clipped importance ratio pi / pi_old per token, with DAPO's higher upper clip
+     (--clip-high); a KL penalty to the frozen starting model with the k3 estimator (--beta, 0 allowed: recent
+     recipes drop it); and the token losses aggregated one of three ways (--loss):
+        grpo     mean over each answer's tokens, then over answers (long answers weigh less per token)
+        dr_grpo  sum over tokens / (answers x --max-new-tokens), a constant: no length bias (Dr. GRPO)
+        dapo     mean over every token of the batch (DAPO's token-level loss)
+  4. The loop: one rollout batch, then --updates gradient steps on it (1 = on-policy; more reuse the batch,
+     off-policy, and the ratio and its clip start to matter), greedy accuracy on held-out problems,
+     metrics.jsonl (reward, accuracy, zero-signal groups, KL, clip fraction, entropy, answer length),
+     an atomic checkpoint, exact --resume, a plot.
+
+The CPU pipeline (after sft.py; see its docstring for the base model):
+    python grpo.py                                  # out/task-sft/ckpt.pt -> out/task-grpo/ckpt.pt
+    python grpo.py --loss dr_grpo --beta 0.04       # any switch; --help lists them
+    python grpo.py --resume                         # continue out/task-grpo from its checkpoint
+The real recipe (a GPU; downloads GSM8K, starts from sft.py's instruction-tuned GPT-2 medium):
+    python sft.py --preset gpt2-alpaca && python grpo.py --preset gpt2-gsm8k
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import bpe
+from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
+                  load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
+
+# -----------------------------------------------------------------------------
+# Runs. A preset fills in defaults; a flag given on the command line wins.
+
+PRESETS = {
+    # the arithmetic task on a CPU, from sft.py's model: 8 prompts x 8 answers per step
+    "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=40,
+                 prompts=8, group_size=8, lr=1e-4, max_new_tokens=16, eval_interval=20, eval_limit=500),
+    # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
+    "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
+                       max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
+                       eval_limit=500),
+}
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+LOSSES = ("grpo", "dr_grpo", "dapo")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
+    g.add_argument("--init", help="the model to train: a checkpoint (sft.py's), gpt2 | gpt2-medium | ..., or an HF folder")
+    g.add_argument("--data", help="task | gsm8k (downloaded to data/gsm8k) | a folder with rl.jsonl + test.jsonl "
+                                  "({prompt, answer}) or GSM8K's train.jsonl + test.jsonl")
+    g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt and grpo.png go")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
+    g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
+    g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
+                   help="start prompts with Alpaca's 'Below is an instruction...' sentence (as in SFT)")
+    g = p.add_argument_group("rollouts and reward")
+    g.add_argument("--prompts", type=int, help="prompts per rollout batch")
+    g.add_argument("--group-size", type=int, help="answers sampled per prompt (G >= 2)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--max-new-tokens", type=int, help="longest answer (also dr_grpo's constant length)")
+    g.add_argument("--format-reward", type=float, default=0.0,
+                   help="added to the reward of an answer that stops and states a number (0 = verifier only)")
+    g = p.add_argument_group("method")
+    g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                   help="subtract the group's mean reward (--no-baseline: the raw reward is the advantage)")
+    g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
+                   help="divide advantages by the group's reward std (Dr. GRPO: --no-scale-rewards)")
+    g.add_argument("--loss", default="grpo", choices=LOSSES, help="how token losses are aggregated (see above)")
+    g.add_argument("--clip-low", type=float, default=0.2, help="ratio clipped below at 1 - this (PPO's epsilon)")
+    g.add_argument("--clip-high", type=float, default=0.28, help="ratio clipped above at 1 + this (DAPO: 0.28)")
+    g.add_argument("--beta", type=float, default=0.0, help="weight of the k3 KL penalty to the starting model")
+    g.add_argument("--updates", type=int, default=1,
+                   help="gradient steps per rollout batch (1 = on-policy; more reuse it, off-policy)")
+    g.add_argument("--drop-zero-signal", action=argparse.BooleanOptionalAction, default=False,
+                   help="leave groups whose answers all score the same out of the loss (DAPO's dynamic sampling)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=int, help="rollout batches")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in rollout batches")
+    g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, help="steps between greedy test evaluations (0 = start and end)")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N test rows (0 = all)")
+    g.add_argument("--eval-batch-size", type=int, default=100, help="prompts generated at once")
+    add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
+    first, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[first.preset])
+    args = p.parse_args(argv)
+    if args.group_size < 2:
+        fail(f"--group-size {args.group_size}: a group needs at least 2 answers to have a mean to compare with")
+    return args
+
+
+def fail(msg):
+    raise SystemExit(f"grpo.py: error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# 0. Data and model: {prompt, answer} rows, a checkpoint and its tokenizer
+
+
+def gsm8k_rows(path):
+    """GSM8K's {question, answer} lines -> {prompt, answer} rows, the answer being the text after '####'.
+    {"question": "Tom has 3...", "answer": "He has 3 + 4 = 7.\\n#### 7"} -> {"prompt": "Tom has 3...", "answer": "7"}"""
+    rows = []
+    for lineno, line in enumerate(open(path, encoding="utf-8"), 1):
+        if line.strip():
+            r = json.loads(line)
+            if "question" not in r or "####" not in r.get("answer", ""):
+                raise ValueError(f"{path}:{lineno}: a GSM8K row needs 'question' and an 'answer' ending '#### N'")
+            rows.append({"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip()})
+    return rows
+
+
+def load_rows(data):
+    """--data -> (train rows, test rows), each {"prompt", "answer"}."""
+    if data == "task":
+        paths = bpe.task_files()
+        return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
+    folder = os.path.join("data", "gsm8k") if data == "gsm8k" else data
+    if not os.path.isdir(folder):
+        fail(f"--data {data!r}: no such folder, and not 'task' or 'gsm8k'")
+    if os.path.exists(os.path.join(folder, "rl.jsonl")):
+        return tuple(bpe.read_rows(os.path.join(folder, f"{s}.jsonl"), "rl") for s in ("rl", "test"))
+    for split in ("train", "test"):
+        if data == "gsm8k" and not os.path.exists(os.path.join(folder, f"{split}.jsonl")):
+            download(GSM8K_URL.format(split), os.path.join(folder, f"{split}.jsonl"))
+        if not os.path.exists(os.path.join(folder, f"{split}.jsonl")):
+            fail(f"{folder} holds neither rl.jsonl ({{prompt, answer}}) nor GSM8K's {split}.jsonl")
+    return tuple(gsm8k_rows(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "test"))
+
+
+def load_policy(init):
+    """--init -> (model, tokenizer): a checkpoint brings the tokenizer it was trained with."""
+    if os.path.isfile(init):
+        ckpt = load_checkpoint(init)
+        model = GPT.from_checkpoint(init)
+        tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
+    elif init in HF_MODELS or os.path.isdir(init):
+        model, tok = GPT.from_pretrained(init), bpe.load_gpt2()
+    elif init == PRESETS["task"]["init"]:
+        fail(f"no SFT model at {init}; make it with `python sft.py` (see sft.py's docstring)")
+    else:
+        fail(f"--init {init!r}: not a checkpoint file, an HF folder, or one of {', '.join(HF_MODELS)}")
+    return model, tok
+
+
+# -----------------------------------------------------------------------------
+# 1. Rollouts: G answers per prompt, scored by the verifier
+
+
+def score(text, answer, format_reward=0.0):
+    """The verifier (1 when the final number is the answer), plus format_reward when the answer stopped on
+    its own and states a number. score("3 + 4 = 7<|endoftext|>", "7", 0.1) -> 1.1"""
+    stopped = text.endswith(bpe.ENDOFTEXT)
+    fmt = format_reward if stopped and bpe.final_answer(text) is not None else 0.0
+    return bpe.reward(text, answer) + fmt
+
+
+@torch.no_grad()
+def rollout(model, tok, rows, G, args, device, dtype):
+    """Each row's prompt G times -> a batch of B = len(rows) * G answers, group by group (rows 0..G-1 answer
+    the first prompt). Returns a dict: idx (B, T + N) prompt + answer tokens, attn (B, T + N) 1 on real
+    tokens (left padding before the prompt and the tail after an answer's end-of-text are 0), mask (B, N) the
+    answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T."""
+    prompts = [tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in rows for _ in range(G)]
+    idx, attn = left_pad(prompts, tok.eot_token, device)
+    with autocast(device, dtype):
+        tokens, mask, logp = sample(model, idx, args.max_new_tokens, attention_mask=attn,
+                                    temperature=args.temperature, eos_id=tok.eot_token)
+    texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
+    answers = [r["answer"] for r in rows for _ in range(G)]
+    rewards = torch.tensor([score(t, a, args.format_reward) for t, a in zip(texts, answers)], device=device)
+    correct = torch.tensor([bpe.reward(t, a) for t, a in zip(texts, answers)], device=device)
+    return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
+                logp=logp.float(), rewards=rewards, correct=correct, T=idx.size(1), texts=texts)
+
+
+def token_logprobs(model, idx, attn, T, temperature=1.0):
+    """Log-probabilities of the answer tokens idx[:, T:] under the model (one forward pass over prompt +
+    answer), with the temperature the rollouts were sampled at, and the entropy of each of those
+    distributions. -> logp (B, N), entropy (B, N)"""
+    logits, _ = model(idx[:, :-1], attention_mask=attn[:, :-1])  # position t predicts token t + 1
+    logits = logits[:, T - 1:].float() / max(temperature, 1e-6)  # (B, N, V): the answer's predictions
+    logprobs = logits.log_softmax(-1)
+    logp = logprobs.gather(-1, idx[:, T:, None]).squeeze(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+# -----------------------------------------------------------------------------
+# 2. Advantages: reward minus the group mean, optionally over the group std
+
+
+def group_advantages(rewards, G, baseline=True, scale=True, eps=1e-4):
+    """rewards (B,) laid out group by group -> advantages (B,) and, per group, whether it has no signal
+    (every answer scored the same). A zero-std group gives 0, never NaN: its rewards minus their mean are
+    exactly 0 before the division.
+    group_advantages(tensor([1., 0., 1., 1.]), 2) -> (tensor([0.71, -0.71, 0., 0.]), tensor([False, True]))"""
+    r = rewards.view(-1, G)  # (groups, G)
+    adv = r - r.mean(1, keepdim=True) if baseline else r
+    std = r.std(1, keepdim=True)  # unbiased, as GRPO's reference code and TRL
+    if scale:
+        adv = adv / (std + eps)
+    return adv.reshape(-1), (std == 0).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# 3. The loss: clipped ratio, k3 KL, and the three ways to aggregate token losses
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token KL(pi || pi_ref) estimate of Schulman's k3: r - log r - 1 with r = pi_ref / pi, on tokens drawn
+    from pi. Unbiased, and >= 0 token by token (x - 1 >= log x). k3_kl(tensor([-1.]), tensor([-1.])) -> 0."""
+    d = ref_logp - logp
+    return d.exp() - d - 1
+
+
+def aggregate(loss, mask, how, max_len=None):
+    """Token losses (B, N) and the answer mask (B, N) -> one number.
+    grpo: each answer's mean, then the mean over answers; dr_grpo: the sum / (B * max_len), a constant;
+    dapo: the mean over every answer token of the batch."""
+    if how == "grpo":
+        return ((loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if how == "dr_grpo":
+        return (loss * mask).sum() / (mask.size(0) * (max_len or mask.size(1)))
+    if how == "dapo":
+        return (loss * mask).sum() / mask.sum().clamp(min=1)
+    raise ValueError(f"unknown loss aggregation {how!r}; valid: {', '.join(LOSSES)}")
+
+
+def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.28, beta=0.0, ref_logp=None, how="grpo",
+              max_len=None):
+    """The GRPO objective, negated for a minimizer. logp (B, N) under the policy being trained, old_logp the
+    policy that sampled (no gradient), adv (B,) per answer, mask (B, N). -> (loss, stats)"""
+    ratio = (logp - old_logp).exp()
+    a = adv[:, None]
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    per_token = -torch.min(ratio * a, clipped * a)  # pessimistic: the clip removes the incentive, never adds
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    m = mask.sum().clamp(min=1)
+    stats = {"kl": float((kl.detach() * mask).sum() / m), "ratio": float((ratio.detach() * mask).sum() / m),
+             "ratio_dev": float(((ratio.detach() - 1).abs() * mask).max()),  # 0 on an on-policy step
+             "clip_frac": float((((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float() * mask).sum() / m)}
+    return aggregate(per_token, mask, how, max_len), stats
+
+
+# -----------------------------------------------------------------------------
+# 4. Evaluation: greedy answers to held-out problems, scored by the verifier
+
+
+@torch.no_grad()
+def accuracy(model, tok, rows, args, device, dtype):
+    """Fraction of rows whose greedy answer the verifier accepts."""
+    hits = 0
+    for k in range(0, len(rows), args.eval_batch_size):
+        batch = rows[k:k + args.eval_batch_size]
+        idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in batch],
+                             tok.eot_token, device)
+        with autocast(device, dtype):
+            tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
+                                     eos_id=tok.eot_token)
+        for r, ts, ms in zip(batch, tokens.tolist(), mask.tolist()):
+            hits += bpe.reward(tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
+    return hits / len(rows)
+
+
+# -----------------------------------------------------------------------------
+# 5. The loop
+
+
+def prompts_at(step, n_rows, n, seed):
+    """Indices of the prompts of rollout batch `step`: epoch e shuffles the rows with the seed (seed, e). The
+    state is the step alone, so a resumed run sees the prompts the uninterrupted run would have."""
+    per_epoch = n_rows // n
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return order[i * n:(i + 1) * n].tolist()
+
+
+def train_step(model, ref, optimizer, batch, args, device, dtype):
+    """Advantages for one rollout batch, then args.updates gradient steps on it. -> stats of the batch."""
+    adv, zero = group_advantages(batch["rewards"], args.group_size, args.baseline, args.scale_rewards)
+    keep = torch.ones_like(adv, dtype=torch.bool)
+    if args.drop_zero_signal:
+        keep = ~zero.repeat_interleave(args.group_size)
+    stats = {"reward": float(batch["rewards"].mean()), "train_accuracy": float(batch["correct"].mean()),
+             "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
+             "max_logp_diff": 0.0}
+    if not adv[keep].any():  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
+        return {**stats, "loss": 0.0, "skipped": 1}  # no forward pass: no KL, clip or entropy to report
+    idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]
+    T = batch["T"]
+    ref_logp = None
+    if ref is not None:
+        with torch.no_grad(), autocast(device, dtype):
+            ref_logp, _ = token_logprobs(ref, idx, attn, T, args.temperature)
+    old_logp = None
+    for u in range(args.updates):
+        with autocast(device, dtype):
+            logp, entropy = token_logprobs(model, idx, attn, T, args.temperature)
+        if u == 0:  # the policy that sampled is this one: recomputed (not the cache's) numbers make ratio == 1
+            old_logp = logp.detach()
+            stats["max_logp_diff"] = float(((old_logp - batch["logp"][keep]).abs() * mask).max())
+            stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum())
+        loss, s = grpo_loss(logp, old_logp, adv, mask, clip_low=args.clip_low, clip_high=args.clip_high,
+                            beta=args.beta, ref_logp=ref_logp, how=args.loss, max_len=args.max_new_tokens)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {**stats, **s, "loss": loss.item(), "skipped": 0}  # kl, clip_frac: of the last update
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    resume = None
+    if args.resume:  # the run's own settings, except where it runs and when it stops
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
+        resume = load_checkpoint(ckpt_path)
+        keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
+        args = argparse.Namespace(**{**resume["args"], **keep})
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    seed_everything(args.seed)
+    model, tok = load_policy(args.init)
+    try:
+        train_rows, test_rows = load_rows(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    if args.eval_limit:
+        test_rows = test_rows[:args.eval_limit]
+    if len(train_rows) < args.prompts:
+        fail(f"{len(train_rows)} training prompts do not fill one batch of --prompts {args.prompts}")
+    model.to(device).eval()  # eval: no dropout, so the ratio compares the same function on both sides
+    # the reference for the KL term (and the KL metric): the starting model, frozen
+    ref = copy.deepcopy(model).requires_grad_(False)
+    if resume:
+        load_model_state(model, resume["model"], ckpt_path)
+    optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.99), device)
+    step = 0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        step = resume["step"]
+        torch.set_rng_state(resume["rng"])
+        print(f"resumed from {ckpt_path} at step {step}")
+    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
+    print(f"{args.init}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(train_rows):,} "
+          f"prompts, {len(test_rows)} test | {args.max_steps} steps of {args.prompts} prompts x {args.group_size} "
+          f"answers | loss {args.loss}, beta {args.beta}, updates {args.updates} | device {device}")
+
+    def evaluate(done):
+        t = time.time()
+        acc = accuracy(model, tok, test_rows, args, device, dtype)
+        metrics.log(step=done, accuracy=acc, eval_s=round(time.time() - t, 2))
+        tqdm.write(f"step {done:4d} | test accuracy (greedy) {acc:.1%}")
+
+    def checkpoint(done):
+        save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=done, rng=torch.get_rng_state(),
+                        args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
+
+    if step == 0:
+        evaluate(0)
+    stop = min(args.max_steps, args.stop_after or args.max_steps)
+    t0, train_time = time.time(), 0.0
+    bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.prompts, args.seed)]
+        t = time.time()
+        batch = rollout(model, tok, rows, args.group_size, args, device, dtype)
+        t_roll = time.time() - t
+        s = train_step(model, ref, optimizer, batch, args, device, dtype)
+        done = step + 1
+        metrics.log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
+                    **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()})
+        bar.set_postfix(reward=f"{s['reward']:.2f}", zero=f"{s['zero_signal']:.2f}", kl=f"{s.get('kl', 0):.4f}")
+        if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
+            train_time += time.time() - t0
+            evaluate(done)
+            checkpoint(done)
+            t0 = time.time()
+    bar.close()
+    if stop == args.max_steps:
+        metrics.log(step=stop, train_s=round(train_time, 1))
+    print(f"{'done' if stop == args.max_steps else 'stopped'} at step {stop}: {train_time:.0f} s | checkpoint {ckpt_path}")
+    if plot := plot_metrics(args.out_dir, f"grpo {args.preset} ({args.loss})"):
+        print(f"plot {plot}")
+
+
+# =============================================================================
+# Plumbing: the plot
+
+
+def plot_metrics(out_dir, title):
+    """<out_dir>/grpo.png: test accuracy, reward, zero-signal fraction, KL, clip fraction, entropy and answer
+    length against the step (None without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = MetricsLog.read(out_dir)
+    keys = ("accuracy", "reward", "zero_signal", "kl", "clip_frac", "entropy", "length", "loss")
+    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "accuracy" else None, linewidth=1.2)
+        ax.set_title(key.replace("_", " ")), ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = os.path.join(out_dir, "grpo.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Tests of grpo.py: group advantages, the three loss aggregations, the k3 KL, the importance ratio, the
+rollout log-probabilities, learning on a toy reward, exact resume, and the GSM8K recipe's code path.
+CPU only, offline, tiny models."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import bpe
+import gpt2
+import grpo
+from gpt2 import GPT, GPTConfig
+
+BYTES = bpe.byte_tokenizer()
+EOT = BYTES.eot_token
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small do not gain from threads, and the machine is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32, pos_emb="rope")
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+def settings(**kw):
+    """The flags train_step and rollout read, with the task preset's defaults."""
+    args = grpo.parse_args(["--device", "cpu"])
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
+# -----------------------------------------------------------------------------
+# Advantages, losses, KL on hand numbers
+
+
+def test_group_advantages_on_hand_numbers():
+    r = torch.tensor([1., 0., 1., 1., 0., 0., 0., 0., 1., 1., 1., 1.])  # 3 groups of 4
+    adv, zero = grpo.group_advantages(r, 4)
+    # group 1: mean 0.75, unbiased std sqrt(0.75 / 3) = 0.5; groups 2 and 3 all alike: zero advantage, no NaN
+    want = torch.tensor([0.25, -0.75, 0.25, 0.25]) / (0.5 + 1e-4)
+    assert torch.allclose(adv[:4], want) and (adv[4:] == 0).all() and not adv.isnan().any()
+    assert zero.tolist() == [False, True, True]
+    adv, _ = grpo.group_advantages(r, 4, scale=False)  # Dr. GRPO: the mean only
+    assert torch.allclose(adv[:4], torch.tensor([0.25, -0.75, 0.25, 0.25])) and (adv[4:] == 0).all()
+    adv, _ = grpo.group_advantages(r, 4, baseline=False, scale=False)  # no baseline: the reward itself
+    assert torch.equal(adv, r)
+    adv, _ = grpo.group_advantages(torch.tensor([1., 0.]), 2)
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5]) / (0.5 ** 0.5 + 1e-4))
+
+
+def test_each_aggregation_against_its_formula():
+    loss = torch.arange(1., 13.).view(3, 4)
+    mask = torch.tensor([[1., 1., 1., 0.], [1., 0., 0., 0.], [1., 1., 0., 0.]])  # answers of 3, 1, 2 tokens
+    per_answer = [(1 + 2 + 3) / 3, 5 / 1, (9 + 10) / 2]
+    assert grpo.aggregate(loss, mask, "grpo") == pytest.approx(sum(per_answer) / 3)
+    total = 1 + 2 + 3 + 5 + 9 + 10
+    assert grpo.aggregate(loss, mask, "dapo") == pytest.approx(total / 6)
+    assert grpo.aggregate(loss, mask, "dr_grpo", max_len=16) == pytest.approx(total / (3 * 16))
+    assert grpo.aggregate(loss, mask, "dr_grpo") == pytest.approx(total / (3 * 4))
+    with pytest.raises(ValueError, match="dr_grpo"):
+        grpo.aggregate(loss, mask, "mean")
+
+
+def test_k3_kl_is_nonnegative_and_zero_at_the_reference():
+    torch.manual_seed(0)
+    logp, ref = -torch.rand(1000) * 5, -torch.rand(1000) * 5
+    kl = grpo.k3_kl(logp, ref)
+    assert (kl >= 0).all() and kl.max() > 0.1
+    assert (grpo.k3_kl(logp, logp) == 0).all()
+    assert torch.allclose(kl, (ref - logp).exp() - (ref - logp) - 1)
+
+
+def test_clipped_loss_on_hand_numbers():
+    # ratio 1.5 with a positive advantage: clipped at 1.28 (no gradient); ratio 0.5 with a negative one: at 0.8
+    logp = torch.log(torch.tensor([[1.5, 0.5]])).requires_grad_()
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    loss, s = grpo.grpo_loss(logp, old, torch.tensor([1.0]), mask, how="dapo")
+    assert loss.item() == pytest.approx(-(1.28 + 0.5) / 2) and s["clip_frac"] == 1.0
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0  # the clip removes the incentive, never adds one
+    loss, _ = grpo.grpo_loss(logp.detach(), old, torch.tensor([-1.0]), mask, how="dapo")
+    assert float(loss) == pytest.approx((1.5 + 0.8) / 2)
+    # the KL term enters with beta
+    ref = torch.zeros(1, 2)
+    with_kl, s = grpo.grpo_loss(logp.detach(), old, torch.tensor([1.0]), mask, how="dapo", beta=0.5, ref_logp=ref)
+    assert float(with_kl) == pytest.approx(-(1.28 + 0.5) / 2 + 0.5 * s["kl"]) and s["kl"] > 0
+
+
+# -----------------------------------------------------------------------------
+# Rollouts and the ratio
+
+
+ROWS = [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "What is 12 - 5?", "answer": "7"},
+        {"prompt": "What is 1 + 1?", "answer": "2"}]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
+    model = tiny(1)
+    args = settings(max_new_tokens=12, temperature=temperature)
+    torch.manual_seed(0)
+    b = grpo.rollout(model, BYTES, ROWS, 4, args, "cpu", torch.float32)
+    assert b["idx"].shape[0] == 12 and b["mask"].sum(1).min() < b["mask"].size(1)  # some answers ended early
+    with torch.no_grad():
+        logp, entropy = grpo.token_logprobs(model, b["idx"], b["attn"], b["T"], temperature)
+    m = b["mask"].bool()
+    assert torch.allclose(logp[m], b["logp"][m], atol=1e-5) and (entropy[m] > 0).all()
+    assert b["texts"][0] == BYTES.decode([t for t, k in zip(b["idx"][0, b["T"]:].tolist(), m[0].tolist()) if k])
+
+
+def test_ratio_is_one_on_the_first_on_policy_step():
+    model = tiny(2)
+    args = settings(max_new_tokens=8, group_size=4, beta=0.04)
+    torch.manual_seed(0)
+    b = grpo.rollout(model, BYTES, ROWS, 4, args, "cpu", torch.float32)
+    b["rewards"] = torch.arange(12.) % 3  # every group has signal
+    opt = model.configure_optimizer(0.0, 1e-3)
+    s = grpo.train_step(model, grpo.copy.deepcopy(model), opt, b, args, "cpu", torch.float32)
+    assert s["ratio"] == 1.0 and s["ratio_dev"] == 0.0 and s["clip_frac"] == 0.0 and s["kl"] == 0.0 and s["max_logp_diff"] < 1e-5
+    # a second update on the same batch is off-policy: the ratio moves and the KL to the start appears
+    b2 = {**b, "logp": b["logp"]}
+    s = grpo.train_step(model, grpo.copy.deepcopy(tiny(2)), opt, b2, settings(**{**vars(args), "updates": 3}),
+                        "cpu", torch.float32)
+    assert s["ratio_dev"] > 1e-3 and s["kl"] > 0
+
+
+def test_zero_signal_groups_are_counted_and_dropped():
+    model = tiny(3)
+    args = settings(max_new_tokens=4, group_size=2)
+    torch.manual_seed(0)
+    b = grpo.rollout(model, BYTES, ROWS, 2, args, "cpu", torch.float32)
+    b["rewards"] = torch.tensor([1., 1., 0., 1., 0., 0.])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    s = grpo.train_step(model, None, model.configure_optimizer(0.0, 1e-3), b, args, "cpu", torch.float32)
+    assert s["zero_signal"] == pytest.approx(2 / 3) and s["skipped"] == 0
+    b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])
+    model.load_state_dict(before)
+    s = grpo.train_step(model, None, model.configure_optimizer(0.0, 1e-3), b, settings(**{**vars(args),
+                        "drop_zero_signal": True}), "cpu", torch.float32)
+    assert s["zero_signal"] == 1.0 and s["skipped"] == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing learned
+    # without dropping, a batch of zero-signal groups is skipped too: Adam's momentum alone would move the weights
+    opt = model.configure_optimizer(0.0, 1e-3)
+    b["rewards"] = torch.tensor([1., 0., 0., 1., 1., 0.])
+    grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])
+    s = grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
+    assert s["skipped"] == 1 and all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
+
+
+def test_grpo_learns_a_toy_reward():
+    """Reward = the fraction of answer characters that are digits. A random model writes ~4% digits; 40
+    rollout batches of GRPO make it write mostly digits (measured: 0.04 -> 1.0)."""
+    model = tiny(4)
+    args = settings(max_new_tokens=6, group_size=8, lr=1e-2, temperature=1.0)
+    opt = model.configure_optimizer(0.0, args.lr)
+    torch.manual_seed(0)
+    digits = lambda t: sum(c.isdigit() for c in t.replace("<|endoftext|>", "")) / max(1, len(t))
+    first = last = None
+    for step in range(40):
+        b = grpo.rollout(model, BYTES, ROWS[:2], 8, args, "cpu", torch.float32)
+        b["rewards"] = torch.tensor([digits(t) for t in b["texts"]])
+        grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
+        r = float(b["rewards"].mean())
+        first, last = (r if first is None else first), r
+    assert first < 0.15 and last > 0.5, (first, last)
+
+
+# -----------------------------------------------------------------------------
+# The script: exact resume, data formats, the GSM8K recipe's code path
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def task_folder(path):
+    rows = [{"prompt": bpe.task_text(a, "+", b)[0], "answer": bpe.task_text(a, "+", b)[2]}
+            for a in range(6) for b in range(6)]
+    bpe.write_rows(path / "rl.jsonl", rows)
+    bpe.write_rows(path / "test.jsonl", rows[::5])
+    return str(path)
+
+
+RUN = ["--device", "cpu", "--dtype", "float32", "--prompts", "3", "--group-size", "4", "--max-new-tokens", "8",
+       "--lr", "1e-3", "--eval-interval", "2"]
+
+
+def test_resume_is_exact(tmp_path):
+    init = str(tmp_path / "sft.pt")
+    gpt2.save_checkpoint(init, tiny(5), tokenizer=BYTES.dumps())
+    common = ["--init", init, "--data", task_folder(tmp_path), "--max-steps", "4", "--beta", "0.04", "--updates",
+              "2", *RUN]
+    grpo.main([*common, "--out-dir", str(tmp_path / "straight")])
+    grpo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    grpo.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    keys = ("step", "reward", "loss", "kl", "accuracy")
+    rows = lambda d: [{k: r.get(k) for k in keys} for r in metrics(d) if "train_s" not in r]
+    assert rows(tmp_path / "split") == rows(tmp_path / "straight") and len(rows(tmp_path / "split")) == 4 + 3
+    a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not torch.equal(a["model"]["lm_head.weight"], tiny(5).state_dict()["lm_head.weight"])
+    logged = [r for r in metrics(tmp_path / "straight") if r.get("skipped") == 0]
+    assert logged and {"reward", "train_accuracy", "zero_signal", "kl", "clip_frac", "entropy", "length"} <= set(logged[0])
+
+
+def test_gsm8k_recipe_code_path(tmp_path):
+    """The gpt2-gsm8k preset on a tiny random GPT-2-vocabulary model and a small file in GSM8K's format."""
+    GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(tmp_path / "hf"))
+    gsm = [{"question": f"Tom has {a} apples and buys {a + 1}. How many now?",
+            "answer": f"He has {a} + {a + 1} = <<{a}+{a + 1}={2 * a + 1}>>{2 * a + 1} apples.\n#### {2 * a + 1}"}
+           for a in range(6)]
+    (tmp_path / "gsm").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "gsm" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm))
+    assert grpo.gsm8k_rows(tmp_path / "gsm" / "test.jsonl")[1] == {"prompt": gsm[1]["question"], "answer": "3"}
+    grpo.main(["--preset", "gpt2-gsm8k", "--init", str(tmp_path / "hf"), "--data", str(tmp_path / "gsm"),
+               "--out-dir", str(tmp_path / "run"), "--max-steps", "1", "--prompts", "2", "--group-size", "2",
+               "--max-new-tokens", "4", "--eval-limit", "2", "--device", "cpu"])
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "accuracy" in r] == [0, 1] and rows[1]["length"] > 0
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["template"] == {"preamble": True} and ckpt["args"]["lr"] == 1e-6
+
+
+def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/task-sft here: the error says how to make it
+    with pytest.raises(SystemExit, match="python sft.py"):
+        grpo.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="at least 2"):
+        grpo.main(["--group-size", "1"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        grpo.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.jsonl").write_text('{"question": "q", "answer": "no final"}\n')
+    (tmp_path / "bad" / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    init = str(tmp_path / "m.pt")
+    gpt2.save_checkpoint(init, tiny(), tokenizer=BYTES.dumps())
+    with pytest.raises(SystemExit, match="train.jsonl:1"):
+        grpo.main(["--init", init, "--data", str(tmp_path / "bad"), "--device", "cpu"])
