@@ -276,3 +276,31 @@ def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
     assert "python sft.py" in str(e.value) and "out/task-sft/ckpt.pt" in str(e.value)
     with pytest.raises(SystemExit, match="no checkpoint at"):
         rm.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
+
+
+def test_reward_loss_equals_trl(tmp_path):
+    """TRL's RewardTrainer.compute_loss (margin and center_rewards_coefficient) on the same tiny model and batch.
+    It is called on a stand-in for the trainer that holds only what the method reads."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import RewardTrainer
+    model = reward_model()
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8", "margin": 0.5},
+            {"prompt": "What is 12 - 5?", "chosen": "12 - 5 = 7", "rejected": "no", "margin": 1.0},
+            {"prompt": "What is 1 + 1?", "chosen": "1 + 1 = 2", "rejected": "1 + 1 = 11, I think", "margin": 0.0}]
+    batch = rm.pad_pairs(rm.encode_pairs(rows, BYTES, False, 96), EOT)
+    ours, _, _, _ = rm.pair_scores(model, None, batch, "rm", None, 0.01, "cpu")
+    ids, _, lengths, margins = batch
+
+    class HFStyle(torch.nn.Module):  # what TRL calls: model(input_ids=..., attention_mask=...) -> .logits (2B, 1)
+        def forward(self, input_ids, attention_mask, **unused):  # use_cache, margin
+            return SimpleNamespace(logits=model(input_ids, attention_mask)[:, None])
+
+    same = lambda x: x
+    trainer = SimpleNamespace(model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=0.01),
+                              accelerator=SimpleNamespace(gather=same, gather_for_metrics=same),
+                              _metrics={"eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": ids, "attention_mask": rm.right_mask(lengths, ids.size(1)), "margin": margins}
+    theirs = RewardTrainer.compute_loss(trainer, HFStyle(), inputs)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6) and ours.item() > 0.7
