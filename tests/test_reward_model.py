@@ -266,7 +266,8 @@ def test_gpt2_dpo_preset_code_path(tmp_path):
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([1e-3, 1e-3 * 0.55])
     assert rows[-2]["margin"] != 0 and "task_accuracy" not in rows[-2]
     args = rm.parse_args(["--preset", "gpt2-dpo"])
-    assert args.preamble is True and args.out_dir == "out/task-dpo" or args.out_dir
+    assert args.preamble is True and args.out_dir == "out/gpt2-dpo" and args.split == "85/5/10"
+    assert rm.parse_args([]).out_dir == "out/task-rm" and rm.parse_args(["--method", "dpo"]).out_dir == "out/task-dpo"
 
 
 def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
