@@ -53,12 +53,13 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocas
 PRESETS = {
     # the arithmetic task on a CPU: the SFT model, the task's preference pairs (right vs plausible wrong)
     "task": dict(init="out/task-sft/ckpt.pt", data="task", method="rm", preamble=False, epochs=1, max_steps=300,
-                 batch_size=16, lr=1e-4, lora_lr=1e-3, beta=0.1, weight_decay=0.0, warmup_steps=20,
+                 batch_size=16, lr={"rm": 1e-3, "dpo": 1e-4}, lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20,
                  eval_interval=100, val_pairs=500, max_new_tokens=24),
     # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium, the polite / impolite pairs split 85/5/10, 1 epoch
     "gpt2-dpo": dict(init="gpt2-medium", data="data/instruction_preference_data.json", method="dpo", preamble=True,
-                     epochs=1, max_steps=None, batch_size=8, lr=5e-6, lora_lr=5e-5, beta=0.1, weight_decay=0.01,
-                     warmup_steps=0, eval_interval=20, val_pairs=0, max_new_tokens=256),
+                     epochs=1, max_steps=None, batch_size=8, lr={"rm": 1e-5, "dpo": 5e-6},
+                     lora_lr={"rm": 1e-4, "dpo": 5e-5}, beta=0.1, weight_decay=0.01,
+                     warmup_steps=0, eval_interval=20, val_pairs=0, max_new_tokens=256, out_dir="out/gpt2-dpo"),
 }
 PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
                   "instruction-data-with-preference.json")
@@ -92,7 +93,7 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, help="passes over the training pairs")
     g.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's, else epochs x steps)")
     g.add_argument("--batch-size", type=int, help="pairs per step")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, for full or LoRA)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, for the method, full or LoRA)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
@@ -391,7 +392,7 @@ def main(argv=None):
         keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
         args = argparse.Namespace(**{**resume["args"], **keep})
     if args.lr is None:
-        args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"]
+        args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)

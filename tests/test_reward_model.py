@@ -249,7 +249,7 @@ def test_gpt2_dpo_preset_code_path(tmp_path):
     """The real recipe's settings, and its code path (HF weights, GPT-2 tokenizer, the shipped preference data,
     the preamble) on a tiny random GPT-2-vocabulary model."""
     preset = rm.PRESETS["gpt2-dpo"]
-    assert (preset["init"], preset["method"], preset["epochs"], preset["lr"], preset["beta"]) == \
+    assert (preset["init"], preset["method"], preset["epochs"], preset["lr"]["dpo"], preset["beta"]) == \
         ("gpt2-medium", "dpo", 1, 5e-6, 0.1)
     assert os.path.samefile(os.path.join(ROOT, preset["data"]), os.path.join(ROOT, "data", "instruction_preference_data.json"))
     torch.manual_seed(0)
