@@ -1,0 +1,307 @@
+"""Tests of reward_model.py: the Bradley-Terry and DPO losses on hand-made numbers, the reward read at the last
+real token whatever the padding, DPO's response-only log-probabilities, bad pairs, exact resume, a learning run,
+and the gpt2-dpo recipe's code path. CPU only, offline, tiny models."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import bpe
+import gpt2
+import reward_model as rm
+from gpt2 import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTES = bpe.byte_tokenizer()
+EOT = BYTES.eot_token
+LN2 = math.log(2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=96, vocab_size=257, n_layer=2, n_head=2, n_embd=32, pos_emb="rope")
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+def logsig(x):
+    return -math.log(1 + math.exp(-x))
+
+
+# -----------------------------------------------------------------------------
+# The losses
+
+
+def test_bradley_terry_loss_on_hand_made_rewards():
+    c, r = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 1.0, -1.0])
+    assert rm.bt_loss(c, r).item() == pytest.approx(-(logsig(2) + logsig(-1) + logsig(0)) / 3, abs=1e-6)
+    margin = torch.tensor([1.0, 0.5, 0.0])
+    assert rm.bt_loss(c, r, margin).item() == pytest.approx(-(logsig(1) + logsig(-1.5) + logsig(0)) / 3, abs=1e-6)
+    centered = rm.bt_loss(c, r, margin, center=0.1).item()
+    assert centered == pytest.approx(-(logsig(1) + logsig(-1.5) + logsig(0)) / 3 + 0.1 * (4 + 1 + 4) / 3, abs=1e-6)
+    # the loss sees only differences; centering is what moves the mean
+    assert rm.bt_loss(c + 5, r + 5).item() == pytest.approx(rm.bt_loss(c, r).item(), abs=1e-6)
+    assert rm.bt_loss(torch.zeros(4), torch.zeros(4)).item() == pytest.approx(LN2, abs=1e-7)
+
+
+def test_dpo_loss_on_hand_made_logprobs():
+    pi_c, pi_r, ref_c, ref_r = (torch.tensor([v]) for v in (-5.0, -9.0, -6.0, -7.0))
+    loss, r_c, r_r = rm.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.5)
+    assert r_c.item() == pytest.approx(0.5) and r_r.item() == pytest.approx(-1.0)
+    assert loss.item() == pytest.approx(-logsig(1.5), abs=1e-6)
+    # the chosen log-probability falls (-6 -> -8) and yet the margin is positive: the rejected fell further
+    loss, r_c, r_r = rm.dpo_loss(torch.tensor([-8.0]), torch.tensor([-12.0]), ref_c, ref_r, beta=0.1)
+    assert r_c.item() < 0 and (r_c - r_r).item() == pytest.approx(0.3) and loss.item() < LN2
+
+
+# -----------------------------------------------------------------------------
+# The reward model: the last real token, whatever the padding
+
+
+def reward_model(seed=0, **kw):
+    model = rm.RewardModel(tiny(seed, **kw)).eval()
+    with torch.no_grad():
+        model.value_head.weight.normal_(0, 1.0)
+    return model
+
+
+def test_reward_does_not_depend_on_padding():
+    model = reward_model()
+    seqs = [[5, 9, 200, 31, 7, 7, 64, EOT], [12, EOT], [100, 3, 250, 40, EOT]]
+    alone = torch.cat([model(torch.tensor([s])) for s in seqs])
+    assert alone.std() > 0.1  # the rewards differ, so a wrong row or position would show
+    idx, attn = gpt2.left_pad(seqs, pad_id=EOT)
+    torch.testing.assert_close(model(idx, attn), alone, rtol=1e-5, atol=1e-5)
+    for pad in (0, EOT, 99):
+        T = max(map(len, seqs))
+        right = torch.tensor([s + [pad] * (T - len(s)) for s in seqs])
+        mask = rm.right_mask(torch.tensor([len(s) for s in seqs]), T)
+        torch.testing.assert_close(model(right, mask), alone, rtol=1e-5, atol=1e-5)
+    # the batches reward_model.py builds: chosen rows first, then rejected, right-padded with the end-of-text
+    pairs = rm.encode_pairs([{"prompt": "What is 2 + 3?", "chosen": "2 + 3 = 5", "rejected": "2 + 3 = 15"},
+                             {"prompt": "What is 9 - 1?", "chosen": "9 - 1 = 8", "rejected": "9 - 1 = 7"}], BYTES, False, 96)
+    ids, mask, lengths, _ = rm.pad_pairs(pairs, EOT)
+    seqs = [c[0] for c, _, _ in pairs] + [j[0] for _, j, _ in pairs]
+    torch.testing.assert_close(model(ids, rm.right_mask(lengths, ids.size(1))),
+                               torch.cat([model(torch.tensor([s])) for s in seqs]), rtol=1e-5, atol=1e-5)
+
+
+def test_untrained_reward_model_on_symmetric_data_gives_ln2():
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a + b + 1}"}
+            for a in range(4) for b in range(3)]
+    rows += [{"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]  # each both ways
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    model = rm.RewardModel(tiny())  # a fresh value head: every reward 0
+    loss, r_c, r_r, _ = rm.pair_scores(model, None, rm.pad_pairs(pairs, EOT), "rm", None, 0.0, "cpu")
+    assert loss.item() == pytest.approx(LN2, abs=1e-7) and (r_c == 0).all()
+    model = reward_model()  # a random head: on data given both ways, the margins cancel
+    loss, r_c, r_r, _ = rm.pair_scores(model, None, rm.pad_pairs(pairs, EOT), "rm", None, 0.0, "cpu")
+    assert (r_c - r_r).abs().max() > 0.01 and (r_c - r_r).mean().abs() < 1e-5 and loss.item() > LN2
+
+
+# -----------------------------------------------------------------------------
+# DPO
+
+
+def test_dpo_is_ln2_with_zero_margin_when_policy_is_reference():
+    policy = tiny(dropout=0.0)
+    ref = copy.deepcopy(policy)
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8"},
+            {"prompt": "What is 12 - 5?", "chosen": "12 - 5 = 7", "rejected": "12 - 5 = 13, I think"}]
+    batch = rm.pad_pairs(rm.encode_pairs(rows, BYTES, False, 96), EOT)
+    loss, r_c, r_r, logp_c = rm.pair_scores(policy, ref, batch, "dpo", 0.1, 0.0, "cpu")
+    assert loss.item() == LN2 or loss.item() == pytest.approx(LN2, abs=1e-7)
+    assert (r_c == 0).all() and (r_r == 0).all() and (logp_c < 0).all()
+    loss.backward()  # and the gradient reaches the policy, not the reference
+    assert policy.lm_head.weight.grad.abs().sum() > 0 and ref.lm_head.weight.grad is None
+
+
+def test_dpo_logprobs_count_response_tokens_only():
+    model = tiny()
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "no idea"},
+            {"prompt": "Add 1 and 2, please, quickly.", "chosen": "3", "rejected": "1 + 2 = 4"}]
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    ids, mask, _, _ = rm.pad_pairs(pairs, EOT)
+    got = rm.sequence_logprobs(model, ids, mask)
+    for row, (s, m) in enumerate([c for c, _, _ in pairs] + [j for _, j, _ in pairs]):
+        logp = model(torch.tensor([s]))[0][0].log_softmax(-1)  # (T, V), this row alone
+        want = sum(logp[i - 1, s[i]].item() for i in range(1, len(s)) if m[i])
+        assert got[row].item() == pytest.approx(want, abs=1e-4)
+        n_resp = len(BYTES.encode(rows[row % 2]["chosen" if row < 2 else "rejected"])) + 1  # + its end-of-text
+        assert sum(m) == n_resp
+    # the same response after another prompt: only its conditional log-probabilities change, not its token count
+    assert got[0].item() > -len(BYTES.encode("3 + 4 = 7")) * 10
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_pairs_are_dropped_counted_or_refused(tmp_path, capsys):
+    rows = [{"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "p", "chosen": "a" * 200, "rejected": "b"},
+            {"prompt": "p", "chosen": "yes", "rejected": "no"}]
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    assert len(pairs) == 1 and "dropped 1 of 3 pairs whose chosen and rejected answers are equal and 1 longer " \
+                                "than 96 tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="none of the 2 pairs"):
+        rm.encode_pairs(rows[:2], BYTES, False, 96)
+    with pytest.raises(ValueError, match="'margin' must be a number"):
+        rm.encode_pairs([{"prompt": "p", "chosen": "y", "rejected": "n", "margin": "big"}], BYTES, False, 96)
+    assert rm.encode_pairs([{"prompt": "p", "chosen": "y", "rejected": "n", "margin": 2}], BYTES, False, 96)[0][2] == 2.0
+    (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "i", "chosen": "c", "rejected": "r"},
+                                                   {"instruction": "i", "chosen": "c"}]))
+    with pytest.raises(ValueError, match=r"bad.json: item 1: field 'rejected' is missing"):
+        rm.read_pairs(tmp_path / "bad.json")
+    shipped = rm.read_pairs(os.path.join(ROOT, "data", "instruction_preference_data.json"))
+    assert len(shipped) == 1100 and shipped[0]["prompt"].startswith("Evaluate") and shipped[0]["input"]
+    assert sum(r["chosen"] == r["rejected"] for r in shipped) == 6  # the real file has some: they are dropped
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+
+def base_checkpoint(path, **kw):
+    gpt2.save_checkpoint(str(path), tiny(**kw), tokenizer=BYTES.dumps(), template={"preamble": False})
+    return str(path)
+
+
+def task_folder(path, **sizes):
+    bpe.task_files(path, seed=0, sizes={"pretrain": 10, "sft": 10, "sft_val": 10, "rl": 10, **sizes}, max_digits=1)
+    return str(path)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
+
+
+@pytest.mark.parametrize("method", [["--method", "rm"], ["--method", "dpo"], ["--method", "rm", "--lora"],
+                                    ["--method", "rm", "--margin", "0.5", "--center-rewards", "0.01"]])
+def test_resume_is_exact(tmp_path, method):
+    init, data = base_checkpoint(tmp_path / "base.pt", dropout=0.1), task_folder(tmp_path / "task", preference=120, test=10)
+    common = ["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "6", "--batch-size", "8",
+              "--eval-interval", "3", "--warmup-steps", "2", "--lr", "3e-3", "--max-new-tokens", "6", *RUN, *method]
+    rm.main([*common, "--out-dir", str(tmp_path / "straight")])
+    rm.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
+    rm.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "train_loss" in r]
+    assert train(tmp_path / "split") == train(tmp_path / "straight") and len(train(tmp_path / "split")) == 6
+    a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["template"] == {"preamble": False} and bpe.Tokenizer.loads(a["tokenizer"]).encode("7") == BYTES.encode("7")
+    val = [r for r in metrics(tmp_path / "split") if "val_loss" in r]
+    assert [r["step"] for r in val] == [0, 3, 6]
+    if "dpo" in method:
+        assert "value_head" not in a and val[0]["val_loss"] == pytest.approx(LN2, abs=1e-6) and val[0]["margin"] == 0
+        assert "task_accuracy" in val[0] and "chosen_logp" in metrics(tmp_path / "split")[1]
+    else:  # what ppo.py loads: a plain GPT and the value head
+        assert a["value_head"]["weight"].shape == (1, 32) and torch.equal(a["value_head"]["weight"], b["value_head"]["weight"])
+        assert a["value_head"]["weight"].abs().sum() > 0
+        loaded = rm.RewardModel(GPT.from_checkpoint(str(tmp_path / "split" / "ckpt.pt")))
+        loaded.value_head.load_state_dict(a["value_head"])
+        if "--margin" not in method:
+            assert val[0]["val_loss"] == pytest.approx(LN2, abs=1e-6)
+
+
+def polite_pairs(path, n, seed=0):
+    """Pairs like the real polite / impolite file: the same answer, the rejected one with a rude phrase."""
+    rng = __import__("random").Random(seed)
+    rude = ["you fool", "obviously", "stop asking", "ugh"]
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        rows.append({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}",
+                     "rejected": f"{a} + {b} = {a + b}, {rng.choice(rude)}"})
+    bpe.write_rows(path / "preference.jsonl", rows)
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["rm", "dpo"])
+def test_learns_the_preference(tmp_path, method):
+    """From a random model: held-out pair accuracy rises from 0 (every pair a tie: an untrained reward model
+    scores every answer 0; DPO's policy starts equal to its reference) to well above 50%."""
+    data = polite_pairs(tmp_path, 400)
+    rm.main(["--init", base_checkpoint(tmp_path / "base.pt"), "--data", data, "--val-pairs", "100", "--method", method,
+             "--out-dir", str(tmp_path / "run"), "--max-steps", "40", "--batch-size", "16", "--lr", "3e-3",
+             "--beta", "0.5", "--warmup-steps", "5", "--eval-interval", "0", *RUN])
+    rows = [r for r in metrics(tmp_path / "run") if "accuracy" in r]
+    assert rows[0]["accuracy"] == 0.0 and rows[0]["val_loss"] == pytest.approx(LN2, abs=1e-6)
+    assert rows[-1]["accuracy"] >= 0.9 and rows[-1]["margin"] > 1.0 and rows[-1]["val_loss"] < 0.4, rows
+
+
+def test_gpt2_dpo_preset_code_path(tmp_path):
+    """The real recipe's settings, and its code path (HF weights, GPT-2 tokenizer, the shipped preference data,
+    the preamble) on a tiny random GPT-2-vocabulary model."""
+    preset = rm.PRESETS["gpt2-dpo"]
+    assert (preset["init"], preset["method"], preset["epochs"], preset["lr"]["dpo"], preset["beta"]) == \
+        ("gpt2-medium", "dpo", 1, 5e-6, 0.1)
+    assert os.path.samefile(os.path.join(ROOT, preset["data"]), os.path.join(ROOT, "data", "instruction_preference_data.json"))
+    torch.manual_seed(0)
+    GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(tmp_path / "hf"))
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        rm.main(["--preset", "gpt2-dpo", "--init", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "run"),
+                 "--max-steps", "2", "--eval-limit", "8", "--lr", "1e-3", *RUN])
+    finally:
+        os.chdir(cwd)
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(LN2, abs=1e-6) and rows[0]["margin"] == 0
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([1e-3, 1e-3 * 0.55])
+    assert rows[-2]["margin"] != 0 and "task_accuracy" not in rows[-2]
+    args = rm.parse_args(["--preset", "gpt2-dpo"])
+    assert args.preamble is True and args.out_dir == "out/gpt2-dpo" and args.split == "85/5/10"
+    assert rm.parse_args([]).out_dir == "out/task-rm" and rm.parse_args(["--method", "dpo"]).out_dir == "out/task-dpo"
+
+
+def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        rm.main(["--data", task_folder(tmp_path / "task", preference=40, test=5), *RUN])
+    assert "python sft.py" in str(e.value) and "out/task-sft/ckpt.pt" in str(e.value)
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        rm.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
+
+
+def test_reward_loss_equals_trl(tmp_path):
+    """TRL's RewardTrainer.compute_loss (margin and center_rewards_coefficient) on the same tiny model and batch.
+    It is called on a stand-in for the trainer that holds only what the method reads."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl import RewardTrainer
+    model = reward_model()
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8", "margin": 0.5},
+            {"prompt": "What is 12 - 5?", "chosen": "12 - 5 = 7", "rejected": "no", "margin": 1.0},
+            {"prompt": "What is 1 + 1?", "chosen": "1 + 1 = 2", "rejected": "1 + 1 = 11, I think", "margin": 0.0}]
+    batch = rm.pad_pairs(rm.encode_pairs(rows, BYTES, False, 96), EOT)
+    ours, _, _, _ = rm.pair_scores(model, None, batch, "rm", None, 0.01, "cpu")
+    ids, _, lengths, margins = batch
+
+    class HFStyle(torch.nn.Module):  # what TRL calls: model(input_ids=..., attention_mask=...) -> .logits (2B, 1)
+        def forward(self, input_ids, attention_mask, **unused):  # use_cache, margin
+            return SimpleNamespace(logits=model(input_ids, attention_mask)[:, None])
+
+    same = lambda x: x
+    trainer = SimpleNamespace(model=SimpleNamespace(training=False), args=SimpleNamespace(center_rewards_coefficient=0.01),
+                              accelerator=SimpleNamespace(gather=same, gather_for_metrics=same),
+                              _metrics={"eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": ids, "attention_mask": rm.right_mask(lengths, ids.size(1)), "margin": margins}
+    theirs = RewardTrainer.compute_loss(trainer, HFStyle(), inputs)
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6) and ours.item() > 0.7
