@@ -11,9 +11,9 @@ The pieces, in file order:
      too: one prefill pass over the prompt, then one token per step, each step attending to the KV cache
      instead of recomputing the whole context. Batches of prompts of different lengths (`left_pad`): left
      padding, an attention mask, per-row positions and a per-row stop at end-of-text, all with the cache on.
-     Without the cache (for comparison) and past the context window: gpt2.py's rolling cache (sliding
-     window + attention sinks, StreamingLLM) for rotary / sinusoidal models; crop-and-recompute for learned
-     positions.
+     The no-cache path recomputes everything (for comparison). Past the context window: gpt2.py's rolling
+     cache (sliding window + attention sinks, StreamingLLM) for rotary / sinusoidal models;
+     crop-and-recompute for learned positions.
   3. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
      pass, both caches roll back what was rejected; the output follows the target's distribution exactly.
   ---- speed-ups and plumbing
@@ -570,7 +570,7 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than GPT-2's "
                              f"{tok.n_vocab}: the CLI speaks GPT-2 BPE only; call generate() with that model's "
                              f"own tokenizer instead")
-    sampling = replace(sampling, vocab_size=tok.n_vocab)  # a padded vocabulary's extra ids decode to nothing
+    sampling = replace(sampling, vocab_size=tok.n_vocab)  # a padded vocabulary's extra ids mean nothing to it
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
     try:
