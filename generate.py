@@ -4,14 +4,16 @@ generate.py: how text comes out of a language model, and how to make that fast.
 The pieces, in file order:
   1. Logits -> token, as a few verbs: `Sampling` holds the settings (repetition / presence / frequency
      penalties, temperature, top-k, top-p (nucleus), min-p; temperature 0 = greedy); `process_logits`
-     applies them, `logits_to_probs` gives the distribution, `multinomial` draws from it, and `sample`
-     does logits -> token in one call.
-  2. The generate loop on gpt2.py's KV cache (`stream_tokens`, `generate`): one prefill pass over the
-     prompt, then one token per step, each step attending to the cached keys and values instead of
-     recomputing the whole context. Batches of prompts of different lengths (`left_pad`): left padding, an
-     attention mask, per-row positions and a per-row stop at end-of-text, all with the cache on. Past the
-     context window: gpt2.py's rolling cache (sliding window + attention sinks, StreamingLLM) for rotary /
-     sinusoidal models; crop-and-recompute for learned positions.
+     applies them, `logits_to_probs` gives the distribution, gpt2.py's `draw` draws from it, and `sample`
+     does logits -> token in one call. gpt2.py holds the verbs its own small sampler shares (top-k / top-p
+     filters, `draw`, `left_pad`); the penalties and min-p are taught here.
+  2. The generate loop (`stream_tokens`, `generate`) on gpt2.py's `decode`, the step loop its `sample` runs
+     too: one prefill pass over the prompt, then one token per step, each step attending to the KV cache
+     instead of recomputing the whole context. Batches of prompts of different lengths (`left_pad`): left
+     padding, an attention mask, per-row positions and a per-row stop at end-of-text, all with the cache on.
+     The no-cache path recomputes everything (for comparison). Past the context window: gpt2.py's rolling
+     cache (sliding window + attention sinks, StreamingLLM) for rotary / sinusoidal models;
+     crop-and-recompute for learned positions.
   3. Speculative decoding: a small draft model proposes k tokens, the target checks them in one forward
      pass, both caches roll back what was rejected; the output follows the target's distribution exactly.
   ---- speed-ups and plumbing
@@ -29,13 +31,14 @@ import sys
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from gpt2 import GPT, KVCache, add_common_args, build_mask, pick_device, pick_dtype, seed_everything
+from gpt2 import (GPT, KVCache, add_common_args, build_mask, decode, draw, left_pad, pick_device, pick_dtype,
+                  seed_everything, top_k_filter, top_p_filter)
 
 # -----------------------------------------------------------------------------
 # 1. Logits -> token
@@ -50,6 +53,9 @@ class Sampling:
         token's logit is divided by the penalty if positive, multiplied by it if negative.
       presence_penalty / frequency_penalty (as in the OpenAI API and vLLM): generated tokens only;
         logit -= presence * [count > 0] + frequency * count.
+    vocab_size: only ids below it are ever drawn. A model's vocabulary can be larger than its tokenizer's:
+      train_gpt2.py rounds it up to a multiple of 64 (50,304 for GPT-2's 50,257 tokens) for speed, and the
+      padding ids, never seen in training, still get logits; the CLI sets it to the tokenizer's size.
 
     Sampling(temperature=0.8, top_p=0.95) -> nucleus sampling; Sampling(top_p=0) -> ValueError naming top_p.
     """
@@ -60,6 +66,7 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    vocab_size: Optional[int] = None
 
     def __post_init__(self):
         if not self.temperature >= 0:  # also catches NaN
@@ -72,6 +79,8 @@ class Sampling:
             raise ValueError(f"min_p must lie in [0, 1], got {self.min_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 (or None for the model's whole vocabulary), got {self.vocab_size}")
 
     @property
     def greedy(self):
@@ -96,26 +105,6 @@ def apply_penalties(logits, seen, generated, s):
     return logits
 
 
-def top_k_filter(logits, k):
-    """[1, 5, 3, 4], k=2 -> [-inf, 5, -inf, 4]."""
-    if k >= logits.size(-1):
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th token survive
-
-
-def top_p_filter(logits, p):
-    """Keep the smallest set of most likely tokens whose probabilities sum to >= p.
-    log [0.5, 0.2, 0.15, 0.1, 0.05], p=0.6 -> the first two kept, the rest -inf."""
-    if p >= 1:
-        return logits  # float rounding in the cumsum would otherwise drop a few tail tokens
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    drop = probs.cumsum(dim=-1) - probs >= p  # the tokens before this one already reach p
-    drop[..., 0] = False  # the most likely token always stays
-    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-
-
 def min_p_filter(logits, min_p):
     """Keep tokens at least min_p times as likely as the most likely one: the cut adapts to confidence.
     log [0.4, 0.3, 0.2, 0.06, 0.04], min_p=0.25 (cut at 0.1) -> the first three kept."""
@@ -125,8 +114,11 @@ def min_p_filter(logits, min_p):
 
 def process_logits(logits, s, seen=None, generated=None):
     """The model's logits -> the logits we sample from (fp32, temperature applied, -inf = filtered).
-    Order as in HF: penalties, temperature, top-k, top-p, min-p. [1, 2, 3] at temperature 2 -> [0.5, 1, 1.5]."""
+    Order as in HF: penalties, temperature, top-k, top-p, min-p. [1, 2, 3] at temperature 2 -> [0.5, 1, 1.5];
+    [1, 2, 3] with vocab_size 2 -> [1, 2, -inf]."""
     logits = logits.float()
+    if s.vocab_size is not None and s.vocab_size < logits.size(-1):  # ids past the tokenizer's: never drawn
+        logits = F.pad(logits[..., :s.vocab_size], (0, logits.size(-1) - s.vocab_size), value=float("-inf"))
     if s.penalized:
         logits = apply_penalties(logits, seen, generated, s)
     if s.greedy:
@@ -150,23 +142,12 @@ def logits_to_probs(logits, s, seen=None, generated=None):
     return logits.softmax(dim=-1)
 
 
-def multinomial(probs, generator=None):
-    """One token per row of probs (..., V), by inverse CDF: a uniform number looked up in the running sum.
-    The distribution of torch.multinomial, ~15x faster over 50,257 tokens on a CPU (one pass, no sort); rows
-    need not be normalized, and a one-hot row gives its token exactly. [0, 0.5, 0, 0.5] -> 1 or 3.
-    The sum runs in float64 (where the device has it) so that tokens of tiny probability keep their share."""
-    cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[..., -1:]
-    # right=True: the first index whose running sum exceeds u, so a token of probability 0 is never drawn
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1).squeeze(-1)
-
-
 def sample(logits, s, seen=None, generated=None, generator=None):
     """The model's logits (..., V) -> one token per row: the generate loop's whole logits -> token step.
     [1, 2, 3] greedy -> 2."""
     if s.greedy:
         return process_logits(logits, s, seen, generated).argmax(dim=-1)  # no softmax needed
-    return multinomial(logits_to_probs(logits, s, seen, generated), generator)
+    return draw(logits_to_probs(logits, s, seen, generated), generator)
 
 
 class TokenCounts:
@@ -202,10 +183,6 @@ def check_prompt(model, idx, attention_mask):
     if attention_mask is not None:
         if attention_mask.shape != idx.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have idx's shape {tuple(idx.shape)}")
-        m = attention_mask.long()
-        if (m.diff(dim=1) < 0).any() or not m[:, -1].all():
-            raise ValueError("attention_mask must be left padding: zeros first, then ones, ending with a token "
-                             "in every row (pad on the left so every row's next token is in the last column)")
     if idx.size(1) > cfg.block_size and not unbounded(model):
         raise ValueError(f"prompt of {idx.size(1)} tokens is longer than the context (block_size "
                          f"{cfg.block_size}); shorten it, or use a sliding-window model with rope/sinusoidal positions")
@@ -230,37 +207,41 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
     B, T = idx.shape
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
     counts = TokenCounts(idx, valid, cfg.vocab_size, s.penalized)
-    tokens, mask = idx, valid  # the whole sequence, for the paths that recompute without a cache
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    seq, seq_mask = None, None  # the whole sequence so far, for the paths that recompute without a cache
     cache, step = None, decode_step(model, compile)
     if use_cache:
         # A linear cache only as long as this generation needs; a rolling one has a fixed size anyway.
         cache = make_cache(model, B, None if cfg.window else min(cfg.block_size, T + max_new_tokens), compile)
-    for i in range(max_new_tokens):
-        if cache is not None and i == 0:  # prefill: the whole prompt in one pass
-            logits = model(idx, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
-        elif cache is not None and (cache.rolling or cache.length < cache.size):
-            logits = step(tok[:, None], cache)
+
+    def forward(new, new_valid):
+        """gpt2.decode's forward: the prompt (prefill), then each new token -> the next logits (B, V).
+        Finished rows' end-of-text tokens go in as ordinary tokens (their output is eos_id whatever comes)."""
+        nonlocal seq, seq_mask, cache
+        prefill = seq is None
+        if prefill:
+            seq, seq_mask = new, new_valid
         else:
-            if cache is not None:
-                warnings.warn(f"context full ({cfg.block_size} tokens) and the model has no sliding window: "
-                              f"continuing without the KV cache, recomputing the last block_size tokens per step")
-                cache = None
-            # Without a cache: the whole sequence each step, cropped to the context as nanoGPT does (positions
-            # restart at 0 for the crop). A rolling-window model sees everything; its mask does the windowing.
-            crop = slice(None) if unbounded(model) else slice(-cfg.block_size, None)
-            ctx, ctx_mask = tokens[:, crop], mask[:, crop]
-            logits = model(ctx, attention_mask=None if ctx_mask.all() else ctx_mask, last_logits_only=True)[0][:, -1]
-        tok = sample(logits, s, *counts.get(), generator)
-        if eos_id is not None:
-            tok = tok.masked_fill(done, eos_id)
-            done = done | (tok == eos_id)
-        counts.add(tok)
-        tokens = torch.cat((tokens, tok[:, None]), dim=1)
-        mask = torch.cat((mask, torch.ones_like(done[:, None])), dim=1)
+            counts.add(new[:, 0])
+            seq, seq_mask = torch.cat((seq, new), dim=1), torch.cat((seq_mask, torch.ones_like(new_valid)), dim=1)
+        if cache is not None and prefill:  # the whole prompt in one pass
+            return model(new, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
+        if cache is not None and (cache.rolling or cache.length < cache.size):
+            return step(new, cache)
+        if cache is not None:
+            warnings.warn(f"context full ({cfg.block_size} tokens) and the model has no sliding window: "
+                          f"continuing without the KV cache, recomputing the last block_size tokens per step")
+            cache = None
+        # Without a cache: the whole sequence each step, cropped to the context as nanoGPT does (positions
+        # restart at 0 for the crop). A rolling-window model sees everything; its mask does the windowing.
+        crop = slice(None) if unbounded(model) else slice(-cfg.block_size, None)
+        ctx, ctx_mask = seq[:, crop], seq_mask[:, crop]
+        return model(ctx, attention_mask=None if ctx_mask.all() else ctx_mask, last_logits_only=True)[0][:, -1]
+
+    def pick(logits):
+        return sample(logits, s, *counts.get(), generator)
+
+    for tok, _, _ in decode(forward, idx, max_new_tokens, pick, attention_mask=attention_mask, eos_id=eos_id):
         yield tok
-        if eos_id is not None and bool(done.all()):
-            return
 
 
 def generate(model, idx, max_new_tokens, sampling=None, **kwargs):
@@ -269,18 +250,6 @@ def generate(model, idx, max_new_tokens, sampling=None, **kwargs):
     generate(model, idx, 20, GREEDY) -> the 20 most likely next tokens, one at a time, after each row of idx."""
     new = list(stream_tokens(model, idx, max_new_tokens, sampling, **kwargs))
     return torch.cat((idx, torch.stack(new, dim=1)), dim=1) if new else idx
-
-
-def left_pad(prompts, pad_id=0, device="cpu"):
-    """Lists of token ids of different lengths -> (idx, attention_mask), padded on the left so every row's
-    last prompt token sits in the last column (where the next token's logits come from).
-    [[1, 2, 3], [4]], pad_id=9 -> idx [[1, 2, 3], [9, 9, 4]], mask [[1, 1, 1], [0, 0, 1]]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    T = max(len(p) for p in prompts)
-    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
-    return idx, mask
 
 
 # -----------------------------------------------------------------------------
@@ -298,10 +267,10 @@ def speculative_accept(p, q, drafted, generator=None):
     ratio = p[rows, drafted] / q[rows, drafted]
     rejected = (torch.rand(k, device=p.device, generator=generator) >= ratio).nonzero()
     if len(rejected) == 0:
-        return k, multinomial(p[k], generator)
+        return k, draw(p[k], generator)
     n = int(rejected[0])
     residual = (p[n] - q[n]).clamp(min=0)
-    return n, multinomial(residual if residual.sum() > 0 else p[n], generator)  # p == q: a rejection has probability 0
+    return n, draw(residual if residual.sum() > 0 else p[n], generator)  # p == q: a rejection has probability 0
 
 
 def sequence_counts(counts, tokens):
@@ -356,7 +325,7 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
             logits = draft(feed[None], cache=dc, last_logits_only=True)[0][0, -1]
             seen, gen = sequence_counts(counts, torch.stack(drafted) if drafted else last[:0])
             q.append(logits_to_probs(logits, s, *(None if seen is None else x[-1] for x in (seen, gen))))
-            drafted.append(multinomial(q[-1], generator))
+            drafted.append(draw(q[-1], generator))
             feed = drafted[-1][None]
         drafted = torch.stack(drafted) if drafted else last[:0]
         # the target scores `last` and every drafted token in one pass: k + 1 distributions
@@ -582,7 +551,7 @@ def main(argv=None):
     add_common_args(g)
     args = p.parse_args(argv)
     try:
-        sampling = Sampling(**{f.name: getattr(args, f.name) for f in fields(Sampling)})
+        sampling = Sampling(**{f.name: getattr(args, f.name) for f in fields(Sampling) if f.name != "vocab_size"})
     except ValueError as e:
         p.error(str(e))
     if args.num_samples < 1 or args.max_new_tokens < 1:
@@ -601,6 +570,7 @@ def main(argv=None):
             raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than GPT-2's "
                              f"{tok.n_vocab}: the CLI speaks GPT-2 BPE only; call generate() with that model's "
                              f"own tokenizer instead")
+    sampling = replace(sampling, vocab_size=tok.n_vocab)  # a padded vocabulary's extra ids mean nothing to it
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
     try:

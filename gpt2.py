@@ -1009,12 +1009,13 @@ def load_adapter(model, path):
 
 
 # Batched sampling: what RL rollouts (ppo.py, grpo.py) and evaluation (sft.py) need from the KV cache, and
-# what generate.py's full loop is built around: a batch of left-padded prompts of different lengths, each
-# row stopping at its own end-of-text, and the log-probability of every token drawn.
+# the loop generate.py's full inference lesson builds on: a batch of left-padded prompts of different
+# lengths, each row stopping at its own end-of-text, and the log-probability of every token drawn.
 
 
 def top_k_filter(logits, k):
-    """Keep the k largest logits of each row (ties with the k-th too); the rest become -inf."""
+    """Keep the k largest logits of each row (ties with the k-th too); the rest become -inf.
+    [1, 5, 3, 4], k=2 -> [-inf, 5, -inf, 4]."""
     if k >= logits.size(-1):
         return logits
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -1022,7 +1023,8 @@ def top_k_filter(logits, k):
 
 
 def top_p_filter(logits, p):
-    """Keep the smallest set of most likely tokens whose probabilities sum to >= p (nucleus sampling)."""
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= p (nucleus sampling).
+    log [0.5, 0.2, 0.15, 0.1, 0.05], p=0.6 -> the first two kept, the rest -inf."""
     if p >= 1:
         return logits  # float rounding in the cumsum would otherwise drop a few tail tokens
     sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -1034,7 +1036,8 @@ def top_p_filter(logits, p):
 
 def draw(probs, generator=None):
     """One token per row of probs (..., V), by inverse CDF: a uniform number looked up in the running sum.
-    The distribution of torch.multinomial, ~15x faster over 50,257 tokens on a CPU (one pass, no sort).
+    The distribution of torch.multinomial, ~15x faster over 50,257 tokens on a CPU (one pass, no sort); rows
+    need not be normalized, and a one-hot row gives its token exactly. [0, 0.5, 0, 0.5] -> 1 or 3.
     The sum runs in float64 (where the device has it) so that tokens of tiny probability keep their share."""
     cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)
     u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[..., -1:]
@@ -1045,10 +1048,37 @@ def draw(probs, generator=None):
 def left_pad(seqs, pad_id=0, device=None):
     """Lists of token ids -> (idx (B, T), attention_mask (B, T)), padded on the left so that every row's
     next token goes in the last column. left_pad([[5, 6], [7]]) -> ([[5, 6], [0, 7]], [[1, 1], [0, 1]])"""
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("every prompt needs at least one token")
     T = max(map(len, seqs))
     idx = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
     return idx, mask
+
+
+def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=None):
+    """The generation loop, as a generator of one step at a time. forward(tokens (B, t), valid (B, t)) ->
+    the logits (B, V) after them: called once with the whole prompt (the prefill), then with each new token.
+    pick(logits (B, V)) -> the next tokens (B,). Yields (tokens (B,), live (B,), logits (B, V)) per step;
+    live is False for rows that had already ended with eos_id (their token is eos_id, else 0). Stops after
+    max_new_tokens steps or once every row has ended; the last tokens are never fed back.
+    sample() below runs it on the KV cache; generate.py adds penalties, min-p, the no-cache path and more."""
+    valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if not valid[:, -1].all() or (valid.long().diff(dim=1) < 0).any():
+        raise ValueError("attention_mask must be left padding: zeros first, then ones, ending with a token in "
+                         "every row (build the batch with gpt2.left_pad)")
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    pad = eos_id if eos_id is not None else 0
+    logits = forward(idx, valid)
+    for i in range(max_new_tokens):
+        live = ~done
+        nxt = torch.where(live, pick(logits), pad)
+        yield nxt, live, logits
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):  # no sync without eos_id
+            return
+        logits = forward(nxt[:, None], live[:, None])  # finished rows' tokens may be fed as padding
 
 
 @torch.no_grad()
@@ -1063,42 +1093,34 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     log-probabilities under softmax(logits / temperature) before top-k / top-p (raw logits when greedy): the
     numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode.
     sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)"""
-    B, T = idx.shape
-    valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    if not valid[:, -1].all() or (valid.long().diff(dim=1) < 0).any():
-        raise ValueError("attention_mask must be left padding (zeros, then ones, a token in every row's last "
-                         "column): build the batch with gpt2.left_pad")
+    T = idx.size(1)
     n = min(max_new_tokens, model.config.block_size - T)
     if n < 1:
         raise ValueError(f"prompts of {T} tokens leave no room in the context (block_size "
                          f"{model.config.block_size}); shorten them")
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, max_len=T + n)
-    logits, _ = model(idx, cache=cache, attention_mask=valid, last_logits_only=True)
-    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-    pad = eos_id if eos_id is not None else 0
-    tokens, masks, logprobs = [], [], []
-    for i in range(n):
-        logits = logits[:, -1].float()  # (B, V)
-        if temperature > 0:
-            logits = logits / temperature
+    cache = model.new_cache(idx.size(0), max_len=T + n)
+
+    def forward(tokens, valid):  # finished rows go in as padding
+        return model(tokens, cache=cache, attention_mask=valid, last_logits_only=True)[0][:, -1].float()
+
+    def scaled(logits):
+        return logits / temperature if temperature > 0 else logits
+
+    def pick(logits):
         if temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            filtered = top_k_filter(logits, top_k) if top_k else logits
-            filtered = top_p_filter(filtered, top_p) if top_p is not None else filtered
-            nxt = draw(filtered.softmax(dim=-1), generator)
-        live = ~done
-        nxt = torch.where(live, nxt, pad)
-        logprobs.append(logits.log_softmax(dim=-1).gather(-1, nxt[:, None]).squeeze(-1) * live)
+            return logits.argmax(dim=-1)
+        logits = scaled(logits)
+        logits = top_k_filter(logits, top_k) if top_k else logits
+        logits = top_p_filter(logits, top_p) if top_p is not None else logits
+        return draw(logits.softmax(dim=-1), generator)
+
+    tokens, masks, logprobs = [], [], []
+    for nxt, live, logits in decode(forward, idx, n, pick, attention_mask=attention_mask, eos_id=eos_id):
+        logprobs.append(scaled(logits).log_softmax(dim=-1).gather(-1, nxt[:, None]).squeeze(-1) * live)
         tokens.append(nxt)
         masks.append(live)
-        if eos_id is not None:
-            done = done | (nxt == eos_id)
-        if i == n - 1 or bool(done.all()):
-            break
-        logits, _ = model(nxt[:, None], cache=cache, attention_mask=live[:, None])  # finished rows: padding
     model.train(was_training)
     return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1)
 

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -130,22 +131,38 @@ def test_temperature_and_greedy():
     assert torch.allclose(freq, logits.softmax(-1)[0], atol=0.02)
 
 
-def test_multinomial_follows_probs_per_row_and_never_picks_zero_probability():
-    """multinomial (inverse CDF) against the exact distribution, rows independent; zero-probability tokens, first
+def test_draw_follows_probs_per_row_and_never_picks_zero_probability():
+    """draw (gpt2.py's inverse CDF) against the exact distribution, rows independent; zero-probability tokens, first
     and last included, never come out; unnormalized rows (a speculative residual) are fine."""
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.2, 0.0, 0.0, 0.7]])
     g = torch.Generator().manual_seed(0)
-    out = torch.stack([G.multinomial(probs * 3.0, g) for _ in range(4000)])  # (4000, 2)
+    out = torch.stack([G.draw(probs * 3.0, g) for _ in range(4000)])  # (4000, 2)
     for row in range(2):
         counts = torch.bincount(out[:, row], minlength=6).float()
         assert counts[probs[row] == 0].sum() == 0
         assert chi_square_pvalue(counts, probs[row]) > 1e-3
-    assert G.multinomial(torch.tensor([0.0, 0.0, 1.0]), g).shape == ()
+    assert G.draw(torch.tensor([0.0, 0.0, 1.0]), g).shape == ()
+
+
+def test_vocab_size_never_draws_padding_ids():
+    """A model whose vocabulary is padded past the tokenizer's: the padding ids win every argmax and hold
+    almost all the probability, yet Sampling(vocab_size=...) never draws them, with or without penalties."""
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    assert G.process_logits(logits, G.Sampling(vocab_size=2)).tolist() == [[1.0, 2.0, -math.inf]]
+    assert G.process_logits(logits, G.Sampling(vocab_size=3)).tolist() == [[1.0, 2.0, 3.0]]
+    logits = torch.cat((torch.randn(400, 6), torch.full((400, 2), 30.0)), dim=1)  # ids 6, 7: padding
+    g = torch.Generator().manual_seed(0)
+    for s in (G.GREEDY, G.Sampling(), G.Sampling(temperature=2.0, top_k=7, top_p=0.99, min_p=0.0),
+              G.Sampling(repetition_penalty=1.5, presence_penalty=1.0)):
+        seen = torch.ones_like(logits)
+        assert G.sample(logits, s, seen, seen, g).min() >= 6  # unmasked: only padding ids come out
+        assert G.sample(logits, replace(s, vocab_size=6), seen, seen, g).max() < 6
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=0), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty")])
+    (dict(top_k=0), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(vocab_size=0), "vocab_size")])
 def test_bad_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         G.Sampling(**kwargs)
@@ -477,6 +494,39 @@ def test_cli_refuses_a_vocabulary_smaller_than_the_tokenizers(cli, tmp_path):
     save_checkpoint(small, GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=1, n_head=2, n_embd=16)))
     with pytest.raises(SystemExit, match="vocabulary of 300"):
         cli("--model", small)
+
+
+class StrictTokenizer(ByteTokenizer):
+    """Refuses ids past its vocabulary, like tiktoken's GPT-2 encoding."""
+
+    def decode(self, ids):
+        assert all(0 <= i < self.n_vocab for i in ids), f"id past the vocabulary: {max(ids)}"
+        return super().decode(ids)
+
+
+@pytest.mark.parametrize("argv", [["--temperature", "0"], ["--temperature", "0.7"],
+                                  ["--temperature", "0.7", "--num-samples", "2"]])
+def test_cli_never_samples_the_padding_of_a_padded_vocabulary(cli, tmp_path, argv):
+    """A vocabulary padded to 50,304 (train_gpt2.py's multiple of 64): the model is built so that the 47
+    padding ids get almost all the probability (the final norm outputs one vector b, and their rows of
+    lm_head are b); the CLI must still print only the tokenizer's ids: those generate() picks with
+    vocab_size=50257, the constant argmax of the real ids when greedy."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=16)).eval()
+    with torch.no_grad():
+        b = torch.randn(16)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(b)
+        model.lm_head.weight[50257:] = b
+    padded = str(tmp_path / "padded.pt")
+    save_checkpoint(padded, model)
+    idx = torch.tensor([list(b"hi")])
+    assert G.generate(model, idx, 4, G.Sampling(temperature=0.7))[0, 2:].min() >= 50257  # padding wins unmasked
+    out = cli("--model", padded, "--prompt", "hi", "--ignore-eos", *argv, tok=StrictTokenizer())
+    if argv[1] == "0":
+        new = G.generate(model, idx, 8, G.Sampling(temperature=0, vocab_size=50257))[0, 2:].tolist()
+        assert out.out == "hi" + ByteTokenizer().decode(new) + "\n"
+    assert "8 tokens" in out.err or "16 tokens" in out.err
 
 
 def typed(lines):
