@@ -42,12 +42,15 @@ def layer(seed=0, **kw):
 def test_one_expert_top1_no_capacity_is_the_dense_model(mlp):
     torch.manual_seed(0)
     dense = GPT(config(mlp=mlp))
+    with torch.no_grad():  # larger weights, so the MLP's share of the logits is not lost in the tolerance
+        for p in dense.parameters():
+            p.mul_(5.0) if p.dim() == 2 else None
     sparse = M.moeify(copy.deepcopy(dense), M.MoEConfig(n_expert=1, top_k=1))
     for d, s in zip(dense.transformer.h, sparse.transformer.h):
         assert isinstance(s.mlp, M.MoE)
         s.mlp.experts[0].load_state_dict(d.mlp.state_dict())  # the dense MLP's weights, as its only expert
     idx = torch.randint(0, 64, (3, 20))
-    torch.testing.assert_close(sparse(idx)[0], dense(idx)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sparse(idx)[0], dense(idx)[0], rtol=1e-5, atol=1e-5)
 
 
 def naive_moe(x, m, capacity=None):
