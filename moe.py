@@ -30,6 +30,7 @@ A trained MoE keeps gpt2.py's interface (forward, new_cache), so generate.py's f
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import time
@@ -388,7 +389,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
     model.to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device)
     scaler = grad_scaler(device, dtype)
-    path, step, train_time = os.path.join(out_dir, "ckpt.pt"), 0, 0.0
+    path, step, train_time, cpu_time = os.path.join(out_dir, "ckpt.pt"), 0, 0.0, 0.0
     if args.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, device)
         for key in ("seed", "batch_size", "seq_len", "max_steps", "lr", "data"):
@@ -400,7 +401,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
         load_model_state(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        step, train_time = ckpt["step"], ckpt["train_time"]
+        step, train_time, cpu_time = ckpt["step"], ckpt["train_time"], ckpt["cpu_time"]
         torch.set_rng_state(ckpt["rng"].cpu())
         log(f"resumed {path} at step {step}")
     elif args.init != "scratch":
@@ -417,7 +418,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
     if step == 0:
         metrics.log(step=0, val_loss=evaluate(compiled, val_ids, args, device, dtype), time=0.0)
     while step < stop:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x, y = get_batch(train_ids, args.batch_size, args.seq_len, args.seed, step, device)
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps)
         for group in optimizer.param_groups:
@@ -441,8 +442,8 @@ def train(args, moe, out_dir, data, device, dtype, log):
                        load=[[round(v, 4) for v in r] for r in (load / load.sum(1, keepdim=True)).tolist()])
         step += 1
         dt = time.perf_counter() - t0
-        train_time += dt
-        metrics.log(step=step, tokens_per_sec=tokens_per_step / dt, time=train_time, **row)
+        train_time, cpu_time = train_time + dt, cpu_time + time.process_time() - c0
+        metrics.log(step=step, tokens_per_sec=tokens_per_step / dt, time=train_time, cpu_time=cpu_time, **row)
         if step % args.log_interval == 0 or step == stop:
             log(f"{name} step {step:4d} | loss {row['train_loss']:.4f} | {dt * 1000:.0f} ms | "
                 f"{tokens_per_step / dt:,.0f} tok/s" + (f" | aux {row['aux_loss']:.4f}" if layers else ""))
@@ -451,7 +452,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
             metrics.log(step=step, val_loss=val_loss, time=train_time)
             log(f"{name} step {step:4d} | val loss {val_loss:.4f}")
             save_checkpoint(path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                            train_time=train_time, moe=asdict(moe) if moe else None, args=vars(args),
+                            train_time=train_time, cpu_time=cpu_time, moe=asdict(moe) if moe else None, args=vars(args),
                             vocab=vocab.tolist() if vocab is not None else None, rng=torch.get_rng_state())
     if val_loss is None:  # a finished run asked to resume: just report it
         val_loss = evaluate(compiled, val_ids, args, device, dtype)
@@ -461,7 +462,8 @@ def train(args, moe, out_dir, data, device, dtype, log):
         plot_expert_load(rows, os.path.join(out_dir, "expert_load.png"), name)
     return dict(arch=name, params=total, active_params=active, val_loss=val_loss, steps=step,
                 tokens=step * tokens_per_step, train_seconds=train_time,
-                tokens_per_sec=step * tokens_per_step / max(train_time, 1e-9), **load_stats(rows))
+                tokens_per_sec=step * tokens_per_step / max(train_time, 1e-9), cpu_seconds=cpu_time,
+                tokens_per_cpu_sec=step * tokens_per_step / max(cpu_time, 1e-9), **load_stats(rows))
 
 
 def plot_expert_load(rows, path, title):
@@ -576,15 +578,19 @@ def main(argv=None):
                                    device, dtype, log))
         except ValueError as e:
             p.error(str(e))
-    log(f"\n{'model':22s} {'params':>8s} {'active':>8s} {'val loss':>9s} {'tok/s':>8s} {'busiest':>8s} {'dead':>5s}")
+    log(f"\n{'model':22s} {'params':>7s} {'active':>7s} {'val loss':>8s} {'tok/s':>6s} {'tok/cpu-s':>9s} "
+        f"{'busiest':>7s} {'dead':>4s}")
     for s in summaries:
-        log(f"{s['arch']:22s} {s['params'] / 1e6:7.2f}M {s['active_params'] / 1e6:7.2f}M {s['val_loss']:9.4f} "
-            f"{s['tokens_per_sec']:8,.0f} " + (f"{s['max_load']:7.2f}x {s['dead']:5d}" if "max_load" in s else ""))
+        log(f"{s['arch']:22s} {s['params'] / 1e6:6.2f}M {s['active_params'] / 1e6:6.2f}M {s['val_loss']:8.4f} "
+            f"{s['tokens_per_sec']:6,.0f} {s['tokens_per_cpu_sec']:9,.0f} "
+            + (f"{s['max_load']:6.2f}x {s['dead']:4d}" if "max_load" in s else ""))
     if len(summaries) == 2:
         d, m = summaries
-        log(f"MoE - dense val loss {m['val_loss'] - d['val_loss']:+.4f} at {d['tokens']:,} tokens each; "
-            f"MoE tokens/s {m['tokens_per_sec'] / d['tokens_per_sec']:.2f}x dense")
-
+        log(f"MoE - dense val loss {m['val_loss'] - d['val_loss']:+.4f} at {d['tokens']:,} tokens each; MoE "
+            f"tokens/s {m['tokens_per_sec'] / d['tokens_per_sec']:.2f}x dense (per CPU second "
+            f"{m['tokens_per_cpu_sec'] / d['tokens_per_cpu_sec']:.2f}x)")
+    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+        json.dump(summaries, f, indent=1)
 
 if __name__ == "__main__":
     main()
