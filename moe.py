@@ -379,7 +379,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
     """Train one model and return its summary: val loss, tokens/s, parameters, expert load."""
     train_ids, val_ids, vocab = data
     n_vocab = len(vocab) if vocab is not None else 50257
-    arch = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
+    arch = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "pos_emb") if getattr(args, k)}
     config = GPTConfig.from_preset(args.model, vocab_size=64 * math.ceil(n_vocab / 64),  # matmul-friendly
                                    block_size=args.seq_len, **arch)
     seed_everything(args.seed)  # the same init for the shared parts of both models
@@ -477,14 +477,15 @@ def plot_expert_load(rows, path, title):
         return None
     steps = np.array([r["step"] for r in rows if "load" in r])
     loads = np.array([r["load"] for r in rows if "load" in r])  # (steps, layers, E)
-    kernel = np.ones(min(10, len(loads))) / min(10, len(loads))
-    smooth = np.apply_along_axis(lambda s: np.convolve(s, kernel, mode="same"), 0, loads)
+    w = min(10, len(loads))
+    smooth = np.apply_along_axis(lambda s: np.convolve(s, np.ones(w) / w, mode="valid"), 0, loads)
+    steps = steps[w - 1:]
     fig, axes = plt.subplots(1, loads.shape[1], figsize=(3.2 * loads.shape[1], 3), sharey=True, squeeze=False)
     for layer, ax in enumerate(axes[0]):
         ax.stackplot(steps, smooth[:, layer].T)
         ax.set_title(f"MoE layer {layer}"), ax.set_xlabel("step"), ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("share of assignments per expert")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -524,6 +525,7 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=list(PRESETS), help="gpt2.py architecture preset")
     for flag in ("--n-layer", "--n-head", "--n-embd"):
         g.add_argument(flag, type=int, help="override the preset's value")
+    g.add_argument("--pos-emb", choices=["learned", "sinusoidal", "rope"], help="position scheme (gpt2.py)")
     g.add_argument("--seq-len", type=int, help="tokens per training window (also the block size)")
     g = p.add_argument_group("mixture of experts")
     for field, kind, text in (
