@@ -496,11 +496,11 @@ def plot_expert_load(rows, path, title):
 
 RUN_PRESETS = {
     # minutes on a 2-core CPU, both models together (see bench/results/moe_cpu.md)
-    "shakespeare": dict(data="shakespeare", model="tiny", seq_len=128, batch_size=16, max_steps=300, lr=3e-3,
+    "shakespeare": dict(data="shakespeare", model="tiny", pos_emb="rope", seq_len=128, batch_size=16, max_steps=300, lr=3e-3,
                         warmup_steps=20, eval_interval=100, eval_tokens=32768, compact_vocab=True),
     # GPT-2 small width on FineWeb-Edu (the shards train_gpt2.py downloads): 32 x 1024 tokens per step,
     # ~100M tokens. Not run here (no GPU); the numbers are a starting point.
-    "gpt2-fineweb": dict(data=FINEWEB, model="gpt2", seq_len=1024, batch_size=32, max_steps=3000, lr=1.5e-3,
+    "gpt2-fineweb": dict(data=FINEWEB, model="gpt2", pos_emb="rope", seq_len=1024, batch_size=32, max_steps=3000, lr=1.5e-3,
                          warmup_steps=200, eval_interval=250, eval_tokens=1 << 20, compact_vocab=False,
                          dtype="bfloat16", compile=True),
 }
