@@ -24,8 +24,9 @@ does not. What it teaches, top to bottom:
     python moe.py --arch moe --moe-every 2             # hybrid stack: MoE in every other block
     python moe.py --preset gpt2-fineweb                # a GPU: GPT-2 small width, FineWeb-Edu shards
 
-A trained MoE keeps gpt2.py's interface (forward, new_cache), so generate.py's functions run it:
-`model, vocab = moe.load_model("out_moe/moe/ckpt.pt"); generate.generate(model.eval(), idx, 50)`.
+A trained MoE keeps gpt2.py's interface (forward, new_cache), so generate.py's functions run it with the
+KV cache: `model, vocab = moe.load_model("out_moe/moe/ckpt.pt")`, then `generate.generate(model.eval(), idx,
+50)` with idx in the model's ids (`np.searchsorted(vocab, gpt2_ids)`; `vocab[ids]` maps back to GPT-2's).
 """
 
 import argparse
@@ -496,7 +497,7 @@ def plot_expert_load(rows, path, title):
 
 RUN_PRESETS = {
     # minutes on a 2-core CPU, both models together (see bench/results/moe_cpu.md)
-    "shakespeare": dict(data="shakespeare", model="tiny", pos_emb="rope", seq_len=128, batch_size=16, max_steps=300, lr=3e-3,
+    "shakespeare": dict(data="shakespeare", model="tiny", pos_emb="rope", seq_len=128, batch_size=16, max_steps=400, lr=3e-3,
                         warmup_steps=20, eval_interval=100, eval_tokens=32768, compact_vocab=True),
     # GPT-2 small width on FineWeb-Edu (the shards train_gpt2.py downloads): 32 x 1024 tokens per step,
     # ~100M tokens. Not run here (no GPU); the numbers are a starting point.
