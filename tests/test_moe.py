@@ -1,0 +1,234 @@
+"""Tests of moe.py: the MoE layer against the dense MLP and a naive per-token loop, the balancing losses and
+the loss-free bias, capacity, checkpoint and exact resume, cached generation through generate.py.
+CPU only, offline, tiny models."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import generate
+import moe as M
+from gpt2 import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small are all per-op overhead; a second thread only adds contention on a shared box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(**kw):
+    return GPTConfig(**{**dict(block_size=64, vocab_size=64, n_layer=2, n_head=2, n_embd=16), **kw})
+
+
+def layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    return M.MoE(config(), M.MoEConfig(**kw))
+
+
+# -----------------------------------------------------------------------------
+# the layer's computation
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_one_expert_top1_no_capacity_is_the_dense_model(mlp):
+    torch.manual_seed(0)
+    dense = GPT(config(mlp=mlp))
+    with torch.no_grad():  # larger weights, so the MLP's share of the logits is not lost in the tolerance
+        for p in dense.parameters():
+            p.mul_(5.0) if p.dim() == 2 else None
+    sparse = M.moeify(copy.deepcopy(dense), M.MoEConfig(n_expert=1, top_k=1))
+    for d, s in zip(dense.transformer.h, sparse.transformer.h):
+        assert isinstance(s.mlp, M.MoE)
+        s.mlp.experts[0].load_state_dict(d.mlp.state_dict())  # the dense MLP's weights, as its only expert
+    idx = torch.randint(0, 64, (3, 20))
+    torch.testing.assert_close(sparse(idx)[0], dense(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def naive_moe(x, m, capacity=None):
+    """The definition, one token and one choice at a time; an expert serves its first `capacity` assignments
+    in token order."""
+    _, _, chosen, gates = m.router(x)
+    served, rows = [0] * len(m.experts), []
+    for n in range(x.size(0)):
+        y = torch.zeros(x.size(1))
+        for j in range(chosen.size(1)):
+            e = int(chosen[n, j])
+            if capacity is None or served[e] < capacity:
+                y = y + gates[n, j] * m.experts[e](x[n:n + 1])[0]
+            served[e] += 1
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("router,capacity", [("softmax", None), ("sigmoid", None), ("softmax", 4), ("sigmoid", 3)])
+def test_sorted_dispatch_equals_a_per_token_loop(router, capacity):
+    m = layer(n_expert=4, top_k=2, router=router)
+    x = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(12, 16)
+    outs, grads = [], []
+    for fn in (lambda: M.dispatch(x, *m.router(x)[2:], m.experts, capacity)[0], lambda: naive_moe(x, m, capacity)):
+        out = fn()
+        x.grad = None
+        m.zero_grad()
+        (out * w).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    assert len(grads[0]) == len(grads[1]) > 1  # the router's weight gets a gradient through the gates
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if capacity is not None:  # the case must actually drop something
+        assert M.dispatch(x, *m.router(x)[2:], m.experts, capacity)[2] > 0
+
+
+def test_capacity_drops_exactly_the_assignments_past_capacity():
+    x = torch.arange(1.0, 7.0)[:, None]  # 6 tokens, width 1: token n carries the value n + 1
+    experts = [nn.Identity(), nn.Linear(1, 1, bias=False)]
+    nn.init.constant_(experts[1].weight, 10.0)
+    chosen = torch.tensor([[0], [0], [1], [0], [1], [0]])  # expert 0: tokens 0, 1, 3, 5; expert 1: tokens 2, 4
+    y, counts, dropped = M.dispatch(x, chosen, torch.ones(6, 1), experts, capacity=2)
+    assert y.flatten().tolist() == [1, 2, 30, 0, 50, 0]  # tokens 3 and 5 were past expert 0's capacity
+    assert counts.tolist() == [4, 2] and dropped == 2
+    # top-2: token 2 is third in line at both experts and loses both; gates weigh what is kept
+    chosen = torch.tensor([[0, 1], [1, 0], [0, 1]])
+    gates = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.5, 0.5]])
+    y, counts, dropped = M.dispatch(x[:3], chosen, gates, experts, capacity=2)
+    assert y.flatten().tolist() == [0.75 * 1 + 0.25 * 10, 0.5 * 20 + 0.5 * 2, 0]
+    assert dropped == 2
+    # the layer: capacity = ceil(factor * tokens * top_k / n_expert) in training, the eval factor otherwise
+    m = layer(n_expert=2, top_k=1, capacity_factor=1.0, eval_capacity_factor=0.0)
+    m.router.bias.copy_(torch.tensor([100.0, 0.0]))  # every token picks expert 0
+    x = torch.randn(1, 8, 16)
+    y = m(x)
+    load, dropped = m.take_load()
+    assert load.tolist() == [8, 0] and dropped.item() == 4  # capacity ceil(1.0 * 8 * 1 / 2) = 4
+    assert (y[0, :4].abs().sum(-1) > 0).all() and (y[0, 4:] == 0).all()
+    assert (m.eval()(x)[0].abs().sum(-1) > 0).all()  # evaluation: no capacity, nothing dropped
+
+
+# -----------------------------------------------------------------------------
+# balancing
+
+
+def test_switch_aux_loss_is_alpha_at_uniform_routing_and_larger_when_skewed():
+    E, N, alpha = 4, 8, 0.01
+    uniform = M.switch_aux_loss(torch.full((N, E), 1 / E), torch.tensor([4, 4, 4, 4]), alpha)
+    assert uniform.item() == pytest.approx(alpha, rel=1e-6)
+    skewed = M.switch_aux_loss(torch.tensor([[0.4, 0.3, 0.2, 0.1]] * N), torch.tensor([4, 2, 1, 1]), alpha)
+    collapsed = M.switch_aux_loss(torch.tensor([[1.0, 0, 0, 0]] * N), torch.tensor([8, 0, 0, 0]), alpha)
+    assert alpha < skewed.item() < collapsed.item() == pytest.approx(alpha * E)
+
+
+def test_z_loss_matches_its_formula_and_the_layer_adds_both_losses():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    expected = 1e-3 * sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 2
+    assert M.z_loss(logits, 1e-3).item() == pytest.approx(expected, rel=1e-6)
+    for router in ("softmax", "sigmoid"):
+        m = layer(n_expert=4, top_k=2, router=router, aux_alpha=0.05, z_alpha=0.2)
+        x = torch.randn(2, 5, 16)
+        m(x)
+        logits, scores, chosen, _ = m.router(x.view(-1, 16))
+        probs = scores / scores.sum(-1, keepdim=True)
+        want = M.switch_aux_loss(probs, chosen.flatten().bincount(minlength=4), 0.05) + M.z_loss(logits, 0.2)
+        torch.testing.assert_close(m.aux_loss, want)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_loss_free_bias_moves_toward_balance_and_never_changes_the_gates(router):
+    bias = torch.zeros(2)
+    M.update_bias(bias, torch.tensor([30, 10]), 0.25)  # the busy expert down, the idle one up
+    assert bias.tolist() == [-0.25, 0.25]
+    m = layer(n_expert=4, top_k=2, router=router)
+    with torch.no_grad():  # varied scores, expert 0 favoured by every token of x below
+        m.router.weight.mul_(10.0)
+        m.router.weight[0] += 0.2
+    x = torch.randn(256, 16) + 1.0
+
+    def imbalance():
+        load = m.router(x)[2].flatten().bincount(minlength=4).float()
+        return (load.max() / load.mean()).item()
+
+    before, chosen_unbiased = imbalance(), m.router(x)[2]
+    for _ in range(100):
+        M.update_bias(m.router.bias, m.router(x)[2].flatten().bincount(minlength=4), 0.01)
+    assert before > 1.5 and imbalance() < 1.2 < before
+    logits, scores, chosen, gates = m.router(x)
+    assert (chosen != chosen_unbiased).any()  # the bias did change which experts are picked...
+    unbiased = logits.softmax(-1) if router == "softmax" else logits.sigmoid()
+    want = unbiased.gather(-1, chosen)
+    torch.testing.assert_close(gates, want / want.sum(-1, keepdim=True))  # ...but not how they are weighed
+
+
+# -----------------------------------------------------------------------------
+# the model and the loop
+
+
+def test_moeify_every_other_block_and_equal_active_params():
+    torch.manual_seed(0)
+    dense = GPT(config(n_layer=4, n_embd=32))
+    sparse = M.moeify(copy.deepcopy(dense), M.MoEConfig(n_expert=8, top_k=2, every=2))
+    assert [isinstance(b.mlp, M.MoE) for b in sparse.transformer.h] == [False, True, False, True]
+    total, active = M.param_counts(sparse)
+    assert total > 1.5 * dense.num_params()
+    assert abs(active - dense.num_params()) < 0.02 * dense.num_params()  # router + a bias per expert apart
+
+
+def test_cached_generation_equals_uncached_through_generate_py():
+    torch.manual_seed(0)
+    model = M.moeify(GPT(config(tie_weights=False, n_embd=32)), M.MoEConfig(n_expert=4, top_k=2, n_shared=1))
+    with torch.no_grad():  # larger weights, so that greedy paths vary instead of repeating one token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    model.eval()
+    idx = torch.randint(0, 64, (2, 5))
+    cached = generate.generate(model, idx, 24, temperature=0, use_cache=True)
+    uncached = generate.generate(model, idx, 24, temperature=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0, 5:].tolist())) > 4
+    cache = model.new_cache(2)
+    steps = [model(idx, cache=cache)[0]] + [model(cached[:, i:i + 1], cache=cache)[0] for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), model(cached[:, :12])[0], rtol=1e-4, atol=1e-4)
+
+
+TRAIN = ["--arch", "moe", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "4",
+         "--max-steps", "6", "--eval-interval", "3", "--eval-tokens", "256", "--lr", "1e-2", "--warmup-steps", "2",
+         "--n-expert", "4", "--bias-rate", "0.01", "--capacity-factor", "1.0", "--device", "cpu",
+         "--dtype", "float32", "--no-compile", "--log-interval", "100"]
+
+
+def test_checkpoint_and_exact_resume(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    M.main(TRAIN + ["--out-dir", a])
+    M.main(TRAIN + ["--out-dir", b, "--stop-after", "4"])
+    M.main(TRAIN + ["--out-dir", b, "--resume"])
+    ma, _ = M.load_model(os.path.join(a, "moe", "ckpt.pt"))
+    mb, vocab = M.load_model(os.path.join(b, "moe", "ckpt.pt"))
+    sa, sb = ma.state_dict(), mb.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa["transformer.h.0.mlp.router.bias"].abs().sum() > 0  # the balancing bias is saved and resumed
+    rows = [[json.loads(line) for line in open(os.path.join(d, "moe", "metrics.jsonl"))] for d in (a, b)]
+    keep = ("step", "train_loss", "aux_loss", "load", "dropped")  # not the times, nor the extra eval at step 4
+    train_rows = [[{k: r[k] for k in keep} for r in rs if "train_loss" in r] for rs in rows]
+    assert len(train_rows[0]) == 6 and train_rows[0] == train_rows[1]
+    assert rows[0][-1]["val_loss"] == rows[1][-1]["val_loss"]
+    assert any(r.get("dropped", 0) > 0 for r in rows[0])  # capacity 1.0 drops some tokens early in training
+    assert len(vocab) == 11706 and vocab == sorted(vocab)  # the GPT-2 ids tiny Shakespeare uses
+    assert ma.config.vocab_size == 11712  # rounded up to a multiple of 64
+
+
+def test_bad_input_is_named(capsys):
+    with pytest.raises(ValueError, match="top_k"):
+        M.MoEConfig(n_expert=4, top_k=5)
+    with pytest.raises(SystemExit):
+        M.main(["--router", "softplus", "--device", "cpu"])
+    assert "unknown router 'softplus'" in capsys.readouterr().err
