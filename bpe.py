@@ -16,7 +16,9 @@ What it teaches, in the order the code is written:
      (`<base64 token> <rank>` per line), loaded and exported;
   7. download: resumable and checksummed;
   8. encoding text files into flat uint16 token files for training;
-  9. the command line.
+  9. post-training text: the one prompt template (ids + loss mask), the JSONL data formats, and a
+     generated arithmetic task with its verifier, shared by sft.py and the files after it;
+  10. the command line.
 
 Run it:
   python bpe.py                                            # demo on the bundled tiny Shakespeare
@@ -43,6 +45,7 @@ import heapq
 import json
 import multiprocessing
 import os
+import random
 import re
 import sys
 import time
@@ -974,7 +977,245 @@ def load_tokens(path):
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
+# 9. Post-training text: one prompt template, the data formats, and a task whose answers can be checked
+#
+# Every post-training file (sft.py, reward_model.py, ppo.py, grpo.py, classify.py) formats prompts, reads
+# its data and scores answers with the functions below, so a model sees the same text at every stage.
+
+PREAMBLE = ("Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.")
+
+
+def byte_tokenizer():
+    """256 byte tokens plus <|endoftext|> = 256, no merges: each character of ASCII text is one token (so
+    every digit is its own token), and a 257-row embedding keeps a small model fast on a CPU. (GPT-2's split
+    pattern changes nothing without merges; it is kept so that every byte tokenizer dumps() the same text.)
+    byte_tokenizer().encode("12+3") -> [49, 50, 43, 51]"""
+    return Tokenizer("gpt2", special_tokens={ENDOFTEXT: 256})
+
+
+def format_prompt(instruction, input="", preamble=True):
+    """The Alpaca prompt (the format of Raschka's "Build a Large Language Model (From Scratch)", ch. 7), up
+    to the line where the response begins. preamble=False leaves out the first sentence only (same format,
+    ~110 fewer byte tokens, for the small byte-level task model).
+    format_prompt("What is 2 + 3?", preamble=False) -> '### Instruction:\\nWhat is 2 + 3?\\n\\n### Response:\\n'"""
+    text = (PREAMBLE + "\n\n" if preamble else "") + f"### Instruction:\n{instruction}"
+    if input:
+        text += f"\n\n### Input:\n{input}"
+    return text + "\n\n### Response:\n"
+
+
+def encode_example(tok, prompt, completion, *, input="", preamble=True, mask_prompt=True):
+    """Token ids of format_prompt(prompt) + completion + <|endoftext|>, and a loss mask of the same length:
+    mask[i] = 1 where ids[i] is a target (predicted from ids[:i]). mask_prompt=True: the completion and its
+    end-of-text only; False: every token after the first. The end-of-text is always a target: it is how
+    the model learns to stop. It is marked here, explicitly, because a batch padded with the same id cannot
+    tell it from padding afterwards. The prompt ends with a newline, so encoding the two halves separately
+    gives the ids of the whole text under GPT-2's split pattern too.
+    encode_example(byte_tokenizer(), "Hi", "Yo", preamble=False) -> (ids of '### Instruction:\\nHi\\n\\n
+    ### Response:\\nYo' + [256], [0] * 36 + [1, 1, 1])"""
+    p = tok.encode(format_prompt(prompt, input, preamble))
+    c = tok.encode(completion) + [tok.eot_token]
+    mask = [0] * len(p) + [1] * len(c) if mask_prompt else [0] + [1] * (len(p) + len(c) - 1)
+    return p + c, mask
+
+
+# The data formats: JSON Lines with the field names TRL's trainers use. An SFT file may instead use
+# Alpaca's (instruction, input, output); a .json file holding a list of such objects is read as well.
+DATA_FORMATS = {
+    "sft": ("prompt", "completion"),  # "input" is optional (Alpaca's second field)
+    "preference": ("prompt", "chosen", "rejected"),
+    "rl": ("prompt", "answer"),
+    "classification": ("text", "label"),
+}
+ALPACA = {"instruction": "prompt", "input": "input", "output": "completion"}
+
+
+def read_rows(path, kind):
+    """The rows of a data file as dicts with the fields of DATA_FORMATS[kind] (Alpaca rows come back as
+    prompt / input / completion). A bad row is a ValueError naming the file, the line and the field.
+    read_rows("sft.jsonl", "sft") -> [{"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5"}, ...]"""
+    if kind not in DATA_FORMATS:
+        raise ValueError(f"unknown data kind {kind!r}; valid: {', '.join(DATA_FORMATS)}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of objects (or use JSON Lines, .jsonl)")
+        where = [f"{path}: item {i}" for i in range(len(items))]
+    else:
+        items, where = [], []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSON Lines holds one object "
+                                     f"per line") from None
+                where.append(f"{path}:{lineno}")
+    if not items:
+        raise ValueError(f"{path} holds no rows")
+    return [check_row(item, kind, w) for item, w in zip(items, where)]
+
+
+def check_row(row, kind, where="row"):
+    """One row of a data file, checked (see read_rows); `where` starts the error message."""
+    fields = DATA_FORMATS[kind]
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object with fields {', '.join(fields)}, got {type(row).__name__}")
+    names = {f: f for f in (*fields, "input")}  # our field -> the field as the file spells it
+    if kind == "sft" and "prompt" not in row and "instruction" in row:
+        names = {ours: theirs for theirs, ours in ALPACA.items()}
+        row = {**{k: v for k, v in row.items() if k not in ALPACA}, **{ALPACA[k]: row[k] for k in ALPACA if k in row}}
+    for f in fields:
+        if f not in row:
+            alt = " (or Alpaca's instruction, input, output)" if kind == "sft" else ""
+            raise ValueError(f"{where}: field {names[f]!r} is missing; a {kind} row needs {', '.join(fields)}{alt}")
+        v = row[f]
+        if f == "label" and isinstance(v, int) and not isinstance(v, bool):
+            continue
+        if f == "answer" and isinstance(v, int) and not isinstance(v, bool):
+            row = {**row, "answer": str(v)}
+            continue
+        if not isinstance(v, str) or not v:
+            got = "an empty string" if v == "" else type(v).__name__
+            raise ValueError(f"{where}: field {names[f]!r} must be a non-empty string"
+                             f"{' or an integer' if f in ('label', 'answer') else ''}, got {got}")
+    if kind == "sft" and not isinstance(row.setdefault("input", ""), str):
+        raise ValueError(f"{where}: field {names['input']!r} must be a string, got {type(row['input']).__name__}")
+    return row
+
+
+def write_rows(path, rows):
+    """Rows as JSON Lines, written to a temp file and renamed (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+# The task: arithmetic whose answers a program can check, so post-training is measured by accuracy rather
+# than by a judge. "What is 482 + 39?" -> "482 + 39 = 521": the response restates the problem (a small
+# scratchpad: the digits to add sit right before the answer) and the verifier reads its last number, as
+# GSM8K graders read the final answer. Operands have 1..max_digits digits, each length equally likely, so
+# the set mixes problems a small model gets right (one digit, no carry) with ones it mostly gets wrong
+# (three digits with carries): room for SFT to reach part of it and for RL to improve on that.
+
+TASK_DIR = HERE / "data" / "task"
+TASK_SIZES = {"pretrain": 200_000, "sft": 20_000, "sft_val": 500, "preference": 10_000, "rl": 10_000,
+              "test": 500}
+TASK_MAX_DIGITS = 2
+
+
+def task_problem(rng, max_digits=TASK_MAX_DIGITS):
+    """(a, op, b) drawn by `rng` (a random.Random): + or -, never a negative result. -> (482, "+", 39)"""
+    a, b = (rng.randrange(10 ** (d - 1) if d > 1 else 0, 10 ** d)
+            for d in (rng.randint(1, max_digits), rng.randint(1, max_digits)))
+    op = rng.choice("+-")
+    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
+
+
+def task_text(a, op, b, result=None):
+    """-> (question, worked answer, answer): ("What is 482 + 39?", "482 + 39 = 521", "521")"""
+    answer = str(a + b if op == "+" else a - b)
+    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {answer if result is None else result}", answer
+
+
+def plausible_wrong(a, op, b, rng):
+    """A wrong answer of the kind a learner makes: every carry (or borrow) forgotten, digit by digit; when the
+    problem has none, one digit off by one. plausible_wrong(482, "+", 39, rng) -> 411"""
+    right = a + b if op == "+" else a - b
+    n = max(len(str(a)), len(str(b)))
+    sign = 1 if op == "+" else -1
+    wrong = int("".join(str((int(x) + sign * int(y)) % 10) for x, y in zip(str(a).zfill(n), str(b).zfill(n))))
+    if wrong == right:
+        step = 10 ** rng.randrange(len(str(right)))
+        wrong = right - step if right >= step and rng.random() < 0.5 else right + step
+    return wrong
+
+
+def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
+    """Every split of the task, deterministic from the seed: {"pretrain": text, split: [rows]}.
+    test (500 {"prompt", "answer"} rows, distinct problems) comes first and no other split holds any of its
+    problems. pretrain: "Q: <question>\nA: <worked answer>\n" per problem, the way worked examples appear in
+    ordinary text (the base model learns arithmetic and to restate a problem, not the template or when to
+    stop); sft / sft_val: {"prompt", "completion"}; preference: {"prompt", "chosen", "rejected"} with a
+    plausible wrong answer; rl: {"prompt", "answer"}."""
+    sizes = {**TASK_SIZES, **(sizes or {})}
+    rng = random.Random(f"task-{seed}-{max_digits}")
+    test, seen = [], set()
+    while len(test) < sizes["test"]:
+        p = task_problem(rng, max_digits)
+        if p not in seen:
+            seen.add(p)
+            test.append(p)
+
+    def draw(n):
+        out = []
+        while len(out) < n:
+            p = task_problem(rng, max_digits)
+            if p not in seen:
+                out.append(p)
+        return out
+
+    out = {"test": [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in test)]}
+    out["pretrain"] = "".join("Q: {}\nA: {}\n".format(*task_text(*p)[:2]) for p in draw(sizes["pretrain"]))
+    for split in ("sft", "sft_val"):
+        out[split] = [{"prompt": q, "completion": w} for q, w, _ in (task_text(*p) for p in draw(sizes[split]))]
+    out["preference"] = [{"prompt": task_text(*p)[0], "chosen": task_text(*p)[1],
+                          "rejected": task_text(*p, plausible_wrong(*p, rng))[1]} for p in draw(sizes["preference"])]
+    out["rl"] = [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in draw(sizes["rl"]))]
+    return out
+
+
+def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
+    """Write make_task's splits to directory (pretrain.txt, sft.jsonl, sft_val.jsonl, preference.jsonl,
+    rl.jsonl, test.jsonl) unless the same task is there already; returns {split: path}."""
+    directory = Path(directory)
+    spec = {"seed": seed, "max_digits": max_digits, "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 2}
+    paths = {s: directory / (f"{s}.txt" if s == "pretrain" else f"{s}.jsonl") for s in spec["sizes"]}
+    manifest = directory / "task.json"
+    if manifest.is_file() and json.loads(manifest.read_text()) == spec and all(p.is_file() for p in paths.values()):
+        return paths
+    data = make_task(seed, sizes, max_digits)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, path in paths.items():
+        if split == "pretrain":
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            tmp.write_text(data[split], encoding="utf-8")
+            os.replace(tmp, path)
+        else:
+            write_rows(path, data[split])
+    manifest.write_text(json.dumps(spec) + "\n")  # written last: its presence marks a complete set
+    return paths
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_answer(text):
+    """The last number in a text (commas dropped), None if it has none: "3 + 4 = 7" -> "7"."""
+    nums = _NUMBER.findall(text.split(ENDOFTEXT)[0])
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def reward(completion, answer):
+    """The verifier: 1.0 when the completion's final number is the answer, else 0.0 (GSM8K's exact match).
+    reward("482 + 39 = 521", "521") -> 1.0; reward("482 + 39 = 511", "521") -> 0.0"""
+    got, want = final_answer(completion), final_answer(str(answer))
+    return float(got is not None and got == want)
+
+
+# -----------------------------------------------------------------------------
+# 10. Command line
 
 
 def demo():

@@ -867,15 +867,237 @@ class MetricsLog:
             return None  # optional: no plot without matplotlib
         rows = self.read(self.out_dir)
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("train_loss", "val_loss"):
+        smoothed = any(r.get("train_loss_ema") is not None for r in rows)
+        for key in ("train_loss", "train_loss_ema", "val_loss"):
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None)
+            if pts:  # with a smoothed curve, the raw per-step loss is only a faint band behind it
+                faint = key == "train_loss" and smoothed
+                ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o" if key == "val_loss" else None,
+                        alpha=0.3 if faint else 1.0, linewidth=0.8 if faint else 1.5)
         ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_title(title), ax.legend(), ax.grid(alpha=0.3)
         out = os.path.join(self.out_dir, "loss.png")
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return out
+
+
+# -----------------------------------------------------------------------------
+# Post-training: LoRA and batched sampling
+#
+# LoRA (Hu et al., 2021): a frozen Linear W plus a trainable low-rank update, y = x W^T + (alpha / r) x A^T B^T
+# with A (r, in) random and B (out, r) zero, so a fresh adapter changes nothing; training moves r * (in + out)
+# numbers per layer instead of in * out, and merging W + (alpha / r) B A gives back a plain model.
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every Linear of attention and MLP; "attn.c_proj" names one
+
+
+class LoRALinear(nn.Module):
+    """A Linear with a low-rank adapter. It keeps the wrapped layer's weight and bias (frozen) under the same
+    names, so a base model's state dict loads into the adapted model unchanged; the adapter adds lora_A and
+    lora_B next to them."""
+
+    def __init__(self, base, r, alpha, dropout=0.0):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        self.lora_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        update = self.lora_dropout(x) @ self.lora_A.to(x.dtype).T @ self.lora_B.to(x.dtype).T  # (B, T, out)
+        return F.linear(x, self.weight, self.bias) + self.scale * update
+
+    def merged(self):
+        """The plain nn.Linear with W + (alpha / r) B A."""
+        out_f, in_f = self.weight.shape
+        # skip_init: no random initialisation to overwrite, and the global RNG stays untouched (exact resume)
+        lin = torch.nn.utils.skip_init(nn.Linear, in_f, out_f, bias=self.bias is not None, device=self.weight.device,
+                                       dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float()))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+
+def _lora_sites(model, targets):
+    """(parent module, attribute name, full name) of every Linear whose name ends with one of targets."""
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, (nn.Linear, LoRALinear)) and any(full == t or full.endswith("." + t) for t in targets):
+                yield module, child_name, full
+
+
+def add_lora(model, r=8, alpha=16, targets=LORA_TARGETS, dropout=0.0):
+    """Freeze every weight of `model` and wrap the target Linears with rank-r adapters; returns the model.
+    The logits do not change until training moves lora_B away from zero.
+    add_lora(GPT(GPTConfig.from_preset("gpt2")), r=8): 1,179,648 trainable of 125M (0.9%)"""
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sites = list(_lora_sites(model, targets))
+    if not sites:
+        raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}; valid names end with "
+                         f"c_attn, c_proj, c_fc (e.g. attn.c_proj) or lm_head")
+    for parent, attr, _ in sites:
+        if isinstance(getattr(parent, attr), LoRALinear):
+            raise ValueError("the model already has LoRA adapters; merge_lora() first to stack another")
+        setattr(parent, attr, LoRALinear(getattr(parent, attr), r, alpha, dropout))
+    model.lora = dict(r=r, alpha=alpha, targets=list(targets), dropout=dropout)  # checkpoints record this
+    return model
+
+
+def merge_lora(model):
+    """Fold every adapter into its weight (W += (alpha / r) B A): a plain model of the original layout, every
+    parameter trainable again, for export and for the next stage. Returns the model."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, child_name, child.merged())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.__dict__.pop("lora", None)
+    return model
+
+
+def lora_state_dict(model):
+    """The adapter weights alone (lora_A / lora_B of every wrapped layer): what a LoRA checkpoint needs on
+    top of its base model, ~1% of the model's size."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_A" in k or ".lora_B" in k}
+
+
+def load_lora_state(model, state, path="adapter"):
+    """Load lora_state_dict()'s output into a model that add_lora() prepared the same way."""
+    ours = lora_state_dict(model)
+    if set(ours) != set(state) or any(ours[k].shape != state[k].shape for k in ours):
+        raise ValueError(f"{path} does not fit this model's adapters ({len(state)} tensors vs {len(ours)}; "
+                         f"first keys {sorted(set(state) ^ set(ours))[:3]}): use the same r and targets")
+    model.load_state_dict(state, strict=False)
+
+
+def save_adapter(path, model, **extra):
+    """A checkpoint that holds the adapter alone (+ its r / alpha / targets and the model config): load it onto
+    the same base with load_adapter. Written to a temp file and renamed, like save_checkpoint."""
+    ckpt = {"format": "llm-from-scratch-lora", "version": 1, "config": asdict(model.config), "lora": model.lora,
+            "adapter": lora_state_dict(model), **extra}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_adapter(model, path):
+    """add_lora(model) with the settings saved at `path`, then its weights; returns the model."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "adapter" not in ckpt:
+        raise ValueError(f"{path} is not an adapter checkpoint (written by save_adapter)")
+    if ckpt["config"] != asdict(model.config):
+        raise ValueError(f"{path} was trained on another base model (config {ckpt['config']})")
+    add_lora(model, **ckpt["lora"])
+    load_lora_state(model, ckpt["adapter"], path)
+    return model
+
+
+# Batched sampling: what RL rollouts (ppo.py, grpo.py) and evaluation (sft.py) need from the KV cache, and
+# what generate.py's full loop is built around: a batch of left-padded prompts of different lengths, each
+# row stopping at its own end-of-text, and the log-probability of every token drawn.
+
+
+def top_k_filter(logits, k):
+    """Keep the k largest logits of each row (ties with the k-th too); the rest become -inf."""
+    if k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits, p):
+    """Keep the smallest set of most likely tokens whose probabilities sum to >= p (nucleus sampling)."""
+    if p >= 1:
+        return logits  # float rounding in the cumsum would otherwise drop a few tail tokens
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= p  # the tokens before this one already reach p
+    drop[..., 0] = False  # the most likely token always stays
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def draw(probs, generator=None):
+    """One token per row of probs (..., V), by inverse CDF: a uniform number looked up in the running sum.
+    The distribution of torch.multinomial, ~15x faster over 50,257 tokens on a CPU (one pass, no sort).
+    The sum runs in float64 (where the device has it) so that tokens of tiny probability keep their share."""
+    cdf = probs.to(torch.float32 if probs.device.type == "mps" else torch.float64).cumsum(dim=-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[..., -1:]
+    # right=True: the first index whose running sum exceeds u, so a token of probability 0 is never drawn
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1).squeeze(-1)
+
+
+def left_pad(seqs, pad_id=0, device=None):
+    """Lists of token ids -> (idx (B, T), attention_mask (B, T)), padded on the left so that every row's
+    next token goes in the last column. left_pad([[5, 6], [7]]) -> ([[5, 6], [0, 7]], [[1, 1], [0, 1]])"""
+    T = max(map(len, seqs))
+    idx = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return idx, mask
+
+
+@torch.no_grad()
+def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
+           eos_id=None, generator=None):
+    """Continue a batch of prompts with the KV cache: one prefill pass, then one token per step.
+
+    idx (B, T) prompts, left-padded, with attention_mask (B, T) (0 = padding); temperature 0 is greedy. A row
+    stops after its first eos_id; the loop stops when every row has, or after max_new_tokens (fewer if the
+    context ends first). Returns (tokens, mask, logprobs), each (B, N): the new tokens (eos_id, else 0, after a
+    row's end), True for the tokens a row really generated (its end-of-text included), and their
+    log-probabilities under softmax(logits / temperature) before top-k / top-p (raw logits when greedy): the
+    numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode.
+    sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)"""
+    B, T = idx.shape
+    valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if not valid[:, -1].all() or (valid.long().diff(dim=1) < 0).any():
+        raise ValueError("attention_mask must be left padding (zeros, then ones, a token in every row's last "
+                         "column): build the batch with gpt2.left_pad")
+    n = min(max_new_tokens, model.config.block_size - T)
+    if n < 1:
+        raise ValueError(f"prompts of {T} tokens leave no room in the context (block_size "
+                         f"{model.config.block_size}); shorten them")
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache(B, max_len=T + n)
+    logits, _ = model(idx, cache=cache, attention_mask=valid, last_logits_only=True)
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    pad = eos_id if eos_id is not None else 0
+    tokens, masks, logprobs = [], [], []
+    for i in range(n):
+        logits = logits[:, -1].float()  # (B, V)
+        if temperature > 0:
+            logits = logits / temperature
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1)
+        else:
+            filtered = top_k_filter(logits, top_k) if top_k else logits
+            filtered = top_p_filter(filtered, top_p) if top_p is not None else filtered
+            nxt = draw(filtered.softmax(dim=-1), generator)
+        live = ~done
+        nxt = torch.where(live, nxt, pad)
+        logprobs.append(logits.log_softmax(dim=-1).gather(-1, nxt[:, None]).squeeze(-1) * live)
+        tokens.append(nxt)
+        masks.append(live)
+        if eos_id is not None:
+            done = done | (nxt == eos_id)
+        if i == n - 1 or bool(done.all()):
+            break
+        logits, _ = model(nxt[:, None], cache=cache, attention_mask=live[:, None])  # finished rows: padding
+    model.train(was_training)
+    return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logprobs, 1)
 
 
 # -----------------------------------------------------------------------------

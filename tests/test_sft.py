@@ -1,0 +1,393 @@
+"""Tests of the post-training ground (bpe.py's template, data formats and task; gpt2.py's LoRA and batched
+sampler) and of sft.py: loss masks, exact resume, a learning run, and the gpt2-alpaca recipe's code path.
+CPU only, offline, tiny models."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import bpe
+import gpt2
+import sft
+from gpt2 import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BYTES = bpe.byte_tokenizer()
+EOT = BYTES.eot_token
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small do not gain from threads, and the machine is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=96, vocab_size=257, n_layer=2, n_head=2, n_embd=32, pos_emb="rope")
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+# -----------------------------------------------------------------------------
+# The template and the loss mask
+
+
+def test_template_is_alpaca_and_round_trips():
+    # the exact text of Raschka's format_input + "\n\n### Response:\n" + output
+    text = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n### Instruction:\nConvert to passive.\n\n### Input:\nThe cat ate it.\n\n### Response:\n")
+    assert bpe.format_prompt("Convert to passive.", "The cat ate it.") == text
+    assert bpe.format_prompt("What is 2 + 3?", preamble=False) == "### Instruction:\nWhat is 2 + 3?\n\n### Response:\n"
+    for tok in (BYTES, bpe.load_gpt2()):
+        for prompt, inp, completion in (("Name a color.", "", "Blue."), ("Add them.", "2 and 3", "2 + 3 = 5")):
+            ids, mask = bpe.encode_example(tok, prompt, completion, input=inp)
+            full = bpe.format_prompt(prompt, inp) + completion + "<|endoftext|>"
+            assert tok.decode(ids) == full  # round trip
+            assert ids == tok.encode(full, allowed_special="all")  # halves encoded apart == the whole text
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_mask_covers_exactly_the_response_and_its_first_end_of_text(tokenizer):
+    tok = BYTES if tokenizer == "bytes" else bpe.load_gpt2()
+    eot = tok.eot_token
+    ids, mask = bpe.encode_example(tok, "What is 12 + 5?", "12 + 5 = 17", preamble=False)
+    assert len(ids) == len(mask) and ids[-1] == eot and mask[-1] == 1
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "12 + 5 = 17<|endoftext|>"
+    assert tok.decode([i for i, m in zip(ids, mask) if not m]) == bpe.format_prompt("What is 12 + 5?", preamble=False)
+    ids2, mask2 = bpe.encode_example(tok, "What is 12 + 5?", "12 + 5 = 17", preamble=False, mask_prompt=False)
+    assert ids2 == ids and mask2 == [0] + [1] * (len(ids) - 1)
+    # padding with the end-of-text id: every row keeps exactly one end-of-text target, its own
+    short = bpe.encode_example(tok, "Hi", "Yo", preamble=False)
+    x, y = sft.pad_batch([(ids, mask), short], pad_id=eot)
+    assert x.shape == y.shape == (2, len(ids) - 1)
+    assert ((y == eot).sum(1) == 1).all()
+    assert (x[1, len(short[0]) - 1:] == eot).all() and (y[1, len(short[0]) - 1:] == -1).all()
+    assert y[0].tolist() == [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+    # packing: the same targets, streamed; the end-of-text of every example is a target
+    x, y = sft.pack_rows([(ids, mask), short, (ids, mask)], seq_len=8)
+    stream = ids + short[0] + ids
+    assert x.flatten().tolist() == stream[:x.numel()]
+    targets = [t if m else -1 for t, m in zip(stream[1:], (mask + short[1] + mask)[1:])][:x.numel()]
+    assert y.flatten().tolist() == targets and targets.count(eot) >= 2
+
+
+# -----------------------------------------------------------------------------
+# Data formats
+
+
+def write(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def test_every_data_format_reads(tmp_path):
+    rows = {"sft": {"prompt": "p", "completion": "c"}, "preference": {"prompt": "p", "chosen": "a", "rejected": "b"},
+            "rl": {"prompt": "p", "answer": "42"}, "classification": {"text": "t", "label": 1}}
+    for kind, row in rows.items():
+        bpe.write_rows(tmp_path / f"{kind}.jsonl", [row, row])
+        assert bpe.read_rows(tmp_path / f"{kind}.jsonl", kind) == [row | ({"input": ""} if kind == "sft" else {})] * 2
+    assert bpe.read_rows(write(tmp_path / "l.jsonl", [{"text": "t", "label": "spam"}]), "classification")[0]["label"] == "spam"
+    assert bpe.read_rows(write(tmp_path / "a.jsonl", [{"prompt": "p", "answer": 7}]), "rl")[0]["answer"] == "7"
+    alpaca = [{"instruction": "Do it.", "input": "x", "output": "Done."}, {"instruction": "Say hi.", "output": "Hi."}]
+    want = [{"prompt": "Do it.", "input": "x", "completion": "Done."}, {"prompt": "Say hi.", "input": "", "completion": "Hi."}]
+    assert bpe.read_rows(write(tmp_path / "alpaca.jsonl", alpaca), "sft") == want
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
+    assert bpe.read_rows(tmp_path / "alpaca.json", "sft") == want
+    shipped = bpe.read_rows(os.path.join(ROOT, "data", "instruction_data.json"), "sft")
+    assert len(shipped) == 1100 and all(r["completion"] for r in shipped)
+
+
+BAD = [  # (kind, line 2 of the file, words the error must contain)
+    ("sft", "{not json", ["not valid JSON"]),
+    ("sft", "[1, 2]", ["expected a JSON object"]),
+    ("sft", {"prompt": "p"}, ["'completion'", "missing"]),
+    ("sft", {"prompt": "", "completion": "c"}, ["'prompt'", "empty"]),
+    ("sft", {"prompt": "p", "completion": 3}, ["'completion'", "int"]),
+    ("sft", {"instruction": "i", "input": ""}, ["'output'", "missing"]),
+    ("sft", {"instruction": "i", "input": 5, "output": "o"}, ["'input'", "int"]),
+    ("preference", {"prompt": "p", "chosen": "a"}, ["'rejected'", "missing"]),
+    ("preference", {"prompt": "p", "chosen": ["a"], "rejected": "b"}, ["'chosen'", "list"]),
+    ("rl", {"prompt": "p"}, ["'answer'", "missing"]),
+    ("rl", {"prompt": "p", "answer": None}, ["'answer'", "NoneType"]),
+    ("classification", {"label": 1}, ["'text'", "missing"]),
+    ("classification", {"text": "t", "label": True}, ["'label'", "bool"]),
+]
+
+
+@pytest.mark.parametrize("kind,line,words", BAD)
+def test_every_bad_row_names_file_line_and_field(tmp_path, kind, line, words):
+    good = {"sft": {"prompt": "p", "completion": "c"}, "preference": {"prompt": "p", "chosen": "a", "rejected": "b"},
+            "rl": {"prompt": "p", "answer": "1"}, "classification": {"text": "t", "label": 0}}[kind]
+    path = write(tmp_path / "data.jsonl", [good, line, good])
+    with pytest.raises(ValueError) as e:
+        bpe.read_rows(path, kind)
+    for w in [f"{path}:2:", *words]:
+        assert w in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "d.json").write_text(json.dumps([{"instruction": "i", "output": "o"}, {"instruction": "i"}]))
+    with pytest.raises(ValueError, match=r"d.json: item 1: field 'output' is missing"):
+        bpe.read_rows(tmp_path / "d.json", "sft")
+    (tmp_path / "o.json").write_text(json.dumps({"prompt": "p"}))
+    with pytest.raises(ValueError, match="must hold a list"):
+        bpe.read_rows(tmp_path / "o.json", "sft")
+    with pytest.raises(ValueError, match="holds no rows"):
+        bpe.read_rows(write(tmp_path / "e.jsonl", [""]), "sft")
+    with pytest.raises(ValueError, match="unknown data kind"):
+        bpe.read_rows(tmp_path / "e.jsonl", "dpo")
+    with pytest.raises(FileNotFoundError):
+        bpe.read_rows(tmp_path / "missing.jsonl", "sft")
+
+
+# -----------------------------------------------------------------------------
+# The task and its verifier
+
+
+def test_verifier():
+    assert bpe.reward("482 + 39 = 521", "521") == 1.0
+    assert bpe.reward("482 + 39 = 521<|endoftext|>99", "521") == 1.0  # nothing after the end counts
+    assert bpe.reward("482 + 39 = 511", "521") == 0.0
+    assert bpe.reward("the answer is 1,271.", "1271") == 1.0
+    assert bpe.reward("521 is wrong, it is 520", "521") == 0.0  # the final number is the answer
+    assert bpe.reward("no number", "5") == 0.0 and bpe.reward("", "0") == 0.0
+    assert bpe.reward("10 - 13 = -3", "-3") == 1.0 and bpe.reward("10 - 13 = 3", "-3") == 0.0
+
+
+def test_task_is_deterministic_disjoint_and_verifiable(tmp_path):
+    sizes = dict(pretrain=2000, sft=500, sft_val=50, preference=300, rl=300, test=200)
+    a, b, c = bpe.make_task(0, sizes), bpe.make_task(0, sizes), bpe.make_task(1, sizes)
+    assert a == b and a["test"] != c["test"]
+    assert {k: len(v) for k, v in a.items() if k != "pretrain"} == {k: v for k, v in sizes.items() if k != "pretrain"}
+    assert len(a["pretrain"].splitlines()) == 2 * sizes["pretrain"]
+    test = {r["prompt"] for r in a["test"]}
+    assert len(test) == len(a["test"])  # distinct problems
+    for split in ("sft", "sft_val", "preference", "rl"):
+        assert not test & {r["prompt"] for r in a[split]}, f"{split} holds test problems"
+    lines = a["pretrain"].splitlines()
+    assert [line[:3] for line in lines[:4]] == ["Q: ", "A: ", "Q: ", "A: "]
+    assert not test & {line[3:] for line in lines[::2]}
+    for r in a["sft"]:  # the worked answer is right, and says the problem again
+        q = r["prompt"].removeprefix("What is ").removesuffix("?")
+        assert r["completion"].startswith(q + " = ") and bpe.reward(r["completion"], str(eval(q))) == 1.0
+    for r in a["preference"]:
+        assert r["chosen"] != r["rejected"]
+        answer = str(eval(r["prompt"].removeprefix("What is ").removesuffix("?")))
+        assert bpe.reward(r["chosen"], answer) == 1.0 and bpe.reward(r["rejected"], answer) == 0.0
+        assert int(bpe.final_answer(r["rejected"])) >= 0
+    for r in a["rl"] + a["test"]:
+        assert int(r["answer"]) == eval(r["prompt"].removeprefix("What is ").removesuffix("?"))
+    paths = bpe.task_files(tmp_path / "task", 0, sizes)
+    assert bpe.read_rows(paths["test"], "rl") == a["test"] and paths["pretrain"].read_text() == a["pretrain"]
+    assert bpe.read_rows(paths["preference"], "preference") == a["preference"]
+    assert bpe.plausible_wrong(482, "+", 39, None) == 411 and bpe.plausible_wrong(52, "-", 17, None) == 45
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_fresh_adapter_changes_nothing_and_trains_only_itself():
+    model, x = tiny(), torch.randint(0, 257, (2, 12))
+    before, _ = model(x)
+    gpt2.add_lora(model, r=4, alpha=8)
+    after, _ = model(x)
+    assert torch.equal(before, after)
+    n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert n_lora == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))  # per layer: c_attn, c_proj, c_fc, c_proj
+    model.train()
+    _, loss = model(x, x)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+        assert p.requires_grad == ("lora_" in name), name
+    assert any(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    opt = model.configure_optimizer(0.0, 1e-3)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == n_lora
+    # a base checkpoint's state dict loads into the adapted model: the names of the base weights are kept
+    fresh = tiny(seed=1)
+    gpt2.add_lora(fresh, r=4, alpha=8)
+    fresh.load_state_dict(tiny().state_dict(), strict=False)
+    assert torch.equal(fresh(x)[0], before)
+
+
+def test_lora_merged_equals_unmerged_and_adapter_checkpoint(tmp_path):
+    model, x = tiny(), torch.randint(0, 257, (2, 12))
+    gpt2.add_lora(model, r=4, alpha=8, targets=("c_attn", "mlp.c_proj"))
+    assert sum(isinstance(m, gpt2.LoRALinear) for m in model.modules()) == 2 * 2
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapted, _ = model(x)
+    assert not torch.allclose(adapted, tiny()(x)[0], atol=1e-3)  # the adapter does something
+    gpt2.save_adapter(str(tmp_path / "adapter.pt"), model)
+    loaded = gpt2.load_adapter(tiny(), str(tmp_path / "adapter.pt"))
+    torch.testing.assert_close(loaded(x)[0], adapted, rtol=0, atol=0)
+    assert os.path.getsize(tmp_path / "adapter.pt") < 0.3 * sum(p.numel() * 4 for p in tiny().parameters())
+    merged = gpt2.merge_lora(model)
+    assert not any(isinstance(m, gpt2.LoRALinear) for m in merged.modules())
+    assert set(merged.state_dict()) == set(tiny().state_dict()) and all(p.requires_grad for p in merged.parameters())
+    torch.testing.assert_close(merged(x)[0], adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no Linear layer matches"):
+        gpt2.add_lora(tiny(), targets=("q_proj",))
+
+
+# -----------------------------------------------------------------------------
+# The batched sampler
+
+
+def test_sampler_left_padded_batch_equals_each_prompt_alone():
+    model = tiny()
+    prompts = [[5, 9, 200, 31, 7, 7, 64], [12], [100, 3, 250]]
+    alone = [gpt2.sample(model, torch.tensor([p]), 10, temperature=0) for p in prompts]
+    eos = alone[0][0][0, 3].item()  # a token row 0 generates: with it as end-of-text, row 0 stops there
+    alone = [gpt2.sample(model, torch.tensor([p]), 10, temperature=0, eos_id=eos) for p in prompts]
+    idx, attn = gpt2.left_pad(prompts, pad_id=eos)
+    tokens, mask, logprobs = gpt2.sample(model, idx, 10, attention_mask=attn, temperature=0, eos_id=eos)
+    assert int(alone[0][1].sum()) <= 4 < int(mask.sum(1).max())  # row 0 stops early, another row goes on
+    for row, (t, m, lp) in enumerate(alone):
+        n = int(m.sum())
+        assert tokens[row, :n].tolist() == t[0, :n].tolist() and mask[row].sum() == n
+        torch.testing.assert_close(logprobs[row, :n], lp[0, :n], rtol=1e-5, atol=1e-5)
+        assert (tokens[row, n:] == eos).all() and (logprobs[row, n:] == 0).all()
+
+
+def test_sampler_logprobs_are_those_of_a_full_forward_pass():
+    """What PPO / GRPO recompute with gradients must equal what the cached sampler reports."""
+    model, temperature = tiny(), 0.7
+    idx, attn = gpt2.left_pad([[5, 9, 200, 31], [12, 40]])
+    g = torch.Generator().manual_seed(0)
+    tokens, mask, logprobs = gpt2.sample(model, idx, 8, attention_mask=attn, temperature=temperature, top_k=50,
+                                         top_p=0.9, generator=g)
+    assert mask.all() and tokens.shape == (2, 8)
+    full = torch.cat([idx, tokens], 1)
+    logits, _ = model(full, attention_mask=torch.cat([attn, mask.long()], 1))
+    want = (logits[:, idx.size(1) - 1:-1] / temperature).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(logprobs, want, rtol=1e-4, atol=1e-4)
+    again = gpt2.sample(model, idx, 8, attention_mask=attn, temperature=temperature, top_k=50, top_p=0.9,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], tokens)  # a seeded generator makes rollouts repeatable
+
+
+def test_filters_and_draw():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(gpt2.top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = logits.softmax(-1)  # 0.032, 0.644, 0.237, 0.087
+    assert torch.isinf(gpt2.top_p_filter(logits, 0.8)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(gpt2.top_p_filter(logits, 0.5)).tolist() == [[True, False, True, True]]
+    draws = gpt2.draw(probs.expand(20000, 4), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.bincount(draws, minlength=4) / 20000., probs[0], atol=0.015, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# sft.py
+
+
+def base_checkpoint(path, **kw):
+    gpt2.save_checkpoint(str(path), tiny(**kw), tokenizer=BYTES.dumps())
+    return str(path)
+
+
+def task_folder(path, **sizes):
+    bpe.task_files(path, seed=0, sizes={"pretrain": 10, "preference": 10, "rl": 10, **sizes}, max_digits=1)
+    return str(path)
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
+
+
+@pytest.mark.parametrize("method", [[], ["--lora", "--lora-dropout", "0.1"], ["--packing", "--seq-len", "64"]])
+def test_resume_is_exact(tmp_path, method):
+    init, data = base_checkpoint(tmp_path / "base.pt", dropout=0.1), task_folder(tmp_path / "task", sft=300, sft_val=20, test=20)
+    common = ["--init", init, "--data", data, "--max-steps", "6", "--batch-size", "8", "--eval-interval", "3",
+              "--warmup-steps", "2", "--lr", "3e-3", "--max-new-tokens", "6", *RUN, *method]
+    sft.main([*common, "--out-dir", str(tmp_path / "straight")])
+    sft.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
+    assert not os.path.exists(tmp_path / "split" / "responses.json")
+    sft.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "train_loss" in r]
+    assert train(tmp_path / "split") == train(tmp_path / "straight") and len(train(tmp_path / "split")) == 6
+    a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6 and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert not torch.equal(a["model"]["transformer.h.0.attn.c_attn.weight"],
+                           torch.load(init, weights_only=True)["model"]["transformer.h.0.attn.c_attn.weight"])
+    # what the next stage needs: a plain model, the tokenizer, the template
+    model = GPT.from_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert bpe.Tokenizer.loads(a["tokenizer"]).encode("7 + 1") == BYTES.encode("7 + 1")
+    assert a["template"] == {"preamble": False} and model.config.vocab_size == 257
+    responses = json.load(open(tmp_path / "split" / "responses.json"))
+    assert len(responses) == 20 and {"instruction", "output", "model_response", "reward"} <= set(responses[0])
+    if "--lora" in method:
+        assert a["lora"]["r"] == 8 and set(a["adapter"]) == {k for k in a["adapter"] if "lora_" in k}
+        gpt2.load_adapter(tiny(dropout=0.1), str(tmp_path / "split" / "adapter.pt"))
+
+
+def test_sft_learns_the_task(tmp_path):
+    """From a random model, SFT on the 155 one-digit problems: the verifier's accuracy rises from zero. The test
+    rows are training problems here: this checks that training and the scored evaluation work end to end (the
+    held-out measurements are in bench/results/sft_cpu.md)."""
+    init = base_checkpoint(tmp_path / "base.pt", n_layer=2, n_embd=64, n_head=4)
+    problems = [(a, "+", b) for a in range(10) for b in range(10)] + [(a, "-", b) for a in range(10) for b in range(a + 1)]
+    texts = [bpe.task_text(*p) for p in problems]
+    bpe.write_rows(tmp_path / "sft.jsonl", [{"prompt": q, "completion": w} for q, w, _ in texts])
+    bpe.write_rows(tmp_path / "sft_val.jsonl", [{"prompt": q, "completion": w} for q, w, _ in texts[::8]])
+    bpe.write_rows(tmp_path / "test.jsonl", [{"prompt": q, "answer": a} for q, _, a in texts[::3]])
+    sft.main(["--init", init, "--data", str(tmp_path), "--out-dir", str(tmp_path / "run"), "--max-steps", "300",
+              "--batch-size", "32", "--lr", "3e-3", "--warmup-steps", "10", "--eval-interval", "0",
+              "--max-new-tokens", "10", *RUN])
+    rows = [r for r in metrics(tmp_path / "run") if "accuracy" in r]
+    assert [r["step"] for r in rows] == [0, 300]
+    assert rows[0]["accuracy"] == 0.0 and rows[-1]["accuracy"] >= 0.3, rows  # measured: 0.56
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"] / 10
+    responses = json.load(open(tmp_path / "run" / "responses.json"))
+    assert sum(r["reward"] for r in responses) / len(responses) == rows[-1]["accuracy"]
+
+
+def test_gpt2_alpaca_preset_code_path(tmp_path):
+    """The real recipe's settings, and its code path (HF weights, GPT-2 tokenizer, the shipped instruction data,
+    the preamble, responses for judging) on a tiny random GPT-2-vocabulary model."""
+    preset = sft.PRESETS["gpt2-alpaca"]
+    assert (preset["init"], preset["epochs"], preset["lr"], preset["weight_decay"], preset["batch_size"]) == \
+        ("gpt2-medium", 2, 5e-5, 0.1, 8)
+    assert os.path.samefile(os.path.join(ROOT, preset["data"]), os.path.join(ROOT, "data", "instruction_data.json"))
+    args = sft.parse_args(["--preset", "gpt2-alpaca"])
+    assert args.split == "85/5/10" and args.preamble is True and args.lr is None and args.max_new_tokens == 256
+    torch.manual_seed(0)
+    GPT(GPTConfig(block_size=512, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(tmp_path / "hf"))
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the preset's data path is relative to the repository
+    try:
+        sft.main(["--preset", "gpt2-alpaca", "--init", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "run"),
+                  "--max-steps", "2", "--eval-limit", "3", "--max-new-tokens", "3", *RUN])
+    finally:
+        os.chdir(cwd)
+    rows = metrics(tmp_path / "run")
+    assert rows[0]["step"] == 0 and "accuracy" not in rows[0] and rows[-1]["trainable_params"] > 800_000
+    assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([5e-5, 5e-5 * 0.55])  # no warmup, cosine
+    responses = json.load(open(tmp_path / "run" / "responses.json"))
+    data = json.load(open(os.path.join(ROOT, "data", "instruction_data.json")))
+    assert [r["instruction"] for r in responses] == [d["instruction"] for d in data[935:938]]  # 85% train first, then test
+    assert [r["output"] for r in responses] == [d["output"] for d in data[935:938]] and "model_response" in responses[0]
+
+
+def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--data", task_folder(tmp_path / "task", sft=40, sft_val=5, test=5), *RUN])
+    assert sft.BASE_COMMAND in str(e.value) and "out/task-base/ckpt.pt" in str(e.value)
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        sft.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
+    bpe.write_rows(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 20)
+    with pytest.raises(SystemExit, match="sum to 100"):
+        sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"), "--split", "80/10", *RUN])
