@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
-from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, download,
+from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
                   grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype,
                   save_checkpoint, seed_everything)
 
@@ -321,7 +321,6 @@ def build_model(args, n_classes, ckpt=None):
                          f"file or folder")
     add_class_head(model, n_classes)
     if args.lora:
-        from gpt2 import add_lora
         add_lora(model, r=args.lora, alpha=args.lora_alpha or args.lora)
         model.lm_head.requires_grad_(True)  # the new head always learns
     else:
@@ -374,8 +373,7 @@ def predict_texts(args):
     ckpt = load_checkpoint(path)
     if "labels" not in ckpt:
         raise ValueError(f"{path} is not a classifier written by classify.py; train one first")
-    args.init, args.lora, args.lora_alpha = path, ckpt["args"]["lora"], ckpt["args"]["lora_alpha"]
-    model, tok = build_model(args, len(ckpt["labels"]), ckpt)
+    model, tok = build_model(argparse.Namespace(**{**ckpt["args"], "out_dir": args.out_dir}), len(ckpt["labels"]), ckpt)
     device = pick_device(args.device)
     seqs = [encode(tok, t, model.config.block_size, ckpt["args"]["eot"]) for t in args.predict]
     probs = predict_logits(model.to(device), seqs, 64, device, torch.float32).softmax(-1)

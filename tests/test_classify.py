@@ -34,7 +34,7 @@ def lm_ckpt(tmp_path):
     return path
 
 
-def write_task(path, n=96, seed=0):
+def write_task(path, n=200, seed=0):
     """label<TAB>text rows: 'yes' when the word 'free' occurs anywhere in six random words. Reading the
     first position (or any fixed one) cannot solve it; the last token sees the whole text."""
     rng = np.random.default_rng(seed)
@@ -245,7 +245,7 @@ def test_baseline_learns_a_separable_task():
 
 
 def test_learns_a_task_that_needs_the_whole_text(tmp_path, lm_ckpt, capsys):
-    out = run(tmp_path, "--init", lm_ckpt, "--train", "all", "--lr", "3e-3", "--epochs", "12",
+    out = run(tmp_path, "--init", lm_ckpt, "--train", "all", "--lr", "3e-3", "--epochs", "8",
               "--dropout", "0")
     final = classify.MetricsLog.read(out)[-1]
     assert final["test_acc"] >= 0.9, final
