@@ -1,0 +1,533 @@
+"""
+classify.py: turning a GPT into a text classifier, shown on SMS spam (the UCI SMS Spam Collection).
+
+What it teaches, in the file's order:
+  1. Data: `label<TAB>text` lines (the UCI file) or JSON Lines {"text", "label"}; labels <-> class ids; the
+     book's balanced split (as many ham as spam, 70/10/20) or the full imbalanced set, both stratified and
+     seeded, with every copy of a repeated text in one split (the collection repeats ~400 texts: a copy in
+     train and one in test would be a free answer).
+  2. The bar to clear: bag-of-tokens logistic regression in numpy, on the same split and tokens.
+  3. The classifier: the language-model head (n_embd -> 50,257 token logits) becomes an n_embd -> n_classes
+     head, read at the last *real* token, the only position whose causal attention has seen the whole text.
+     With right padding the last position of a row is padding, so every batch carries each row's length.
+  4. Which weights learn: --train head | last-block | last-n N | all, or --lora (frozen model + adapters).
+  5. Class balance (--class-weight balanced) and the metrics: accuracy, per-class precision, recall and F1,
+     the confusion matrix.
+  6. The loop (AdamW, warmup + cosine, atomic checkpoints, exact --resume), then --predict for one text.
+
+    python classify.py                                  # CPU, offline: a small GPT from scratch, balanced split
+    python classify.py --split full                     # the imbalanced set (87% ham): report F1, not accuracy
+    python classify.py --init gpt2 --train last-block   # OpenAI's GPT-2 124M: the book's main experiment
+    python classify.py --init gpt2 --lora 16            # frozen GPT-2 + rank-16 adapters
+    python classify.py --predict "WINNER! Claim your prize: call 09061701461"
+    python classify.py --data reviews.jsonl             # any {"text", "label"} JSONL or label<TAB>text file
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bpe
+from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
+                  grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype,
+                  save_checkpoint, seed_everything)
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
+SMS_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"  # holds SMSSpamCollection
+
+# -----------------------------------------------------------------------------
+# 1. Data
+
+
+def download_sms(path=SMS_PATH):
+    """The UCI zip -> path, a `label<TAB>text` file (the zip's SMSSpamCollection); returns path."""
+    zip_path = download(SMS_URL, path + ".zip")
+    with zipfile.ZipFile(zip_path) as z, open(path + ".tmp", "wb") as f:
+        f.write(z.read("SMSSpamCollection"))
+    os.replace(path + ".tmp", path)
+    os.remove(zip_path)
+    return path
+
+
+def read_examples(path):
+    """(text, label) pairs of a data file: JSON Lines {"text", "label"} (.jsonl / .json), else `label<TAB>text`
+    lines. Every way a file can be wrong is an error naming the line.
+    read_examples("data/sms_spam_collection.tsv")[:1] -> [("Go until jurong point, crazy.. ...", "ham")]"""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no data file at {path}; give --data a label<TAB>text or JSONL file "
+                                f"(the SMS collection is downloaded when --data is left out)")
+    if path.endswith((".jsonl", ".json")):
+        rows = [(r["text"], str(r["label"])) for r in bpe.read_rows(path, "classification")]
+        where = [f"{path}: row {i + 1}" for i in range(len(rows))]
+    else:
+        rows, where = [], []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise ValueError(f"{path}:{lineno}: no tab; each line is label<TAB>text (or use a .jsonl file)")
+                label, text = line.split("\t", 1)
+                rows.append((text, label.strip()))
+                where.append(f"{path}:{lineno}")
+    for (text, label), w in zip(rows, where):
+        if not text.strip() or not label:
+            raise ValueError(f"{w}: empty {'text' if label else 'label'}; every row needs a text and a label")
+    labels = sorted({label for _, label in rows})
+    if len(labels) < 2:
+        raise ValueError(f"{path} has only one label ({labels[0] if labels else 'none'}): a classifier needs "
+                         f"examples of at least two classes")
+    return rows
+
+
+def label_ids(labels, names):
+    """Class ids of labels, against the class names a classifier was built with (names[i] is class i).
+    label_ids(["spam", "ham"], ["ham", "spam"]) -> [1, 0]"""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"unknown label(s) {unknown[:5]}: this classifier knows only {names}; train a new "
+                         f"one (another --out-dir) for other classes")
+    return [index[label] for label in labels]
+
+
+def split_examples(examples, seed, balanced=True, fractions=(0.7, 0.1)):
+    """Row indices {"train", "val", "test"}: per class (stratified), a seeded shuffle of its distinct texts,
+    the first ones to test until it holds its share, then val, the rest train, so that copies of one text
+    never land in two splits. balanced: first draw as many rows of every class as the smallest class has
+    (the book's 747 ham + 747 spam). Deterministic for a seed, whatever the order of the classes.
+    split_examples(rows, 123) -> {"train": [...1044 ids], "val": [...148], "test": [...302]} on SMS"""
+    rng = np.random.default_rng(seed)
+    by_class = {}
+    for i, (_, label) in enumerate(examples):
+        by_class.setdefault(label, []).append(i)
+    n_min = min(len(v) for v in by_class.values())
+    out = {"train": [], "val": [], "test": []}
+    for label in sorted(by_class):
+        rows = by_class[label]
+        if balanced:
+            rows = sorted(rng.choice(rows, n_min, replace=False).tolist())
+        groups = {}  # text -> its rows, in first-seen order
+        for i in rows:
+            groups.setdefault(examples[i][0], []).append(i)
+        n_train, n_val = int(len(rows) * fractions[0]), int(len(rows) * fractions[1])
+        quota = {"test": len(rows) - n_train - n_val, "val": n_val}
+        texts = list(groups)
+        for j in rng.permutation(len(texts)):
+            split = next((s for s in ("test", "val") if quota[s] > 0), "train")
+            if split != "train":
+                quota[split] -= len(groups[texts[j]])
+            out[split] += groups[texts[j]]
+        if min(sum(1 for i in out[s] if examples[i][1] == label) for s in out) == 0:
+            raise ValueError(f"class {label!r} has {len(rows)} examples, too few for one in each of train, "
+                             f"val and test; add examples")
+    return {s: sorted(v) for s, v in out.items()}
+
+
+# -----------------------------------------------------------------------------
+# 2. The bar to clear: bag-of-tokens logistic regression (numpy, full-batch gradient descent)
+
+
+def bag_of_tokens(seqs, vocab):
+    """Sparse binary features: (row, column) of every distinct known token of every sequence.
+    bag_of_tokens([[5, 7, 5]], {5: 0, 7: 1}) -> (array([0, 0]), array([0, 1]))"""
+    pairs = [(r, vocab[t]) for r, seq in enumerate(seqs) for t in set(seq) if t in vocab]
+    rows, cols = zip(*pairs) if pairs else ((), ())
+    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
+
+
+def fit_logistic(seqs, y, n_classes, l2, steps=1000, lr=1.0):
+    """Softmax regression on bag_of_tokens, weight decay l2; returns a predict(seqs) -> class ids function."""
+    vocab = {t: j for j, t in enumerate(sorted({t for s in seqs for t in s}))}
+    W, b, Y = np.zeros((len(vocab), n_classes)), np.zeros(n_classes), np.eye(n_classes)[y]
+
+    def logits(r, c, n):  # X @ W + b for the n rows of a sparse X: one bincount per class
+        return np.stack([np.bincount(r, W[c, k], minlength=n) for k in range(n_classes)], 1) + b
+
+    rows, cols = bag_of_tokens(seqs, vocab)
+    for _ in range(steps):
+        z = logits(rows, cols, len(seqs))
+        p = np.exp(z - z.max(1, keepdims=True))
+        g = (p / p.sum(1, keepdims=True) - Y) / len(seqs)  # d mean loss / d z
+        gW = np.stack([np.bincount(cols, g[rows, k], minlength=len(vocab)) for k in range(n_classes)], 1)  # X^T g
+        W -= lr * (gW + l2 * W)
+        b -= lr * g.sum(0)
+    return lambda new: logits(*bag_of_tokens(new, vocab), len(new)).argmax(1)
+
+
+def baseline(seqs, y, n_classes):
+    """fit_logistic with its weight decay picked on val, as the model's settings are; returns test predictions."""
+    best = None
+    for l2 in (1e-3, 1e-4, 1e-5):
+        predict = fit_logistic(seqs["train"], y["train"], n_classes, l2)
+        acc = float(np.mean(predict(seqs["val"]) == np.array(y["val"])))
+        if best is None or acc > best[0]:
+            best = (acc, predict)
+    return best[1](seqs["test"])
+
+
+# -----------------------------------------------------------------------------
+# 3. The classifier: a GPT whose head gives n_classes logits, read at each row's last real token
+
+
+def encode(tok, text, max_len, eot=True):
+    """Token ids of one text, cut to max_len; eot appends <|endoftext|>, so the position the head reads
+    always holds the same token (a fixed 'summary' slot the model learns to fill), whatever the text.
+    encode(bpe.load_gpt2(), "hello world", 256) -> [31373, 995, 50256]"""
+    ids = tok.encode_ordinary(text)[:max_len - 1 if eot else max_len]
+    return ids + [tok.eot_token] if eot else ids
+
+
+def collate(seqs, pad_id=0, side="right"):
+    """Pad sequences into one batch: idx (B, T), attention_mask (B, T) (1 = token, 0 = padding) and the
+    index of each row's last real token (B,). Right padding puts it at length - 1, left padding at T - 1.
+    collate([[5, 6, 7], [8]]) -> idx [[5, 6, 7], [8, 0, 0]], mask [[1, 1, 1], [1, 0, 0]], last [2, 0]"""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        idx[r, cols], mask[r, cols] = torch.tensor(s, dtype=torch.long), 1
+    last = mask.sum(1) - 1 if side == "right" else torch.full((len(seqs),), T - 1)
+    return idx, mask, last
+
+
+def add_class_head(model, n_classes):
+    """Swap the language-model head (n_embd -> vocab, tied to the token embedding) for a new n_embd ->
+    n_classes one; the body of the network stays as it is. No bias: gpt2.GPT's CPU inference path
+    multiplies by lm_head.weight alone, and a bias-free head loses nothing the final norm's bias can't give."""
+    model.lm_head = nn.Linear(model.config.n_embd, n_classes, bias=False, device=model.transformer.wte.weight.device)
+    nn.init.normal_(model.lm_head.weight, std=0.02)
+    return model
+
+
+def class_logits(model, idx, mask, last):
+    """(B, n_classes) logits at each row's last real token. The attention mask keeps padding out of every
+    real token's view and gives per-row positions, so left- and right-padded batches give the same logits."""
+    logits, _ = model(idx, attention_mask=mask)  # (B, T, n_classes): the head is tiny, so every position is cheap
+    return logits[torch.arange(idx.size(0), device=idx.device), last]  # (B, n_classes)
+
+
+# -----------------------------------------------------------------------------
+# 4. Which weights learn
+
+
+def set_trainable(model, train="last-block", last_n=1):
+    """Freeze what should not learn: head (the new head only), last-block (the book's choice: last block,
+    final norm, head), last-n (the last `last_n` blocks, final norm, head), all. Returns the trainable count."""
+    if train not in ("head", "last-block", "last-n", "all"):
+        raise ValueError(f"unknown --train {train!r}; valid: head, last-block, last-n, all")
+    for p in model.parameters():
+        p.requires_grad_(train == "all")
+    n = {"head": 0, "last-block": 1, "last-n": last_n, "all": 0}[train]
+    for module in [*model.transformer.h[len(model.transformer.h) - n:], *([model.transformer.ln_f] if n else [])]:
+        module.requires_grad_(True)
+    model.lm_head.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# 5. Metrics
+
+
+def confusion_matrix(y_true, y_pred, n_classes):
+    """cm[i, j] = how many examples of class i were predicted as class j.
+    confusion_matrix([0, 1, 1], [0, 0, 1], 2) -> [[1, 0], [1, 1]]"""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def scores(cm):
+    """Accuracy, and per class precision (of the predicted c, how many are c), recall (of the true c, how
+    many were found) and F1 (their harmonic mean); macro F1 is the mean over classes, blind to class size.
+    scores([[1, 0], [1, 1]]) -> {"accuracy": 0.667, "precision": [0.5, 1.0], "recall": [1.0, 0.5], ...}"""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    precision = np.divide(tp, cm.sum(0), out=np.zeros_like(tp), where=cm.sum(0) > 0)
+    recall = np.divide(tp, cm.sum(1), out=np.zeros_like(tp), where=cm.sum(1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    return {"accuracy": tp.sum() / cm.sum(), "precision": precision.tolist(), "recall": recall.tolist(),
+            "f1": f1.tolist(), "macro_f1": float(f1.mean())}
+
+
+def class_weights(y, n_classes):
+    """--class-weight balanced: each class weighs n / (n_classes * its count) in the loss, so a rare class
+    counts as much as a common one in total. class_weights([0, 0, 0, 1], 2) -> [0.667, 2.0]"""
+    counts = np.bincount(y, minlength=n_classes)
+    return torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+# =============================================================================
+# Plumbing: the loop, checkpoints, plots and the command line.
+# =============================================================================
+
+
+@torch.no_grad()
+def predict_logits(model, seqs, batch_size, device, dtype):
+    """(N, n_classes) logits, in batches of similar length (less padding; the logits do not depend on the
+    batch, see class_logits)."""
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs), model.lm_head.out_features)
+    for k in range(0, len(seqs), batch_size):
+        rows = order[k:k + batch_size]
+        idx, mask, last = (t.to(device) for t in collate([seqs[i] for i in rows]))
+        with autocast(device, dtype):
+            out[rows] = class_logits(model, idx, mask, last).float().cpu()
+    model.train()
+    return out
+
+
+def evaluate(model, seqs, y, batch_size, device, dtype, weight=None):
+    logits = predict_logits(model, seqs, batch_size, device, dtype)
+    loss = F.cross_entropy(logits, torch.tensor(y), weight=weight).item()
+    return loss, logits.argmax(1).numpy()
+
+
+def build_model(args, n_classes, ckpt=None):
+    """(model, tokenizer): a fresh GPT (--init scratch), OpenAI's GPT-2 (--init gpt2...), or a checkpoint's
+    weights (a train_gpt2.py language model, or with ckpt a classifier of this file), with the class head."""
+    seed_everything(args.seed)
+    source = ckpt or (load_checkpoint(args.init) if os.path.isfile(args.init) else None)
+    if source is not None:
+        config = GPTConfig(**{**source["config"], "dropout": args.dropout})
+        model = GPT(config)
+        recorded = source.get("tokenizer")
+        tok = bpe.Tokenizer.loads(recorded, source=f"{args.init}['tokenizer']") if recorded else bpe.load_gpt2()
+        if ckpt is None:  # a language model: its weights, then a new head
+            load_model_state(model, source["model"], args.init)
+    elif args.init == "scratch":
+        tok = bpe.load_gpt2()
+        arch = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head), ("n_embd", args.n_embd))
+                if v is not None}
+        model = GPT(GPTConfig.from_preset(args.model, vocab_size=-(-tok.n_vocab // 64) * 64,
+                                          dropout=args.dropout, **arch))
+    elif args.init in HF_MODELS or os.path.isdir(args.init):
+        tok = bpe.load_gpt2()
+        model = GPT.from_pretrained(args.init, dropout=args.dropout)
+    else:
+        raise ValueError(f"--init {args.init!r}: not scratch, not one of {', '.join(HF_MODELS)}, and no such "
+                         f"file or folder")
+    add_class_head(model, n_classes)
+    if args.lora:
+        add_lora(model, r=args.lora, alpha=args.lora_alpha or args.lora)
+        model.lm_head.requires_grad_(True)  # the new head always learns
+    else:
+        set_trainable(model, args.train, args.last_n)
+    if ckpt is not None:  # a classifier: every weight, head and adapters included
+        load_model_state(model, ckpt["model"], os.path.join(args.out_dir, "ckpt.pt"))
+    return model, tok
+
+
+def plot_run(out_dir, cm, names):
+    """accuracy.png (train and val accuracy over steps) and confusion.png (the test confusion matrix)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = MetricsLog.read(out_dir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("train_acc", "val_acc"):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=key.replace("_", " "), marker="o")
+    ax.set_xlabel("step"), ax.set_ylabel("accuracy"), ax.legend(), ax.grid(alpha=0.3)
+    fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="black" if cm[i, j] < cm.max() / 2 else "white")
+    ax.set_xticks(range(len(names)), names), ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("test confusion matrix")
+    fig.savefig(os.path.join(out_dir, "confusion.png"), dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def report(name, cm, names):
+    s = scores(cm)
+    per = ", ".join(f"{n} P {p:.3f} R {r:.3f} F1 {f:.3f}" for n, p, r, f in
+                    zip(names, s["precision"], s["recall"], s["f1"]))
+    print(f"{name:9s} test accuracy {s['accuracy']:.2%} | macro F1 {s['macro_f1']:.4f} | {per} | "
+          f"confusion {cm.tolist()}")
+    return s
+
+
+def predict_texts(args):
+    """--predict: the label and probability of each text, from the classifier in <out-dir>/ckpt.pt."""
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path)
+    if "labels" not in ckpt:
+        raise ValueError(f"{path} is not a classifier written by classify.py; train one first")
+    model, tok = build_model(argparse.Namespace(**{**ckpt["args"], "out_dir": args.out_dir}), len(ckpt["labels"]), ckpt)
+    device = pick_device(args.device)
+    seqs = [encode(tok, t, model.config.block_size, ckpt["args"]["eot"]) for t in args.predict]
+    probs = predict_logits(model.to(device), seqs, 64, device, torch.float32).softmax(-1)
+    for text, p in zip(args.predict, probs):
+        print(f"{ckpt['labels'][int(p.argmax())]} ({float(p.max()):.3f})\t{text}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="label<TAB>text or {text, label} JSONL file (default: the SMS "
+                                                "collection in data/, downloaded from UCI if missing)")
+    g.add_argument("--split", default="balanced", choices=["balanced", "full"],
+                   help="balanced: undersample every class to the smallest (the book); full: every row")
+    g.add_argument("--split-seed", type=int, default=123, help="seed of the split (fixed while --seed varies)")
+    g.add_argument("--max-len", type=int, default=None, help="tokens kept per text (default: block_size)")
+    g.add_argument("--eot", action=argparse.BooleanOptionalAction, default=True,
+                   help="append <|endoftext|>: the head always reads the same token")
+    g = p.add_argument_group("model")
+    g.add_argument("--init", default="scratch", help="scratch | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF "
+                                                     "folder | checkpoint of train_gpt2.py")
+    g.add_argument("--model", default="tiny", choices=list(PRESETS), help="architecture from scratch")
+    g.add_argument("--n-layer", type=int, help="blocks (from scratch; default: the --model preset)")
+    g.add_argument("--n-head", type=int, help="attention heads (from scratch)")
+    g.add_argument("--n-embd", type=int, help="width (from scratch)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout probability while training")
+    g = p.add_argument_group("what trains")
+    g.add_argument("--train", default=None, choices=["head", "last-block", "last-n", "all"],
+                   help="weights that learn (default: all from scratch, last-block for pretrained weights)")
+    g.add_argument("--last-n", type=int, default=2, help="blocks that learn with --train last-n")
+    g.add_argument("--lora", type=int, default=0, help="LoRA rank: freeze the model, train adapters + head")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    g.add_argument("--class-weight", default="none", choices=["none", "balanced"],
+                   help="balanced: weigh each class's loss by n / (classes x its count)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=8, help="passes over the training split (sets --max-steps)")
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    g.add_argument("--batch-size", type=int, default=32, help="texts per step")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 from scratch, "
+                                                          "1e-4 for pretrained weights)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of the steps)")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    g = p.add_argument_group("run")
+    g.add_argument("--eval-interval", type=int, default=None, help="steps between val evaluations (default: "
+                                                                   "one epoch)")
+    g.add_argument("--out-dir", default="out-classify", help="ckpt.pt, metrics.jsonl and the plots go here")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir exactly")
+    g.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) after this step without changing the schedule; --resume goes on")
+    g.add_argument("--predict", action="append", metavar="TEXT",
+                   help="classify TEXT with the classifier in --out-dir and exit (repeatable)")
+    add_common_args(p.add_argument_group("system"))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.predict:
+        return predict_texts(args)
+    pretrained = args.init != "scratch"
+    args.train = args.train or ("last-block" if pretrained else "all")
+    args.lr = args.lr or (1e-4 if pretrained else 1e-3)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if args.resume else None
+    if args.data is None:
+        args.data = SMS_PATH if os.path.exists(SMS_PATH) else download_sms()
+    examples = read_examples(args.data)
+    names = ckpt["labels"] if ckpt else sorted({label for _, label in examples})
+    y_all = label_ids([label for _, label in examples], names)
+    splits = split_examples(examples, args.split_seed, args.split == "balanced")
+    model, tok = build_model(args, len(names), ckpt)
+    max_len = min(args.max_len or model.config.block_size, model.config.block_size)
+    seqs = {s: [encode(tok, examples[i][0], max_len, args.eot) for i in rows] for s, rows in splits.items()}
+    y = {s: [y_all[i] for i in rows] for s, rows in splits.items()}
+    print(f"data {args.data}: {len(examples)} rows, classes {names} | split {args.split}: " +
+          ", ".join(f"{s} {len(v)} ({np.bincount(y[s], minlength=len(names)).tolist()})" for s, v in y.items()))
+
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    model.to(device)
+    n_train = len(seqs["train"])
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    warmup = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+    eval_interval = args.eval_interval or steps_per_epoch
+    weight = class_weights(y["train"], len(names)) if args.class_weight == "balanced" else None
+    optimizer = model.configure_optimizer(args.weight_decay, args.lr, device_type=device)
+    scaler = grad_scaler(device, dtype)
+    step, correct, seen = 0, 0, 0
+    if ckpt:
+        for key in ("data", "split", "split_seed", "seed", "batch_size", "eot", "init", "train", "lora"):
+            if ckpt["args"][key] != getattr(args, key):
+                raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r}, the checkpoint "
+                                 f"was trained with {ckpt['args'][key]!r}; use the same or a new --out-dir")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)
+        step, (correct, seen) = ckpt["step"], ckpt["running_acc"]
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.init}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.2f}M trainable "
+          f"({'LoRA r=%d' % args.lora if args.lora else args.train}) | {device} {str(dtype)[6:]} | "
+          f"{max_steps} steps of {args.batch_size}")
+    metrics = MetricsLog(args.out_dir, resume_step=step if ckpt else None)
+    train_model = maybe_compile(model, args.compile)
+    t0 = time.time()
+    stop = min(max_steps, args.stop_after or max_steps)
+    while step < stop:
+        epoch, k = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([args.seed, epoch]).permutation(n_train)  # a function of (seed, epoch): exact resume
+        rows = order[k * args.batch_size:(k + 1) * args.batch_size]
+        idx, mask, last = (t.to(device) for t in collate([seqs["train"][i] for i in rows]))
+        target = torch.tensor([y["train"][i] for i in rows], device=device)
+        lr = lr_at(step, args.lr, warmup, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, dtype):
+            logits = class_logits(train_model, idx, mask, last)
+        loss = F.cross_entropy(logits.float(), target, weight=None if weight is None else weight.to(device))
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        correct, seen = correct + int((logits.argmax(1) == target).sum()), seen + len(rows)
+        row = dict(step=step, train_loss=loss.item(), lr=lr)
+        if step % eval_interval == 0 or step == max_steps:
+            val_loss, pred = evaluate(model, seqs["val"], y["val"], 64, device, dtype, weight)
+            row.update(val_loss=val_loss, val_acc=float(np.mean(pred == np.array(y["val"]))),
+                       train_acc=correct / seen)  # running accuracy of the training batches (dropout on)
+            correct = seen = 0
+            print(f"step {step:5d} | loss {loss.item():.4f} | train acc {row['train_acc']:.2%} | val loss "
+                  f"{val_loss:.4f} | val acc {row['val_acc']:.2%} | {time.time() - t0:.0f} s", flush=True)
+        metrics.log(**row)
+        if "val_acc" in row or step == stop:
+            save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            step=step, rng=torch.get_rng_state(), running_acc=(correct, seen), labels=names,
+                            tokenizer=tok.dumps(), args=vars(args))
+    if step < max_steps:
+        return print(f"stopped at step {step} of {max_steps}; --resume goes on from {ckpt_path}")
+
+    _, pred = evaluate(model, seqs["test"], y["test"], 64, device, dtype)
+    cm = confusion_matrix(y["test"], pred, len(names))
+    s = report("model", cm, names)
+    b = report("baseline", confusion_matrix(y["test"], baseline(seqs, y, len(names)), len(names)), names)
+    metrics.log(step=step, test_acc=s["accuracy"], test_macro_f1=s["macro_f1"], test_f1=s["f1"],
+                test_confusion=cm.tolist(), baseline_test_acc=b["accuracy"], baseline_test_f1=b["f1"],
+                seconds=time.time() - t0)
+    metrics.plot(title=f"classify {os.path.basename(args.data)} ({args.split})")
+    plot_run(args.out_dir, cm, names)
+    print(f"done in {time.time() - t0:.0f} s; checkpoint {ckpt_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Tests of classify.py: offline, CPU, small models, a few seconds each.
+
+The classifier reads the last real token (padding side and batch companions do not change its logits), frozen
+weights stay bit-identical, the split is deterministic / stratified / disjoint, labels map both ways, bad
+input fails with a clear error, resume is exact, and the model learns a task that needs the whole text.
+"""
+
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import bpe
+import classify
+from gpt2 import GPT, GPTConfig, load_checkpoint, save_checkpoint
+
+BYTES = bpe.Tokenizer("gpt2", special_tokens={bpe.ENDOFTEXT: 256})  # 257 ids: models stay tiny
+
+
+def tiny_gpt(pos_emb="learned", vocab_size=320, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=vocab_size, pos_emb=pos_emb))
+
+
+@pytest.fixture
+def lm_ckpt(tmp_path):
+    """A tiny language model as train_gpt2.py would write it, recording the byte tokenizer."""
+    path = str(tmp_path / "lm.pt")
+    save_checkpoint(path, tiny_gpt(), tokenizer=BYTES.dumps(), step=0)
+    return path
+
+
+def write_task(path, n=200, seed=0):
+    """label<TAB>text rows: 'yes' when the word 'free' occurs anywhere in six random words. Reading the
+    first position (or any fixed one) cannot solve it; the last token sees the whole text."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "up", "hill"]
+    lines = []
+    for i in range(n):
+        text = list(rng.choice(words, 6))
+        if i % 2:
+            text[rng.integers(6)] = "free"
+        lines.append(f"{'yes' if i % 2 else 'no'}\t{' '.join(text)}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def run(tmp_path, *flags, data=None, out="out"):
+    data = data or write_task(tmp_path / "task.tsv")
+    classify.main(["--data", data, "--out-dir", str(tmp_path / out), "--device", "cpu", "--split", "full",
+                   "--batch-size", "16", *flags])
+    return str(tmp_path / out)
+
+
+# -- the classifier reads the last real token ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_logits_independent_of_padding_side_and_batch(pos_emb):
+    model = classify.add_class_head(tiny_gpt(pos_emb), 3).eval()
+    seqs = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 9, 12, 40], [11], [3, 3, 3, 3, 3]]
+    alone = torch.cat([classify.class_logits(model, *classify.collate([s])) for s in seqs])
+    for side in ("right", "left"):
+        idx, mask, last = classify.collate(seqs, pad_id=99, side=side)
+        torch.testing.assert_close(classify.class_logits(model, idx, mask, last), alone, atol=1e-5, rtol=1e-5)
+    # the trap the reader must avoid: with right padding, the last *position* of a short row is padding
+    idx, mask, _ = classify.collate(seqs, side="right")
+    at_end = classify.class_logits(model, idx, mask, torch.full((4,), idx.size(1) - 1))
+    assert not torch.allclose(at_end[0], alone[0], atol=1e-3)
+
+
+def test_collate_last_index_and_mask():
+    idx, mask, last = classify.collate([[5, 6, 7], [8]], pad_id=0)
+    assert idx.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert last.tolist() == [2, 0]
+    idx, mask, last = classify.collate([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert idx.tolist() == [[5, 6, 7], [0, 0, 8]] and last.tolist() == [2, 2]
+
+
+def test_encode_appends_eot_and_truncates():
+    tok = bpe.load_gpt2()
+    assert classify.encode(tok, "hello world", 256) == [31373, 995, 50256]
+    assert classify.encode(tok, "hello world", 256, eot=False) == [31373, 995]
+    assert classify.encode(tok, "hello world again", 2) == [31373, 50256]  # the end token survives the cut
+
+
+# -- which weights learn -------------------------------------------------------------------------------
+
+
+def test_frozen_weights_stay_bit_identical(tmp_path, lm_ckpt):
+    out = run(tmp_path, "--init", lm_ckpt, "--train", "last-block", "--max-steps", "3", "--lr", "1e-2")
+    before, after = load_checkpoint(lm_ckpt)["model"], load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+    learns = ("transformer.h.1.", "transformer.ln_f.")
+    for name, w in after.items():
+        if name == "lm_head.weight":
+            continue
+        if name.startswith(learns):
+            if name.endswith("weight") and w.dim() == 2:
+                assert not torch.equal(w, before[name]), f"{name} should have learned"
+        else:
+            assert torch.equal(w, before[name]), f"{name} is frozen but changed"
+
+
+def test_set_trainable_counts():
+    model = classify.add_class_head(tiny_gpt(), 2)
+    head = 2 * 32
+    block = sum(p.numel() for p in model.transformer.h[1].parameters())
+    ln_f = sum(p.numel() for p in model.transformer.ln_f.parameters())
+    assert classify.set_trainable(model, "head") == head
+    assert classify.set_trainable(model, "last-block") == head + block + ln_f
+    assert classify.set_trainable(model, "last-n", 2) == head + 2 * block + ln_f
+    assert classify.set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="unknown --train"):
+        classify.set_trainable(model, "everything")
+
+
+# -- data: split, labels, bad input --------------------------------------------------------------------
+
+
+def toy_examples():
+    rows = [(f"text {i}", "a") for i in range(100)] + [(f"spam {i}", "b") for i in range(40)]
+    rows += [("same text", "a")] * 6 + [("same spam", "b")] * 5  # repeated texts, as in the SMS collection
+    return rows
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_split_deterministic_stratified_disjoint(balanced):
+    rows = toy_examples()
+    s = classify.split_examples(rows, seed=7, balanced=balanced)
+    assert s == classify.split_examples(rows, seed=7, balanced=balanced)
+    assert s != classify.split_examples(rows, seed=8, balanced=balanced)
+    ids = [i for v in s.values() for i in v]
+    assert len(ids) == len(set(ids)), "a row is in two splits"
+    texts = {k: {rows[i][0] for i in v} for k, v in s.items()}
+    assert not (texts["train"] & texts["val"] or texts["train"] & texts["test"] or texts["val"] & texts["test"])
+    for label, n in (("a", 106), ("b", 45)):
+        n = 45 if balanced else n
+        counts = {k: sum(rows[i][1] == label for i in v) for k, v in s.items()}
+        assert sum(counts.values()) == n
+        # shares of 70/10/20 per class, off by at most one group of repeated texts (6 rows)
+        assert abs(counts["test"] - 0.2 * n) <= 6 and abs(counts["val"] - 0.1 * n) <= 6
+
+
+def test_sms_split_sizes():
+    rows = classify.read_examples(classify.SMS_PATH)
+    assert len(rows) == 5574
+    s = classify.split_examples(rows, 123, balanced=True)
+    assert {k: len(v) for k, v in s.items()} == {"train": 1044, "val": 148, "test": 302}
+    assert sum(rows[i][1] == "spam" for i in s["test"]) == 151
+
+
+def test_label_mapping_round_trip(tmp_path):
+    labels = ["spam", "ham", "ham", "spam", "ham"]
+    names = sorted(set(labels))
+    assert [names[i] for i in classify.label_ids(labels, names)] == labels
+    with pytest.raises(ValueError, match=r"unknown label\(s\) \['eggs'\]"):
+        classify.label_ids(["ham", "eggs"], names)
+
+
+def test_read_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "hi there", "label": "ham"}\n{"text": "WIN cash", "label": "spam"}\n')
+    assert classify.read_examples(str(path)) == [("hi there", "ham"), ("WIN cash", "spam")]
+
+
+@pytest.mark.parametrize("content, match", [
+    ("ham\thello\nspam\t   \n", r"bad.tsv:2: empty text"),
+    ("ham\thello\n\tno label\n", r"bad.tsv:2: empty label"),
+    ("ham\thello\nspam no tab\n", r"bad.tsv:2: no tab"),
+    ("ham\thello\nham\tagain\n", r"only one label \(ham\)"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, content, match):
+    path = tmp_path / "bad.tsv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        classify.read_examples(str(path))
+
+
+def test_missing_file_and_tiny_class(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data file at"):
+        classify.read_examples(str(tmp_path / "nope.tsv"))
+    rows = [(f"t{i}", "a") for i in range(20)] + [("x", "b"), ("y", "b")]
+    with pytest.raises(ValueError, match="class 'b' has 2 examples, too few"):
+        classify.split_examples(rows, 0, balanced=False)
+
+
+def test_resume_refuses_unknown_label(tmp_path, lm_ckpt):
+    out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "2")
+    other = tmp_path / "other.tsv"
+    other.write_text((tmp_path / "task.tsv").read_text().replace("yes\t", "maybe\t", 1))
+    with pytest.raises(ValueError, match=r"unknown label\(s\) \['maybe'\]"):
+        classify.main(["--data", str(other), "--out-dir", out, "--resume", "--init", lm_ckpt])
+
+
+def test_download_sms_unzips_the_collection(tmp_path, monkeypatch):
+    def fake_download(url, path, **kw):
+        assert url == classify.SMS_URL
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("readme", "SMS Spam Collection v.1")
+            z.writestr("SMSSpamCollection", "ham\tOk lar...\nspam\tFree entry\n")
+        return path
+    monkeypatch.setattr(classify, "download", fake_download)
+    path = classify.download_sms(str(tmp_path / "sms.tsv"))
+    assert classify.read_examples(path) == [("Ok lar...", "ham"), ("Free entry", "spam")]
+    assert not os.path.exists(path + ".zip")
+
+
+# -- metrics and the baseline --------------------------------------------------------------------------
+
+
+def test_confusion_matrix_and_scores():
+    y_true, y_pred = [0, 0, 0, 1, 1, 2], [0, 1, 0, 1, 0, 2]
+    cm = classify.confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]  # row = true class, column = predicted
+    s = classify.scores(cm)
+    assert s["accuracy"] == pytest.approx(4 / 6)
+    assert s["precision"] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    assert s["recall"] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    p, r = 1 / 2, 1 / 2
+    assert s["f1"][1] == pytest.approx(2 * p * r / (p + r))
+    s = classify.scores([[5, 0], [3, 0]])  # never predicts class 1: its precision is 0, not NaN
+    assert s["precision"] == [5 / 8, 0.0] and s["f1"][1] == 0.0
+    assert classify.scores([[9, 1], [3, 7]])["precision"] == pytest.approx([0.75, 7 / 8])
+
+
+def test_class_weights_balance_the_classes():
+    w = classify.class_weights([0, 0, 0, 1], 2)
+    assert w.tolist() == pytest.approx([4 / 6, 2.0])
+    assert (w * torch.tensor([3, 1])).tolist() == pytest.approx([2.0, 2.0])  # each class weighs the same in all
+
+
+def test_baseline_learns_a_separable_task():
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, 50, 8)) + ([99] if i % 2 else []) for i in range(200)]
+    y = [i % 2 for i in range(200)]
+    predict = classify.fit_logistic(seqs[:150], y[:150], 2, l2=1e-4)
+    assert np.mean(predict(seqs[150:]) == np.array(y[150:])) == 1.0
+
+
+# -- training: learning, exact resume, predicting ------------------------------------------------------
+
+
+def test_learns_a_task_that_needs_the_whole_text(tmp_path, lm_ckpt, capsys):
+    out = run(tmp_path, "--init", lm_ckpt, "--train", "all", "--lr", "3e-3", "--epochs", "8",
+              "--dropout", "0")
+    final = classify.MetricsLog.read(out)[-1]
+    assert final["test_acc"] >= 0.9, final
+    for name in ("metrics.jsonl", "ckpt.pt", "loss.png", "accuracy.png", "confusion.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    capsys.readouterr()
+    classify.main(["--out-dir", out, "--device", "cpu", "--predict", "the dog ran free up a hill",
+                   "--predict", "the cat sat on a mat"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("yes (") and lines[1].startswith("no ("), lines
+
+
+def test_resume_is_exact(tmp_path, lm_ckpt):
+    flags = ["--init", lm_ckpt, "--max-steps", "8", "--eval-interval", "3"]
+    full = run(tmp_path, *flags, out="full")
+    run(tmp_path, *flags, "--stop-after", "4", out="split")
+    run(tmp_path, *flags, "--resume", out="split")
+    a, b = load_checkpoint(os.path.join(full, "ckpt.pt")), load_checkpoint(os.path.join(tmp_path, "split", "ckpt.pt"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(classify.MetricsLog.read(full)) == strip(classify.MetricsLog.read(os.path.join(tmp_path, "split")))
