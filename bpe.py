@@ -1103,16 +1103,18 @@ def write_rows(path, rows):
 
 
 # The task: arithmetic whose answers a program can check, so post-training is measured by accuracy rather
-# than by a judge. "What is 482 + 39?" -> "482 + 39 = 521": the response restates the problem (a small
-# scratchpad: the digits to add sit right before the answer) and the verifier reads its last number, as
-# GSM8K graders read the final answer. Operands have 1..max_digits digits, each length equally likely, so
-# the set mixes problems a small model gets right (one digit, no carry) with ones it mostly gets wrong
-# (three digits with carries): room for SFT to reach part of it and for RL to improve on that.
+# than by a judge. "What is 482 + 39?" -> "482 + 39 = 521": the response restates the problem (a scratchpad:
+# the digits to combine sit right before the answer, where pretraining put them) and the verifier reads its
+# last number, as GSM8K graders read the final answer. Operands have 1..TASK_MAX_DIGITS digits, each length
+# equally likely, so the set mixes problems a small model gets right (one digit, no carry) with ones it often
+# gets wrong (four digits, carries): room for SFT to reach part of it and for RL to improve on that. The
+# pretraining text holds problems of the same kind as "Q: ... / A: ..." worked examples (a base model trained
+# on bare equations never learns to restate a question, and SFT alone does not teach it that in minutes).
 
 TASK_DIR = HERE / "data" / "task"
 TASK_SIZES = {"pretrain": 200_000, "sft": 20_000, "sft_val": 500, "preference": 10_000, "rl": 10_000,
               "test": 500}
-TASK_MAX_DIGITS = 2
+TASK_MAX_DIGITS = 4
 
 
 def task_problem(rng, max_digits=TASK_MAX_DIGITS):
@@ -1146,8 +1148,9 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
     """Every split of the task, deterministic from the seed: {"pretrain": text, split: [rows]}.
     test (500 {"prompt", "answer"} rows, distinct problems) comes first and no other split holds any of its
     problems. pretrain: "Q: <question>\nA: <worked answer>\n" per problem, the way worked examples appear in
-    ordinary text (the base model learns arithmetic and to restate a problem, not the template or when to
-    stop); sft / sft_val: {"prompt", "completion"}; preference: {"prompt", "chosen", "rejected"} with a
+    ordinary text, in documents of 1-8 problems that end with <|endoftext|> (the base model learns arithmetic,
+    to restate a problem and the end-of-text token, but not the template nor to stop after one answer);
+    sft / sft_val: {"prompt", "completion"}; preference: {"prompt", "chosen", "rejected"} with a
     plausible wrong answer; rl: {"prompt", "answer"}."""
     sizes = {**TASK_SIZES, **(sizes or {})}
     rng = random.Random(f"task-{seed}-{max_digits}")
@@ -1167,7 +1170,13 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
         return out
 
     out = {"test": [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in test)]}
-    out["pretrain"] = "".join("Q: {}\nA: {}\n".format(*task_text(*p)[:2]) for p in draw(sizes["pretrain"]))
+    lines = ["Q: {}\nA: {}\n".format(*task_text(*p)[:2]) for p in draw(sizes["pretrain"])]
+    docs, k, doc_rng = [], 0, random.Random(f"task-docs-{seed}")
+    while k < len(lines):  # documents of 1-8 worked problems, each ended by <|endoftext|> as in GPT-2's data
+        n = doc_rng.randint(1, 8)
+        docs.append("".join(lines[k:k + n]) + ENDOFTEXT)
+        k += n
+    out["pretrain"] = "".join(docs)
     for split in ("sft", "sft_val"):
         out[split] = [{"prompt": q, "completion": w} for q, w, _ in (task_text(*p) for p in draw(sizes[split]))]
     out["preference"] = [{"prompt": task_text(*p)[0], "chosen": task_text(*p)[1],
@@ -1180,7 +1189,7 @@ def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGIT
     """Write make_task's splits to directory (pretrain.txt, sft.jsonl, sft_val.jsonl, preference.jsonl,
     rl.jsonl, test.jsonl) unless the same task is there already; returns {split: path}."""
     directory = Path(directory)
-    spec = {"seed": seed, "max_digits": max_digits, "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 2}
+    spec = {"seed": seed, "max_digits": max_digits, "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 3}
     paths = {s: directory / (f"{s}.txt" if s == "pretrain" else f"{s}.jsonl") for s in spec["sizes"]}
     manifest = directory / "task.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == spec and all(p.is_file() for p in paths.values()):

@@ -260,7 +260,8 @@ def generate_responses(model, tok, rows, preamble, max_new_tokens, batch_size, d
     """Greedy responses to the rows' prompts, batched with left padding (gpt2.sample), as text."""
     eot, out = tok.eot_token, []
     for k in range(0, len(rows), batch_size):
-        prompts = [tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)) for r in rows[k:k + batch_size]]
+        chunk = rows[k:k + batch_size]
+        prompts = [tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)) for r in chunk]
         idx, attn = left_pad(prompts, eot, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot)
@@ -398,8 +399,9 @@ def main(argv=None):
     bar.close()
     if stop == max_steps:
         metrics.log(step=stop, train_s=round(train_time, 1), trainable_params=n_train, total_params=total_params)
+    responses = f" | responses {os.path.join(args.out_dir, 'responses.json')}" if stop == max_steps else ""
     print(f"{'done' if stop == max_steps else 'stopped'} at step {stop}: {train_time:.0f} s of training | "
-          f"checkpoint {ckpt_path}" + (f" | responses {os.path.join(args.out_dir, 'responses.json')}" if stop == max_steps else ""))
+          f"checkpoint {ckpt_path}{responses}")
     if plot := metrics.plot(title=f"sft {args.preset}{' lora' if args.lora else ''}"):
         print(f"loss plot {plot}")
 

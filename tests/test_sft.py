@@ -90,10 +90,12 @@ def test_every_data_format_reads(tmp_path):
     for kind, row in rows.items():
         bpe.write_rows(tmp_path / f"{kind}.jsonl", [row, row])
         assert bpe.read_rows(tmp_path / f"{kind}.jsonl", kind) == [row | ({"input": ""} if kind == "sft" else {})] * 2
-    assert bpe.read_rows(write(tmp_path / "l.jsonl", [{"text": "t", "label": "spam"}]), "classification")[0]["label"] == "spam"
+    labels = bpe.read_rows(write(tmp_path / "l.jsonl", [{"text": "t", "label": "spam"}]), "classification")
+    assert labels[0]["label"] == "spam"
     assert bpe.read_rows(write(tmp_path / "a.jsonl", [{"prompt": "p", "answer": 7}]), "rl")[0]["answer"] == "7"
     alpaca = [{"instruction": "Do it.", "input": "x", "output": "Done."}, {"instruction": "Say hi.", "output": "Hi."}]
-    want = [{"prompt": "Do it.", "input": "x", "completion": "Done."}, {"prompt": "Say hi.", "input": "", "completion": "Hi."}]
+    want = [{"prompt": "Do it.", "input": "x", "completion": "Done."},
+            {"prompt": "Say hi.", "input": "", "completion": "Hi."}]
     assert bpe.read_rows(write(tmp_path / "alpaca.jsonl", alpaca), "sft") == want
     (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
     assert bpe.read_rows(tmp_path / "alpaca.json", "sft") == want
@@ -163,12 +165,14 @@ def test_task_is_deterministic_disjoint_and_verifiable(tmp_path):
     a, b, c = bpe.make_task(0, sizes), bpe.make_task(0, sizes), bpe.make_task(1, sizes)
     assert a == b and a["test"] != c["test"]
     assert {k: len(v) for k, v in a.items() if k != "pretrain"} == {k: v for k, v in sizes.items() if k != "pretrain"}
-    assert len(a["pretrain"].splitlines()) == 2 * sizes["pretrain"]
+    docs = a["pretrain"].split("<|endoftext|>")
+    assert docs[-1] == "" and all(1 <= d.count("Q: ") <= 8 for d in docs[:-1])
+    assert len(a["pretrain"].replace("<|endoftext|>", "").splitlines()) == 2 * sizes["pretrain"]
     test = {r["prompt"] for r in a["test"]}
     assert len(test) == len(a["test"])  # distinct problems
     for split in ("sft", "sft_val", "preference", "rl"):
         assert not test & {r["prompt"] for r in a[split]}, f"{split} holds test problems"
-    lines = a["pretrain"].splitlines()
+    lines = a["pretrain"].replace("<|endoftext|>", "").splitlines()
     assert [line[:3] for line in lines[:4]] == ["Q: ", "A: ", "Q: ", "A: "]
     assert not test & {line[3:] for line in lines[::2]}
     for r in a["sft"]:  # the worked answer is right, and says the problem again
@@ -198,7 +202,7 @@ def test_lora_fresh_adapter_changes_nothing_and_trains_only_itself():
     after, _ = model(x)
     assert torch.equal(before, after)
     n_lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert n_lora == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))  # per layer: c_attn, c_proj, c_fc, c_proj
+    assert n_lora == 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))  # c_attn, c_proj, c_fc, c_proj
     model.train()
     _, loss = model(x, x)
     loss.backward()
@@ -307,7 +311,8 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
 
 @pytest.mark.parametrize("method", [[], ["--lora", "--lora-dropout", "0.1"], ["--packing", "--seq-len", "64"]])
 def test_resume_is_exact(tmp_path, method):
-    init, data = base_checkpoint(tmp_path / "base.pt", dropout=0.1), task_folder(tmp_path / "task", sft=300, sft_val=20, test=20)
+    init = base_checkpoint(tmp_path / "base.pt", dropout=0.1)
+    data = task_folder(tmp_path / "task", sft=300, sft_val=20, test=20)
     common = ["--init", init, "--data", data, "--max-steps", "6", "--batch-size", "8", "--eval-interval", "3",
               "--warmup-steps", "2", "--lr", "3e-3", "--max-new-tokens", "6", *RUN, *method]
     sft.main([*common, "--out-dir", str(tmp_path / "straight")])
@@ -338,7 +343,7 @@ def test_sft_learns_the_task(tmp_path):
     rows are training problems here: this checks that training and the scored evaluation work end to end (the
     held-out measurements are in bench/results/sft_cpu.md)."""
     init = base_checkpoint(tmp_path / "base.pt", n_layer=2, n_embd=64, n_head=4)
-    problems = [(a, "+", b) for a in range(10) for b in range(10)] + [(a, "-", b) for a in range(10) for b in range(a + 1)]
+    problems = [(a, op, b) for a in range(10) for op in "+-" for b in range(10) if op == "+" or b <= a]
     texts = [bpe.task_text(*p) for p in problems]
     bpe.write_rows(tmp_path / "sft.jsonl", [{"prompt": q, "completion": w} for q, w, _ in texts])
     bpe.write_rows(tmp_path / "sft_val.jsonl", [{"prompt": q, "completion": w} for q, w, _ in texts[::8]])
@@ -364,7 +369,8 @@ def test_gpt2_alpaca_preset_code_path(tmp_path):
     args = sft.parse_args(["--preset", "gpt2-alpaca"])
     assert args.split == "85/5/10" and args.preamble is True and args.lr is None and args.max_new_tokens == 256
     torch.manual_seed(0)
-    GPT(GPTConfig(block_size=512, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(tmp_path / "hf"))
+    hf = GPT(GPTConfig(block_size=512, vocab_size=50257, n_layer=1, n_head=2, n_embd=16))
+    hf.save_pretrained(str(tmp_path / "hf"))
     cwd = os.getcwd()
     os.chdir(ROOT)  # the preset's data path is relative to the repository
     try:
@@ -377,7 +383,8 @@ def test_gpt2_alpaca_preset_code_path(tmp_path):
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([5e-5, 5e-5 * 0.55])  # no warmup, cosine
     responses = json.load(open(tmp_path / "run" / "responses.json"))
     data = json.load(open(os.path.join(ROOT, "data", "instruction_data.json")))
-    assert [r["instruction"] for r in responses] == [d["instruction"] for d in data[935:938]]  # 85% train first, then test
+    # the first 85% are the training set, the next 10% the test set
+    assert [r["instruction"] for r in responses] == [d["instruction"] for d in data[935:938]]
     assert [r["output"] for r in responses] == [d["output"] for d in data[935:938]] and "model_response" in responses[0]
 
 
@@ -390,4 +397,5 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
         sft.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
     bpe.write_rows(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 20)
     with pytest.raises(SystemExit, match="sum to 100"):
-        sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"), "--split", "80/10", *RUN])
+        sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"),
+                  "--split", "80/10", *RUN])
