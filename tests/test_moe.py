@@ -191,8 +191,8 @@ def test_cached_generation_equals_uncached_through_generate_py():
                 p.mul_(10.0)
     model.eval()
     idx = torch.randint(0, 64, (2, 5))
-    cached = generate.generate(model, idx, 24, temperature=0, use_cache=True)
-    uncached = generate.generate(model, idx, 24, temperature=0, use_cache=False)
+    cached = generate.generate(model, idx, 24, generate.GREEDY, use_cache=True)
+    uncached = generate.generate(model, idx, 24, generate.GREEDY, use_cache=False)
     assert torch.equal(cached, uncached)
     assert len(set(cached[0, 5:].tolist())) > 4
     cache = model.new_cache(2)
