@@ -18,8 +18,9 @@ does not. What it teaches, top to bottom:
      val loss, tokens/s, and the share of tokens each expert receives over training.
 
     python moe.py                                      # dense vs MoE (8 experts, top-2) on tiny Shakespeare
-    python moe.py --arch moe --aux-alpha 0             # no balancing: see expert_load.png
-    python moe.py --arch moe --router sigmoid --aux-alpha 0 --bias-rate 1e-3   # DeepSeek-V3 balancing
+    python moe.py --arch moe --bias-rate 0             # no balancing: see expert_load.png
+    python moe.py --arch moe --bias-rate 0 --aux-alpha 0.01   # Switch's auxiliary loss instead of the bias
+    python moe.py --arch moe --router sigmoid          # DeepSeek-V3: sigmoid scores, loss-free balancing
     python moe.py --arch moe --n-expert 16 --top-k 3 --n-shared 1              # fine-grained + shared
     python moe.py --arch moe --moe-every 2             # hybrid stack: MoE in every other block
     python moe.py --preset gpt2-fineweb                # a GPU: GPT-2 small width, FineWeb-Edu shards
@@ -59,9 +60,9 @@ class MoEConfig:
     router: str = "softmax"  # softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3)
     capacity_factor: float = 0.0  # training: an expert takes <= factor * tokens * top_k / n_expert; 0 = no limit
     eval_capacity_factor: float = 0.0  # evaluation and generation (0 keeps a token's output batch-independent)
-    aux_alpha: float = 0.01  # Switch load-balancing loss
+    aux_alpha: float = 0.0  # Switch load-balancing loss (Switch: 0.01); off: the bias below balances better
     z_alpha: float = 1e-3  # router z-loss
-    bias_rate: float = 0.0  # loss-free balancing: bias step per optimizer step (DeepSeek-V3: 1e-3)
+    bias_rate: float = 1e-3  # loss-free balancing: bias step per optimizer step (DeepSeek-V3's value); 0 = off
     every: int = 1  # 1: every block is MoE; 2: every other block (the hybrid dense-MoE stack)
 
     def __post_init__(self):
@@ -536,8 +537,9 @@ def parse_args(argv=None):
             ("router", str, "softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3)"),
             ("capacity_factor", float, "training capacity factor; 0 = no token is dropped"),
             ("eval_capacity_factor", float, "capacity factor for evaluation and generation; 0 = none"),
-            ("aux_alpha", float, "Switch balancing loss weight (0 = off)"), ("z_alpha", float, "router z-loss weight"),
-            ("bias_rate", float, "loss-free balancing bias step (DeepSeek-V3: 1e-3; 0 = off)"),
+            ("aux_alpha", float, "Switch balancing loss weight (Switch: 0.01; 0 = off)"),
+            ("z_alpha", float, "router z-loss weight"),
+            ("bias_rate", float, "loss-free balancing bias step per optimizer step (0 = off)"),
             ("every", int, "MoE in every block (1) or every other block (2)")):
         flag = "--moe-every" if field == "every" else "--" + field.replace("_", "-")
         g.add_argument(flag, dest=field, type=kind, default=getattr(MoEConfig, field), help=text)
