@@ -399,7 +399,7 @@ def parse_args(argv=None):
     g.add_argument("--n-layer", type=int, help="blocks (from scratch; default: the --model preset)")
     g.add_argument("--n-head", type=int, help="attention heads (from scratch)")
     g.add_argument("--n-embd", type=int, help="width (from scratch)")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout probability while training")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout probability while training")
     g = p.add_argument_group("what trains")
     g.add_argument("--train", default=None, choices=["head", "last-block", "last-n", "all"],
                    help="weights that learn (default: all from scratch, last-block for pretrained weights)")

@@ -91,18 +91,25 @@ def test_encode_appends_eot_and_truncates():
 # -- which weights learn -------------------------------------------------------------------------------
 
 
-def test_frozen_weights_stay_bit_identical(tmp_path, lm_ckpt):
-    out = run(tmp_path, "--init", lm_ckpt, "--train", "last-block", "--max-steps", "3", "--lr", "1e-2")
+@pytest.mark.parametrize("flags, learns", [
+    (["--train", "last-block"], ("transformer.h.1.", "transformer.ln_f.")),
+    (["--train", "head"], ()),
+    (["--lora", "4"], (".lora_A", ".lora_B")),
+])
+def test_frozen_weights_stay_bit_identical(tmp_path, lm_ckpt, flags, learns):
+    out = run(tmp_path, "--init", lm_ckpt, *flags, "--max-steps", "3", "--lr", "1e-2")
     before, after = load_checkpoint(lm_ckpt)["model"], load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
-    learns = ("transformer.h.1.", "transformer.ln_f.")
+    assert not torch.equal(after["lm_head.weight"], torch.zeros_like(after["lm_head.weight"]))
     for name, w in after.items():
         if name == "lm_head.weight":
             continue
-        if name.startswith(learns):
-            if name.endswith("weight") and w.dim() == 2:
-                assert not torch.equal(w, before[name]), f"{name} should have learned"
+        if any(part in name for part in learns):
+            if w.dim() == 2:
+                assert not torch.equal(w, before.get(name, torch.zeros_like(w))), f"{name} should have learned"
         else:
             assert torch.equal(w, before[name]), f"{name} is frozen but changed"
+    if "--lora" in flags:
+        assert any(".lora_B" in name for name in after)
 
 
 def test_set_trainable_counts():
@@ -268,3 +275,13 @@ def test_resume_is_exact(tmp_path, lm_ckpt):
         assert torch.equal(a["model"][k], b["model"][k]), k
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(classify.MetricsLog.read(full)) == strip(classify.MetricsLog.read(os.path.join(tmp_path, "split")))
+
+
+def test_init_from_hf_folder_uses_gpt2_tokenizer(tmp_path):
+    """--init gpt2 reads OpenAI's weights in the HF layout; a tiny model saved in that layout stands in for them."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)).save_pretrained(str(tmp_path / "hf"))
+    out = run(tmp_path, "--init", str(tmp_path / "hf"), "--max-steps", "2", "--max-len", "16")
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["labels"] == ["no", "yes"] and bpe.Tokenizer.loads(ckpt["tokenizer"]).n_vocab == 50257
+    assert ckpt["model"]["lm_head.weight"].shape == (2, 16)
