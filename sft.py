@@ -44,8 +44,8 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocas
 PRESETS = {
     # the arithmetic task on a CPU: a base model from train_gpt2.py --preset task, byte tokens, no preamble
     "task": dict(init="out/task-base/ckpt.pt", data="task", out_dir="out/task-sft", preamble=False, epochs=1,
-                 batch_size=32, lr=5e-4, lora_lr=3e-3, weight_decay=0.0, warmup_steps=20, eval_interval=100,
-                 max_new_tokens=24),
+                 batch_size=32, lr=5e-4, lora_lr=3e-3, lora_r=4, weight_decay=0.0, warmup_steps=20,
+                 eval_interval=100, max_new_tokens=24),  # r=4: 4% of the 0.8M-parameter task model
     # Raschka's chapter 7 recipe: GPT-2 medium, 1,100 instructions split 85/5/10, 2 epochs
     "gpt2-alpaca": dict(init="gpt2-medium", data="data/instruction_data.json", out_dir="out/gpt2-alpaca",
                         preamble=True, epochs=2, batch_size=8, lr=5e-5, lora_lr=5e-4, weight_decay=0.1,
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("method")
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
                    help="train rank-r adapters on frozen weights instead of every weight")
-    g.add_argument("--lora-r", type=int, default=8, help="adapter rank")
+    g.add_argument("--lora-r", type=int, default=8, help="adapter rank (the task preset: 4)")
     g.add_argument("--lora-alpha", type=float, default=16, help="adapter scale is alpha / r")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", default="c_attn,c_proj,c_fc", help="comma-separated Linear names to adapt")
@@ -308,8 +308,8 @@ def main(argv=None):
 
     model, tok = load_base(args.init)
     max_len = min(args.max_len or model.config.block_size, model.config.block_size)
-    if args.packing and args.seq_len + 1 > model.config.block_size:
-        fail(f"--seq-len {args.seq_len} needs a context of {args.seq_len + 1}; the model has {model.config.block_size}")
+    if args.packing and args.seq_len > model.config.block_size:
+        fail(f"--seq-len {args.seq_len} is longer than the model's context ({model.config.block_size}); lower it")
     try:
         train_rows, val_rows, test_rows = load_splits(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

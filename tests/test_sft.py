@@ -334,7 +334,7 @@ def test_resume_is_exact(tmp_path, method):
     responses = json.load(open(tmp_path / "split" / "responses.json"))
     assert len(responses) == 20 and {"instruction", "output", "model_response", "reward"} <= set(responses[0])
     if "--lora" in method:
-        assert a["lora"]["r"] == 8 and set(a["adapter"]) == {k for k in a["adapter"] if "lora_" in k}
+        assert a["lora"]["r"] == 4 and set(a["adapter"]) == {k for k in a["adapter"] if "lora_" in k}
         gpt2.load_adapter(tiny(dropout=0.1), str(tmp_path / "split" / "adapter.pt"))
 
 
