@@ -1083,7 +1083,7 @@ def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=No
 
 @torch.no_grad()
 def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
-           eos_id=None, generator=None):
+           eos_id=None, generator=None, vocab_size=None):
     """Continue a batch of prompts with the KV cache: one prefill pass, then one token per step.
 
     idx (B, T) prompts, left-padded, with attention_mask (B, T) (0 = padding); temperature 0 is greedy. A row
@@ -1091,7 +1091,9 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     context ends first). Returns (tokens, mask, logprobs), each (B, N): the new tokens (eos_id, else 0, after a
     row's end), True for the tokens a row really generated (its end-of-text included), and their
     log-probabilities under softmax(logits / temperature) before top-k / top-p (raw logits when greedy): the
-    numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode.
+    numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode. vocab_size
+    (the tokenizer's n_vocab) keeps the rows a model's embedding table has past its tokenizer (train_gpt2.py
+    rounds it up to a multiple of 64) from ever being drawn; the training pass must slice its logits the same.
     sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)"""
     T = idx.size(1)
     n = min(max_new_tokens, model.config.block_size - T)
@@ -1103,7 +1105,7 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     cache = model.new_cache(idx.size(0), max_len=T + n)
 
     def forward(tokens, valid):  # finished rows go in as padding
-        return model(tokens, cache=cache, attention_mask=valid, last_logits_only=True)[0][:, -1].float()
+        return model(tokens, cache=cache, attention_mask=valid, last_logits_only=True)[0][:, -1, :vocab_size].float()
 
     def scaled(logits):
         return logits / temperature if temperature > 0 else logits

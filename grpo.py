@@ -49,7 +49,7 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, downloa
 PRESETS = {
     # the arithmetic task on a CPU, from sft.py's model: 8 prompts x 8 answers per step
     "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=40,
-                 prompts=8, group_size=8, lr=1e-4, max_new_tokens=16, eval_interval=20, eval_limit=500),
+                 prompts=8, group_size=8, lr=1e-4, max_new_tokens=24, eval_interval=20, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
@@ -182,26 +182,27 @@ def rollout(model, tok, rows, G, args, device, dtype):
     """Each row's prompt G times -> a batch of B = len(rows) * G answers, group by group (rows 0..G-1 answer
     the first prompt). Returns a dict: idx (B, T + N) prompt + answer tokens, attn (B, T + N) 1 on real
     tokens (left padding before the prompt and the tail after an answer's end-of-text are 0), mask (B, N) the
-    answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T."""
+    answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T,
+    V (the tokenizer's vocabulary size: the logits past it are never drawn nor normalized over)."""
     prompts = [tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in rows for _ in range(G)]
     idx, attn = left_pad(prompts, tok.eot_token, device)
     with autocast(device, dtype):
         tokens, mask, logp = sample(model, idx, args.max_new_tokens, attention_mask=attn,
-                                    temperature=args.temperature, eos_id=tok.eot_token)
+                                    temperature=args.temperature, eos_id=tok.eot_token, vocab_size=tok.n_vocab)
     texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
     answers = [r["answer"] for r in rows for _ in range(G)]
     rewards = torch.tensor([score(t, a, args.format_reward) for t, a in zip(texts, answers)], device=device)
     correct = torch.tensor([bpe.reward(t, a) for t, a in zip(texts, answers)], device=device)
     return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
-                logp=logp.float(), rewards=rewards, correct=correct, T=idx.size(1), texts=texts)
+                logp=logp.float(), rewards=rewards, correct=correct, T=idx.size(1), texts=texts, V=tok.n_vocab)
 
 
-def token_logprobs(model, idx, attn, T, temperature=1.0):
+def token_logprobs(model, idx, attn, T, temperature=1.0, vocab_size=None):
     """Log-probabilities of the answer tokens idx[:, T:] under the model (one forward pass over prompt +
     answer), with the temperature the rollouts were sampled at, and the entropy of each of those
-    distributions. -> logp (B, N), entropy (B, N)"""
+    distributions, over the tokenizer's vocab_size ids as in sampling. -> logp (B, N), entropy (B, N)"""
     logits, _ = model(idx[:, :-1], attention_mask=attn[:, :-1])  # position t predicts token t + 1
-    logits = logits[:, T - 1:].float() / max(temperature, 1e-6)  # (B, N, V): the answer's predictions
+    logits = logits[:, T - 1:, :vocab_size].float() / max(temperature, 1e-6)  # (B, N, V): the answer's predictions
     logprobs = logits.log_softmax(-1)
     logp = logprobs.gather(-1, idx[:, T:, None]).squeeze(-1)
     entropy = -(logprobs.exp() * logprobs).sum(-1)
@@ -281,7 +282,7 @@ def accuracy(model, tok, rows, args, device, dtype):
                              tok.eot_token, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
-                                     eos_id=tok.eot_token)
+                                     eos_id=tok.eot_token, vocab_size=tok.n_vocab)
         for r, ts, ms in zip(batch, tokens.tolist(), mask.tolist()):
             hits += bpe.reward(tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
     return hits / len(rows)
@@ -316,11 +317,11 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
     ref_logp = None
     if ref is not None:
         with torch.no_grad(), autocast(device, dtype):
-            ref_logp, _ = token_logprobs(ref, idx, attn, T, args.temperature)
+            ref_logp, _ = token_logprobs(ref, idx, attn, T, args.temperature, batch["V"])
     old_logp = None
     for u in range(args.updates):
         with autocast(device, dtype):
-            logp, entropy = token_logprobs(model, idx, attn, T, args.temperature)
+            logp, entropy = token_logprobs(model, idx, attn, T, args.temperature, batch["V"])
         if u == 0:  # the policy that sampled is this one: recomputed (not the cache's) numbers make ratio == 1
             old_logp = logp.detach()
             stats["max_logp_diff"] = float(((old_logp - batch["logp"][keep]).abs() * mask).max())

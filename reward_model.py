@@ -353,7 +353,8 @@ def task_accuracy(model, tok, rows, args, device, dtype):
         chunk = rows[k:k + args.eval_batch_size]
         idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], "", args.preamble)) for r in chunk], eot, device)
         with autocast(device, dtype):
-            tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot)
+            tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot,
+                                     vocab_size=tok.n_vocab)
         for r, t, m in zip(chunk, tokens.tolist(), mask.tolist()):
             hits.append(bpe.reward(tok.decode([i for i, keep in zip(t, m) if keep and i != eot]), r["answer"]))
     model.train()

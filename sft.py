@@ -264,7 +264,8 @@ def generate_responses(model, tok, rows, preamble, max_new_tokens, batch_size, d
         prompts = [tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)) for r in chunk]
         idx, attn = left_pad(prompts, eot, device)
         with autocast(device, dtype):
-            tokens, mask, _ = sample(model, idx, max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot)
+            tokens, mask, _ = sample(model, idx, max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot,
+                                     vocab_size=tok.n_vocab)
         for t, m in zip(tokens.tolist(), mask.tolist()):
             out.append(tok.decode([i for i, keep in zip(t, m) if keep and i != eot]))
     return out

@@ -278,6 +278,21 @@ def test_sampler_logprobs_are_those_of_a_full_forward_pass():
     assert torch.equal(again[0], tokens)  # a seeded generator makes rollouts repeatable
 
 
+def test_sampler_never_draws_rows_past_the_tokenizer():
+    """train_gpt2.py rounds the embedding table up (257 byte ids -> 320 rows): the extra rows are no token."""
+    model, V = tiny(vocab_size=320), 257
+    with torch.no_grad():
+        model.lm_head.weight[V:] += 3 * model.lm_head.weight[:V].std()  # make the extra rows likely
+    idx = torch.randint(0, V, (64, 4), generator=torch.Generator().manual_seed(0))
+    unlimited = gpt2.sample(model, idx, 12, generator=torch.Generator().manual_seed(0))[0]
+    assert (unlimited >= V).any()  # without the limit they are drawn
+    tokens, _, logprobs = gpt2.sample(model, idx, 12, vocab_size=V, generator=torch.Generator().manual_seed(0))
+    assert (tokens < V).all()
+    logits, _ = model(torch.cat([idx, tokens], 1))
+    want = logits[:, 3:-1, :V].log_softmax(-1).gather(-1, tokens[..., None])[..., 0]  # normalized over V ids
+    torch.testing.assert_close(logprobs, want, rtol=1e-4, atol=1e-4)
+
+
 def test_filters_and_draw():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(gpt2.top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
