@@ -305,3 +305,59 @@ def test_reward_loss_equals_trl(tmp_path):
     inputs = {"input_ids": ids, "attention_mask": rm.right_mask(lengths, ids.size(1)), "margin": margins}
     theirs = RewardTrainer.compute_loss(trainer, HFStyle(), inputs)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6) and ours.item() > 0.7
+
+
+def test_dpo_equals_trl(tmp_path):
+    """TRL's DPOTrainer._compute_loss (sigmoid loss, beta 0.1) on the same policy, reference and batch, each exported
+    to transformers' GPT-2 and given TRL's fused LM head (as DPOTrainer does): the per-sequence log-probabilities of
+    the responses, the loss and the implicit rewards. TRL's method runs on a stand-in for the trainer that holds only
+    what it reads."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import transformers
+    from trl import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    policy, ref = tiny(0, pos_emb="learned"), tiny(1, pos_emb="learned")  # different weights: rewards are not 0
+    hf = {}
+    for name, m in (("policy", policy), ("ref", ref)):
+        m.save_pretrained(str(tmp_path / name))
+        hf[name] = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / name)).eval()
+    add_fused_lm_head(hf["policy"], outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_fused_lm_head(hf["ref"])
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8"},
+            {"prompt": "Add 1 and 2, please, quickly.", "chosen": "3", "rejected": "1 + 2 = 4, I think"},
+            {"prompt": "What is 12 - 5?", "chosen": "12 - 5 = 7", "rejected": "no"}]
+    batch = rm.pad_pairs(rm.encode_pairs(rows, BYTES, False, 96), EOT)
+    ids, mask, lengths, _ = batch
+    loss, r_c, r_r, logp_c = rm.pair_scores(policy, ref, batch, "dpo", 0.1, 0.0, "cpu")
+    inputs = {"input_ids": ids, "attention_mask": rm.right_mask(lengths, ids.size(1)), "completion_mask": mask.long()}
+
+    # the per-sequence log-probabilities: TRL's forward scores the completion tokens only (labels -100 elsewhere)
+    labels = ids.masked_fill(~mask, -100)
+    for name, m in (("policy", policy), ("ref", ref)):
+        with torch.no_grad():
+            theirs = hf[name](input_ids=ids, attention_mask=inputs["attention_mask"], labels=labels,
+                              fused_lm_head=True).log_probs.sum(1)  # (2B,)
+        torch.testing.assert_close(rm.sequence_logprobs(m, ids, mask), theirs, rtol=0, atol=2e-4)
+
+    same = lambda x: x
+    trainer = SimpleNamespace(model=hf["policy"], ref_model=hf["ref"], beta=0.1, loss_types=["sigmoid"], loss_weights=[1.0],
+                              f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=False,
+                              use_weighting=False, aux_loss_enabled=False, _metrics={"eval": defaultdict(list)},
+                              _total_train_tokens=0, _tp_size=1, args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+                              accelerator=SimpleNamespace(device=torch.device("cpu"), gather=same, gather_for_metrics=same))
+    theirs = DPOTrainer._compute_loss(trainer, hf["policy"], inputs, return_outputs=False)
+    logged = {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+    assert loss.item() == pytest.approx(theirs.item(), abs=1e-5) and abs(loss.item() - LN2) > 1e-3
+    assert r_c.mean().item() == pytest.approx(logged["rewards/chosen"], abs=1e-5)
+    assert r_r.mean().item() == pytest.approx(logged["rewards/rejected"], abs=1e-5)
+    assert (r_c - r_r).mean().item() == pytest.approx(logged["rewards/margins"], abs=1e-5)
+    assert (r_c > r_r).float().mean().item() == logged["rewards/accuracies"]
+    assert logp_c.mean().item() == pytest.approx(logged["logps/chosen"], abs=1e-4)
+    # the same objective: the same gradient (the token embedding, tied to the output head in both)
+    loss.backward(), theirs.backward()
+    ours_grad, their_grad = policy.transformer.wte.weight.grad, hf["policy"].transformer.wte.weight.grad
+    assert ours_grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours_grad, their_grad, rtol=1e-3, atol=1e-5)
