@@ -876,13 +876,13 @@ def get_tokenizer(name):
 # -----------------------------------------------------------------------------
 # 7. Download
 
-def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None):
+def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None, headers=None):
     """Download url to path with a progress bar, unless a complete copy is there; returns the Path:
     `download(GPT2_URLS["vocab.bpe"], "data/gpt2/vocab.bpe", GPT2_SHA256["vocab.bpe"])` ->
     Path("data/gpt2/vocab.bpe"). Resumable: bytes go to path + ".part" and a later call continues
     it with an HTTP Range request; the file is renamed into place only when its size (and sha256,
     when given) is right. The one downloader of the project: gpt2.py re-exports it (this file
-    cannot import gpt2.py, which needs torch)."""
+    cannot import gpt2.py, which needs torch). headers: extra HTTP headers (an HF token for gated models)."""
     import requests  # only needed here
     path = Path(path)
     if path.is_file() and (expected_size is None or path.stat().st_size == expected_size):
@@ -890,7 +890,7 @@ def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, des
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    headers = {**(headers or {}), **({"Range": f"bytes={have}-"} if have else {})}
     hint = f"Without network access, download it elsewhere and put it at {path}"
     try:
         r = requests.get(url, headers=headers, stream=True, timeout=60)
