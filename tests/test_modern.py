@@ -135,3 +135,152 @@ def test_clear_errors(tmp_path):
         GPT.from_pretrained(str(tmp_path / "ok"))
     with pytest.raises(ValueError, match="plain GPT-2"):  # neither GPT-2 nor Llama / Qwen2
         GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, pos_emb="rope")).save_pretrained(str(tmp_path / "x"))
+
+
+# -- tokenizers -------------------------------------------------------------------------------------
+
+import bpe  # noqa: E402
+import tiktoken  # noqa: E402
+import tiktoken.load  # noqa: E402
+import tokenizers  # noqa: E402
+from tokenizers import Regex, decoders, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+CORPUS = [bpe.HERE.joinpath("data", "tinyshakespeare.txt").read_text(encoding="utf-8")[:60_000],
+          "Numbers 1234567 and 3.14159, dates 2024-05-01; code: def f(x):\n    return x ** 2\n\n" * 20,
+          "Ünïcödé: café naïve façade 日本語のテキスト 中文文本 한국어 текст Ελληνικά 🙂🚀 — “quotes” …\n" * 20]
+TEXTS = [
+    "Hello world!! It's 2024 and I'M here, you'll see... they've\n\n\n  spaces   and\ttabs\r\nend",
+    "café (composed) vs cafe\u0301 (decomposed: NFC makes them equal) and ﬁ ligature, \u00c5ngstr\u00f6m",
+    "日本語のテキスト、中文文本和한국어 mixed with English 🙂🚀👍🏽 and emoji",
+    "x = [1, 22, 333, 4444, 55555];\nif x: print(f'{x!r}')  # comment\n\t\treturn None   \n",
+    "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n5<|im_end|><|endoftext|>",
+    "  leading spaces, trailing spaces   ",
+    "\n\n\nnewlines only\n\n",
+    "", " ", "a", "'s 'S 'T 'Re 'VE 'm 'LL 'd don't DON'T",
+    "unseen bytes: \x00\x01\x7f \u200b zero-width, \U0001F9EC dna, ½ ⅓ ², Ⅻ roman",
+] + [CORPUS[0][i:i + 500] for i in range(0, 5000, 500)]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The split regexes as the real files spell them (Qwen2.5's tokenizer.json, Meta's Llama 3 tokenizer.py), written
+# out here so that a wrong constant in bpe.py cannot pass by being compared with itself.
+QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+@pytest.fixture(scope="module")
+def qwen_json(tmp_path_factory):
+    """A byte-level BPE trained by HF tokenizers, saved as tokenizer.json in Qwen2's layout: NFC normalizer,
+    Split(Qwen2's regex, isolated) + ByteLevel(no prefix space, no regex), added special tokens."""
+    t = tokenizers.Tokenizer(tokenizers.models.BPE())
+    t.normalizer = normalizers.NFC()
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=1200, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.add_special_tokens(QWEN_SPECIALS)
+    path = tmp_path_factory.mktemp("qwen") / "tokenizer.json"
+    t.save(str(path))
+    spec = json.loads(path.read_text())
+    assert spec["normalizer"]["type"] == "NFC" and spec["pre_tokenizer"]["pretokenizers"][0]["type"] == "Split"
+    return path, t
+
+
+def test_tokenizer_json_matches_hf_tokenizers(qwen_json):
+    path, hf = qwen_json
+    tok = bpe.load_tokenizer_json(path)
+    assert tok.normalize == "NFC" and tok.pattern == bpe.QWEN2_SPLIT_PATTERN == QWEN2_REGEX
+    assert len(tok.vocab) + len(tok.special_tokens) == hf.get_vocab_size() and len(tok.merges) > 800
+    for text in TEXTS:
+        want = hf.encode(text).ids
+        assert tok.encode(text, allowed_special="all") == want, text
+        assert tok.decode(want) == hf.decode(want, skip_special_tokens=False)
+    # the same ids after a save / load round trip (normalization included)
+    again = bpe.Tokenizer.loads(tok.dumps())
+    assert all(again.encode(t, allowed_special="all") == tok.encode(t, allowed_special="all") for t in TEXTS)
+    assert bpe.get_tokenizer(str(path)).special_tokens == {n: hf.token_to_id(n) for n in QWEN_SPECIALS}
+
+
+@pytest.fixture(scope="module")
+def llama_rank_file(tmp_path_factory):
+    """A rank file in Llama 3's layout (base64 token, rank), from a BPE trained with Llama 3's split pattern."""
+    path = tmp_path_factory.mktemp("llama") / "tokenizer.model"
+    bpe.Tokenizer(LLAMA3_REGEX).train("\n".join(CORPUS), 900).export_tiktoken(path)
+    return path
+
+
+def test_llama3_rank_file_matches_tiktoken(llama_rank_file):
+    tok = bpe.load_llama3(llama_rank_file)
+    ranks = tiktoken.load.load_tiktoken_bpe(str(llama_rank_file))
+    assert tok.special_tokens["<|begin_of_text|>"] == len(ranks) == 900
+    assert tok.special_tokens["<|eot_id|>"] == 909 and len(tok.special_tokens) == 256
+    ref = tiktoken.Encoding("llama3-test", pat_str=LLAMA3_REGEX, mergeable_ranks=ranks,
+                            special_tokens=tok.special_tokens)
+    texts = TEXTS + ["<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"]
+    for text in texts:
+        assert tok.encode(text, allowed_special="all") == ref.encode(text, allowed_special="all"), text
+    assert tok.eot_token == tok.special_tokens["<|end_of_text|>"]
+
+
+CHATML_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_JINJA = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHAT = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        {"role": "user", "content": "What is 12 + 30?\nShow the steps."},
+        {"role": "assistant", "content": " 12 + 30 = 42.\n\nSo \\boxed{42}. "},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "\\boxed{4}"}]
+
+
+@pytest.mark.parametrize("style", bpe.CHAT_STYLES)
+def test_chat_templates(style, qwen_json, llama_rank_file):
+    """chat_text equals the chat template rendered by jinja (as transformers' apply_chat_template does); the ids
+    equal the reference tokenizer's on that text; the mask covers exactly the assistant replies + end of turn."""
+    import jinja2
+    env = jinja2.Environment()
+    for gen in (False, True):
+        messages = CHAT[:-1] if gen else CHAT
+        template = CHATML_JINJA if style == "chatml" else LLAMA3_JINJA
+        rendered = env.from_string(template).render(messages=messages, add_generation_prompt=gen,
+                                                    bos_token="<|begin_of_text|>")
+        assert bpe.chat_text(messages, style, gen) == rendered
+        if style == "chatml":
+            tok, want = bpe.load_tokenizer_json(qwen_json[0]), qwen_json[1].encode(rendered).ids
+        else:
+            tok = bpe.load_llama3(llama_rank_file)
+            ref = tiktoken.Encoding("l3", pat_str=LLAMA3_REGEX, special_tokens=tok.special_tokens,
+                                    mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(llama_rank_file)))
+            want = ref.encode(rendered, allowed_special="all")
+        ids, mask = bpe.format_chat(tok, messages, style, gen)
+        assert ids == want and len(mask) == len(ids)
+        end = "<|im_end|>" if style == "chatml" else "<|eot_id|>"
+        replies = [m["content"] if style == "chatml" else m["content"].strip() for m in messages if m["role"] == "assistant"]
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "".join(r + end for r in replies)
+    with pytest.raises(ValueError, match="unknown chat style"):
+        bpe.format_chat(tok, CHAT, "alpaca")
+    with pytest.raises(ValueError, match="message 0 must be"):
+        bpe.format_chat(tok, [{"role": "bot", "content": "x"}], style)
+
+
+def test_boxed_answer_verifier():
+    assert bpe.boxed_answer(r"first \boxed{1}, finally \boxed{\frac{a}{b^{2}}} done") == r"\frac{a}{b^{2}}"
+    assert bpe.boxed_answer(r"no box") is None and bpe.boxed_answer(r"\boxed{cut") is None
+    assert bpe.math_reward(r"so the answer is $\boxed{\dfrac{1}{2}}$.", r"\frac{1}{2}") == 1.0
+    assert bpe.math_reward(r"\boxed{1,000}", "1000") == 1.0 and bpe.math_reward(r"\boxed{2.50}", "2.5") == 1.0
+    assert bpe.math_reward(r"\boxed{\text{(A)}}", "(A)") == 1.0
+    assert bpe.math_reward(r"\boxed{3}", "4") == 0.0 and bpe.math_reward("42", "42") == 0.0
+    assert bpe.math_reward(r"\boxed{4}<|endoftext|>\boxed{5}", "4") == 1.0  # nothing after end-of-text counts
+
+
+def test_tokenizer_json_errors(tmp_path, qwen_json):
+    spec = json.loads(qwen_json[0].read_text())
+    for change, match in ((lambda s: s["model"].update(type="Unigram"), "model type 'Unigram'"),
+                          (lambda s: s.update(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer 'Metaspace'"),
+                          (lambda s: s.update(normalizer={"type": "Lowercase"}), "normalizer 'Lowercase'")):
+        bad = json.loads(json.dumps(spec))
+        change(bad)
+        (tmp_path / "t.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            bpe.load_tokenizer_json(tmp_path / "t.json")
