@@ -880,7 +880,7 @@ def load_hf_llama(cls, directory, dtype=None, **overrides):
     if missing:
         raise ValueError(f"{directory}: the weight files lack {len(missing)} tensors, e.g. {missing[:3]} "
                          f"(an incomplete download? delete the directory and download again)")
-    model.hf_config = hf  # bos / eos ids and the rest, for export and for generate.py
+    model.hf_config, model.hf_dir = hf, directory  # for export (bos / eos ids), and its tokenizer for the scripts
     return model
 
 
@@ -1443,7 +1443,8 @@ def main():
     seed_everything(args.seed)
     device = pick_device(args.device)
     model = GPT.from_pretrained(args.model).to(device).eval()
-    tok = bpe.load_gpt2()
+    hf_dir = getattr(model, "hf_dir", None)  # a Llama / Qwen model comes with its own tokenizer
+    tok = bpe.load_hf_tokenizer(hf_dir) if hf_dir else bpe.load_gpt2()
     idx = torch.tensor([tok.encode(args.prompt)], device=device)
     cache = model.new_cache(1, max_len=idx.size(1) + 31)  # Llama 3.1's 131k-token context would not fit
     with torch.no_grad():

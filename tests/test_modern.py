@@ -23,7 +23,8 @@ def random_hf(kind, tied=False, seed=0, **kw):
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-3,
-                  rope_theta=5000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **kw)
+                  rope_theta=5000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    common.update(kw)
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     else:
@@ -284,3 +285,49 @@ def test_tokenizer_json_errors(tmp_path, qwen_json):
         (tmp_path / "t.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             bpe.load_tokenizer_json(tmp_path / "t.json")
+
+
+# -- generation ---------------------------------------------------------------------------------------
+
+import generate as G  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_generate_equals_transformers(tmp_path, kind):
+    """generate.py's greedy decoding (KV cache, left-padded batch) gives transformers' generate tokens."""
+    hf = random_hf(kind, tied=kind == "qwen2", **({"rope_scaling": LLAMA3_SCALING} if kind == "llama" else {}))
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, VOCAB, (n,)).tolist() for n in (9, 5, 7)]
+    idx, mask = gpt2.left_pad(prompts)
+    got = G.generate(ours, idx, 24, G.GREEDY, attention_mask=mask)
+    want = hf.generate(idx, attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                       pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+def test_generate_cli_with_a_local_qwen_directory(tmp_path, qwen_json, capsys):
+    """generate.py --model <HF directory> uses the directory's tokenizer.json; --chat wraps the prompt in ChatML
+    and stops at <|im_end|>. The printed text equals transformers' greedy continuation decoded by tokenizers."""
+    path, hf_tok = qwen_json
+    hf = random_hf("qwen2", vocab_size=hf_tok.get_vocab_size())
+    prompt, im_end = "What is 2 + 3?", hf_tok.token_to_id("<|im_end|>")
+    chat_ids = torch.tensor([hf_tok.encode(bpe.chat_text([{"role": "user", "content": prompt}], "chatml", True)).ids])
+    with torch.no_grad():  # make <|im_end|> the likeliest token where the favourite one was: the chat reply ends
+        favourite = hf.generate(chat_ids, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, -12:].mode().values
+        hf.lm_head.weight[im_end] = 3 * hf.lm_head.weight[favourite]
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(path.read_text())
+    for chat in (False, True):
+        text = bpe.chat_text([{"role": "user", "content": prompt}], "chatml", True) if chat else prompt
+        ids = torch.tensor([hf_tok.encode(text).ids])
+        stop = im_end if chat else hf_tok.token_to_id("<|endoftext|>")
+        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=stop)[0, ids.size(1):]
+        new = out.tolist()
+        assert (stop in new) == chat  # the chat reply stops early, the plain continuation runs on
+        new = new[:new.index(stop)] if stop in new else new
+        G.main(["--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
+                "--device", "cpu"] + (["--chat"] if chat else []))
+        printed = capsys.readouterr().out
+        assert printed == prompt + hf_tok.decode(new, skip_special_tokens=False) + "\n"
