@@ -1417,6 +1417,36 @@ def math_reward(completion, answer):
     return float(got is not None and normalize_math(got) == normalize_math(answer))
 
 
+# Prompting a model for an answer, in the project's template or a chat template, and checking that answer:
+# what the RL files (grpo.py) share between their rollouts and their evaluation.
+TEMPLATES = ("alpaca",) + CHAT_STYLES
+MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's
+VERIFIERS = {"number": reward, "boxed": math_reward}
+
+
+def prompt_ids(tok, prompt, template="alpaca", preamble=True, system=None):
+    """The ids a model is asked with: format_prompt's text (template "alpaca"), or a chat of an optional system
+    message and one user turn, ending with the assistant's header (templates "chatml", "llama3").
+    prompt_ids(tok, "2+3?", "chatml") -> ids of '<|im_start|>user\\n2+3?<|im_end|>\\n<|im_start|>assistant\\n'"""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    if template == "alpaca":
+        return tok.encode(format_prompt(prompt, preamble=preamble))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return format_chat(tok, messages, template, add_generation_prompt=True)[0]
+
+
+def stop_id(tok, template="alpaca"):
+    """The id that ends an answer: end-of-text after an Alpaca response, the end-of-turn token in a chat.
+    stop_id(byte_tokenizer()) -> 256"""
+    if template == "alpaca":
+        return tok.eot_token
+    name = "<|im_end|>" if template == "chatml" else "<|eot_id|>"
+    if name not in tok.special_tokens:
+        raise ValueError(f"template {template!r} needs the special token {name}, which this tokenizer lacks")
+    return tok.special_tokens[name]
+
+
 # -----------------------------------------------------------------------------
 # 10. Command line
 

@@ -748,7 +748,8 @@ def is_hf_repo(name):
     """An HF hub repository name, owner/name, that is not a local path.
     is_hf_repo("Qwen/Qwen2.5-0.5B") -> True; is_hf_repo("gpt2") -> False"""
     parts = str(name).split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith(".") and not os.path.exists(name)
+    return (len(parts) == 2 and all(parts) and not name.startswith(".") and not os.path.exists(name)
+            and not name.endswith((".pt", ".bin", ".safetensors", ".json")))  # a missing file, not a model
 
 
 def hf_model_type(directory):
@@ -1006,12 +1007,13 @@ def download_hf_repo(repo, cache_root=None):
 # weights_only=True (no arbitrary code from a pickle), and checked against the model they load into.
 
 
-def save_checkpoint(path, model, **extra):
-    """Model weights + config + whatever the caller adds (optimizer, step, ...)."""
+def save_checkpoint(path, model, state=None, **extra):
+    """Model weights (or `state`, e.g. the gathered weights of an FSDP model) + config + whatever the caller adds
+    (optimizer, step, ...)."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):  # unwrap torch.compile and DDP, any order
         model = getattr(model, "_orig_mod", None) or model.module
     ckpt = {"format": "llm-from-scratch", "version": 1, "config": asdict(model.config),
-            "model": model.state_dict(), **extra}
+            "model": model.state_dict() if state is None else state, **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(ckpt, tmp)
@@ -1178,6 +1180,50 @@ class MetricsLog:
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return out
+
+
+# -----------------------------------------------------------------------------
+# Sharded data parallel (FSDP2): for models whose weights, gradients and AdamW state do not fit one GPU (Llama
+# 3.1 8B in fp32 with AdamW needs ~128 GB). PyTorch's fully_shard splits every parameter of each Block across
+# the processes that torchrun starts and all-gathers a block's weights only while it runs (forward, then again
+# backward), reduce-scattering its gradients so each process updates only its own shard.
+#     torchrun --nproc_per_node 8 sft.py --fsdp --init meta-llama/Llama-3.1-8B ...
+
+
+def init_distributed(device):
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group, NCCL on CUDA (one GPU per process)
+    and gloo on CPU, and return (rank, world_size, device); outside torchrun, (0, 1, device).
+    init_distributed("cuda") on the 3rd of 8 processes -> (2, 8, "cuda:2")"""
+    import torch.distributed as dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+def fsdp_shard(model):
+    """Shard a GPT in place with FSDP2: each Block is one unit (gathered for its own forward / backward), the
+    embeddings, final norm and head the root unit. The model keeps its class, names and call; its parameters
+    become DTensors, each process holding 1 / world_size of every one."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model):
+    """The unsharded weights of an FSDP model, on CPU, for save_checkpoint: every process must call it (it
+    gathers), process 0 receives the weights, the others {}. A model that is not sharded: its state_dict()."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if hasattr(model, "reshard"):  # a forward without backward (evaluation) leaves the root unit gathered
+        model.reshard()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # -----------------------------------------------------------------------------

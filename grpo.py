@@ -28,6 +28,9 @@ The CPU pipeline (after sft.py; see its docstring for the base model):
     python grpo.py --resume                         # continue out/task-grpo from its checkpoint
 The real recipe (a GPU; downloads GSM8K, starts from sft.py's instruction-tuned GPT-2 medium):
     python sft.py --preset gpt2-alpaca && python grpo.py --preset gpt2-gsm8k
+A modern model (one big GPU): Qwen2.5-Math-1.5B (downloaded from the HF hub) on MATH-style problems, asked in
+its chat template to reason step by step and put the answer in \boxed{}, rewarded by bpe.math_reward:
+    python grpo.py --preset qwen-math --data data/math   # rl.jsonl + test.jsonl rows {"prompt", "answer"}
 """
 
 import argparse
@@ -42,6 +45,7 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
                   load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
+from gpt2 import is_hf_repo  # an HF hub name (Llama 3.x, Qwen2.5) for --init
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -55,6 +59,12 @@ PRESETS = {
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
                        eval_limit=500),
 }
+# Qwen2.5-Math-1.5B with GRPO on MATH, as in the reference's recipe: 32 prompts x 8 answers of up to 1,024
+# tokens per step, lr 1e-5, ChatML prompts with Qwen2.5-Math's system message, the boxed-answer verifier.
+PRESETS["qwen-math"] = dict(init="Qwen/Qwen2.5-Math-1.5B", data="data/math", out_dir="out/qwen-math-grpo",
+                            preamble=False, template="chatml", system=bpe.MATH_SYSTEM, verifier="boxed",
+                            max_steps=200, prompts=32, group_size=8, lr=1e-5, max_new_tokens=1024,
+                            eval_interval=20, eval_limit=500)
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
@@ -71,7 +81,12 @@ def parse_args(argv=None):
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
     g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
                    help="start prompts with Alpaca's 'Below is an instruction...' sentence (as in SFT)")
+    g.add_argument("--template", default="alpaca", choices=bpe.TEMPLATES,
+                   help="how prompts are written: the project's Alpaca template, or a chat template (Qwen: chatml)")
+    g.add_argument("--system", default=None, help="system message of a chat template (qwen-math: Qwen2.5-Math's)")
     g = p.add_argument_group("rollouts and reward")
+    g.add_argument("--verifier", default="number", choices=list(bpe.VERIFIERS),
+                   help="number: the final number equals the answer; boxed: the last \\boxed{} does (MATH)")
     g.add_argument("--prompts", type=int, help="prompts per rollout batch")
     g.add_argument("--group-size", type=int, help="answers sampled per prompt (G >= 2)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
@@ -156,12 +171,15 @@ def load_policy(init):
         ckpt = load_checkpoint(init)
         model = GPT.from_checkpoint(init)
         tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
-    elif init in HF_MODELS or os.path.isdir(init):
-        model, tok = GPT.from_pretrained(init), bpe.load_gpt2()
+    elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
+        # fp32 master weights (autocast computes in --dtype); Llama / Qwen bring their own tokenizer
+        model = GPT.from_pretrained(init, dtype=torch.float32)
+        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
     elif init == PRESETS["task"]["init"]:
         fail(f"no SFT model at {init}; make it with `python sft.py` (see sft.py's docstring)")
     else:
-        fail(f"--init {init!r}: not a checkpoint file, an HF folder, or one of {', '.join(HF_MODELS)}")
+        fail(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one of "
+             f"{', '.join(HF_MODELS)}")
     return model, tok
 
 
@@ -169,12 +187,14 @@ def load_policy(init):
 # 1. Rollouts: G answers per prompt, scored by the verifier
 
 
-def score(text, answer, format_reward=0.0):
-    """The verifier (1 when the final number is the answer), plus format_reward when the answer stopped on
-    its own and states a number. score("3 + 4 = 7<|endoftext|>", "7", 0.1) -> 1.1"""
-    stopped = text.endswith(bpe.ENDOFTEXT)
-    fmt = format_reward if stopped and bpe.final_answer(text) is not None else 0.0
-    return bpe.reward(text, answer) + fmt
+def score(text, answer, format_reward=0.0, verifier="number", stop=bpe.ENDOFTEXT):
+    """The verifier (1 when the final number is the answer; with verifier="boxed", the last \\boxed{}), plus
+    format_reward when the answer stopped on its own (with `stop`) and states a number (a boxed answer).
+    score("3 + 4 = 7<|endoftext|>", "7", 0.1) -> 1.1"""
+    stopped = text.endswith(stop)
+    stated = bpe.boxed_answer(text) if verifier == "boxed" else bpe.final_answer(text)
+    fmt = format_reward if stopped and stated is not None else 0.0
+    return bpe.VERIFIERS[verifier](text, answer) + fmt
 
 
 @torch.no_grad()
@@ -183,15 +203,20 @@ def rollout(model, tok, rows, G, args, device, dtype):
     the first prompt). Returns a dict: idx (B, T + N) prompt + answer tokens, attn (B, T + N) 1 on real
     tokens (left padding before the prompt and the tail after an answer's end-of-text are 0), mask (B, N) the
     answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T."""
-    prompts = [tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in rows for _ in range(G)]
-    idx, attn = left_pad(prompts, tok.eot_token, device)
+    template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
+    prompts = [bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None))
+               for r in rows for _ in range(G)]
+    stop = bpe.stop_id(tok, template)
+    idx, attn = left_pad(prompts, stop, device)
     with autocast(device, dtype):
         tokens, mask, logp = sample(model, idx, args.max_new_tokens, attention_mask=attn,
-                                    temperature=args.temperature, eos_id=tok.eot_token)
+                                    temperature=args.temperature, eos_id=stop)
     texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
     answers = [r["answer"] for r in rows for _ in range(G)]
-    rewards = torch.tensor([score(t, a, args.format_reward) for t, a in zip(texts, answers)], device=device)
-    correct = torch.tensor([bpe.reward(t, a) for t, a in zip(texts, answers)], device=device)
+    stop_text = tok.decode([stop])
+    rewards = torch.tensor([score(t, a, args.format_reward, verifier, stop_text) for t, a in zip(texts, answers)],
+                           device=device)
+    correct = torch.tensor([bpe.VERIFIERS[verifier](t, a) for t, a in zip(texts, answers)], device=device)
     return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
                 logp=logp.float(), rewards=rewards, correct=correct, T=idx.size(1), texts=texts)
 
@@ -277,13 +302,15 @@ def accuracy(model, tok, rows, args, device, dtype):
     hits = 0
     for k in range(0, len(rows), args.eval_batch_size):
         batch = rows[k:k + args.eval_batch_size]
-        idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in batch],
-                             tok.eot_token, device)
+        template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
+        stop = bpe.stop_id(tok, template)
+        idx, attn = left_pad([bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None))
+                              for r in batch], stop, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
-                                     eos_id=tok.eot_token)
+                                     eos_id=stop)
         for r, ts, ms in zip(batch, tokens.tolist(), mask.tolist()):
-            hits += bpe.reward(tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
+            hits += bpe.VERIFIERS[verifier](tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
     return hits / len(rows)
 
 

@@ -331,3 +331,83 @@ def test_generate_cli_with_a_local_qwen_directory(tmp_path, qwen_json, capsys):
                 "--device", "cpu"] + (["--chat"] if chat else []))
         printed = capsys.readouterr().out
         assert printed == prompt + hf_tok.decode(new, skip_special_tokens=False) + "\n"
+
+
+# -- sft.py and grpo.py on a Llama / Qwen directory -----------------------------------------------------
+
+import grpo  # noqa: E402
+import sft  # noqa: E402
+
+
+@pytest.fixture
+def qwen_dir(tmp_path, qwen_json):
+    """A random Qwen2 model in HF layout with the tokenizer.json built above (its vocabulary size)."""
+    path, hf_tok = qwen_json
+    hf = random_hf("qwen2", tied=True, vocab_size=hf_tok.get_vocab_size())
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "qwen")  # as on the hub
+    (tmp_path / "qwen" / "tokenizer.json").write_text(path.read_text())
+    return tmp_path / "qwen"
+
+
+def test_grpo_qwen_math_preset(tmp_path, qwen_dir):
+    """--preset qwen-math on a local Qwen directory: ChatML prompts with the Math system message, stop at
+    <|im_end|>, boxed-answer rewards; one step runs and writes its metrics and checkpoint."""
+    data = tmp_path / "math"
+    data.mkdir()
+    rows = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(4)]
+    for name in ("rl", "test"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--preset", "qwen-math", "--init", str(qwen_dir), "--data", str(data), "--out-dir", str(tmp_path / "out"),
+            "--max-steps", "1", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6", "--eval-limit", "2",
+            "--device", "cpu", "--format-reward", "0.1"]
+    args = grpo.parse_args(argv)
+    assert (args.template, args.verifier, args.system) == ("chatml", "boxed", bpe.MATH_SYSTEM)
+    model, tok = grpo.load_policy(str(qwen_dir))
+    batch = grpo.rollout(model, tok, rows[:2], 2, args, "cpu", torch.float32)
+    want = bpe.format_chat(tok, [{"role": "system", "content": bpe.MATH_SYSTEM}, {"role": "user", "content": rows[0]["prompt"]}],
+                           "chatml", add_generation_prompt=True)[0]
+    assert batch["idx"][0, :batch["T"]].tolist()[-len(want):] == want
+    assert grpo.score(r"so \boxed{4}<|im_end|>", "4", 0.1, "boxed", "<|im_end|>") == pytest.approx(1.1)
+    assert grpo.score(r"so 4<|im_end|>", "4", 0.1, "boxed", "<|im_end|>") == 0.0
+    grpo.main(argv)
+    logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward" in r for r in logged) and (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_sft_init_from_a_qwen_directory(tmp_path, qwen_dir):
+    """sft.py --init <HF Qwen directory>: the model in fp32 with the directory's tokenizer; a step trains."""
+    model, tok = sft.load_base(str(qwen_dir))
+    assert model.lm_head.weight.dtype == torch.float32 and tok.special_tokens["<|im_end|>"] == 1202
+    sft.main(["--init", str(qwen_dir), "--data", "task", "--out-dir", str(tmp_path / "out"), "--max-steps", "2",
+              "--batch-size", "2", "--eval-limit", "2", "--max-new-tokens", "4", "--device", "cpu"])
+    logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "train_loss" in r] == [1, 2]
+
+
+def test_sft_fsdp_two_processes_give_the_loss_of_one(tmp_path, qwen_dir):
+    """torchrun --nproc_per_node 2 sft.py --fsdp (FSDP2 over gloo on CPU, each process half of every batch)
+    logs the losses of the same run in one process, step after step, and writes a checkpoint that loads."""
+    import subprocess
+    import sys
+    common = ["--init", str(qwen_dir), "--data", "task", "--max-steps", "3", "--batch-size", "4", "--eval-limit", "2",
+              "--max-new-tokens", "2", "--eval-interval", "0", "--device", "cpu", "--lr", "1e-3", "--warmup-steps", "0"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    root = str(bpe.HERE)
+    subprocess.run([sys.executable, "sft.py", *common, "--out-dir", str(tmp_path / "one")], cwd=root, env=env,
+                   check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft.py", "--fsdp",
+                          *common, "--out-dir", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def losses(name):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train_loss"], r["tokens"]) for r in rows if "train_loss" in r]
+    one, two = losses("one"), losses("two")
+    assert [s for s, _, _ in one] == [s for s, _, _ in two] == [1, 2, 3]
+    assert [n for _, _, n in one] == [n for _, _, n in two]
+    for (_, a, _), (_, b, _) in zip(one, two):
+        assert abs(a - b) < 1e-4, (one, two)  # the same batches, the same gradients, the same updates
+    assert len({a for _, a, _ in one}) == 3  # the model did change from step to step
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
+    ref = gpt2.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))
+    assert max((ckpt["model"][k].float() - ref["model"][k].float()).abs().max().item() for k in ref["model"]) < 1e-4
