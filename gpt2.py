@@ -1398,13 +1398,15 @@ def left_pad(seqs, pad_id=0, device=None):
     return idx, mask
 
 
-def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=None):
+def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=None, sync=False):
     """The generation loop, as a generator of one step at a time. forward(tokens (B, t), valid (B, t)) ->
     the logits (B, V) after them: called once with the whole prompt (the prefill), then with each new token.
     pick(logits (B, V)) -> the next tokens (B,). Yields (tokens (B,), live (B,), logits (B, V)) per step;
     live is False for rows that had already ended with eos_id (their token is eos_id, else 0). Stops after
     max_new_tokens steps or once every row has ended; the last tokens are never fed back.
-    sample() below runs it on the KV cache; generate.py adds penalties, min-p, the no-cache path and more."""
+    sample() below runs it on the KV cache; generate.py adds penalties, min-p, the no-cache path and more.
+    sync: the processes of an FSDP model decode different prompts but must run the same forward passes (each
+    gathers weights from all of them): they stop when every row of every process has ended."""
     valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if not valid[:, -1].all() or (valid.long().diff(dim=1) < 0).any():
         raise ValueError("attention_mask must be left padding: zeros first, then ones, ending with a token in "
@@ -1418,14 +1420,18 @@ def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=No
         yield nxt, live, logits
         if eos_id is not None:
             done = done | (nxt == eos_id)
-        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):  # no sync without eos_id
+        finished = done.all()
+        if sync and eos_id is not None:  # every process must take the same number of steps
+            finished = finished.int()
+            torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(finished)):  # no sync without eos_id
             return
         logits = forward(nxt[:, None], live[:, None])  # finished rows' tokens may be fed as padding
 
 
 @torch.no_grad()
 def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
-           eos_id=None, generator=None):
+           eos_id=None, generator=None, sync=False):
     """Continue a batch of prompts with the KV cache: one prefill pass, then one token per step.
 
     idx (B, T) prompts, left-padded, with attention_mask (B, T) (0 = padding); temperature 0 is greedy. A row
@@ -1434,9 +1440,14 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     row's end), True for the tokens a row really generated (its end-of-text included), and their
     log-probabilities under softmax(logits / temperature) before top-k / top-p (raw logits when greedy): the
     numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode.
-    sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)"""
+    sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)
+    sync: under FSDP, every process samples until all have finished (see decode)."""
     T = idx.size(1)
     n = min(max_new_tokens, model.config.block_size - T)
+    if sync:  # prompts padded to different lengths on different processes: the same number of steps anyway
+        n = torch.tensor(n, device=idx.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        n = int(n)
     if n < 1:
         raise ValueError(f"prompts of {T} tokens leave no room in the context (block_size "
                          f"{model.config.block_size}); shorten them")
@@ -1459,7 +1470,7 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
         return draw(logits.softmax(dim=-1), generator)
 
     tokens, masks, logprobs = [], [], []
-    for nxt, live, logits in decode(forward, idx, n, pick, attention_mask=attention_mask, eos_id=eos_id):
+    for nxt, live, logits in decode(forward, idx, n, pick, attention_mask=attention_mask, eos_id=eos_id, sync=sync):
         logprobs.append(scaled(logits).log_softmax(dim=-1).gather(-1, nxt[:, None]).squeeze(-1) * live)
         tokens.append(nxt)
         masks.append(live)

@@ -31,12 +31,15 @@ The real recipe (a GPU; downloads GSM8K, starts from sft.py's instruction-tuned 
 A modern model (one big GPU): Qwen2.5-Math-1.5B (downloaded from the HF hub) on MATH-style problems, asked in
 its chat template to reason step by step and put the answer in \boxed{}, rewarded by bpe.math_reward:
     python grpo.py --preset qwen-math --data data/math   # rl.jsonl + test.jsonl rows {"prompt", "answer"}
+    torchrun --nproc_per_node 8 grpo.py --fsdp --preset qwen-math --init meta-llama/Llama-3.1-8B-Instruct \
+        --template llama3                                # sharded with FSDP2: each process its share of prompts
 """
 
 import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 import torch
@@ -46,6 +49,7 @@ import bpe
 from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
                   load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
 from gpt2 import is_hf_repo  # an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -113,6 +117,9 @@ def parse_args(argv=None):
     g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard policy, reference and AdamW state over the processes with FSDP2 "
+                        "(fully_shard); each process samples and trains on 1/N of the prompts")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=int, help="steps between greedy test evaluations (0 = start and end)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test rows (0 = all)")
@@ -210,7 +217,7 @@ def rollout(model, tok, rows, G, args, device, dtype):
     idx, attn = left_pad(prompts, stop, device)
     with autocast(device, dtype):
         tokens, mask, logp = sample(model, idx, args.max_new_tokens, attention_mask=attn,
-                                    temperature=args.temperature, eos_id=stop)
+                                    temperature=args.temperature, eos_id=stop, sync=getattr(args, "fsdp", False))
     texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
     answers = [r["answer"] for r in rows for _ in range(G)]
     stop_text = tok.decode([stop])
@@ -298,7 +305,7 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.28, beta=0
 
 @torch.no_grad()
 def accuracy(model, tok, rows, args, device, dtype):
-    """Fraction of rows whose greedy answer the verifier accepts."""
+    """Fraction of rows whose greedy answer the verifier accepts. (Under --fsdp every process answers all rows.)"""
     hits = 0
     for k in range(0, len(rows), args.eval_batch_size):
         batch = rows[k:k + args.eval_batch_size]
@@ -308,7 +315,7 @@ def accuracy(model, tok, rows, args, device, dtype):
                               for r in batch], stop, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
-                                     eos_id=stop)
+                                     eos_id=stop, sync=getattr(args, "fsdp", False))
         for r, ts, ms in zip(batch, tokens.tolist(), mask.tolist()):
             hits += bpe.VERIFIERS[verifier](tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
     return hits / len(rows)
@@ -336,7 +343,11 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
     stats = {"reward": float(batch["rewards"].mean()), "train_accuracy": float(batch["correct"].mean()),
              "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
              "max_logp_diff": 0.0}
-    if not adv[keep].any():  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
+    signal = adv[keep].any()
+    if args.fsdp:  # every process must skip, or none: each forward pass gathers weights from all of them
+        signal = signal.int()
+        torch.distributed.all_reduce(signal, op=torch.distributed.ReduceOp.MAX)
+    if not signal:  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
         return {**stats, "loss": 0.0, "skipped": 1}  # no forward pass: no KL, clip or entropy to report
     idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]
     T = batch["T"]
@@ -354,12 +365,28 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
             stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum())
         loss, s = grpo_loss(logp, old_logp, adv, mask, clip_low=args.clip_low, clip_high=args.clip_high,
                             beta=args.beta, ref_logp=ref_logp, how=args.loss, max_len=args.max_new_tokens)
+        if args.fsdp:  # FSDP averages gradients over processes: weight each by its share of answers (tokens for dapo)
+            n = mask.sum() if args.loss == "dapo" else torch.tensor(float(mask.size(0)), device=mask.device)
+            total = n.clone()
+            torch.distributed.all_reduce(total)
+            loss = loss.nan_to_num(0.0) * n * torch.distributed.get_world_size() / total
         loss.backward()
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {**stats, **s, "loss": loss.item(), "skipped": 0}  # kl, clip_frac: of the last update
+
+
+def mean_over_processes(stats):
+    """Under --fsdp: each statistic averaged over the processes (max_logp_diff: the maximum), for the log."""
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    top = t.clone()
+    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    t /= torch.distributed.get_world_size()
+    return {k: float(top[i] if k == "max_logp_diff" else t[i]) for i, k in enumerate(keys)}
 
 
 def main(argv=None):
@@ -373,6 +400,15 @@ def main(argv=None):
         keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
         args = argparse.Namespace(**{**resume["args"], **keep})
     device = pick_device(args.device)
+    rank, world = 0, 1
+    if getattr(args, "fsdp", False):
+        rank, world, device = init_distributed(device)
+        if args.prompts % world:
+            fail(f"--prompts {args.prompts} must be a multiple of the {world} processes")
+        if rank:  # one process reports
+            sys.stdout = open(os.devnull, "w")
+    else:
+        args.fsdp = False
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
     model, tok = load_policy(args.init)
@@ -389,14 +425,21 @@ def main(argv=None):
     ref = copy.deepcopy(model).requires_grad_(False)
     if resume:
         load_model_state(model, resume["model"], ckpt_path)
+    if args.fsdp:
+        fsdp_shard(model), fsdp_shard(ref)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.99), device)
     step = 0
+    if resume and args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        if not args.fsdp:
+            optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
         torch.set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
-    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
+    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None) if rank == 0 else None
+    log = metrics.log if rank == 0 else (lambda **row: None)
     print(f"{args.init}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(train_rows):,} "
           f"prompts, {len(test_rows)} test | {args.max_steps} steps of {args.prompts} prompts x {args.group_size} "
           f"answers | loss {args.loss}, beta {args.beta}, updates {args.updates} | device {device}")
@@ -404,29 +447,39 @@ def main(argv=None):
     def evaluate(done):
         t = time.time()
         acc = accuracy(model, tok, test_rows, args, device, dtype)
-        metrics.log(step=done, accuracy=acc, eval_s=round(time.time() - t, 2))
+        log(step=done, accuracy=acc, eval_s=round(time.time() - t, 2))
         tqdm.write(f"step {done:4d} | test accuracy (greedy) {acc:.1%}")
 
     def checkpoint(done):
-        save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=done, rng=torch.get_rng_state(),
-                        args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
+        state, opt_state = None, optimizer.state_dict()
+        if args.fsdp:  # every process takes part in gathering weights and optimizer state; one writes them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            state = full_state_dict(model)
+            opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                            cpu_offload=True))
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, step=done, rng=torch.get_rng_state(),
+                            args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
 
     if step == 0:
         evaluate(0)
     stop = min(args.max_steps, args.stop_after or args.max_steps)
     t0, train_time = time.time(), 0.0
-    bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True)
+    bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.prompts, args.seed)]
+        rows = rows[rank::world]  # --fsdp: this process's share of the prompts (all of them otherwise)
         t = time.time()
         batch = rollout(model, tok, rows, args.group_size, args, device, dtype)
         t_roll = time.time() - t
         s = train_step(model, ref, optimizer, batch, args, device, dtype)
+        if args.fsdp:
+            s = mean_over_processes(s)
         done = step + 1
-        metrics.log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
+        log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
                     **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()})
         bar.set_postfix(reward=f"{s['reward']:.2f}", zero=f"{s['zero_signal']:.2f}", kl=f"{s.get('kl', 0):.4f}")
         if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
@@ -436,9 +489,9 @@ def main(argv=None):
             t0 = time.time()
     bar.close()
     if stop == args.max_steps:
-        metrics.log(step=stop, train_s=round(train_time, 1))
+        log(step=stop, train_s=round(train_time, 1))
     print(f"{'done' if stop == args.max_steps else 'stopped'} at step {stop}: {train_time:.0f} s | checkpoint {ckpt_path}")
-    if plot := plot_metrics(args.out_dir, f"grpo {args.preset} ({args.loss})"):
+    if rank == 0 and (plot := plot_metrics(args.out_dir, f"grpo {args.preset} ({args.loss})")):
         print(f"plot {plot}")
 
 

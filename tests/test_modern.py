@@ -393,8 +393,7 @@ def test_sft_fsdp_two_processes_give_the_loss_of_one(tmp_path, qwen_dir):
               "--max-new-tokens", "2", "--eval-interval", "0", "--device", "cpu", "--lr", "1e-3", "--warmup-steps", "0"]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     root = str(bpe.HERE)
-    subprocess.run([sys.executable, "sft.py", *common, "--out-dir", str(tmp_path / "one")], cwd=root, env=env,
-                   check=True, capture_output=True)
+    sft.main([*common, "--out-dir", str(tmp_path / "one")])  # 1 process, no FSDP
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft.py", "--fsdp",
                           *common, "--out-dir", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -411,3 +410,79 @@ def test_sft_fsdp_two_processes_give_the_loss_of_one(tmp_path, qwen_dir):
     ckpt = gpt2.load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))
     ref = gpt2.load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))
     assert max((ckpt["model"][k].float() - ref["model"][k].float()).abs().max().item() for k in ref["model"]) < 1e-4
+
+
+def test_grpo_fsdp_two_processes(tmp_path, qwen_json):
+    """torchrun --nproc_per_node 2 grpo.py --fsdp (FSDP2 over gloo) runs: each process samples its share of the
+    prompts, answers end at different steps, and training, evaluation and the gathered checkpoint complete. A
+    run to completion is all this test shows: that N processes compute the gradient of 1 is tested on sft.py
+    above (GRPO's rollouts draw different random numbers in 2 processes), the sampler's sync below."""
+    import subprocess
+    import sys
+    path, hf_tok = qwen_json
+    hf = random_hf("qwen2", vocab_size=hf_tok.get_vocab_size())
+    rows = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(8)]
+    tok = bpe.load_tokenizer_json(path)
+    with torch.no_grad():  # greedy answers that contain the commonest answer token end there instead, others not
+        answers = torch.cat([hf.generate(torch.tensor([bpe.prompt_ids(tok, r["prompt"], "chatml", system=bpe.MATH_SYSTEM)]),
+                                         max_new_tokens=12, do_sample=False, eos_token_id=None)[0, -12:] for r in rows])
+        hf.lm_head.weight[tok.special_tokens["<|im_end|>"]] = 3 * hf.lm_head.weight[answers.mode().values]
+    hf.save_pretrained(tmp_path / "qwen")
+    (tmp_path / "qwen" / "tokenizer.json").write_text(path.read_text())
+    data = tmp_path / "math"
+    data.mkdir()
+    for name in ("rl", "test"):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "grpo.py", "--fsdp",
+                          "--preset", "qwen-math", "--init", str(tmp_path / "qwen"), "--data", str(data),
+                          "--out-dir", str(tmp_path / "out"), "--max-steps", "2", "--prompts", "4", "--group-size", "2",
+                          "--max-new-tokens", "12", "--eval-limit", "1", "--device", "cpu", "--temperature", "0"],
+                         cwd=str(bpe.HERE), env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert any(0 < r["length"] < 12 for r in steps), [(r["length"], r["reward"]) for r in steps]  # some ended early
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))
+    model = GPT(GPTConfig(**ckpt["config"]))
+    gpt2.load_model_state(model, ckpt["model"])  # the whole model, gathered from both processes
+
+
+SYNC_SCRIPT = '''
+import json, sys, torch
+import gpt2
+rank, world, _ = gpt2.init_distributed("cpu")
+torch.manual_seed(0)
+model = gpt2.GPT(gpt2.GPTConfig(block_size=64, vocab_size=50, n_layer=1, n_head=2, n_embd=16)).eval()
+prompt = torch.tensor([[1, 2, 3]])
+if rank == 0:  # its answer ends at once: the end-of-text is the greedy first token
+    eos = int(model(prompt)[0][0, -1].argmax())
+else:  # its answer never ends: the end-of-text token's logit is 0, below the best of 49 random ones
+    eos = 49
+    with torch.no_grad():
+        model.lm_head.weight[49] = 0
+calls = []
+forward = model.forward
+model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+out = {}
+for sync in (True, False):
+    calls.clear()
+    tokens, mask, _ = gpt2.sample(model, prompt, 10, temperature=0, eos_id=eos, sync=sync)
+    out[sync] = {"calls": len(calls), "live": int(mask.sum())}
+json.dump(out, open(f"{sys.argv[1]}/{rank}.json", "w"))
+'''
+
+
+def test_sample_sync_keeps_processes_in_step(tmp_path):
+    """gpt2.sample(sync=True) in 2 processes: one row ends at the first token, the other never; both processes
+    run the same 10 forward passes (FSDP gathers weights in each one), and the ended row stays ended."""
+    import subprocess
+    import sys
+    (tmp_path / "s.py").write_text(SYNC_SCRIPT)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "s.py"),
+                    str(tmp_path)], cwd=str(bpe.HERE), check=True, capture_output=True, timeout=120,
+                   env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(bpe.HERE)})
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    for sync, want in (("true", [10, 10]), ("false", [1, 10])):  # without sync, process 0 would stop after 1
+        assert [g[sync]["calls"] for g in got] == want and [g[sync]["live"] for g in got] == [1, 10], got
