@@ -386,7 +386,8 @@ def test_sft_init_from_a_qwen_directory(tmp_path, qwen_dir):
 
 def test_sft_fsdp_two_processes_give_the_loss_of_one(tmp_path, qwen_dir):
     """torchrun --nproc_per_node 2 sft.py --fsdp (FSDP2 over gloo on CPU, each process half of every batch)
-    logs the losses of the same run in one process, step after step, and writes a checkpoint that loads."""
+    logs the losses of the same run in one process, step after step, across a stop and --resume (weights and
+    AdamW state gathered into the checkpoint and sharded again), and ends with the same weights."""
     import subprocess
     import sys
     common = ["--init", str(qwen_dir), "--data", "task", "--max-steps", "3", "--batch-size", "4", "--eval-limit", "2",
@@ -394,9 +395,11 @@ def test_sft_fsdp_two_processes_give_the_loss_of_one(tmp_path, qwen_dir):
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     root = str(bpe.HERE)
     sft.main([*common, "--out-dir", str(tmp_path / "one")])  # 1 process, no FSDP
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft.py", "--fsdp",
-                          *common, "--out-dir", str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    for extra in (["--stop-after", "2"], ["--resume"]):  # 2 processes, stopped after step 2 and resumed
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft.py", "--fsdp",
+                              *common, "--out-dir", str(tmp_path / "two"), *extra], cwd=root, env=env,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
 
     def losses(name):
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
