@@ -892,7 +892,8 @@ def load_llama3(path):
     pattern and special tokens, numbered from the first id after the ranks:
     `load_llama3("original/tokenizer.model").special_tokens["<|eot_id|>"]` -> 128009"""
     tok = load_tiktoken(path, "llama3")
-    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + LLAMA3_N_SPECIALS - len(LLAMA3_SPECIALS))]
+    n_reserved = LLAMA3_N_SPECIALS - len(LLAMA3_SPECIALS)
+    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + n_reserved)]
     tok.register_special_tokens({name: len(tok.vocab) + k for k, name in enumerate(names)})
     return tok
 

@@ -495,7 +495,7 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_i
         import bpe
         ids = bpe.format_chat(tok, [{"role": "user", "content": text}], chat_style, add_generation_prompt=True)[0]
     else:
-        ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [tok.eot_token]  # empty prompt: start of a document
+        ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [tok.eot_token]  # empty: start of a document
         bos = getattr(tok, "special_tokens", {}).get("<|begin_of_text|>")
         if bos is not None:  # Llama 3 reads every document after its BOS token
             ids = [bos] + ids

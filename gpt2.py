@@ -20,7 +20,8 @@ What it teaches, in the file's order:
      sharded safetensors copied tensor by tensor into the fused q/k/v and gate/up matrices, and back out.
   7. Checkpoints: atomic writes, weights_only loads, clear errors on a mismatch.
   8. The helpers every script shares: device / dtype / autocast choice, seeding, learning-rate schedule,
-     peak FLOPs for MFU, the common flags, metrics logging.
+     peak FLOPs for MFU, the common flags, metrics logging, and FSDP2 sharding (PyTorch's fully_shard) for
+     models too big for one GPU.
   9. Post-training pieces: LoRA adapters (add, merge, save alone) and a cached batched sampler
      (left-padded prompts, per-row end-of-text, temperature / top-k / top-p, log-probs of the sampled
      tokens) that sft.py evaluates with and the RL files roll out with.
@@ -99,8 +100,8 @@ class GPTConfig:
         if self.rope_scaling is not None:
             missing = set(ROPE_SCALING_KEYS) - set(self.rope_scaling)
             if missing or self.rope_scaling.get("rope_type", "llama3") != "llama3":
-                raise ValueError(f"rope_scaling must be Llama 3's: rope_type 'llama3' and {', '.join(ROPE_SCALING_KEYS)}; "
-                                 f"got {self.rope_scaling}")
+                raise ValueError(f"rope_scaling must be Llama 3's: rope_type 'llama3' and "
+                                 f"{', '.join(ROPE_SCALING_KEYS)}; got {self.rope_scaling}")
 
     @property
     def head_dim(self):
@@ -800,8 +801,8 @@ def hf_config_to_gpt(hf, **overrides):
 
 def hf_arch_of(config):
     """'qwen2' or 'llama' if the config is exactly one of them (so it can be exported), else None."""
-    modern = (config.pos_emb, config.norm, config.mlp, config.bias, config.window) == ("rope", "rmsnorm", "swiglu", False, None)
-    if not modern:
+    layout = (config.pos_emb, config.norm, config.mlp, config.bias, config.window)
+    if layout != ("rope", "rmsnorm", "swiglu", False, None):
         return None
     return "qwen2" if config.qkv_bias else "llama"
 
@@ -873,7 +874,8 @@ def load_hf_llama(cls, directory, dtype=None, **overrides):
             target, rows = slots[name]
             dst = params[target].data if rows is None else params[target].data[rows[0]:rows[1]]
             if dst.shape != tensor.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(dst.shape)}")
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(dst.shape)}")
             dst.copy_(tensor)
             filled.add(name)
         del state
@@ -899,7 +901,8 @@ def save_hf_llama(model, directory, max_shard_size=None):
           "hidden_size": cfg.n_embd, "intermediate_size": mlp_width(cfg),
           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
           "head_dim": cfg.head_dim, "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_base, "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None,
+          "rope_theta": cfg.rope_base,
+          "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None,
           "hidden_act": "silu", "tie_word_embeddings": cfg.tie_weights, "torch_dtype": dtype,
           "attention_dropout": 0.0, "initializer_range": 0.02}
     if kind == "llama":
@@ -976,7 +979,8 @@ def download_hf_repo(repo, cache_root=None):
     download_hf_repo("Qwen/Qwen2.5-0.5B") -> '~/.cache/llm-from-scratch/hf/Qwen/Qwen2.5-0.5B'"""
     directory = os.path.join(cache_root or cache_dir("hf"), repo)
     try:  # complete already: no network needed
-        if os.path.exists(os.path.join(directory, "config.json")) and all(map(os.path.exists, hf_weight_files(directory))):
+        if os.path.exists(os.path.join(directory, "config.json")) and \
+                all(map(os.path.exists, hf_weight_files(directory))):
             return directory
     except FileNotFoundError:
         pass

@@ -431,7 +431,8 @@ def main(argv=None):
     step = 0
     if resume and args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, optimizer, resume["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     if resume:
         if not args.fsdp:
             optimizer.load_state_dict(resume["optimizer"])

@@ -360,7 +360,8 @@ def main(argv=None):
             load_model_state(model, resume["model"], ckpt_path)
         if args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, resume["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])

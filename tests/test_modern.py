@@ -257,7 +257,8 @@ def test_chat_templates(style, qwen_json, llama_rank_file):
         ids, mask = bpe.format_chat(tok, messages, style, gen)
         assert ids == want and len(mask) == len(ids)
         end = "<|im_end|>" if style == "chatml" else "<|eot_id|>"
-        replies = [m["content"] if style == "chatml" else m["content"].strip() for m in messages if m["role"] == "assistant"]
+        replies = [m["content"] if style == "chatml" else m["content"].strip()
+                   for m in messages if m["role"] == "assistant"]
         assert tok.decode([i for i, m in zip(ids, mask) if m]) == "".join(r + end for r in replies)
     with pytest.raises(ValueError, match="unknown chat style"):
         bpe.format_chat(tok, CHAT, "alpaca")
@@ -323,8 +324,8 @@ def test_generate_cli_with_a_local_qwen_directory(tmp_path, qwen_json, capsys):
         text = bpe.chat_text([{"role": "user", "content": prompt}], "chatml", True) if chat else prompt
         ids = torch.tensor([hf_tok.encode(text).ids])
         stop = im_end if chat else hf_tok.token_to_id("<|endoftext|>")
-        out = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=stop)[0, ids.size(1):]
-        new = out.tolist()
+        new = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=stop)
+        new = new[0, ids.size(1):].tolist()
         assert (stop in new) == chat  # the chat reply stops early, the plain continuation runs on
         new = new[:new.index(stop)] if stop in new else new
         G.main(["--model", str(tmp_path), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12",
@@ -364,8 +365,8 @@ def test_grpo_qwen_math_preset(tmp_path, qwen_dir):
     assert (args.template, args.verifier, args.system) == ("chatml", "boxed", bpe.MATH_SYSTEM)
     model, tok = grpo.load_policy(str(qwen_dir))
     batch = grpo.rollout(model, tok, rows[:2], 2, args, "cpu", torch.float32)
-    want = bpe.format_chat(tok, [{"role": "system", "content": bpe.MATH_SYSTEM}, {"role": "user", "content": rows[0]["prompt"]}],
-                           "chatml", add_generation_prompt=True)[0]
+    chat = [{"role": "system", "content": bpe.MATH_SYSTEM}, {"role": "user", "content": rows[0]["prompt"]}]
+    want = bpe.format_chat(tok, chat, "chatml", add_generation_prompt=True)[0]
     assert batch["idx"][0, :batch["T"]].tolist()[-len(want):] == want
     assert grpo.score(r"so \boxed{4}<|im_end|>", "4", 0.1, "boxed", "<|im_end|>") == pytest.approx(1.1)
     assert grpo.score(r"so 4<|im_end|>", "4", 0.1, "boxed", "<|im_end|>") == 0.0
@@ -427,8 +428,9 @@ def test_grpo_fsdp_two_processes(tmp_path, qwen_json):
     rows = [{"prompt": f"What is {a} + {a}?", "answer": str(2 * a)} for a in range(8)]
     tok = bpe.load_tokenizer_json(path)
     with torch.no_grad():  # greedy answers that contain the commonest answer token end there instead, others not
-        answers = torch.cat([hf.generate(torch.tensor([bpe.prompt_ids(tok, r["prompt"], "chatml", system=bpe.MATH_SYSTEM)]),
-                                         max_new_tokens=12, do_sample=False, eos_token_id=None)[0, -12:] for r in rows])
+        prompts = [torch.tensor([bpe.prompt_ids(tok, r["prompt"], "chatml", system=bpe.MATH_SYSTEM)]) for r in rows]
+        answers = torch.cat([hf.generate(p, max_new_tokens=12, do_sample=False, eos_token_id=None)[0, -12:]
+                             for p in prompts])
         hf.lm_head.weight[tok.special_tokens["<|im_end|>"]] = 3 * hf.lm_head.weight[answers.mode().values]
     hf.save_pretrained(tmp_path / "qwen")
     (tmp_path / "qwen" / "tokenizer.json").write_text(path.read_text())
