@@ -13,11 +13,13 @@ What it teaches, in the order the code is written:
   5. speed and scale: the split run by Python's faster `re`, a heap merge for long chunks, and
      chunk counting that streams files of any size through several processes;
   6. file formats: OpenAI's GPT-2 files (encoder.json + vocab.bpe) and tiktoken's rank files
-     (`<base64 token> <rank>` per line), loaded and exported;
+     (`<base64 token> <rank>` per line), loaded and exported; today's open models: HF's tokenizer.json
+     (Qwen2 / Qwen2.5, Llama 3 on the hub) and Meta's Llama 3 rank file with its pattern and specials;
   7. download: resumable and checksummed;
   8. encoding text files into flat uint16 token files for training;
   9. post-training text: the one prompt template (ids + loss mask), the JSONL data formats, and a
-     generated arithmetic task with its verifier, shared by sft.py and the files after it;
+     generated arithmetic task with its verifier, shared by sft.py and the files after it; the chat
+     templates of Qwen (ChatML) and Llama 3 (ids + loss mask), and a boxed-answer verifier for MATH;
   10. the command line.
 
 Run it:
@@ -1483,7 +1485,8 @@ def main(argv=None):
     for name in ("encode", "decode", "export"):
         s = sub.add_parser(name, help={"encode": "text to ids (stdout, or a uint16 .bin with --output)",
                                        "decode": "ids to text", "export": "write a tiktoken rank file"}[name])
-        s.add_argument("--tokenizer", default="gpt2", help="gpt2, cl100k_base, a .tiktoken file or a saved tokenizer")
+        s.add_argument("--tokenizer", default="gpt2",
+                       help="gpt2, cl100k_base, a .tiktoken file, an HF tokenizer.json or model folder, or a saved tokenizer")
         s.add_argument("--input", help="input file (default: stdin)")
         s.add_argument("--output", required=name == "export", help="output file")
         if name == "encode":
