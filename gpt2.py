@@ -975,7 +975,8 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 def download_hf_repo(repo, cache_root=None):
     """An HF hub model, e.g. 'Qwen/Qwen2.5-0.5B', into <cache>/hf/<repo>: config, tokenizer and safetensors
     (every shard of the index). Each file resumes where a broken download stopped; a complete copy is used
-    without network. Gated models (Llama) need their licence accepted on huggingface.co and HF_TOKEN set.
+    without network. Gated models (Llama) need their licence accepted on huggingface.co and HF_TOKEN set;
+    HF_ENDPOINT points to a mirror of the hub, as in HF's own tools.
     download_hf_repo("Qwen/Qwen2.5-0.5B") -> '~/.cache/llm-from-scratch/hf/Qwen/Qwen2.5-0.5B'"""
     directory = os.path.join(cache_root or cache_dir("hf"), repo)
     try:  # complete already: no network needed
@@ -985,12 +986,12 @@ def download_hf_repo(repo, cache_root=None):
     except FileNotFoundError:
         pass
     import requests  # only needed to list the repository's files
-    token = os.environ.get("HF_TOKEN")
+    token, hub = os.environ.get("HF_TOKEN"), os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = requests.get(f"https://huggingface.co/api/models/{repo}", headers=headers, timeout=60)
+        r = requests.get(f"{hub}/api/models/{repo}", headers=headers, timeout=60)
     except requests.RequestException as e:
-        raise RuntimeError(f"cannot reach huggingface.co to list {repo} ({e.__class__.__name__}); without "
+        raise RuntimeError(f"cannot reach {hub} to list {repo} ({e.__class__.__name__}); without "
                            f"network, download the repository elsewhere and pass its directory") from None
     if r.status_code in (401, 403, 404):
         raise RuntimeError(f"{repo}: HTTP {r.status_code} from the HF hub: no such model, or a gated one (Llama): "
@@ -1001,7 +1002,7 @@ def download_hf_repo(repo, cache_root=None):
     if "config.json" not in wanted or not any(n.endswith(".safetensors") for n in wanted):
         raise RuntimeError(f"{repo} has no config.json + safetensors weights on the HF hub")
     for name in wanted:
-        download(f"https://huggingface.co/{repo}/resolve/main/{name}", os.path.join(directory, name),
+        download(f"{hub}/{repo}/resolve/main/{name}", os.path.join(directory, name),
                  headers=headers, desc=f"{repo}/{name}")
     return directory
 

@@ -115,6 +115,53 @@ def test_export_loads_back_in_transformers(tmp_path, kind, tied, shard):
     assert max_diff(fresh, back, torch.randint(0, VOCAB, (2, 40))) < 1e-4
 
 
+def test_hub_download_resumes_and_works_offline(tmp_path, monkeypatch):
+    """GPT.from_pretrained("owner/name") through a local stand-in for the HF hub (HF_ENDPOINT): the file list from
+    its API, every shard of the index, the token sent; an interrupted shard resumes with a Range request; once
+    complete, the copy loads without the server."""
+    import http.server
+    import threading
+    hf = random_hf("qwen2")
+    hf.save_pretrained(tmp_path / "repo", max_shard_size="60KB")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "repo").iterdir()}
+    seen = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization"), self.headers.get("Range")))
+            if self.path == "/api/models/org/tiny":
+                body = json.dumps({"siblings": [{"rfilename": n} for n in [*files, "README.md"]]}).encode()
+            else:
+                body = files[self.path.removeprefix("/org/tiny/resolve/main/")]
+            start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            self.wfile.write(body[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    shard = next(n for n in files if n.startswith("model-00002"))
+    (tmp_path / "cache" / "org" / "tiny").mkdir(parents=True)
+    (tmp_path / "cache" / "org" / "tiny" / (shard + ".part")).write_bytes(files[shard][:1000])  # interrupted
+    try:
+        ours = GPT.from_pretrained("org/tiny", cache_dir=str(tmp_path / "cache")).eval()
+    finally:
+        server.shutdown()
+    assert all(token == "Bearer hf_test" for _, token, _ in seen)
+    assert ("/org/tiny/resolve/main/" + shard, "Bearer hf_test", "bytes=1000-") in seen
+    assert not any("README" in path for path, _, _ in seen)  # only what loading needs
+    idx = torch.randint(0, VOCAB, (1, 20))
+    assert max_diff(ours, hf, idx) < 1e-4
+    again = GPT.from_pretrained("org/tiny", cache_dir=str(tmp_path / "cache")).eval()  # the server is gone
+    assert max_diff(again, hf, idx) < 1e-4
+
+
 def test_clear_errors(tmp_path):
     hf = random_hf("qwen2")
     hf.save_pretrained(tmp_path / "ok")
