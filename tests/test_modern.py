@@ -249,6 +249,27 @@ def test_tokenizer_json_matches_hf_tokenizers(qwen_json):
     assert bpe.get_tokenizer(str(path)).special_tokens == {n: hf.token_to_id(n) for n in QWEN_SPECIALS}
 
 
+def test_llama3_tokenizer_json_matches_hf_tokenizers(tmp_path):
+    """Llama 3's tokenizer.json on the hub: no normalizer, Split(Llama 3's regex) + ByteLevel, BPE with
+    ignore_merges (a chunk that is a token stays whole, as in tiktoken), a BOS added by its post-processor
+    (left out on both sides here: generate.py adds it)."""
+    t = tokenizers.Tokenizer(tokenizers.models.BPE(ignore_merges=True))
+    t.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=1000, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"])
+    t.save(str(tmp_path / "tokenizer.json"))
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["model"]["ignore_merges"]
+    tok = bpe.load_hf_tokenizer(tmp_path)
+    assert tok.pattern == bpe.LLAMA3_SPLIT_PATTERN and tok.normalize is None
+    for text in TEXTS + ["<|begin_of_text|>hi<|eot_id|>"]:
+        assert tok.encode(text, allowed_special="all") == t.encode(text, add_special_tokens=False).ids, text
+    assert tok.eot_token == t.token_to_id("<|end_of_text|>")
+
+
 @pytest.fixture(scope="module")
 def llama_rank_file(tmp_path_factory):
     """A rank file in Llama 3's layout (base64 token, rank), from a BPE trained with Llama 3's split pattern."""
