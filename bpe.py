@@ -13,11 +13,13 @@ What it teaches, in the order the code is written:
   5. speed and scale: the split run by Python's faster `re`, a heap merge for long chunks, and
      chunk counting that streams files of any size through several processes;
   6. file formats: OpenAI's GPT-2 files (encoder.json + vocab.bpe) and tiktoken's rank files
-     (`<base64 token> <rank>` per line), loaded and exported;
+     (`<base64 token> <rank>` per line), loaded and exported; today's open models: HF's tokenizer.json
+     (Qwen2 / Qwen2.5, Llama 3 on the hub) and Meta's Llama 3 rank file with its pattern and specials;
   7. download: resumable and checksummed;
   8. encoding text files into flat uint16 token files for training;
   9. post-training text: the one prompt template (ids + loss mask), the JSONL data formats, and a
-     generated arithmetic task with its verifier, shared by sft.py and the files after it;
+     generated arithmetic task with its verifier, shared by sft.py and the files after it; the chat
+     templates of Qwen (ChatML) and Llama 3 (ids + loss mask), and a boxed-answer verifier for MATH;
   10. the command line.
 
 Run it:
@@ -49,6 +51,7 @@ import random
 import re
 import sys
 import time
+import unicodedata
 from collections import Counter, deque
 from itertools import chain, repeat
 from pathlib import Path
@@ -71,7 +74,12 @@ ENDOFTEXT = "<|endoftext|>"
 # checks that both split every text exactly as tiktoken's own gpt2 and cl100k_base encodings do.
 GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN, "none": ""}
+# Today's open models took GPT-4's pattern with small changes: Llama 3 keeps it as it is (without the
+# possessive quantifiers and \s++$ alternative of tiktoken's spelling); Qwen2 splits numbers into single digits.
+LLAMA3_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+PATTERNS = {"gpt2": GPT2_SPLIT_PATTERN, "gpt4": GPT4_SPLIT_PATTERN, "llama3": LLAMA3_SPLIT_PATTERN,
+            "qwen2": QWEN2_SPLIT_PATTERN, "none": ""}
 _SPLITTERS = {}  # pattern -> compiled split function, one per process
 
 
@@ -228,6 +236,7 @@ class Tokenizer:
     merges:   [(a, b, id)] in training order: token `id` was made by joining tokens a and b.
     pattern:  "gpt2", "gpt4", "none" or a `regex` pattern string.
     special_tokens: {name: id}, ids outside the mergeable vocabulary.
+    normalize: None, or a unicodedata form ("NFC") applied to text before it is split (Qwen2 does).
     Encoding needs only `vocab`: a pair of adjacent tokens merges when their concatenation is a
     token, lowest id first (that is tiktoken's rule). `merges` is the history, for saving and reading.
 
@@ -238,8 +247,11 @@ class Tokenizer:
     ([257, 115], 'hugs')
     """
 
-    def __init__(self, pattern="gpt2", vocab=None, merges=None, special_tokens=None):
+    def __init__(self, pattern="gpt2", vocab=None, merges=None, special_tokens=None, normalize=None):
         self.pattern = PATTERNS.get(pattern, pattern)
+        if normalize not in (None, "NFC", "NFD", "NFKC", "NFKD"):
+            raise ValueError(f"normalize must be None or a unicodedata form (NFC, NFD, NFKC, NFKD), got {normalize!r}")
+        self.normalize = normalize
         self.vocab = dict(vocab) if vocab is not None else {i: bytes([i]) for i in range(256)}
         self.merges = list(merges or [])
         self.special_tokens = {}
@@ -285,10 +297,12 @@ class Tokenizer:
 
     @property
     def eot_token(self):
-        if ENDOFTEXT not in self.special_tokens:
-            raise ValueError(f"this tokenizer has no {ENDOFTEXT} token; train or load it with "
-                             f"special_tokens={{'{ENDOFTEXT}': id}}")
-        return self.special_tokens[ENDOFTEXT]
+        """The end-of-document id: <|endoftext|> (GPT-2, Qwen2), or Llama 3's <|end_of_text|>."""
+        for name in (ENDOFTEXT, "<|end_of_text|>"):
+            if name in self.special_tokens:
+                return self.special_tokens[name]
+        raise ValueError(f"this tokenizer has no {ENDOFTEXT} token; train or load it with "
+                         f"special_tokens={{'{ENDOFTEXT}': id}}")
 
     # --- encoding
 
@@ -304,6 +318,8 @@ class Tokenizer:
         >>> Tokenizer("gpt2").encode_ordinary("hi <|endoftext|>")[:4]   # no merges: the bytes
         [104, 105, 32, 60]
         """
+        if self.normalize:
+            text = unicodedata.normalize(self.normalize, text)
         chunks = get_splitter(self.pattern)(text)
         # text repeats its chunks (words) all the time: each unique chunk is merged once and remembered
         cache = self._cache
@@ -447,8 +463,9 @@ class Tokenizer:
         {'<|endoftext|>': 256}
         """
         identity = self.byte_ids == list(range(256))
-        lines = ["bpe v1", f"pattern {json.dumps(self.pattern)}",
-                 "bytes identity" if identity else "bytes " + " ".join(map(str, self.byte_ids)),
+        lines = ["bpe v1", f"pattern {json.dumps(self.pattern)}"]
+        lines += [f"normalize {self.normalize}"] if self.normalize else []  # only when set: older files stay valid
+        lines += ["bytes identity" if identity else "bytes " + " ".join(map(str, self.byte_ids)),
                  f"specials {len(self.special_tokens)}"]
         lines += [f"{json.dumps(n)} {i}" for n, i in self.special_tokens.items()]
         lines.append(f"merges {len(self.merges)}")
@@ -473,6 +490,7 @@ class Tokenizer:
             if take("bpe v") != "1":
                 raise ValueError(f"{source}: unsupported version")
             pattern = json.loads(take("pattern "))
+            normalize = take("normalize ") if pos < len(lines) and lines[pos].startswith("normalize ") else None
             byte_spec = take("bytes ")
             byte_ids = list(range(256)) if byte_spec == "identity" else [int(x) for x in byte_spec.split()]
             if sorted(byte_ids) != sorted(set(byte_ids)) or len(byte_ids) != 256:
@@ -495,7 +513,7 @@ class Tokenizer:
             if isinstance(e, ValueError) and str(e).startswith(str(source)):
                 raise  # already names the place and the fix
             raise ValueError(f"{source}:{pos}: corrupt tokenizer file ({e!r}); re-create it with save()") from None
-        return cls(pattern, vocab, merges, specials)
+        return cls(pattern, vocab, merges, specials, normalize)
 
     def save(self, path):
         """Write dumps() to `path` and a human-readable rendering of every token next to it, with
@@ -541,7 +559,7 @@ class Tokenizer:
 
     def __getstate__(self):  # for worker processes: no cache, nothing that rebuilds cheaply
         return {"pattern": self.pattern, "vocab": self.vocab, "merges": self.merges,
-                "special_tokens": self.special_tokens}
+                "special_tokens": self.special_tokens, "normalize": self.normalize}
 
     def __setstate__(self, state):
         self.__init__(**state)
@@ -861,13 +879,101 @@ def load_cl100k(path=None):
     return load_tiktoken(path, "gpt4", CL100K_SPECIALS)
 
 
+# Today's open models ship their tokenizers in two formats. HF's tokenizer.json (Qwen2, and Llama 3 on the hub)
+# spells tokens with GPT-2's byte-to-character map, lists the merges in order, and gives the split regex in its
+# pre_tokenizer and the special tokens as added_tokens. Meta's original Llama 3 files are a tiktoken rank file
+# (original/tokenizer.model) whose pattern and 256 special tokens live in Meta's code, so they are spelled out here.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_N_SPECIALS = 256  # ids 128000..128255; those not named above are <|reserved_special_token_3|> on
+
+
+def load_llama3(path):
+    """Llama 3's tiktoken rank file (`<base64 token> <rank>` lines, 128,000 tokens) with Llama 3's split
+    pattern and special tokens, numbered from the first id after the ranks:
+    `load_llama3("original/tokenizer.model").special_tokens["<|eot_id|>"]` -> 128009"""
+    tok = load_tiktoken(path, "llama3")
+    n_reserved = LLAMA3_N_SPECIALS - len(LLAMA3_SPECIALS)
+    names = LLAMA3_SPECIALS + [f"<|reserved_special_token_{i}|>" for i in range(3, 3 + n_reserved)]
+    tok.register_special_tokens({name: len(tok.vocab) + k for k, name in enumerate(names)})
+    return tok
+
+
+def load_tokenizer_json(path):
+    """An HF tokenizer.json of a byte-level BPE model (Qwen2 / Qwen2.5, Llama 3, GPT-2) -> Tokenizer with its
+    vocabulary, merges, split pattern, Unicode normalization and added tokens (all encoded as special tokens
+    with allowed_special="all", as HF's tokenizers do). Other kinds of tokenizer.json (SentencePiece-style
+    BPE, WordPiece, Unigram) are an error naming what was found.
+    `load_tokenizer_json("Qwen2.5-0.5B/tokenizer.json").encode("<|im_start|>", allowed_special="all")` -> [151644]"""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    where = f"{path}: only byte-level BPE tokenizer.json files are supported"
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ValueError(f"{where}; this one has model type {model.get('type')!r}"
+                         f"{' with byte_fallback' if model.get('byte_fallback') else ''}")
+    pattern = None
+    pre = spec.get("pre_tokenizer") or {}
+    for step in pre.get("pretokenizers", [pre]):  # a Sequence, or a single pre-tokenizer
+        if step.get("type") == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            pattern = step["pattern"].get("Regex")
+        elif step.get("type") == "ByteLevel":
+            if step.get("add_prefix_space"):
+                raise ValueError(f"{where}; ByteLevel with add_prefix_space is not")
+            if step.get("use_regex", True):
+                pattern = GPT2_SPLIT_PATTERN  # ByteLevel's own regex is GPT-2's
+        else:
+            raise ValueError(f"{where}; pre-tokenizer {step.get('type')!r} is not")
+    if pattern is None:
+        raise ValueError(f"{where}; no split regex found in its pre_tokenizer")
+    norm = spec.get("normalizer")
+    if norm is not None and norm.get("type") not in ("NFC", "NFD", "NFKC", "NFKD"):
+        raise ValueError(f"{where}; normalizer {norm.get('type')!r} is not")
+    decoder = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        vocab = {i: bytes(decoder[c] for c in s) for s, i in model["vocab"].items()}
+        token_id = {b: i for i, b in vocab.items()}
+        merges = []
+        for m in model.get("merges", []):
+            a, b = m.split(" ") if isinstance(m, str) else m  # "a b" in older files, ["a", "b"] in newer ones
+            x, y = bytes(decoder[c] for c in a), bytes(decoder[c] for c in b)
+            merges.append((token_id[x], token_id[y], token_id[x + y]))
+    except KeyError as e:
+        raise ValueError(f"{where}; token or merge {e.args[0]!r} is not byte-level BPE") from None
+    # bpe_merge merges the pair that makes the lowest id; HF merges the earliest merge. Same when ids grow with
+    # the merges, as in every trained BPE vocabulary (tiktoken-derived ones included).
+    if any(i >= j for (_, _, i), (_, _, j) in zip(merges, merges[1:])):
+        raise ValueError(f"{path}: merge results are not numbered in merge order; bpe.py cannot encode it as HF does")
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["id"] not in vocab}
+    return Tokenizer(pattern, vocab, merges, specials, norm and norm["type"])
+
+
+def load_hf_tokenizer(directory):
+    """The tokenizer of an HF model directory: its tokenizer.json, else Meta's original/tokenizer.model rank
+    file (Llama 3). load_hf_tokenizer("~/.cache/.../Qwen/Qwen2.5-0.5B").eot_token -> 151643"""
+    d = Path(directory)
+    if (d / "tokenizer.json").is_file():
+        return load_tokenizer_json(d / "tokenizer.json")
+    for rank_file in (d / "original" / "tokenizer.model", d / "tokenizer.model"):
+        if rank_file.is_file():
+            return load_llama3(rank_file)
+    raise FileNotFoundError(f"{d} has no tokenizer.json (nor Llama 3's original/tokenizer.model)")
+
+
 def get_tokenizer(name):
-    """'gpt2', 'cl100k_base', a .tiktoken rank file or a file written by Tokenizer.save:
-    `get_tokenizer("gpt2").encode("hello world")` -> [31373, 995]."""
+    """'gpt2', 'cl100k_base', a .tiktoken rank file, an HF tokenizer.json or model directory, or a file written
+    by Tokenizer.save: `get_tokenizer("gpt2").encode("hello world")` -> [31373, 995]."""
     if name == "gpt2":
         return load_gpt2()
     if name == "cl100k_base":
         return load_cl100k()
+    if str(name).endswith(".json"):
+        return load_tokenizer_json(name)
+    if Path(name).is_dir():
+        return load_hf_tokenizer(name)
     if str(name).endswith(".tiktoken"):
         return load_tiktoken(name)
     return Tokenizer.load(name)
@@ -876,13 +982,13 @@ def get_tokenizer(name):
 # -----------------------------------------------------------------------------
 # 7. Download
 
-def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None):
+def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None, headers=None):
     """Download url to path with a progress bar, unless a complete copy is there; returns the Path:
     `download(GPT2_URLS["vocab.bpe"], "data/gpt2/vocab.bpe", GPT2_SHA256["vocab.bpe"])` ->
     Path("data/gpt2/vocab.bpe"). Resumable: bytes go to path + ".part" and a later call continues
     it with an HTTP Range request; the file is renamed into place only when its size (and sha256,
     when given) is right. The one downloader of the project: gpt2.py re-exports it (this file
-    cannot import gpt2.py, which needs torch)."""
+    cannot import gpt2.py, which needs torch). headers: extra HTTP headers (an HF token for gated models)."""
     import requests  # only needed here
     path = Path(path)
     if path.is_file() and (expected_size is None or path.stat().st_size == expected_size):
@@ -890,7 +996,7 @@ def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, des
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    headers = {**(headers or {}), **({"Range": f"bytes={have}-"} if have else {})}
     hint = f"Without network access, download it elsewhere and put it at {path}"
     try:
         r = requests.get(url, headers=headers, stream=True, timeout=60)
@@ -1223,6 +1329,127 @@ def reward(completion, answer):
     return float(got is not None and got == want)
 
 
+# Chat templates: how instruction-tuned open models see a conversation. Each message is framed by special
+# tokens; SFT trains on the assistant's replies and their end-of-turn token only (the mask), and generation
+# starts after the assistant header (add_generation_prompt). ChatML is Qwen's; Llama 3 frames each message
+# with header tokens and trims its content. (The chat_template in each model's tokenizer_config.json also adds
+# a default system message, which the caller passes here explicitly when it wants one.)
+CHAT_STYLES = ("chatml", "llama3")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_pieces(messages, style, add_generation_prompt):
+    """The conversation as [(text, is_target)], special tokens spelled out in the text."""
+    if style not in CHAT_STYLES:
+        raise ValueError(f"unknown chat style {style!r}; valid: {', '.join(CHAT_STYLES)}")
+    pieces = [] if style == "chatml" else [("<|begin_of_text|>", False)]
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {k} must be {{'role': one of {CHAT_ROLES}, 'content': str}}, got {m!r}")
+        target = m["role"] == "assistant"
+        if style == "chatml":
+            pieces += [(f"<|im_start|>{m['role']}\n", False), (m["content"] + "<|im_end|>", target), ("\n", False)]
+        else:
+            pieces += [(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False),
+                       (m["content"].strip() + "<|eot_id|>", target)]
+    if add_generation_prompt:
+        pieces.append(("<|im_start|>assistant\n" if style == "chatml"
+                       else "<|start_header_id|>assistant<|end_header_id|>\n\n", False))
+    return pieces
+
+
+def chat_text(messages, style="chatml", add_generation_prompt=False):
+    """The conversation as the text its model reads.
+    chat_text([{"role": "user", "content": "2+3?"}], "chatml", True)
+    -> '<|im_start|>user\\n2+3?<|im_end|>\\n<|im_start|>assistant\\n'"""
+    return "".join(text for text, _ in _chat_pieces(messages, style, add_generation_prompt))
+
+
+def format_chat(tok, messages, style="chatml", add_generation_prompt=False):
+    """Token ids of chat_text(messages) and a loss mask of the same length: mask[i] = 1 where ids[i] belongs
+    to an assistant reply or its end-of-turn token (<|im_end|> / <|eot_id|>), the tokens SFT learns.
+    format_chat(qwen_tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    -> (ids of '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nYo<|im_end|>\\n', [0]*9 + [1, 1] + [0])"""
+    ids, mask = [], []
+    for text, target in _chat_pieces(messages, style, add_generation_prompt):
+        # every piece boundary is a special token or a newline, where the split patterns cut anyway: encoding
+        # piece by piece gives the ids of the whole text
+        piece = tok.encode(text, allowed_special="all")
+        ids += piece
+        mask += [int(target)] * len(piece)
+    return ids, mask
+
+
+# A verifier for MATH-style problems (the GRPO recipe of Qwen2.5-Math): the model is asked to put its final
+# answer in \boxed{...}; the reward compares that answer with the reference after light normalisation.
+
+def boxed_answer(text):
+    r"""The content of the last \boxed{...} in text (nested braces kept), None if there is none.
+    boxed_answer(r"so $x = \boxed{\frac{1}{2}}$.") -> '\\frac{1}{2}'"""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: the answer was cut off
+
+
+def normalize_math(answer):
+    r"""A canonical spelling of a math answer: no spaces, no $ \left \right \! \, or \text{...} wrappers,
+    \dfrac and \tfrac as \frac, a trailing period dropped, and numbers as plain decimals (1,000.50 -> 1000.5).
+    normalize_math(r"\dfrac{1}{2} ") -> '\\frac{1}{2}'; normalize_math("1,000.50") -> '1000.5'"""
+    s = str(answer).strip()
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("$", ""),
+                     ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), (" ", "")):
+        s = s.replace(old, new)
+    s = s.rstrip(".")
+    if re.fullmatch(r"-?[\d,]*\.?\d+", s):
+        number = float(s.replace(",", ""))
+        s = str(int(number)) if number == int(number) else repr(number)
+    return s
+
+
+def math_reward(completion, answer):
+    r"""1.0 when the completion's last \boxed{} answer equals the reference answer after normalize_math, else 0.0.
+    math_reward(r"... = \boxed{\dfrac12}", r"\dfrac12") -> 1.0; math_reward("the answer is 4", "4") -> 0.0"""
+    got = boxed_answer(completion.split(ENDOFTEXT)[0])
+    return float(got is not None and normalize_math(got) == normalize_math(answer))
+
+
+# Prompting a model for an answer, in the project's template or a chat template, and checking that answer:
+# what the RL files (grpo.py) share between their rollouts and their evaluation.
+TEMPLATES = ("alpaca",) + CHAT_STYLES
+MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's
+VERIFIERS = {"number": reward, "boxed": math_reward}
+
+
+def prompt_ids(tok, prompt, template="alpaca", preamble=True, system=None):
+    """The ids a model is asked with: format_prompt's text (template "alpaca"), or a chat of an optional system
+    message and one user turn, ending with the assistant's header (templates "chatml", "llama3").
+    prompt_ids(tok, "2+3?", "chatml") -> ids of '<|im_start|>user\\n2+3?<|im_end|>\\n<|im_start|>assistant\\n'"""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
+    if template == "alpaca":
+        return tok.encode(format_prompt(prompt, preamble=preamble))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return format_chat(tok, messages, template, add_generation_prompt=True)[0]
+
+
+def stop_id(tok, template="alpaca"):
+    """The id that ends an answer: end-of-text after an Alpaca response, the end-of-turn token in a chat.
+    stop_id(byte_tokenizer()) -> 256"""
+    if template == "alpaca":
+        return tok.eot_token
+    name = "<|im_end|>" if template == "chatml" else "<|eot_id|>"
+    if name not in tok.special_tokens:
+        raise ValueError(f"template {template!r} needs the special token {name}, which this tokenizer lacks")
+    return tok.special_tokens[name]
+
+
 # -----------------------------------------------------------------------------
 # 10. Command line
 
@@ -1258,7 +1485,8 @@ def main(argv=None):
     for name in ("encode", "decode", "export"):
         s = sub.add_parser(name, help={"encode": "text to ids (stdout, or a uint16 .bin with --output)",
                                        "decode": "ids to text", "export": "write a tiktoken rank file"}[name])
-        s.add_argument("--tokenizer", default="gpt2", help="gpt2, cl100k_base, a .tiktoken file or a saved tokenizer")
+        s.add_argument("--tokenizer", default="gpt2",
+                       help="gpt2, cl100k_base, a .tiktoken file, an HF tokenizer.json or model folder, or a saved tokenizer")
         s.add_argument("--input", help="input file (default: stdin)")
         s.add_argument("--output", required=name == "export", help="output file")
         if name == "encode":

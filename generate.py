@@ -24,6 +24,7 @@ The pieces, in file order:
     python generate.py --model out/ckpt.pt --temperature 0.8 --top-p 0.95 --num-samples 4
     python generate.py --model gpt2-xl --draft-model gpt2 --temperature 0 --prompt "The meaning of life"
     python generate.py --model gpt2 --interactive
+    python generate.py --model Qwen/Qwen2.5-0.5B-Instruct --chat --temperature 0 --prompt "What is 17 * 23?"
 """
 
 import argparse
@@ -466,18 +467,41 @@ def find_stop(text, stops):
 
 
 def load_model(name, device, dtype, what="model"):
-    try:
-        model = GPT.from_pretrained(name)
+    try:  # the dtype at load time: Llama / Qwen keep their rotary frequencies in float32
+        model = GPT.from_pretrained(name, dtype=dtype)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"error: cannot load --{what} {name!r}: {e}")
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device).eval()
 
 
-def run_prompt(args, text, tok, model, draft, sampling, device, generator):
-    ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [tok.eot_token]  # empty prompt: start of a document
+def load_tokenizer(model, chat):
+    """The model's tokenizer, its end-of-text id and its chat style: GPT-2's BPE for GPT-2 and checkpoints; the
+    tokenizer of the HF directory for Llama / Qwen, whose generation ends at the end of the turn with --chat."""
+    import bpe  # the tokenizer only matters here: generate() itself works on token ids
+    if getattr(model, "hf_dir", None) is None:
+        if chat:
+            raise SystemExit("error: --chat needs a Llama / Qwen model (GPT-2 has no chat template)")
+        tok = bpe.load_gpt2()
+        return tok, tok.eot_token, None
+    tok = bpe.load_hf_tokenizer(model.hf_dir)
+    style = "chatml" if model.hf_config["model_type"] == "qwen2" else "llama3"
+    if not chat:
+        return tok, tok.eot_token, None
+    return tok, tok.special_tokens["<|im_end|>" if style == "chatml" else "<|eot_id|>"], style
+
+
+def run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_id=None, chat_style=None):
+    if chat_style:  # an instruct model: the prompt as one user turn, then the assistant's header
+        import bpe
+        ids = bpe.format_chat(tok, [{"role": "user", "content": text}], chat_style, add_generation_prompt=True)[0]
+    else:
+        ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [tok.eot_token]  # empty: start of a document
+        bos = getattr(tok, "special_tokens", {}).get("<|begin_of_text|>")
+        if bos is not None:  # Llama 3 reads every document after its BOS token
+            ids = [bos] + ids
     idx = torch.tensor([ids] * (1 if draft else args.num_samples), dtype=torch.long, device=device)
     check_prompt(model, idx, None)  # before anything is printed
-    eos = None if args.ignore_eos else tok.eot_token
+    eos = None if args.ignore_eos else (tok.eot_token if eos_id is None else eos_id)
     t0, n_tokens = time.perf_counter(), 0
     for sample_i in range(args.num_samples if draft else 1):
         if draft:  # one prompt at a time; stats printed below
@@ -521,7 +545,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gpt2",
-                   help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | HF directory | checkpoint file")
+                   help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF Llama 3.x / Qwen2.5 name "
+                        "(Qwen/Qwen2.5-0.5B-Instruct) | HF directory | checkpoint file")
     g.add_argument("--draft-model", default=None,
                    help="speculative decoding with this draft model (same tokenizer as --model)")
     g.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per target pass")
@@ -532,6 +557,9 @@ def main(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per completion at most")
     g.add_argument("--stop", action="append", default=[], help="stop when the text contains this (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep going past <|endoftext|>")
+    g.add_argument("--chat", action="store_true",
+                   help="instruct models (Llama / Qwen): the prompt as a user turn in the model's chat template; "
+                        "stop at the end of the assistant's turn")
     g = p.add_argument_group("sampling (penalties, then temperature, then filters; see Sampling)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; < 1 sharper, > 1 flatter")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
@@ -558,25 +586,24 @@ def main(argv=None):
         p.error("--num-samples and --max-new-tokens must be >= 1")
     if args.draft_model and not args.cache:
         p.error("speculative decoding needs the KV cache (it rolls it back); drop --no-cache or --draft-model")
-    import bpe  # the tokenizer only matters here: generate() itself works on token ids
     seed_everything(args.seed)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype)
     draft = load_model(args.draft_model, device, dtype, "draft-model") if args.draft_model else None
-    tok = bpe.load_gpt2()
+    tok, eos_id, chat_style = load_tokenizer(model, args.chat)
     for m, flag in ((model, "--model"), (draft, "--draft-model")):
         if m is not None and m.config.vocab_size < tok.n_vocab:
-            raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than GPT-2's "
-                             f"{tok.n_vocab}: the CLI speaks GPT-2 BPE only; call generate() with that model's "
-                             f"own tokenizer instead")
+            raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than its tokenizer's "
+                             f"{tok.n_vocab}: the CLI speaks GPT-2 BPE or the tokenizer of an HF Llama / Qwen "
+                             f"directory; call generate() with that model's own tokenizer instead")
     sampling = replace(sampling, vocab_size=tok.n_vocab)  # a padded vocabulary's extra ids mean nothing to it
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
     try:
         for text in prompts:
             try:
-                run_prompt(args, text, tok, model, draft, sampling, device, generator)
+                run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_id, chat_style)
             except ValueError as e:  # e.g. a prompt longer than the context: say so, keep the session
                 if not args.interactive:
                     raise SystemExit(f"error: {e}")

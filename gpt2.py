@@ -15,16 +15,20 @@ What it teaches, in the file's order:
   5. A KV cache for generation: prefill many tokens, then one token per step; left-padded batches with
      per-row positions; a rolling buffer for sliding window + sinks.
   Below the banner, the plumbing:
-  6. Weights in and out: OpenAI's GPT-2 from the HF hub (safetensors read by hand), export to the HF layout.
+  6. Weights in and out: OpenAI's GPT-2 from the HF hub (safetensors read by hand), export to the HF layout;
+     today's open models, Llama 3.x and Qwen2.5, the same way: their config.json mapped onto GPTConfig,
+     sharded safetensors copied tensor by tensor into the fused q/k/v and gate/up matrices, and back out.
   7. Checkpoints: atomic writes, weights_only loads, clear errors on a mismatch.
   8. The helpers every script shares: device / dtype / autocast choice, seeding, learning-rate schedule,
-     peak FLOPs for MFU, the common flags, metrics logging.
+     peak FLOPs for MFU, the common flags, metrics logging, and FSDP2 sharding (PyTorch's fully_shard) for
+     models too big for one GPU.
   9. Post-training pieces: LoRA adapters (add, merge, save alone) and a cached batched sampler
      (left-padded prompts, per-row end-of-text, temperature / top-k / top-p, log-probs of the sampled
      tokens) that sft.py evaluates with and the RL files roll out with.
 
     python gpt2.py                 # parameter counts of the presets and a forward pass of `tiny`
     python gpt2.py --model gpt2    # downloads GPT-2 124M from the HF hub and completes a prompt
+    python gpt2.py --model Qwen/Qwen2.5-0.5B   # the same with a modern model (GPT with rope, rmsnorm, swiglu)
 """
 
 import argparse
@@ -49,6 +53,7 @@ POS_EMBS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 ATTENTIONS = ("sdpa", "math")
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -60,11 +65,14 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    qkv_bias: Optional[bool] = None  # biases on q, k, v only (Qwen2); None = same as bias
     pos_emb: str = "learned"  # learned | sinusoidal | rope
     rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # Llama 3.1's long-context frequency scaling (see rope_frequencies)
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu | swiglu
+    mlp_hidden: Optional[int] = None  # MLP width; None = 4 n_embd (gelu), ~8/3 n_embd (swiglu)
     n_kv_head: Optional[int] = None  # None = n_head (multi-head); 1 = multi-query; else grouped-query
     window: Optional[int] = None  # sliding-window attention: each token sees the last `window` tokens
     n_sink: int = 0  # with a window: the first n_sink tokens stay visible forever (StreamingLLM)
@@ -89,6 +97,11 @@ class GPTConfig:
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.n_sink and self.window is None:
             raise ValueError("n_sink only makes sense with a sliding window (set window)")
+        if self.rope_scaling is not None:
+            missing = set(ROPE_SCALING_KEYS) - set(self.rope_scaling)
+            if missing or self.rope_scaling.get("rope_type", "llama3") != "llama3":
+                raise ValueError(f"rope_scaling must be Llama 3's: rope_type 'llama3' and "
+                                 f"{', '.join(ROPE_SCALING_KEYS)}; got {self.rope_scaling}")
 
     @property
     def head_dim(self):
@@ -122,10 +135,23 @@ def sinusoidal_embedding(pos, dim):
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (B, T, dim)
 
 
-def rope_frequencies(head_size, base=10000.0):
+def rope_frequencies(head_size, base=10000.0, scaling=None):
     """Rotation speed of each channel pair: base^(-2i/hs), from one turn per token down to ~1/base.
-    rope_frequencies(4) -> tensor([1.0000, 0.0100])"""
-    return 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    rope_frequencies(4) -> tensor([1.0000, 0.0100])
+    scaling (Llama 3.1's rope_scaling) stretches a short-context model to a longer one: channels that turn
+    too slowly to complete a turn within the original context are slowed down `factor` times more (so
+    positions far beyond it still look like positions the model has seen); fast channels, which encode
+    local order, keep their speed; the band in between is blended smoothly.
+    rope_frequencies(4, 10000, dict(factor=8, low_freq_factor=1, high_freq_factor=4,
+                     original_max_position_embeddings=64)) -> tensor([1.0000, 0.0012])"""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    turns = old_context * inv_freq / (2 * math.pi)  # turns each channel makes over the original context
+    smooth = ((turns - low) / (high - low)).clamp(0, 1)  # 0: slow channel (scale it), 1: fast one (keep it)
+    return inv_freq / factor * (1 - smooth) + inv_freq * smooth
 
 
 def rope_cos_sin(pos, inv_freq):
@@ -180,7 +206,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         # q, k and v in one matmul; with grouped-query attention k and v have fewer heads
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim,
-                                bias=config.bias)
+                                bias=config.bias if config.qkv_bias is None else config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -230,6 +256,14 @@ class Norm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def mlp_width(config):
+    """Hidden units of the MLP: config.mlp_hidden if set (pretrained models pick their own), else 4 n_embd
+    for GELU, ~8/3 n_embd for SwiGLU (rounded up to a multiple of 64). mlp_width(GPTConfig(mlp="swiglu")) -> 2048"""
+    if config.mlp_hidden:
+        return config.mlp_hidden
+    return 64 * math.ceil(8 * config.n_embd / 3 / 64) if config.mlp == "swiglu" else 4 * config.n_embd
+
+
 class MLP(nn.Module):
     """GPT-2's 4x GELU MLP, or SwiGLU: c_proj(silu(gate) * up), gate and up the two halves of c_fc, with
     ~8/3 n_embd hidden units so the parameter count stays that of the 4x MLP."""
@@ -237,7 +271,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
-        hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64) if self.swiglu else 4 * config.n_embd
+        hidden = mlp_width(config)
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -283,7 +317,8 @@ class GPT(nn.Module):
         if config.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         if config.pos_emb == "rope":
-            self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_base), persistent=False)
+            self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling),
+                                 persistent=False)
         # GPT-2 init: N(0, 0.02), and the projections into the residual stream scaled by 1/sqrt(2 n_layer)
         # so the stream's variance does not grow with depth (two residual adds per layer).
         self.apply(self._init_weights)
@@ -414,13 +449,23 @@ class GPT(nn.Module):
     # -- weights in and out (the code is below the banner, with the rest of the plumbing) --
 
     @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir=None, **overrides):
-        """'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (downloaded from the HF hub), a directory with
-        an HF GPT-2 checkpoint (config.json + model.safetensors or pytorch_model.bin), or a checkpoint
-        file written by save_checkpoint."""
+    def from_pretrained(cls, name_or_path, cache_dir=None, dtype=None, **overrides):
+        """'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' (downloaded from the HF hub), an HF hub name of a
+        Llama 3.x or Qwen2.5 model ('meta-llama/Llama-3.2-1B', 'Qwen/Qwen2.5-Math-1.5B', ...; downloaded
+        once), a directory with an HF checkpoint of GPT-2, Llama or Qwen2 (config.json + safetensors, one
+        file or shards with their index), or a checkpoint file written by save_checkpoint.
+        dtype: the weights' dtype; None keeps the checkpoint's (bf16 stays bf16). overrides: GPTConfig fields."""
         if os.path.isfile(name_or_path):
-            return cls.from_checkpoint(name_or_path)
-        return load_hf_gpt2(cls, name_or_path, cache_dir, **overrides)
+            model = cls.from_checkpoint(name_or_path)
+        elif os.path.isdir(name_or_path) or is_hf_repo(name_or_path):
+            directory = name_or_path if os.path.isdir(name_or_path) else download_hf_repo(name_or_path, cache_dir)
+            kind = hf_model_type(directory)
+            if kind in HF_ARCHS:
+                return load_hf_llama(cls, directory, dtype, **overrides)
+            model = load_hf_gpt2(cls, directory, **overrides)
+        else:
+            model = load_hf_gpt2(cls, name_or_path, cache_dir, **overrides)
+        return model.to(dtype) if dtype is not None else model
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
@@ -429,10 +474,14 @@ class GPT(nn.Module):
         load_model_state(model, ckpt["model"], path)
         return model
 
-    def save_pretrained(self, directory):
-        """Write an HF GPT-2 directory (config.json + model.safetensors) that transformers'
-        GPT2LMHeadModel loads with the same logits."""
-        save_hf_gpt2(self, directory)
+    def save_pretrained(self, directory, max_shard_size=None):
+        """Write an HF directory that transformers loads with the same logits: GPT2LMHeadModel for the plain
+        GPT-2 architecture, LlamaForCausalLM / Qwen2ForCausalLM for rope + rmsnorm + swiglu models (Qwen2 when
+        q, k, v have biases). max_shard_size (bytes): split the weights into shards with an index file."""
+        if hf_arch_of(self.config) is not None:
+            save_hf_llama(self, directory, max_shard_size)
+        else:
+            save_hf_gpt2(self, directory)
 
 
 # -----------------------------------------------------------------------------
@@ -590,7 +639,8 @@ def save_hf_gpt2(model, directory):
     if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.window, cfg.tie_weights) != ("learned", "layernorm", "gelu", None, True) \
             or cfg.n_kv_head != cfg.n_head:
         raise ValueError("only the plain GPT-2 architecture (learned positions, layernorm, gelu, "
-                         "multi-head attention, no window, tied weights) exists in transformers' GPT-2")
+                         "multi-head attention, no window, tied weights) exists in transformers' GPT-2, and only "
+                         "rope + rmsnorm + swiglu without biases (Qwen2: on q, k, v only) in Llama / Qwen2")
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     for key, value in model.state_dict().items():
@@ -679,6 +729,219 @@ def read_hf_weights(directory):
 
 
 # -----------------------------------------------------------------------------
+# Weights in and out: Llama 3.x and Qwen2.5 in the HF layout
+#
+# Both are this file's GPT with pos_emb="rope", norm="rmsnorm", mlp="swiglu" and grouped-query attention.
+# What differs is in config.json: Qwen2 puts biases on q, k and v (nowhere else) and ties the embeddings
+# of its small models; Llama 3.1+ stretches its rotary frequencies (rope_scaling); widths, rope_theta and
+# the norm's epsilon vary. HF keeps q, k, v and gate, up as separate matrices where GPT fuses them into
+# c_attn and c_fc: every HF tensor has a slot, a block of rows of one of our parameters, so each shard of
+# an 8B model is copied into place on its own and never more than one shard sits in memory beside the model.
+
+HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_MODERN_MODELS = ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B",
+                    "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-7B",
+                    "Qwen/Qwen2.5-Math-1.5B")  # and their -Instruct versions: what the loader is tested for
+_HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_hf_repo(name):
+    """An HF hub repository name, owner/name, that is not a local path.
+    is_hf_repo("Qwen/Qwen2.5-0.5B") -> True; is_hf_repo("gpt2") -> False"""
+    parts = str(name).split("/")
+    return (len(parts) == 2 and all(parts) and not name.startswith(".") and not os.path.exists(name)
+            and not name.endswith((".pt", ".bin", ".safetensors", ".json")))  # a missing file, not a model
+
+
+def hf_model_type(directory):
+    """The architecture an HF directory holds: 'gpt2', 'llama' or 'qwen2', else a clear error."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has no config.json: not an HF model directory")
+    with open(path) as f:
+        kind = json.load(f).get("model_type", "gpt2")
+    if kind != "gpt2" and kind not in HF_ARCHS:
+        raise ValueError(f"{directory}: architecture {kind!r} is not supported; gpt2.py loads gpt2, "
+                         f"{', '.join(HF_ARCHS)} (Llama 3.x, Qwen2 / Qwen2.5)")
+    return kind
+
+
+def hf_config_to_gpt(hf, **overrides):
+    """config.json of an HF Llama / Qwen2 model (as a dict) -> GPTConfig. Accepts both the hub's layout
+    (rope_theta, rope_scaling) and transformers 5's (rope_parameters).
+    {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, ...}
+    -> GPTConfig(n_embd=896, n_head=14, n_kv_head=2, qkv_bias=True, pos_emb="rope", norm="rmsnorm", ...)"""
+    kind = hf.get("model_type")
+    if kind not in HF_ARCHS:
+        raise ValueError(f"architecture {kind!r} is not supported here; valid: {', '.join(HF_ARCHS)}")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"rope scaling {rope_type!r} is not supported; gpt2.py has Llama 3's ('llama3') only")
+    scaling = {k: scaling[k] for k in ROPE_SCALING_KEYS} if rope_type == "llama3" else None
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim", n_embd // n_head) != n_embd // n_head:
+        raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads: not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"activation {hf['hidden_act']!r}: only SwiGLU (silu) is supported")
+    if hf.get("mlp_bias") or hf.get("attention_bias"):
+        raise ValueError("Llama with attention_bias / mlp_bias is not supported (no Llama 3 uses them)")
+    if hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 with use_sliding_window is not supported (no Qwen2.5 model uses it)")
+    config = dict(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
+                  n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=n_embd,
+                  n_kv_head=hf.get("num_key_value_heads") or n_head, bias=False, qkv_bias=kind == "qwen2",
+                  pos_emb="rope", rope_base=float(theta), rope_scaling=scaling, norm="rmsnorm",
+                  norm_eps=hf["rms_norm_eps"], mlp="swiglu", mlp_hidden=hf["intermediate_size"],
+                  tie_weights=bool(hf.get("tie_word_embeddings", False)))
+    return GPTConfig(**{**config, **overrides})
+
+
+def hf_arch_of(config):
+    """'qwen2' or 'llama' if the config is exactly one of them (so it can be exported), else None."""
+    layout = (config.pos_emb, config.norm, config.mlp, config.bias, config.window)
+    if layout != ("rope", "rmsnorm", "swiglu", False, None):
+        return None
+    return "qwen2" if config.qkv_bias else "llama"
+
+
+def hf_slots(config):
+    """Where each HF tensor goes: {HF name: (our parameter name, (first row, end row) or None = all)}.
+    hf_slots(cfg)["model.layers.0.self_attn.k_proj.weight"] -> ("transformer.h.0.attn.c_attn.weight", (q, q + kv))"""
+    nh, nkv, hs = config.n_head, config.n_kv_head, config.head_dim
+    hidden = mlp_width(config)
+    q, kv = nh * hs, nkv * hs
+    slots = {"model.embed_tokens.weight": ("transformer.wte.weight", None),
+             "model.norm.weight": ("transformer.ln_f.weight", None)}
+    if not config.tie_weights:
+        slots["lm_head.weight"] = ("lm_head.weight", None)
+    for i in range(config.n_layer):
+        h, o = f"model.layers.{i}.", f"transformer.h.{i}."
+        slots[h + "input_layernorm.weight"] = (o + "ln_1.weight", None)
+        slots[h + "post_attention_layernorm.weight"] = (o + "ln_2.weight", None)
+        for part in ("weight", "bias") if config.qkv_bias else ("weight",):
+            for name, rows in (("q", (0, q)), ("k", (q, q + kv)), ("v", (q + kv, q + 2 * kv))):
+                slots[h + f"self_attn.{name}_proj.{part}"] = (o + f"attn.c_attn.{part}", rows)
+        slots[h + "self_attn.o_proj.weight"] = (o + "attn.c_proj.weight", None)
+        slots[h + "mlp.gate_proj.weight"] = (o + "mlp.c_fc.weight", (0, hidden))
+        slots[h + "mlp.up_proj.weight"] = (o + "mlp.c_fc.weight", (hidden, 2 * hidden))
+        slots[h + "mlp.down_proj.weight"] = (o + "mlp.c_proj.weight", None)
+    return slots
+
+
+def hf_weight_files(directory):
+    """The weight files of an HF directory: the shards its model.safetensors.index.json names, in order,
+    else model.safetensors, else pytorch_model.bin."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(directory, s) for s in shards]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(directory, name)):
+            return [os.path.join(directory, name)]
+    raise FileNotFoundError(f"{directory} has no model.safetensors.index.json, model.safetensors or pytorch_model.bin")
+
+
+def load_hf_llama(cls, directory, dtype=None, **overrides):
+    """GPT.from_pretrained for HF Llama / Qwen2 directories. The model is built on the meta device (no memory,
+    no random init), given uninitialised storage in the final dtype, and every tensor of every shard is copied
+    into its slot; a tensor nobody expects, a slot nobody fills or a shape mismatch is an error."""
+    with open(os.path.join(directory, "config.json")) as f:
+        hf = json.load(f)
+    config = hf_config_to_gpt(hf, **overrides)
+    if dtype is None:  # the checkpoint's dtype: bf16 weights stay bf16
+        dtype = _HF_DTYPES.get(hf.get("torch_dtype") or hf.get("dtype"), torch.float32)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to(dtype).to_empty(device="cpu")
+    if config.tie_weights:  # to_empty gives every parameter its own new storage: tie the head again
+        model.lm_head.weight = model.transformer.wte.weight
+    # rotary frequencies stay float32 whatever the weights' dtype (bf16 would round them)
+    model.inv_freq = rope_frequencies(config.head_dim, config.rope_base, config.rope_scaling)
+    params, slots, filled = dict(model.named_parameters()), hf_slots(config), set()
+    for path in hf_weight_files(directory):
+        state = read_safetensors(path) if path.endswith(".safetensors") else \
+            torch.load(path, map_location="cpu", weights_only=True)
+        for name, tensor in state.items():
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_weights):
+                continue  # a buffer of old checkpoints; a tied head is the embedding itself
+            if name not in slots:
+                raise ValueError(f"{path}: tensor {name!r} has no place in this config ({hf['model_type']}, "
+                                 f"{config.n_layer} layers); is config.json from the same model?")
+            target, rows = slots[name]
+            dst = params[target].data if rows is None else params[target].data[rows[0]:rows[1]]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(tensor)
+            filled.add(name)
+        del state
+    missing = sorted(set(slots) - filled)
+    if missing:
+        raise ValueError(f"{directory}: the weight files lack {len(missing)} tensors, e.g. {missing[:3]} "
+                         f"(an incomplete download? delete the directory and download again)")
+    model.hf_config, model.hf_dir = hf, directory  # for export (bos / eos ids), and its tokenizer for the scripts
+    return model
+
+
+def save_hf_llama(model, directory, max_shard_size=None):
+    """GPT.save_pretrained for Llama / Qwen2: config.json in the hub's layout + safetensors (sharded with an
+    index when larger than max_shard_size bytes), every tensor cut back out of its slot."""
+    cfg, kind = model.config, hf_arch_of(model.config)
+    params = dict(model.named_parameters())
+    tensors = {}
+    for name, (target, rows) in hf_slots(cfg).items():
+        p = params[target].detach()
+        tensors[name] = (p if rows is None else p[rows[0]:rows[1]]).contiguous()
+    dtype = next(k for k, v in _HF_DTYPES.items() if v == model.lm_head.weight.dtype)
+    hf = {"architectures": [HF_ARCHS[kind]], "model_type": kind, "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.n_embd, "intermediate_size": mlp_width(cfg),
+          "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+          "head_dim": cfg.head_dim, "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_base,
+          "rope_scaling": {"rope_type": "llama3", **cfg.rope_scaling} if cfg.rope_scaling else None,
+          "hidden_act": "silu", "tie_word_embeddings": cfg.tie_weights, "torch_dtype": dtype,
+          "attention_dropout": 0.0, "initializer_range": 0.02}
+    if kind == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # carried over from the loaded model, if any
+        hf[key] = getattr(model, "hf_config", {}).get(key)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    write_hf_shards(directory, tensors, max_shard_size)
+
+
+def write_hf_shards(directory, tensors, max_shard_size=None):
+    """model.safetensors, or (above max_shard_size bytes) model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json {"metadata": {"total_size": bytes}, "weight_map": {tensor: file}}."""
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    total = sum(sizes.values())
+    if max_shard_size is None or total <= max_shard_size:
+        write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
+        return
+    shards, size = [{}], 0
+    for k, t in tensors.items():
+        if shards[-1] and size + sizes[k] > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += sizes[k]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(directory, name), shard)
+        weight_map.update(dict.fromkeys(shard, name))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
 # Downloads: bpe.download (requests + tqdm, cached, resumable through an HTTP Range into a .part file,
 # size-checked) is the project's one downloader; it lives in bpe.py because that file must not need torch.
 
@@ -705,17 +968,57 @@ def download_hf_model(name, cache_root=None):
     return directory
 
 
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "model.safetensors.index.json", "model.safetensors")
+
+
+def download_hf_repo(repo, cache_root=None):
+    """An HF hub model, e.g. 'Qwen/Qwen2.5-0.5B', into <cache>/hf/<repo>: config, tokenizer and safetensors
+    (every shard of the index). Each file resumes where a broken download stopped; a complete copy is used
+    without network. Gated models (Llama) need their licence accepted on huggingface.co and HF_TOKEN set;
+    HF_ENDPOINT points to a mirror of the hub, as in HF's own tools.
+    download_hf_repo("Qwen/Qwen2.5-0.5B") -> '~/.cache/llm-from-scratch/hf/Qwen/Qwen2.5-0.5B'"""
+    directory = os.path.join(cache_root or cache_dir("hf"), repo)
+    try:  # complete already: no network needed
+        if os.path.exists(os.path.join(directory, "config.json")) and \
+                all(map(os.path.exists, hf_weight_files(directory))):
+            return directory
+    except FileNotFoundError:
+        pass
+    import requests  # only needed to list the repository's files
+    token, hub = os.environ.get("HF_TOKEN"), os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        r = requests.get(f"{hub}/api/models/{repo}", headers=headers, timeout=60)
+    except requests.RequestException as e:
+        raise RuntimeError(f"cannot reach {hub} to list {repo} ({e.__class__.__name__}); without "
+                           f"network, download the repository elsewhere and pass its directory") from None
+    if r.status_code in (401, 403, 404):
+        raise RuntimeError(f"{repo}: HTTP {r.status_code} from the HF hub: no such model, or a gated one (Llama): "
+                           f"accept its licence on huggingface.co and set HF_TOKEN")
+    r.raise_for_status()
+    names = [s["rfilename"] for s in r.json().get("siblings", [])]
+    wanted = [n for n in names if n in HF_FILES or (n.endswith(".safetensors") and "/" not in n)]
+    if "config.json" not in wanted or not any(n.endswith(".safetensors") for n in wanted):
+        raise RuntimeError(f"{repo} has no config.json + safetensors weights on the HF hub")
+    for name in wanted:
+        download(f"{hub}/{repo}/resolve/main/{name}", os.path.join(directory, name),
+                 headers=headers, desc=f"{repo}/{name}")
+    return directory
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: written to a temp file and renamed (a crash never leaves half a file), read with
 # weights_only=True (no arbitrary code from a pickle), and checked against the model they load into.
 
 
-def save_checkpoint(path, model, **extra):
-    """Model weights + config + whatever the caller adds (optimizer, step, ...)."""
+def save_checkpoint(path, model, state=None, **extra):
+    """Model weights (or `state`, e.g. the gathered weights of an FSDP model) + config + whatever the caller adds
+    (optimizer, step, ...)."""
     while hasattr(model, "_orig_mod") or hasattr(model, "module"):  # unwrap torch.compile and DDP, any order
         model = getattr(model, "_orig_mod", None) or model.module
     ckpt = {"format": "llm-from-scratch", "version": 1, "config": asdict(model.config),
-            "model": model.state_dict(), **extra}
+            "model": model.state_dict() if state is None else state, **extra}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(ckpt, tmp)
@@ -882,6 +1185,50 @@ class MetricsLog:
         fig.savefig(out, dpi=100, bbox_inches="tight")
         plt.close(fig)
         return out
+
+
+# -----------------------------------------------------------------------------
+# Sharded data parallel (FSDP2): for models whose weights, gradients and AdamW state do not fit one GPU (Llama
+# 3.1 8B in fp32 with AdamW needs ~128 GB). PyTorch's fully_shard splits every parameter of each Block across
+# the processes that torchrun starts and all-gathers a block's weights only while it runs (forward, then again
+# backward), reduce-scattering its gradients so each process updates only its own shard.
+#     torchrun --nproc_per_node 8 sft.py --fsdp --init meta-llama/Llama-3.1-8B ...
+
+
+def init_distributed(device):
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group, NCCL on CUDA (one GPU per process)
+    and gloo on CPU, and return (rank, world_size, device); outside torchrun, (0, 1, device).
+    init_distributed("cuda") on the 3rd of 8 processes -> (2, 8, "cuda:2")"""
+    import torch.distributed as dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+def fsdp_shard(model):
+    """Shard a GPT in place with FSDP2: each Block is one unit (gathered for its own forward / backward), the
+    embeddings, final norm and head the root unit. The model keeps its class, names and call; its parameters
+    become DTensors, each process holding 1 / world_size of every one."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model):
+    """The unsharded weights of an FSDP model, on CPU, for save_checkpoint: every process must call it (it
+    gathers), process 0 receives the weights, the others {}. A model that is not sharded: its state_dict()."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if hasattr(model, "reshard"):  # a forward without backward (evaluation) leaves the root unit gathered
+        model.reshard()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # -----------------------------------------------------------------------------
@@ -1056,13 +1403,15 @@ def left_pad(seqs, pad_id=0, device=None):
     return idx, mask
 
 
-def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=None):
+def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=None, sync=False):
     """The generation loop, as a generator of one step at a time. forward(tokens (B, t), valid (B, t)) ->
     the logits (B, V) after them: called once with the whole prompt (the prefill), then with each new token.
     pick(logits (B, V)) -> the next tokens (B,). Yields (tokens (B,), live (B,), logits (B, V)) per step;
     live is False for rows that had already ended with eos_id (their token is eos_id, else 0). Stops after
     max_new_tokens steps or once every row has ended; the last tokens are never fed back.
-    sample() below runs it on the KV cache; generate.py adds penalties, min-p, the no-cache path and more."""
+    sample() below runs it on the KV cache; generate.py adds penalties, min-p, the no-cache path and more.
+    sync: the processes of an FSDP model decode different prompts but must run the same forward passes (each
+    gathers weights from all of them): they stop when every row of every process has ended."""
     valid = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if not valid[:, -1].all() or (valid.long().diff(dim=1) < 0).any():
         raise ValueError("attention_mask must be left padding: zeros first, then ones, ending with a token in "
@@ -1076,14 +1425,18 @@ def decode(forward, idx, max_new_tokens, pick, *, attention_mask=None, eos_id=No
         yield nxt, live, logits
         if eos_id is not None:
             done = done | (nxt == eos_id)
-        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):  # no sync without eos_id
+        finished = done.all()
+        if sync and eos_id is not None:  # every process must take the same number of steps
+            finished = finished.int()
+            torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(finished)):  # no sync without eos_id
             return
         logits = forward(nxt[:, None], live[:, None])  # finished rows' tokens may be fed as padding
 
 
 @torch.no_grad()
 def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, top_k=None, top_p=None,
-           eos_id=None, generator=None, vocab_size=None):
+           eos_id=None, generator=None, vocab_size=None, sync=False):
     """Continue a batch of prompts with the KV cache: one prefill pass, then one token per step.
 
     idx (B, T) prompts, left-padded, with attention_mask (B, T) (0 = padding); temperature 0 is greedy. A row
@@ -1094,9 +1447,14 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode. vocab_size
     (the tokenizer's n_vocab) keeps the rows a model's embedding table has past its tokenizer (train_gpt2.py
     rounds it up to a multiple of 64) from ever being drawn; the training pass must slice its logits the same.
-    sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)"""
+    sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)
+    sync: under FSDP, every process samples until all have finished (see decode)."""
     T = idx.size(1)
     n = min(max_new_tokens, model.config.block_size - T)
+    if sync:  # prompts padded to different lengths on different processes: the same number of steps anyway
+        n = torch.tensor(n, device=idx.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        n = int(n)
     if n < 1:
         raise ValueError(f"prompts of {T} tokens leave no room in the context (block_size "
                          f"{model.config.block_size}); shorten them")
@@ -1119,7 +1477,7 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
         return draw(logits.softmax(dim=-1), generator)
 
     tokens, masks, logprobs = [], [], []
-    for nxt, live, logits in decode(forward, idx, n, pick, attention_mask=attention_mask, eos_id=eos_id):
+    for nxt, live, logits in decode(forward, idx, n, pick, attention_mask=attention_mask, eos_id=eos_id, sync=sync):
         logprobs.append(scaled(logits).log_softmax(dim=-1).gather(-1, nxt[:, None]).squeeze(-1) * live)
         tokens.append(nxt)
         masks.append(live)
@@ -1149,9 +1507,10 @@ def main():
     seed_everything(args.seed)
     device = pick_device(args.device)
     model = GPT.from_pretrained(args.model).to(device).eval()
-    tok = bpe.load_gpt2()
+    hf_dir = getattr(model, "hf_dir", None)  # a Llama / Qwen model comes with its own tokenizer
+    tok = bpe.load_hf_tokenizer(hf_dir) if hf_dir else bpe.load_gpt2()
     idx = torch.tensor([tok.encode(args.prompt)], device=device)
-    cache = model.new_cache(1)
+    cache = model.new_cache(1, max_len=idx.size(1) + 31)  # Llama 3.1's 131k-token context would not fit
     with torch.no_grad():
         logits, _ = model(idx, cache=cache, last_logits_only=True)
         out = []

@@ -28,12 +28,18 @@ The CPU pipeline (after sft.py; see its docstring for the base model):
     python grpo.py --resume                         # continue out/task-grpo from its checkpoint
 The real recipe (a GPU; downloads GSM8K, starts from sft.py's instruction-tuned GPT-2 medium):
     python sft.py --preset gpt2-alpaca && python grpo.py --preset gpt2-gsm8k
+A modern model (one big GPU): Qwen2.5-Math-1.5B (downloaded from the HF hub) on MATH-style problems, asked in
+its chat template to reason step by step and put the answer in \boxed{}, rewarded by bpe.math_reward:
+    python grpo.py --preset qwen-math --data data/math   # rl.jsonl + test.jsonl rows {"prompt", "answer"}
+    torchrun --nproc_per_node 8 grpo.py --fsdp --preset qwen-math --init meta-llama/Llama-3.1-8B-Instruct \
+        --template llama3                                # sharded with FSDP2: each process its share of prompts
 """
 
 import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 import torch
@@ -42,6 +48,8 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
                   load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
+from gpt2 import is_hf_repo  # an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -55,6 +63,12 @@ PRESETS = {
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
                        eval_limit=500),
 }
+# Qwen2.5-Math-1.5B with GRPO on MATH, as in the reference's recipe: 32 prompts x 8 answers of up to 1,024
+# tokens per step, lr 1e-5, ChatML prompts with Qwen2.5-Math's system message, the boxed-answer verifier.
+PRESETS["qwen-math"] = dict(init="Qwen/Qwen2.5-Math-1.5B", data="data/math", out_dir="out/qwen-math-grpo",
+                            preamble=False, template="chatml", system=bpe.MATH_SYSTEM, verifier="boxed",
+                            max_steps=200, prompts=32, group_size=8, lr=1e-5, max_new_tokens=1024,
+                            eval_interval=20, eval_limit=500)
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
@@ -71,7 +85,12 @@ def parse_args(argv=None):
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
     g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
                    help="start prompts with Alpaca's 'Below is an instruction...' sentence (as in SFT)")
+    g.add_argument("--template", default="alpaca", choices=bpe.TEMPLATES,
+                   help="how prompts are written: the project's Alpaca template, or a chat template (Qwen: chatml)")
+    g.add_argument("--system", default=None, help="system message of a chat template (qwen-math: Qwen2.5-Math's)")
     g = p.add_argument_group("rollouts and reward")
+    g.add_argument("--verifier", default="number", choices=list(bpe.VERIFIERS),
+                   help="number: the final number equals the answer; boxed: the last \\boxed{} does (MATH)")
     g.add_argument("--prompts", type=int, help="prompts per rollout batch")
     g.add_argument("--group-size", type=int, help="answers sampled per prompt (G >= 2)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
@@ -98,6 +117,9 @@ def parse_args(argv=None):
     g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard policy, reference and AdamW state over the processes with FSDP2 "
+                        "(fully_shard); each process samples and trains on 1/N of the prompts")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=int, help="steps between greedy test evaluations (0 = start and end)")
     g.add_argument("--eval-limit", type=int, help="evaluate on the first N test rows (0 = all)")
@@ -156,12 +178,15 @@ def load_policy(init):
         ckpt = load_checkpoint(init)
         model = GPT.from_checkpoint(init)
         tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
-    elif init in HF_MODELS or os.path.isdir(init):
-        model, tok = GPT.from_pretrained(init), bpe.load_gpt2()
+    elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
+        # fp32 master weights (autocast computes in --dtype); Llama / Qwen bring their own tokenizer
+        model = GPT.from_pretrained(init, dtype=torch.float32)
+        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
     elif init == PRESETS["task"]["init"]:
         fail(f"no SFT model at {init}; make it with `python sft.py` (see sft.py's docstring)")
     else:
-        fail(f"--init {init!r}: not a checkpoint file, an HF folder, or one of {', '.join(HF_MODELS)}")
+        fail(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one of "
+             f"{', '.join(HF_MODELS)}")
     return model, tok
 
 
@@ -169,12 +194,14 @@ def load_policy(init):
 # 1. Rollouts: G answers per prompt, scored by the verifier
 
 
-def score(text, answer, format_reward=0.0):
-    """The verifier (1 when the final number is the answer), plus format_reward when the answer stopped on
-    its own and states a number. score("3 + 4 = 7<|endoftext|>", "7", 0.1) -> 1.1"""
-    stopped = text.endswith(bpe.ENDOFTEXT)
-    fmt = format_reward if stopped and bpe.final_answer(text) is not None else 0.0
-    return bpe.reward(text, answer) + fmt
+def score(text, answer, format_reward=0.0, verifier="number", stop=bpe.ENDOFTEXT):
+    """The verifier (1 when the final number is the answer; with verifier="boxed", the last \\boxed{}), plus
+    format_reward when the answer stopped on its own (with `stop`) and states a number (a boxed answer).
+    score("3 + 4 = 7<|endoftext|>", "7", 0.1) -> 1.1"""
+    stopped = text.endswith(stop)
+    stated = bpe.boxed_answer(text) if verifier == "boxed" else bpe.final_answer(text)
+    fmt = format_reward if stopped and stated is not None else 0.0
+    return bpe.VERIFIERS[verifier](text, answer) + fmt
 
 
 @torch.no_grad()
@@ -184,15 +211,21 @@ def rollout(model, tok, rows, G, args, device, dtype):
     tokens (left padding before the prompt and the tail after an answer's end-of-text are 0), mask (B, N) the
     answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T,
     V (the tokenizer's vocabulary size: the logits past it are never drawn nor normalized over)."""
-    prompts = [tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in rows for _ in range(G)]
-    idx, attn = left_pad(prompts, tok.eot_token, device)
+    template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
+    prompts = [bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None))
+               for r in rows for _ in range(G)]
+    stop = bpe.stop_id(tok, template)
+    idx, attn = left_pad(prompts, stop, device)
     with autocast(device, dtype):
         tokens, mask, logp = sample(model, idx, args.max_new_tokens, attention_mask=attn,
-                                    temperature=args.temperature, eos_id=tok.eot_token, vocab_size=tok.n_vocab)
+                                    temperature=args.temperature, eos_id=stop, vocab_size=tok.n_vocab,
+                                    sync=getattr(args, "fsdp", False))
     texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
     answers = [r["answer"] for r in rows for _ in range(G)]
-    rewards = torch.tensor([score(t, a, args.format_reward) for t, a in zip(texts, answers)], device=device)
-    correct = torch.tensor([bpe.reward(t, a) for t, a in zip(texts, answers)], device=device)
+    stop_text = tok.decode([stop])
+    rewards = torch.tensor([score(t, a, args.format_reward, verifier, stop_text) for t, a in zip(texts, answers)],
+                           device=device)
+    correct = torch.tensor([bpe.VERIFIERS[verifier](t, a) for t, a in zip(texts, answers)], device=device)
     return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
                 logp=logp.float(), rewards=rewards, correct=correct, T=idx.size(1), texts=texts, V=tok.n_vocab)
 
@@ -274,17 +307,20 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.28, beta=0
 
 @torch.no_grad()
 def accuracy(model, tok, rows, args, device, dtype):
-    """Fraction of rows whose greedy answer the verifier accepts."""
+    """Fraction of rows whose greedy answer the verifier accepts. (Under --fsdp every process answers all rows.)"""
     hits = 0
     for k in range(0, len(rows), args.eval_batch_size):
         batch = rows[k:k + args.eval_batch_size]
-        idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], preamble=args.preamble)) for r in batch],
-                             tok.eot_token, device)
+        template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
+        stop = bpe.stop_id(tok, template)
+        idx, attn = left_pad([bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None))
+                              for r in batch], stop, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
-                                     eos_id=tok.eot_token, vocab_size=tok.n_vocab)
+                                     eos_id=stop, vocab_size=tok.n_vocab,
+                                     sync=getattr(args, "fsdp", False))
         for r, ts, ms in zip(batch, tokens.tolist(), mask.tolist()):
-            hits += bpe.reward(tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
+            hits += bpe.VERIFIERS[verifier](tok.decode([t for t, m in zip(ts, ms) if m]), r["answer"])
     return hits / len(rows)
 
 
@@ -310,7 +346,11 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
     stats = {"reward": float(batch["rewards"].mean()), "train_accuracy": float(batch["correct"].mean()),
              "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
              "max_logp_diff": 0.0}
-    if not adv[keep].any():  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
+    signal = adv[keep].any()
+    if args.fsdp:  # every process must skip, or none: each forward pass gathers weights from all of them
+        signal = signal.int()
+        torch.distributed.all_reduce(signal, op=torch.distributed.ReduceOp.MAX)
+    if not signal:  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
         return {**stats, "loss": 0.0, "skipped": 1}  # no forward pass: no KL, clip or entropy to report
     idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]
     T = batch["T"]
@@ -328,12 +368,28 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
             stats["entropy"] = float((entropy.detach() * mask).sum() / mask.sum())
         loss, s = grpo_loss(logp, old_logp, adv, mask, clip_low=args.clip_low, clip_high=args.clip_high,
                             beta=args.beta, ref_logp=ref_logp, how=args.loss, max_len=args.max_new_tokens)
+        if args.fsdp:  # FSDP averages gradients over processes: weight each by its share of answers (tokens for dapo)
+            n = mask.sum() if args.loss == "dapo" else torch.tensor(float(mask.size(0)), device=mask.device)
+            total = n.clone()
+            torch.distributed.all_reduce(total)
+            loss = loss.nan_to_num(0.0) * n * torch.distributed.get_world_size() / total
         loss.backward()
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return {**stats, **s, "loss": loss.item(), "skipped": 0}  # kl, clip_frac: of the last update
+
+
+def mean_over_processes(stats):
+    """Under --fsdp: each statistic averaged over the processes (max_logp_diff: the maximum), for the log."""
+    keys = sorted(stats)
+    t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+    top = t.clone()
+    torch.distributed.all_reduce(t)
+    torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    t /= torch.distributed.get_world_size()
+    return {k: float(top[i] if k == "max_logp_diff" else t[i]) for i, k in enumerate(keys)}
 
 
 def main(argv=None):
@@ -347,6 +403,15 @@ def main(argv=None):
         keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
         args = argparse.Namespace(**{**resume["args"], **keep})
     device = pick_device(args.device)
+    rank, world = 0, 1
+    if getattr(args, "fsdp", False):
+        rank, world, device = init_distributed(device)
+        if args.prompts % world:
+            fail(f"--prompts {args.prompts} must be a multiple of the {world} processes")
+        if rank:  # one process reports
+            sys.stdout = open(os.devnull, "w")
+    else:
+        args.fsdp = False
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
     model, tok = load_policy(args.init)
@@ -363,14 +428,22 @@ def main(argv=None):
     ref = copy.deepcopy(model).requires_grad_(False)
     if resume:
         load_model_state(model, resume["model"], ckpt_path)
+    if args.fsdp:
+        fsdp_shard(model), fsdp_shard(ref)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.99), device)
     step = 0
+    if resume and args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, resume["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        if not args.fsdp:
+            optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
         torch.set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
-    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
+    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None) if rank == 0 else None
+    log = metrics.log if rank == 0 else (lambda **row: None)
     print(f"{args.init}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(train_rows):,} "
           f"prompts, {len(test_rows)} test | {args.max_steps} steps of {args.prompts} prompts x {args.group_size} "
           f"answers | loss {args.loss}, beta {args.beta}, updates {args.updates} | device {device}")
@@ -378,29 +451,39 @@ def main(argv=None):
     def evaluate(done):
         t = time.time()
         acc = accuracy(model, tok, test_rows, args, device, dtype)
-        metrics.log(step=done, accuracy=acc, eval_s=round(time.time() - t, 2))
+        log(step=done, accuracy=acc, eval_s=round(time.time() - t, 2))
         tqdm.write(f"step {done:4d} | test accuracy (greedy) {acc:.1%}")
 
     def checkpoint(done):
-        save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), step=done, rng=torch.get_rng_state(),
-                        args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
+        state, opt_state = None, optimizer.state_dict()
+        if args.fsdp:  # every process takes part in gathering weights and optimizer state; one writes them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            state = full_state_dict(model)
+            opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                            cpu_offload=True))
+        if rank == 0:
+            save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, step=done, rng=torch.get_rng_state(),
+                            args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
 
     if step == 0:
         evaluate(0)
     stop = min(args.max_steps, args.stop_after or args.max_steps)
     t0, train_time = time.time(), 0.0
-    bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True)
+    bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.prompts, args.seed)]
+        rows = rows[rank::world]  # --fsdp: this process's share of the prompts (all of them otherwise)
         t = time.time()
         batch = rollout(model, tok, rows, args.group_size, args, device, dtype)
         t_roll = time.time() - t
         s = train_step(model, ref, optimizer, batch, args, device, dtype)
+        if args.fsdp:
+            s = mean_over_processes(s)
         done = step + 1
-        metrics.log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
+        log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
                     **{k: round(v, 6) if isinstance(v, float) else v for k, v in s.items()})
         bar.set_postfix(reward=f"{s['reward']:.2f}", zero=f"{s['zero_signal']:.2f}", kl=f"{s.get('kl', 0):.4f}")
         if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
@@ -410,9 +493,9 @@ def main(argv=None):
             t0 = time.time()
     bar.close()
     if stop == args.max_steps:
-        metrics.log(step=stop, train_s=round(train_time, 1))
+        log(step=stop, train_s=round(train_time, 1))
     print(f"{'done' if stop == args.max_steps else 'stopped'} at step {stop}: {train_time:.0f} s | checkpoint {ckpt_path}")
-    if plot := plot_metrics(args.out_dir, f"grpo {args.preset} ({args.loss})"):
+    if rank == 0 and (plot := plot_metrics(args.out_dir, f"grpo {args.preset} ({args.loss})")):
         print(f"plot {plot}")
 
 

@@ -21,12 +21,16 @@ The CPU pipeline, on the arithmetic task of bpe.py (every later post-training fi
 The real recipe (a GPU, or a patient laptop; downloads GPT-2 medium, 355M):
     python sft.py --preset gpt2-alpaca              # 1,100 instructions, 2 epochs; val loss ~0.66-0.70
     python sft.py --data my.jsonl --init gpt2       # any {"prompt", "completion"} JSON Lines file
+A modern model (HF Llama 3.x / Qwen2.5, downloaded), and one too big for a GPU sharded over 8 with FSDP2:
+    python sft.py --preset gpt2-alpaca --init Qwen/Qwen2.5-0.5B --out-dir out/qwen-alpaca
+    torchrun --nproc_per_node 8 sft.py --fsdp --preset gpt2-alpaca --init meta-llama/Llama-3.1-8B --batch-size 32
 """
 
 import argparse
 import copy
 import json
 import os
+import sys
 import time
 
 import torch
@@ -37,6 +41,8 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocas
                   left_pad, load_checkpoint, load_lora_state, load_model_state, lora_state_dict, lr_at,
                   maybe_compile, merge_lora, pick_device, pick_dtype, sample, save_adapter, save_checkpoint,
                   seed_everything)
+from gpt2 import is_hf_repo  # an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -90,6 +96,9 @@ def parse_args(argv=None):
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and AdamW state over the processes with FSDP2 "
+                        "(fully_shard), each process taking 1/N of every batch; for models too big for one GPU")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=int, help="steps between evaluations (0 = start and end only)")
     g.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N val / test rows (0 = all)")
@@ -221,12 +230,15 @@ def load_base(init):
             tok = bpe.load_gpt2()
         else:
             fail(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is not GPT-2's")
-    elif init in HF_MODELS or os.path.isdir(init):
-        model, tok = GPT.from_pretrained(init), bpe.load_gpt2()
+    elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
+        # fp32 master weights (autocast computes in --dtype); Llama / Qwen bring their own tokenizer
+        model = GPT.from_pretrained(init, dtype=torch.float32)
+        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
     elif init == PRESETS["task"]["init"]:
         fail(f"no base model at {init}; make it with:\n    {BASE_COMMAND}")
     else:
-        fail(f"--init {init!r}: not a checkpoint file, an HF folder, or one of {', '.join(HF_MODELS)}")
+        fail(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one of "
+             f"{', '.join(HF_MODELS)}")
     if tok.n_vocab > model.config.vocab_size:
         fail(f"the tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}")
     return model, tok
@@ -304,6 +316,15 @@ def main(argv=None):
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"]
     device = pick_device(args.device)
+    rank, world = 0, 1
+    if args.fsdp:
+        rank, world, device = init_distributed(device)
+        if args.lora:
+            fail("--fsdp shards full fine-tuning; LoRA's frozen base and small adapters fit one GPU without it")
+        if args.batch_size % world:
+            fail(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+        if rank:  # one process reports
+            sys.stdout = open(os.devnull, "w")
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
 
@@ -326,21 +347,31 @@ def main(argv=None):
     if args.lora:
         add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets.split(","), args.lora_dropout)
     model.to(device)
+    if args.fsdp:
+        if resume:  # the full weights go in before sharding
+            load_model_state(model, {k: v.to(device) for k, v in resume["model"].items()}, ckpt_path)
+        fsdp_shard(model)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.999), device)
     scaler = grad_scaler(device, dtype)
     step = 0
     if resume:
         if args.lora:  # the base comes from --init again; the checkpoint holds the trained adapter
             load_lora_state(model, {k: v.to(device) for k, v in resume["adapter"].items()}, ckpt_path)
-        else:
+        elif not args.fsdp:
             load_model_state(model, resume["model"], ckpt_path)
-        optimizer.load_state_dict(resume["optimizer"])
+        if args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, resume["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
         torch.set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
     fwd = maybe_compile(model, args.compile)
-    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
+    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None) if rank == 0 else None
+    log = metrics.log if rank == 0 else (lambda **row: None)
     n_train = trainable(model)
     print(f"{args.init}: {total_params / 1e6:.2f}M parameters, {n_train:,} trainable ({n_train / total_params:.2%})"
           f"{' with LoRA r=%d' % args.lora_r if args.lora else ''} | {len(train):,} train / {len(val)} val / "
@@ -351,18 +382,25 @@ def main(argv=None):
         row = {"step": done, "val_loss": response_loss(model, val, args.eval_batch_size, device, dtype)}
         t = time.time()
         acc = judge(model, tok, test_rows, args, device, dtype,
-                    os.path.join(args.out_dir, "responses.json") if final else None)
+                    os.path.join(args.out_dir, "responses.json") if final and rank == 0 else None)
         if acc is not None:
             row["accuracy"] = acc
         row["eval_s"] = time.time() - t
-        metrics.log(**row)
+        log(**row)
         tqdm.write(f"step {done:5d} | val response loss {row['val_loss']:.4f}" +
                    (f" | test accuracy {acc:.1%}" if acc is not None else ""))
 
     def checkpoint(done):
         extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=torch.get_rng_state(),
                      args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
-        if args.lora:  # the next stage loads a plain model: merge a copy; resume needs only the adapter
+        if args.fsdp:  # every process takes part in gathering the weights and optimizer state; one writes them
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            state = full_state_dict(model)
+            extra["optimizer"] = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                save_checkpoint(ckpt_path, model, state=state, **extra)
+        elif args.lora:  # the next stage loads a plain model: merge a copy; resume needs only the adapter
             save_checkpoint(ckpt_path, merge_lora(copy.deepcopy(model)), lora=model.lora,
                             adapter=lora_state_dict(model), **extra)
             save_adapter(os.path.join(args.out_dir, "adapter.pt"), model, base=args.init, tokenizer=tok.dumps())
@@ -373,15 +411,24 @@ def main(argv=None):
         evaluate(0)
     stop = min(max_steps, args.stop_after or max_steps)
     t0, train_time = time.time(), 0.0
-    bar = tqdm(range(step, stop), initial=step, total=stop, desc="sft", dynamic_ncols=True)
+    bar = tqdm(range(step, stop), initial=step, total=stop, desc="sft", dynamic_ncols=True, disable=rank > 0)
     model.train()
     for step in bar:
         x, y = loader.get(step)
+        if world > 1:  # FSDP: each process takes every world-th example of the batch
+            x, y = x[rank::world], y[rank::world]
         lr = lr_at(step, args.lr, args.warmup_steps, max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, dtype):
             _, loss = fwd(x.to(device), y.to(device))
+        if world > 1:
+            # FSDP averages the processes' gradients; weighting each process's mean loss by its share of the
+            # batch's target tokens makes that average the gradient of the whole batch's mean, as in 1 process
+            n = torch.tensor(float((y != -1).sum()), device=device)
+            total = n.clone()
+            torch.distributed.all_reduce(total)
+            loss = loss.nan_to_num(0.0) * n * world / total
         scaler.scale(loss).backward()
         if args.grad_clip:
             scaler.unscale_(optimizer)
@@ -390,7 +437,11 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        metrics.log(step=done, train_loss=loss.item(), lr=lr, tokens=int((y != -1).sum()))
+        if world > 1:  # the whole batch's mean loss and token count
+            loss, n = loss.detach() / world, torch.tensor(float((y != -1).sum()), device=device)
+            torch.distributed.all_reduce(loss)
+            torch.distributed.all_reduce(n)
+        log(step=done, train_loss=loss.item(), lr=lr, tokens=int((y != -1).sum()) if world == 1 else int(n))
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
             train_time += time.time() - t0
@@ -399,11 +450,11 @@ def main(argv=None):
             t0 = time.time()
     bar.close()
     if stop == max_steps:
-        metrics.log(step=stop, train_s=round(train_time, 1), trainable_params=n_train, total_params=total_params)
+        log(step=stop, train_s=round(train_time, 1), trainable_params=n_train, total_params=total_params)
     responses = f" | responses {os.path.join(args.out_dir, 'responses.json')}" if stop == max_steps else ""
     print(f"{'done' if stop == max_steps else 'stopped'} at step {stop}: {train_time:.0f} s of training | "
           f"checkpoint {ckpt_path}{responses}")
-    if plot := metrics.plot(title=f"sft {args.preset}{' lora' if args.lora else ''}"):
+    if rank == 0 and (plot := metrics.plot(title=f"sft {args.preset}{' lora' if args.lora else ''}")):
         print(f"loss plot {plot}")
 
 
