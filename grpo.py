@@ -56,8 +56,8 @@ from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 PRESETS = {
     # the arithmetic task on a CPU, from sft.py's model: 8 prompts x 8 answers per step
-    "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=40,
-                 prompts=8, group_size=8, lr=1e-4, max_new_tokens=24, eval_interval=20, eval_limit=500),
+    "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=200,
+                 prompts=8, group_size=8, lr=3e-5, max_new_tokens=24, eval_interval=50, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,

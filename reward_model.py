@@ -52,9 +52,9 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocas
 
 PRESETS = {
     # the arithmetic task on a CPU: the SFT model, the task's preference pairs (right vs plausible wrong)
-    "task": dict(init="out/task-sft/ckpt.pt", data="task", method="rm", preamble=False, epochs=1, max_steps=300,
-                 batch_size=16, lr={"rm": 1e-3, "dpo": 1e-4}, lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20,
-                 eval_interval=100, val_pairs=500, max_new_tokens=24),
+    "task": dict(init="out/task-sft/ckpt.pt", data="task", method="rm", preamble=False, epochs=1, max_steps=750,
+                 batch_size=16, lr={"rm": 3e-4, "dpo": 1e-4}, lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20,
+                 eval_interval=150, val_pairs=500, max_new_tokens=24),
     # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium, the polite / impolite pairs split 85/5/10, 1 epoch
     "gpt2-dpo": dict(init="gpt2-medium", data="data/instruction_preference_data.json", method="dpo", preamble=True,
                      epochs=1, max_steps=None, batch_size=8, lr={"rm": 1e-5, "dpo": 5e-6},

@@ -15,7 +15,7 @@ What it teaches, top to bottom:
 The CPU pipeline, on the arithmetic task of bpe.py (every later post-training file starts from its output):
     python train_gpt2.py --preset task --out-dir out/task-base    # the base model (see README for time)
     python sft.py                                   # full fine-tuning -> out/task-sft/ckpt.pt
-    python sft.py --lora --out-dir out/task-sft-lora                # LoRA, r=8 on attention + MLP
+    python sft.py --lora --out-dir out/task-sft-lora                # LoRA, r=4 on attention + MLP
     python sft.py --no-mask-prompt --out-dir out/task-sft-nomask    # learn the prompt too
     python sft.py --resume                          # continue out/task-sft from its checkpoint
 The real recipe (a GPU, or a patient laptop; downloads GPT-2 medium, 355M):
