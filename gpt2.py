@@ -1038,6 +1038,22 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+RUN_PLACE = ("device", "dtype", "compile", "stop_after", "resume", "out_dir")  # what --resume may change
+
+
+def resume_settings(args, script):
+    """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
+    run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE), so a
+    resumed run trains exactly as the uninterrupted one would. A missing checkpoint is an error naming the fix."""
+    if not args.resume:
+        return args, None
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"{script}: error: --resume: no checkpoint at {path}; run without --resume to start")
+    ckpt = load_checkpoint(path)
+    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in RUN_PLACE}}), ckpt
+
+
 def load_model_state(model, state, path="checkpoint"):
     """load_state_dict, with an error that says what does not match instead of a silent partial load."""
     ours = model.state_dict()

@@ -48,7 +48,7 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
                   load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
-from gpt2 import is_hf_repo  # an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import is_hf_repo, resume_settings  # is_hf_repo: an HF hub name (Llama 3.x, Qwen2.5) for --init
 from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
@@ -395,13 +395,7 @@ def mean_over_processes(stats):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    resume = None
-    if args.resume:  # the run's own settings, except where it runs and when it stops
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
-        resume = load_checkpoint(ckpt_path)
-        keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
-        args = argparse.Namespace(**{**resume["args"], **keep})
+    args, resume = resume_settings(args, "grpo.py")  # the run's own settings, except where it runs and stops
     device = pick_device(args.device)
     rank, world = 0, 1
     if getattr(args, "fsdp", False):

@@ -45,7 +45,8 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler,
                   left_pad, load_checkpoint, load_lora_state, load_model_state, lora_state_dict, lr_at,
-                  maybe_compile, merge_lora, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
+                  maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample, save_checkpoint,
+                  seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -385,13 +386,7 @@ def plot_rewards(chosen, rejected, path, title):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    resume = None
-    if args.resume:  # the run's own settings, except where it runs and when it stops
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
-        resume = load_checkpoint(ckpt_path)
-        keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
-        args = argparse.Namespace(**{**resume["args"], **keep})
+    args, resume = resume_settings(args, "reward_model.py")  # the run's own settings, except where it runs and stops
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
     device = pick_device(args.device)

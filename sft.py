@@ -41,7 +41,7 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocas
                   left_pad, load_checkpoint, load_lora_state, load_model_state, lora_state_dict, lr_at,
                   maybe_compile, merge_lora, pick_device, pick_dtype, sample, save_adapter, save_checkpoint,
                   seed_everything)
-from gpt2 import is_hf_repo  # an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import is_hf_repo, resume_settings  # is_hf_repo: an HF hub name (Llama 3.x, Qwen2.5) for --init
 from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
@@ -306,13 +306,7 @@ def judge(model, tok, rows, args, device, dtype, path=None):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    resume = None
-    if args.resume:  # the run's own settings, except where it runs and when it stops
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
-        resume = load_checkpoint(ckpt_path)
-        keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
-        args = argparse.Namespace(**{**resume["args"], **keep})
+    args, resume = resume_settings(args, "sft.py")  # the run's own settings, except where it runs and stops
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"]
     device = pick_device(args.device)
