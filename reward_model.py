@@ -82,6 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--margin", type=float, default=0.0, help="rm: required reward gap (a row's 'margin' field wins)")
     g.add_argument("--center-rewards", type=float, default=0.0, help="rm: weight of mean((r_c + r_r)^2) in the loss")
     g.add_argument("--beta", type=float, help="dpo: strength of the pull towards the reference")
+    g.add_argument("--rpo-alpha", type=float, default=0.0,
+                   help="dpo: add this x the chosen answers' token NLL (RPO; 0 = plain DPO) so they stay likely")
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
                    help="train rank-r adapters on frozen weights (and the value head) instead of every weight")
     g.add_argument("--lora-r", type=int, default=8, help="adapter rank")
@@ -289,9 +291,11 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
 
 
-def pair_scores(model, ref, batch, method, beta, center, device):
+def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0):
     """One batch through the model (and the frozen reference for DPO) -> (loss, rewards of chosen, of rejected,
-    mean chosen log-prob). The rewards are the value head's (rm) or the implicit ones (dpo)."""
+    mean chosen log-prob). The rewards are the value head's (rm) or the implicit ones (dpo). rpo_alpha > 0 adds
+    that times the chosen answers' mean token negative log-likelihood (RPO, Pang et al. 2024; TRL's rpo_alpha):
+    plain DPO only widens the gap, and may push the chosen answer's probability down with the rejected one's."""
     ids, mask, lengths, margins = (t.to(device) for t in batch)
     B = margins.size(0)
     if method == "rm":
@@ -301,6 +305,8 @@ def pair_scores(model, ref, batch, method, beta, center, device):
     with torch.no_grad():
         ref_logp = sequence_logprobs(ref, ids, mask)
     loss, r_c, r_r = dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], beta)
+    if rpo_alpha:
+        loss = loss - rpo_alpha * logp[:B].sum() / mask[:B, 1:].sum()  # mean NLL per chosen response token
     return loss, r_c, r_r, logp[:B].detach()
 
 
@@ -335,7 +341,8 @@ def evaluate_pairs(model, ref, pairs, args, device, dtype):
     for k in range(0, len(pairs), args.eval_batch_size):
         batch = pad_pairs(pairs[k:k + args.eval_batch_size], args.pad_id)
         with autocast(device, dtype):
-            loss, r_c, r_r, _ = pair_scores(model, ref, batch, args.method, args.beta, args.center_rewards, device)
+            loss, r_c, r_r, _ = pair_scores(model, ref, batch, args.method, args.beta, args.center_rewards, device,
+                                          args.rpo_alpha)
         losses.append(loss.item() * r_c.numel())
         chosen += r_c.float().tolist()
         rejected += r_r.float().tolist()
@@ -472,7 +479,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, dtype):
-            loss, r_c, r_r, logp_c = pair_scores(fwd, ref, batch, args.method, args.beta, args.center_rewards, device)
+            loss, r_c, r_r, logp_c = pair_scores(fwd, ref, batch, args.method, args.beta, args.center_rewards, device,
+                                                  args.rpo_alpha)
         scaler.scale(loss).backward()
         if args.grad_clip:
             scaler.unscale_(optimizer)

@@ -144,6 +144,24 @@ def test_dpo_logprobs_count_response_tokens_only():
     assert got[0].item() > -len(BYTES.encode("3 + 4 = 7")) * 10
 
 
+def test_rpo_adds_the_chosen_answers_token_nll():
+    """--rpo-alpha: DPO + alpha x the mean negative log-likelihood per chosen response token (TRL's rpo_alpha)."""
+    policy, ref = tiny(seed=1), tiny(seed=2)
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8"},
+            {"prompt": "What is 12 - 5?", "chosen": "12 - 5 = 7, I think", "rejected": "12 - 5 = 13"}]
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    batch = rm.pad_pairs(pairs, EOT)
+    dpo = rm.pair_scores(policy, ref, batch, "dpo", 0.1, 0.0, "cpu")[0]
+    rpo = rm.pair_scores(policy, ref, batch, "dpo", 0.1, 0.0, "cpu", rpo_alpha=0.5)[0]
+    nll, n = 0.0, 0
+    for s, m in (c for c, _, _ in pairs):  # each chosen answer alone, its response tokens only
+        logp = policy(torch.tensor([s]))[0][0].log_softmax(-1)
+        nll -= sum(logp[i - 1, s[i]].item() for i in range(1, len(s)) if m[i])
+        n += sum(m[1:])
+    assert n == len("3 + 4 = 7") + len("12 - 5 = 7, I think") + 2  # + each end-of-text
+    assert rpo.item() == pytest.approx(dpo.item() + 0.5 * nll / n, abs=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # Bad input
 
