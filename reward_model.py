@@ -53,9 +53,10 @@ from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocas
 
 PRESETS = {
     # the arithmetic task on a CPU: the SFT model, the task's preference pairs (right vs plausible wrong)
-    "task": dict(init="out/task-sft/ckpt.pt", data="task", method="rm", preamble=False, epochs=1, max_steps=750,
-                 batch_size=16, lr={"rm": 3e-4, "dpo": 1e-4}, lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20,
-                 eval_interval=150, val_pairs=500, max_new_tokens=24),
+    "task": dict(init="out/task-sft/ckpt.pt", data="task", method="rm", preamble=False, epochs=1,
+                 max_steps={"rm": 750, "dpo": 300}, batch_size=16, lr={"rm": 3e-4, "dpo": 1e-4},
+                 lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20, eval_interval=150,
+                 val_pairs=500, max_new_tokens=24),
     # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium, the polite / impolite pairs split 85/5/10, 1 epoch
     "gpt2-dpo": dict(init="gpt2-medium", data="data/instruction_preference_data.json", method="dpo", preamble=True,
                      epochs=1, max_steps=None, batch_size=8, lr={"rm": 1e-5, "dpo": 5e-6},
@@ -109,7 +110,7 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, help="dpo: longest generated answer to a test prompt")
     add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
     first, _ = p.parse_known_args(argv)
-    p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr")})  # see main
+    p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr", "max_steps")})  # see main
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or f"out/task-{args.method}"
     return args
@@ -394,8 +395,10 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     args, resume = resume_settings(args, "reward_model.py")  # the run's own settings, except where it runs and stops
-    if args.lr is None:
+    if args.lr is None:  # the preset's, for the method
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
+    if args.max_steps is None and PRESETS[args.preset]["max_steps"]:
+        args.max_steps = PRESETS[args.preset]["max_steps"][args.method]
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
