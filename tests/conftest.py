@@ -27,3 +27,13 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames:
         metafunc.parametrize("device", DEVICES)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: the post-training tests' models are too small to gain from threads,
+    and a shared machine runs them faster this way. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
