@@ -218,6 +218,18 @@ def class_logits(model, idx, mask, last):
     return logits[torch.arange(idx.size(0), device=idx.device), last]  # (B, n_classes)
 
 
+def lm_loss(model, hidden, idx, mask, vocab):
+    """GPT-1's auxiliary objective while fine-tuning (--lm-weight): next-token cross-entropy on the same
+    texts, read through the token embedding (the language-model head the class head replaced), padding
+    ignored. The softmax runs over `vocab` (V',), the ids the training texts use: no other id is ever a
+    target, and the full 50,257-way softmax would cost ten times the rest of a tiny model's step.
+    hidden (B, T, C), the final norm's output; idx, mask (B, T) -> scalar.
+    lm_loss(model, h, [[5, 6, 7]], [[1, 1, 1]], [5, 6, 7]) -> mean of -log p(6 | 5) and -log p(7 | 5, 6)"""
+    logits = hidden[:, :-1] @ model.transformer.wte.weight[vocab].t()  # (B, T-1, V')
+    targets = torch.searchsorted(vocab, idx[:, 1:]).masked_fill(mask[:, 1:] == 0, -1)  # (B, T-1), -1 = padding
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 # -----------------------------------------------------------------------------
 # 4. Which weights learn
 
@@ -406,6 +418,8 @@ def parse_args(argv=None):
     g.add_argument("--last-n", type=int, default=2, help="blocks that learn with --train last-n")
     g.add_argument("--lora", type=int, default=0, help="LoRA rank: freeze the model, train adapters + head")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
+    g.add_argument("--lm-weight", type=float, default=0.0,
+                   help="add this times GPT-1's next-token loss on the training texts (GPT-1: 0.5; 0 = off)")
     g.add_argument("--class-weight", default="none", choices=["none", "balanced"],
                    help="balanced: weigh each class's loss by n / (classes x its count)")
     g = p.add_argument_group("optimization")
@@ -478,6 +492,10 @@ def main(argv=None):
           f"({'LoRA r=%d' % args.lora if args.lora else args.train}) | {device} {str(dtype)[6:]} | "
           f"{max_steps} steps of {args.batch_size}")
     metrics = MetricsLog(args.out_dir, resume_step=step if ckpt else None)
+    hidden = {}  # --lm-weight reads the final norm's output, caught by a hook (registered before compiling)
+    lm_vocab = torch.tensor(sorted({t for s in seqs["train"] for t in s}), device=device)  # sorted: searchsorted
+    if args.lm_weight:
+        model.transformer.ln_f.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
     train_model = maybe_compile(model, args.compile)
     t0 = time.time()
     stop = min(max_steps, args.stop_after or max_steps)
@@ -492,8 +510,10 @@ def main(argv=None):
             group["lr"] = lr
         with autocast(device, dtype):
             logits = class_logits(train_model, idx, mask, last)
+            aux = args.lm_weight * lm_loss(model, hidden["h"], idx, mask, lm_vocab) if args.lm_weight else 0.0
         loss = F.cross_entropy(logits.float(), target, weight=None if weight is None else weight.to(device))
-        scaler.scale(loss).backward()
+        total = loss + aux
+        scaler.scale(total).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         scaler.step(optimizer)
@@ -502,6 +522,8 @@ def main(argv=None):
         step += 1
         correct, seen = correct + int((logits.argmax(1) == target).sum()), seen + len(rows)
         row = dict(step=step, train_loss=loss.item(), lr=lr)
+        if args.lm_weight:
+            row["lm_loss"] = aux.item() / args.lm_weight
         if step % eval_interval == 0 or step == max_steps:
             val_loss, pred = evaluate(model, seqs["val"], y["val"], 64, device, dtype, weight)
             row.update(val_loss=val_loss, val_acc=float(np.mean(pred == np.array(y["val"]))),
