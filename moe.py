@@ -497,7 +497,8 @@ def plot_expert_load(rows, path, title):
 # Command line
 
 RUN_PRESETS = {
-    # minutes on a 2-core CPU, both models together (see bench/results/moe_cpu.md)
+    # one thread of the 2-core CPU, both models together: 7.4 min of CPU time, 11.4 min wall at load 2.5-3
+    # (bench/results/moe_cpu.md)
     "shakespeare": dict(data="shakespeare", model="tiny", pos_emb="rope", seq_len=128, batch_size=16, max_steps=400, lr=3e-3,
                         warmup_steps=20, eval_interval=100, eval_tokens=32768, compact_vocab=True),
     # GPT-2 small width on FineWeb-Edu (the shards train_gpt2.py downloads): 32 x 1024 tokens per step,

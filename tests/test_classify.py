@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bpe
 import classify
@@ -87,6 +88,26 @@ def test_encode_appends_eot_and_truncates():
     assert classify.encode(tok, "hello world", 256, eot=False) == [31373, 995]
     assert classify.encode(tok, "hello world again", 2) == [31373, 50256]  # the end token survives the cut
 
+
+
+def test_lm_loss_is_the_language_models_loss_over_its_vocab():
+    """--lm-weight's loss equals the tied language model's own next-token loss (padding ignored), and with a
+    vocabulary subset, the cross-entropy of the logits restricted to it."""
+    model = tiny_gpt().eval()  # the tied LM head: logits = hidden @ wte.T
+    hidden = {}
+    model.transformer.ln_f.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
+    idx, mask, _ = classify.collate([[5, 9, 2, 7, 7, 30], [11, 3, 9]], pad_id=99)
+    logits, _ = model(idx, attention_mask=mask)  # (2, 6, 320)
+    targets = idx[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-1)
+    got = classify.lm_loss(model, hidden["h"], idx, mask, torch.arange(320))
+    torch.testing.assert_close(got, want)
+    vocab = torch.tensor([2, 3, 5, 7, 9, 11, 30, 99])
+    sub = logits[:, :-1][..., vocab]
+    want = F.cross_entropy(sub.flatten(0, 1), torch.searchsorted(vocab, idx[:, 1:]).masked_fill(
+        mask[:, 1:] == 0, -1).flatten(), ignore_index=-1)
+    torch.testing.assert_close(classify.lm_loss(model, hidden["h"], idx, mask, vocab), want)
+    assert not torch.allclose(want, got)  # the subset's softmax really is a different one
 
 # -- which weights learn -------------------------------------------------------------------------------
 
