@@ -45,7 +45,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
+from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
                   load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
@@ -417,16 +417,15 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
-    gpt, tok, template = load_model(args.init, "--init")
+    gpt, tok, ckpt = load_model(args.init, "--init")
     if args.preamble is None:
-        args.preamble = bool(template["preamble"]) if template else True
+        args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
     reward_model = None
     if args.reward == "rm":
-        rm_gpt, rm_tok, _ = load_model(args.reward_model, "--reward-model")
-        rm_ckpt = load_checkpoint(args.reward_model)
+        rm_gpt, _, rm_ckpt = load_model(args.reward_model, "--reward-model")
         if "value_head" not in rm_ckpt:
             fail(f"{args.reward_model} has no value head: not a reward model of reward_model.py --method rm")
-        if rm_tok.dumps() != tok.dumps():
+        if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
             fail(f"{args.reward_model} was trained with another tokenizer than {args.init}; pair models of one pipeline")
         reward_model = RewardModel(rm_gpt, rm_ckpt["value_head"]).to(device).eval().requires_grad_(False)
     try:
@@ -510,18 +509,19 @@ def main(argv=None):
 
 
 def load_model(path, flag):
-    """A checkpoint of this project -> (GPT, its tokenizer, its prompt template); a missing default input fails
-    with the command that makes it."""
+    """A checkpoint of this project -> (GPT, its tokenizer, the checkpoint); a missing default input fails with
+    the command that makes it."""
     if not path or not os.path.isfile(path):
         how = f"; make it with:\n    {MAKES[path]}" if path in MAKES else ""
         fail(f"{flag} {path!r}: no checkpoint there{how}")
     try:
         ckpt = load_checkpoint(path)
-        model = GPT.from_checkpoint(path)
+        model = GPT(GPTConfig(**ckpt["config"]))
+        load_model_state(model, ckpt["model"], path)
     except ValueError as e:
         fail(e)
     tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
-    return model, tok, ckpt.get("template")
+    return model, tok, ckpt
 
 
 def load_prompts(data):

@@ -139,12 +139,18 @@ def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
     assert torch.allclose(logp[m], b["logp"][m], atol=1e-5) and (entropy[m] > 0).all() and (values == 0).all()
     i = int(b["ended"].float().argmax())  # a response that ended: its last real token is the end-of-text
     assert b["texts"][i].endswith(bpe.ENDOFTEXT) and b["idx"][i, b["T"] + int(b["mask"][i].sum()) - 1] == BYTES.eot_token
+    # the reward model reads each row at its last real token: the score of the row alone, without padding
+    rm = ppo.RewardModel(tiny(3), {"weight": torch.randn(1, 32), "bias": torch.tensor([0.5])})
+    with torch.no_grad():
+        batched = rm(b["idx"], b["attn"])
+        alone = [rm(row[a.bool()][None], torch.ones(1, int(a.sum()), dtype=torch.long)) for row, a in zip(b["idx"], b["attn"])]
+    assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
 
 
 def test_kl_is_zero_at_the_first_step_and_the_first_ratio_is_one():
     policy = ppo.Policy(tiny(2)).eval()
     ref = ppo.copy.deepcopy(policy).requires_grad_(False)
-    args = settings(max_new_tokens=8, minibatches=1, ppo_epochs=1, kl_coef=0.5)
+    args = settings(max_new_tokens=8, minibatches=1, ppo_epochs=1, kl_coef=0.5, temperature=0.8)
     torch.manual_seed(0)
     b = ppo.rollout(policy, BYTES, ROWS, args, "cpu", torch.float32)
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
