@@ -52,15 +52,15 @@ from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, downloa
 # Runs. A preset fills in defaults; a flag given on the command line wins.
 
 PRESETS = {
-    # the arithmetic task on a CPU: sft.py's and reward_model.py's outputs, 16 prompts x 2 answers per step
+    # the arithmetic task on a CPU: sft.py's and reward_model.py's outputs
     "task": dict(init="out/task-sft/ckpt.pt", reward_model="out/task-rm/ckpt.pt", data="task", out_dir="out/task-ppo",
-                 preamble=None, max_steps=60, batch_size=32, group_size=1, lr=3e-4, kl_coef=0.02, target_kl=None,
+                 preamble=None, max_steps=60, batch_size=32, lr=3e-4, kl_coef=0.02, target_kl=None,
                  temperature=1.0, max_new_tokens=20, eval_interval=20, eval_limit=500, eos_penalty=1.0),
     # politeness on a GPU: GPT-2 medium after `sft.py --preset gpt2-alpaca`, the reward model of the polite /
     # impolite pairs, adaptive KL (Ziegler et al.'s target 6 nats per response)
     "gpt2-polite": dict(init="out/gpt2-alpaca/ckpt.pt", reward_model="out/gpt2-polite-rm/ckpt.pt",
                         data="data/instruction_preference_data.json", out_dir="out/gpt2-polite", preamble=True,
-                        max_steps=100, batch_size=32, group_size=1, lr=1e-6, kl_coef=0.05, target_kl=6.0,
+                        max_steps=100, batch_size=32, lr=1e-6, kl_coef=0.05, target_kl=6.0,
                         temperature=0.7, max_new_tokens=128, eval_interval=25, eval_limit=64, eos_penalty=1.0),
 }
 MAKES = {  # the command that writes each preset's inputs
@@ -89,8 +89,7 @@ def parse_args(argv=None):
     g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
                    help="Alpaca's 'Below is an instruction...' sentence (default: what the SFT model was trained with)")
     g = p.add_argument_group("rollouts and reward")
-    g.add_argument("--batch-size", type=int, help="responses per rollout batch")
-    g.add_argument("--group-size", type=int, help="responses per prompt (1 = every response to its own prompt)")
+    g.add_argument("--batch-size", type=int, help="prompts (one response each) per rollout batch")
     g.add_argument("--temperature", type=float, help="sampling temperature, also applied in the training pass")
     g.add_argument("--max-new-tokens", type=int, help="longest response")
     g.add_argument("--eos-penalty", type=float, help="subtracted from the score of a response that never ends")
@@ -123,9 +122,8 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[first.preset])
     args = p.parse_args(argv)
-    if args.batch_size % args.group_size or args.batch_size % args.minibatches:
-        fail(f"--batch-size {args.batch_size} must be a multiple of --group-size {args.group_size} and of "
-             f"--minibatches {args.minibatches}")
+    if args.batch_size % args.minibatches:
+        fail(f"--batch-size {args.batch_size} must be a multiple of --minibatches {args.minibatches}")
     return args
 
 
@@ -435,9 +433,8 @@ def main(argv=None):
     if args.reward == "verifier" and "answer" not in train_rows[0]:
         fail(f"--reward verifier needs an 'answer' in every row of --data {args.data}; use --reward rm")
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
-    n_prompts = args.batch_size // args.group_size
-    if len(train_rows) < n_prompts:
-        fail(f"{len(train_rows)} training prompts do not fill one batch of {n_prompts} prompts")
+    if len(train_rows) < args.batch_size:
+        fail(f"{len(train_rows)} training prompts do not fill one batch of --batch-size {args.batch_size}")
     policy = Policy(gpt).to(device).eval()  # eval for good: no dropout, so sampling and training see one function
     ref = copy.deepcopy(policy).requires_grad_(False)  # the SFT model, frozen (its value head is never read)
     optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device)
@@ -478,8 +475,7 @@ def main(argv=None):
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = [train_rows[i] for i in prompts_at(step, len(train_rows), n_prompts, args.seed)
-                for _ in range(args.group_size)]
+        rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.batch_size, args.seed)]
         t = time.time()
         batch = rollout(policy, tok, rows, args, device, dtype)
         score, correct = scores(batch, rows, reward_model, args, device, dtype)

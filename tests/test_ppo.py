@@ -207,7 +207,7 @@ def task_inputs(tmp_path):
     return sft, rm, str(tmp_path / "rl.jsonl")
 
 
-RUN = ["--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--group-size", "2", "--max-new-tokens", "6",
+RUN = ["--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--max-new-tokens", "6",
        "--lr", "1e-3", "--eval-interval", "2", "--minibatches", "2", "--ppo-epochs", "2"]
 
 
@@ -251,8 +251,8 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Say no."}]))
     with pytest.raises(SystemExit, match="needs an 'answer'"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward", "verifier", "--data", str(tmp_path / "p.json")])
-    with pytest.raises(SystemExit, match="multiple of --group-size"):
-        ppo.main(["--batch-size", "6", "--group-size", "4"])
+    with pytest.raises(SystemExit, match="multiple of --minibatches"):
+        ppo.main(["--batch-size", "6", "--minibatches", "4"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         ppo.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
 
