@@ -197,9 +197,22 @@ def rollout(policy, tok, rows, args, device, dtype):
                                     temperature=args.temperature, eos_id=tok.eot_token)
     lengths = mask.sum(1)
     ended = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1) == tok.eot_token
-    texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
+    texts = [response_text(tok, [t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
     return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
                 logp=logp.float(), ended=ended, texts=texts, T=idx.size(1))
+
+
+def response_text(tok, ids):
+    """Token ids -> text. Ids past the tokenizer's vocabulary (the rows that round the embedding up to a multiple
+    of 64: never a target, so improbable, but sampling at temperature 1 can draw one) become U+FFFD, which
+    no verifier accepts. response_text(byte_tokenizer(), [104, 300, 105]) -> 'h\ufffdi'"""
+    text, run = "", []
+    for t in ids + [None]:
+        if t is not None and t < tok.n_vocab:
+            run.append(t)
+            continue
+        text, run = text + tok.decode(run) + ("\ufffd" if t is not None else ""), []
+    return text
 
 
 @torch.no_grad()

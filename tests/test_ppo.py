@@ -147,6 +147,12 @@ def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
     assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
 
 
+def test_tokens_past_the_vocabulary_decode_as_a_replacement_character():
+    # a task model's embedding has 320 rows for 257 tokens; sampling may draw one of the 63 extra ids
+    assert ppo.response_text(BYTES, [104, 300, 105, 256]) == "h\ufffdi" + bpe.ENDOFTEXT
+    assert ppo.response_text(BYTES, [319]) == "\ufffd" and ppo.response_text(BYTES, [55]) == "7"
+
+
 def test_kl_is_zero_at_the_first_step_and_the_first_ratio_is_one():
     policy = ppo.Policy(tiny(2)).eval()
     ref = ppo.copy.deepcopy(policy).requires_grad_(False)
