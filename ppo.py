@@ -55,13 +55,13 @@ PRESETS = {
     # the arithmetic task on a CPU: sft.py's and reward_model.py's outputs
     "task": dict(init="out/task-sft/ckpt.pt", reward_model="out/task-rm/ckpt.pt", data="task", out_dir="out/task-ppo",
                  preamble=None, max_steps=60, batch_size=32, lr=3e-4, kl_coef=0.02, target_kl=None,
-                 temperature=1.0, max_new_tokens=20, eval_interval=20, eval_limit=500, eos_penalty=1.0),
+                 temperature=1.0, max_new_tokens=20, eval_interval=20, eval_limit=500, eos_penalty=1.0, critic="shared"),
     # politeness on a GPU: GPT-2 medium after `sft.py --preset gpt2-alpaca`, the reward model of the polite /
     # impolite pairs, adaptive KL (Ziegler et al.'s target 6 nats per response)
     "gpt2-polite": dict(init="out/gpt2-alpaca/ckpt.pt", reward_model="out/gpt2-polite-rm/ckpt.pt",
                         data="data/instruction_preference_data.json", out_dir="out/gpt2-polite", preamble=True,
                         max_steps=100, batch_size=32, lr=1e-6, kl_coef=0.05, target_kl=6.0,
-                        temperature=0.7, max_new_tokens=128, eval_interval=25, eval_limit=64, eos_penalty=1.0),
+                        temperature=0.7, max_new_tokens=128, eval_interval=25, eval_limit=64, eos_penalty=1.0, critic="rm"),
 }
 MAKES = {  # the command that writes each preset's inputs
     "out/task-sft/ckpt.pt": "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)",
@@ -104,12 +104,17 @@ def parse_args(argv=None):
     g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda: bias (0) vs variance (1)")
     g.add_argument("--clip", type=float, default=0.2, help="the ratio is clipped to [1 - clip, 1 + clip]")
     g.add_argument("--clip-value", type=float, default=0.2, help="values move at most this far from the rollout's")
+    g.add_argument("--critic", choices=["shared", "sft", "rm"],
+                   help="the value head's body: the policy's own (shared), a copy of the SFT model, or the reward "
+                        "model with its head (InstructGPT)")
     g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
     g.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
                    help="advantages to mean 0, std 1 over the batch's response tokens")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, help="rollout batches")
     g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--value-lr", type=float, help="the value head's peak learning rate (a new layer: it must catch "
+                                                  "up with a trained body; default: --lr)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in rollout batches")
     g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
@@ -146,14 +151,20 @@ def hidden_states(gpt, idx, attention_mask):
 
 
 class Policy(nn.Module):
-    """The SFT model plus a value head, Linear(n_embd, 1), on the same hidden states: V(state) before each
-    response token. The head starts at zero (every value 0), so the first advantages are the rewards-to-go."""
+    """The SFT model plus a value head, Linear(n_embd, 1): V(state) before each response token. The head reads
+    the policy's own hidden states (critic None: one body, cheap), or those of a separate critic body (a copy of
+    the SFT model, or the reward model with its head, as in InstructGPT): twice the compute, but the features
+    of a body trained for the next token predict success poorly (see bench/results/ppo_cpu.md). A new head
+    starts at zero (every value 0), so the first advantages are the rewards-to-go."""
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, critic=None, head_state=None):
         super().__init__()
-        self.gpt = gpt
+        self.gpt, self.critic = gpt, critic
         self.value_head = nn.Linear(gpt.config.n_embd, 1)
-        nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
+        if head_state is not None:
+            self.value_head.load_state_dict(head_state)
+        else:
+            nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
 
     def forward(self, idx, attn, T, temperature):
         """prompt + response idx (B, T + N) with attn (B, T + N) -> for the response tokens idx[:, T:]: their
@@ -163,6 +174,8 @@ class Policy(nn.Module):
         logprobs = (self.gpt.lm_head(h).float() / max(temperature, 1e-6)).log_softmax(-1)  # (B, N, V)
         logp = logprobs.gather(-1, idx[:, T:, None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
+        if self.critic is not None:
+            h = hidden_states(self.critic, idx[:, :-1], attn[:, :-1])[:, T - 1:]  # (B, N, C)
         return logp, self.value_head(h).squeeze(-1).float(), entropy
 
 
@@ -432,13 +445,15 @@ def main(argv=None):
     if args.preamble is None:
         args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
     reward_model = None
-    if args.reward == "rm":
+    if args.reward == "rm" or args.critic == "rm":
         rm_gpt, _, rm_ckpt = load_model(args.reward_model, "--reward-model")
         if "value_head" not in rm_ckpt:
             fail(f"{args.reward_model} has no value head: not a reward model of reward_model.py --method rm")
         if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
             fail(f"{args.reward_model} was trained with another tokenizer than {args.init}; pair models of one pipeline")
         reward_model = RewardModel(rm_gpt, rm_ckpt["value_head"]).to(device).eval().requires_grad_(False)
+        if args.reward != "rm":
+            reward_model = None  # loaded for the critic only
     try:
         train_rows, test_rows = load_prompts(args.data)
     except (ValueError, FileNotFoundError) as e:
@@ -448,15 +463,21 @@ def main(argv=None):
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
     if len(train_rows) < args.batch_size:
         fail(f"{len(train_rows)} training prompts do not fill one batch of --batch-size {args.batch_size}")
-    policy = Policy(gpt).to(device).eval()  # eval for good: no dropout, so sampling and training see one function
-    ref = copy.deepcopy(policy).requires_grad_(False)  # the SFT model, frozen (its value head is never read)
+    ref = Policy(copy.deepcopy(gpt)).to(device).eval().requires_grad_(False)  # the SFT model, frozen
+    critic = None if args.critic == "shared" else copy.deepcopy(rm_gpt if args.critic == "rm" else gpt)
+    policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None)
+    policy.to(device).eval()  # eval for good: no dropout, so sampling and training see one function
     optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device)
-    optimizer.add_param_group({"params": list(policy.value_head.parameters()), "weight_decay": 0.0})
+    value_params = list(policy.value_head.parameters()) + (list(policy.critic.parameters()) if policy.critic else [])
+    optimizer.add_param_group({"params": value_params, "weight_decay": 0.0,
+                               "lr_scale": (args.value_lr or args.lr) / args.lr})
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
     step = 0
     if resume:
         load_model_state(gpt, resume["model"], ckpt_path)
         policy.value_head.load_state_dict(resume["value_head"])
+        if policy.critic is not None:
+            load_model_state(policy.critic, resume["critic"], ckpt_path)
         optimizer.load_state_dict(resume["optimizer"])
         kl_ctl.coef, step = resume["kl_controller"]["coef"], resume["step"]
         torch.set_rng_state(resume["rng"])
@@ -477,7 +498,8 @@ def main(argv=None):
         save_checkpoint(ckpt_path, gpt, value_head={k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()},
                         optimizer=optimizer.state_dict(), kl_controller=kl_ctl.state_dict(), step=done,
                         rng=torch.get_rng_state(), args=vars(args), tokenizer=tok.dumps(),
-                        template={"preamble": args.preamble})
+                        template={"preamble": args.preamble},
+                        **({"critic": policy.critic.state_dict()} if policy.critic is not None else {}))
 
     if step == 0:
         eval_and_log(0)
@@ -487,7 +509,7 @@ def main(argv=None):
     for step in bar:
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.batch_size, args.seed)]
         t = time.time()
         batch = rollout(policy, tok, rows, args, device, dtype)

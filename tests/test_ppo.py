@@ -220,7 +220,7 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--max-new-
 def test_resume_is_exact(tmp_path):
     sft, rm, data = task_inputs(tmp_path)
     common = ["--init", sft, "--reward-model", rm, "--data", data, "--max-steps", "4", "--target-kl", "0.01",
-              "--kl-horizon", "20", "--kl-estimator", "k3", *RUN]
+              "--kl-horizon", "20", "--kl-estimator", "k3", "--critic", "sft", "--value-lr", "3e-3", *RUN]
     ppo.main([*common, "--out-dir", str(tmp_path / "straight")])
     ppo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     ppo.main(["--resume", "--out-dir", str(tmp_path / "split")])
@@ -231,6 +231,8 @@ def test_resume_is_exact(tmp_path):
     b = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert a["step"] == b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["value_head"]["weight"], b["value_head"]["weight"]) and a["value_head"]["weight"].abs().sum() > 0
+    assert all(torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])  # the separate value body
+    assert not torch.equal(a["critic"]["lm_head.weight"], a["model"]["lm_head.weight"])
     assert a["kl_controller"] == b["kl_controller"] and a["kl_controller"]["coef"] != 0.02  # it adapted
     logged = metrics(tmp_path / "straight")[1]
     assert {"score", "correct", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_var",
@@ -285,4 +287,6 @@ def test_gpt2_polite_recipe_code_path(tmp_path):
     assert rows[1]["length"] > 0 and "correct" not in rows[1] and rows[1]["kl_coef"] == 0.05
     ckpt = gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["template"] == {"preamble": True} and ckpt["args"]["lr"] == 1e-6 and ckpt["args"]["target_kl"] == 6.0
+    assert set(ckpt["critic"]) == set(ckpt["model"])  # InstructGPT's critic: the reward model's body and head
+    assert not torch.equal(ckpt["value_head"]["weight"], head["weight"])  # trained from the reward model's head
     assert ckpt["kl_controller"]["coef"] < 0.05  # adaptive: KL 0 is under the target of 6 nats, so it relaxes
