@@ -3,11 +3,11 @@ ppo.py: RLHF with PPO (Schulman et al., 2017; Ziegler et al., 2019; InstructGPT,
 a reward model to a policy that earns more reward, held near where it started by a KL penalty.
 
 What it teaches, top to bottom:
-  1. The actors: the policy (the SFT model, trained) with a value head on its last hidden state (one forward
-     pass gives both the next-token distribution and the value of every state); a frozen copy of the SFT
-     model, the reference; and the reward model of reward_model.py (a value head at the last real token), or
-     --reward verifier: the task's exact checker, so that reward-model quality and PPO quality can be told
-     apart.
+  1. The actors: the policy (the SFT model, trained) with a value head, V(state) before every response token,
+     on a body of its own (--critic sft: a copy of the SFT model; rm: the reward model, as InstructGPT) or on
+     the policy's (shared: one forward pass for both); a frozen copy of the SFT model, the reference; and the
+     reward model of reward_model.py (a value head at the last real token), or --reward verifier: the task's
+     exact checker, so that reward-model quality and PPO quality can be told apart.
   2. Rollouts: a batch of prompts answered by batched, cached sampling (gpt2.sample), in eval mode (no
      dropout), at the temperature the training pass divides its logits by: the log-probabilities recomputed
      for training are then the sampling ones, and the first update's ratio is exactly 1.
@@ -114,8 +114,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, help="rollout batches")
     g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--value-lr", type=float, help="the value head's peak learning rate (a new layer: it must catch "
-                                                  "up with a trained body; default: --lr)")
+    g.add_argument("--value-lr", type=float, help="peak learning rate of the value head and its critic body (a new "
+                                                  "head must catch up with a trained body; default: --lr)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in rollout batches")
     g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")

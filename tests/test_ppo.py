@@ -147,6 +147,21 @@ def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
     assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
 
 
+def test_the_critic_reads_its_own_body():
+    """Values come from the critic's hidden states when there is one; with the reward model as critic (its body
+    and head), the value of the state before response token t is the reward model's score of prompt + the
+    first t tokens."""
+    head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), "bias": torch.tensor([0.3])}
+    policy, rm = ppo.Policy(tiny(1), tiny(2), head).eval(), ppo.RewardModel(tiny(2), head)
+    idx, attn = gpt2.left_pad([[5, 6, 7, 8, 9], [7, 8, 9]])
+    with torch.no_grad():
+        _, values, _ = policy(idx, attn, 3, 1.0)  # prompts idx[:, :3], responses of 2 tokens
+        want = torch.stack([rm(idx[:, :3 + t], attn[:, :3 + t]) for t in range(2)], 1)
+        assert torch.allclose(values, want, atol=1e-5)
+        _, shared, _ = ppo.Policy(tiny(1), None, head)(idx, attn, 3, 1.0)
+    assert not torch.allclose(shared, want, atol=1e-3)
+
+
 def test_tokens_past_the_vocabulary_decode_as_a_replacement_character():
     # a task model's embedding has 320 rows for 257 tokens; sampling may draw one of the 63 extra ids
     assert ppo.response_text(BYTES, [104, 300, 105, 256]) == "h\ufffdi" + bpe.ENDOFTEXT
@@ -178,7 +193,7 @@ def test_ppo_learns_a_toy_reward():
     rollout batches of PPO make it write mostly digits."""
     policy = ppo.Policy(tiny(4)).eval()
     ref = ppo.copy.deepcopy(policy).requires_grad_(False)
-    args = settings(max_new_tokens=6, lr=1e-2, kl_coef=0.01, eos_penalty=0.0)
+    args = settings(max_new_tokens=6, lr=1e-2, kl_coef=0.01, eos_penalty=0.0, temperature=1.0)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     ctl = ppo.KLController(args.kl_coef)
     torch.manual_seed(0)
