@@ -550,8 +550,8 @@ def load_model(path, flag):
         ckpt = load_checkpoint(path)
         model = GPT(GPTConfig(**ckpt["config"]))
         load_model_state(model, ckpt["model"], path)
-    except ValueError as e:
-        fail(e)
+    except (ValueError, TypeError) as e:  # TypeError: a config field this gpt2.py does not know
+        fail(f"{path}: {e}")
     tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
     return model, tok, ckpt
 
