@@ -1,0 +1,613 @@
+"""
+ppo.py: RLHF with PPO (Schulman et al., 2017; Ziegler et al., 2019; InstructGPT, 2022): from the SFT model and
+a reward model to a policy that earns more reward, held near where it started by a KL penalty.
+
+What it teaches, top to bottom:
+  1. The actors: the policy (the SFT model, trained) with a value head, V(state) before every response token,
+     on a body of its own (--critic sft: a copy of the SFT model; rm: the reward model, as InstructGPT) or on
+     the policy's (shared: one forward pass for both); a frozen copy of the SFT model, the reference; and the
+     reward model of reward_model.py (a value head at the last real token), or --reward verifier: the task's
+     exact checker, so that reward-model quality and PPO quality can be told apart.
+  2. Rollouts: a batch of prompts answered by batched, cached sampling (gpt2.sample), in eval mode (no
+     dropout), at the temperature the training pass divides its logits by: the log-probabilities recomputed
+     for training are then the sampling ones, and the first update's ratio is exactly 1.
+  3. The reward: the score at the last token of each response (minus --eos-penalty for a response that never
+     ended), and at every token -kl_coef * KL(policy || reference), estimated per token with k1 (log pi -
+     log ref) or k3 (r - 1 - log r, r = ref / pi); kl_coef fixed, or adapted towards --target-kl.
+  4. GAE (gamma 1, lambda 0.95): per-token advantages from the rewards and the value head's estimates, the
+     returns the value head learns, and advantages whitened over the batch.
+  5. The loss: PPO's clipped ratio (0.2) on the policy, a clipped value loss on the value head, several
+     epochs over shuffled minibatches of each rollout batch.
+  6. What to watch (metrics.jsonl and ppo.png): score, KL to the reference, entropy, clip fraction,
+     approximate KL between updates, value loss, explained variance, gradient norm, response length; and
+     with the reward model, the verifier's accuracy as well: a reward that rises while accuracy does not is
+     reward hacking.
+
+The CPU pipeline (after sft.py and reward_model.py; see their docstrings):
+    python ppo.py                                    # reward model -> out/task-ppo/ckpt.pt
+    python ppo.py --reward verifier --out-dir out/task-ppo-verifier
+    python ppo.py --kl-estimator k1 --target-kl 2    # any switch; --help lists them
+    python ppo.py --resume                           # continue out/task-ppo from its checkpoint
+The real recipe (a GPU; GPT-2 medium SFT'd on Alpaca, a reward model on the polite / impolite pairs):
+    python sft.py --preset gpt2-alpaca
+    python reward_model.py --preset gpt2-dpo --method rm --out-dir out/gpt2-polite-rm
+    python ppo.py --preset gpt2-polite
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import bpe
+from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
+                  load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
+
+# -----------------------------------------------------------------------------
+# Runs. A preset fills in defaults; a flag given on the command line wins.
+
+PRESETS = {
+    # the arithmetic task on a CPU: sft.py's and reward_model.py's outputs. lr 3e-6 x 16 updates per batch:
+    # at 3e-5 and above greedy accuracy fell within 20 batches (bench/results/ppo_cpu.md)
+    "task": dict(init="out/task-sft/ckpt.pt", reward_model="out/task-rm/ckpt.pt", data="task", out_dir="out/task-ppo",
+                 preamble=None, max_steps=80, batch_size=32, lr=3e-6, value_lr=1e-4, kl_coef=0.02, target_kl=None,
+                 temperature=0.7, max_new_tokens=20, eval_interval=20, eval_limit=500, eos_penalty=1.0, critic="sft"),
+    # politeness on a GPU: GPT-2 medium after `sft.py --preset gpt2-alpaca`, the reward model of the polite /
+    # impolite pairs, adaptive KL (Ziegler et al.'s target 6 nats per response)
+    "gpt2-polite": dict(init="out/gpt2-alpaca/ckpt.pt", reward_model="out/gpt2-polite-rm/ckpt.pt",
+                        data="data/instruction_preference_data.json", out_dir="out/gpt2-polite", preamble=True,
+                        max_steps=100, batch_size=32, lr=1e-6, value_lr=1e-5, kl_coef=0.05, target_kl=6.0,
+                        temperature=0.7, max_new_tokens=128, eval_interval=25, eval_limit=64, eos_penalty=1.0, critic="rm"),
+}
+MAKES = {  # the command that writes each preset's inputs
+    "out/task-sft/ckpt.pt": "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)",
+    "out/task-rm/ckpt.pt": "python reward_model.py   (after sft.py)",
+    "out/gpt2-alpaca/ckpt.pt": "python sft.py --preset gpt2-alpaca",
+    "out/gpt2-polite-rm/ckpt.pt": "python reward_model.py --preset gpt2-dpo --method rm --out-dir out/gpt2-polite-rm",
+}
+PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
+                  "instruction-data-with-preference.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
+    g.add_argument("--init", help="the SFT model to train: a checkpoint written by sft.py")
+    g.add_argument("--reward", default="rm", choices=["rm", "verifier"],
+                   help="rm: the reward model's score; verifier: the task's exact checker (1 right, 0 wrong)")
+    g.add_argument("--reward-model", help="reward_model.py's checkpoint (with --reward rm)")
+    g.add_argument("--data", help="task | a .json / .jsonl of prompts ({prompt, answer}, or Alpaca / preference "
+                                  "rows with instruction + input): the last 10%% are held out for evaluation")
+    g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt and ppo.png go")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
+    g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
+    g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
+                   help="Alpaca's 'Below is an instruction...' sentence (default: what the SFT model was trained with)")
+    g = p.add_argument_group("rollouts and reward")
+    g.add_argument("--batch-size", type=int, help="prompts (one response each) per rollout batch")
+    g.add_argument("--temperature", type=float, help="sampling temperature, also applied in the training pass")
+    g.add_argument("--max-new-tokens", type=int, help="longest response")
+    g.add_argument("--eos-penalty", type=float, help="subtracted from the score of a response that never ends")
+    g.add_argument("--kl-coef", type=float, help="weight of the per-token KL penalty to the reference (start value)")
+    g.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL estimate in the reward")
+    g.add_argument("--target-kl", type=float, help="adapt kl_coef towards this KL per response (default: fixed)")
+    g.add_argument("--kl-horizon", type=int, default=10000, help="adaptive KL: responses over which it adapts")
+    g = p.add_argument_group("PPO")
+    g.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
+    g.add_argument("--minibatches", type=int, default=4, help="minibatches per pass (one optimizer step each)")
+    g.add_argument("--gamma", type=float, default=1.0, help="discount of GAE (1: the score counts fully)")
+    g.add_argument("--lam", type=float, default=0.95, help="GAE's lambda: bias (0) vs variance (1)")
+    g.add_argument("--clip", type=float, default=0.2, help="the ratio is clipped to [1 - clip, 1 + clip]")
+    g.add_argument("--clip-value", type=float, default=0.2, help="values move at most this far from the rollout's")
+    g.add_argument("--critic", choices=["shared", "sft", "rm"],
+                   help="the value head's body: the policy's own (shared), a copy of the SFT model, or the reward "
+                        "model with its head (InstructGPT)")
+    g.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    g.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=True,
+                   help="advantages to mean 0, std 1 over the batch's response tokens")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=int, help="rollout batches")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--value-lr", type=float, help="peak learning rate of the value head and its critic body (a new "
+                                                  "head must catch up with a trained body; default: --lr)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in rollout batches")
+    g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0 = off)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-interval", type=int, help="steps between greedy test evaluations (0 = start and end)")
+    g.add_argument("--eval-limit", type=int, help="evaluate on the first N held-out prompts (0 = all)")
+    g.add_argument("--eval-batch-size", type=int, default=100, help="prompts generated at once")
+    add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
+    first, _ = p.parse_known_args(argv)
+    p.set_defaults(**PRESETS[first.preset])
+    args = p.parse_args(argv)
+    if args.batch_size % args.minibatches:
+        fail(f"--batch-size {args.batch_size} must be a multiple of --minibatches {args.minibatches}")
+    return args
+
+
+def fail(msg):
+    raise SystemExit(f"ppo.py: error: {msg}")
+
+
+# -----------------------------------------------------------------------------
+# 1. The actors: policy + value head, the reference, the reward model
+
+
+def hidden_states(gpt, idx, attention_mask):
+    """The final hidden states (B, T, C) after ln_f: GPT.forward without the vocabulary projection (the same
+    function as reward_model.py's, which this file may not import)."""
+    pos, mask = gpt._positions_and_mask(idx, None, attention_mask)
+    x, rope = gpt._embed(idx, pos)
+    for i, block in enumerate(gpt.transformer.h):
+        x = block(x, rope, mask, None, i)
+    return gpt.transformer.ln_f(x)
+
+
+class Policy(nn.Module):
+    """The SFT model plus a value head, Linear(n_embd, 1): V(state) before each response token. The head reads
+    the policy's own hidden states (critic None: one body, cheap), or those of a separate critic body (a copy of
+    the SFT model, or the reward model with its head, as in InstructGPT): twice the compute, but the features
+    of a body trained for the next token predict success poorly (see bench/results/ppo_cpu.md). A new head
+    starts at zero (every value 0), so the first advantages are the rewards-to-go."""
+
+    def __init__(self, gpt, critic=None, head_state=None):
+        super().__init__()
+        self.gpt, self.critic = gpt, critic
+        self.value_head = nn.Linear(gpt.config.n_embd, 1)
+        if head_state is not None:
+            self.value_head.load_state_dict(head_state)
+        else:
+            nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, idx, attn, T, temperature):
+        """prompt + response idx (B, T + N) with attn (B, T + N) -> for the response tokens idx[:, T:]: their
+        log-probabilities under softmax(logits / temperature), the values of the states before them and the
+        entropies of those distributions, each (B, N). Position t predicts token t + 1."""
+        h = hidden_states(self.gpt, idx[:, :-1], attn[:, :-1])[:, T - 1:]  # (B, N, C)
+        logprobs = (self.gpt.lm_head(h).float() / max(temperature, 1e-6)).log_softmax(-1)  # (B, N, V)
+        logp = logprobs.gather(-1, idx[:, T:, None]).squeeze(-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        if self.critic is not None:
+            h = hidden_states(self.critic, idx[:, :-1], attn[:, :-1])[:, T - 1:]  # (B, N, C)
+        return logp, self.value_head(h).squeeze(-1).float(), entropy
+
+
+class RewardModel(nn.Module):
+    """reward_model.py's checkpoint: a GPT and a value head read at each row's last real token."""
+
+    def __init__(self, gpt, head_state):
+        super().__init__()
+        self.gpt, self.value_head = gpt, nn.Linear(gpt.config.n_embd, 1)
+        self.value_head.load_state_dict(head_state)
+
+    def forward(self, idx, attn):
+        """idx (B, T) left-padded prompt + response, attn (B, T) -> scores (B,) at the last 1 of attn."""
+        h = hidden_states(self.gpt, idx, attn)
+        last = (attn.long() * torch.arange(1, idx.size(1) + 1, device=idx.device)).argmax(1)  # (B,)
+        return self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()
+
+
+# -----------------------------------------------------------------------------
+# 2. Rollouts
+
+
+@torch.no_grad()
+def rollout(policy, tok, rows, args, device, dtype):
+    """Each row's prompt, answered by sampling -> a dict: idx (B, T + N) prompt + response tokens, attn (B, T + N)
+    1 on real tokens (left padding and the tail after a response's end-of-text are 0), mask (B, N) the response
+    tokens (end-of-text included), logp (B, N) their sampling log-probabilities, ended (B,), texts, T."""
+    idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), args.preamble))
+                          for r in rows], tok.eot_token, device)
+    with autocast(device, dtype):
+        tokens, mask, logp = sample(policy.gpt, idx, args.max_new_tokens, attention_mask=attn,
+                                    temperature=args.temperature, eos_id=tok.eot_token)
+    lengths = mask.sum(1)
+    ended = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1) == tok.eot_token
+    texts = [response_text(tok, [t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
+    return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
+                logp=logp.float(), ended=ended, texts=texts, T=idx.size(1))
+
+
+def response_text(tok, ids):
+    """Token ids -> text. Ids past the tokenizer's vocabulary (the rows that round the embedding up to a multiple
+    of 64: never a target, so improbable, but sampling at temperature 1 can draw one) become U+FFFD, which
+    no verifier accepts. response_text(byte_tokenizer(), [104, 300, 105]) -> 'h\ufffdi'"""
+    text, run = "", []
+    for t in ids + [None]:
+        if t is not None and t < tok.n_vocab:
+            run.append(t)
+            continue
+        text, run = text + tok.decode(run) + ("\ufffd" if t is not None else ""), []
+    return text
+
+
+@torch.no_grad()
+def scores(batch, rows, reward_model, args, device, dtype):
+    """The score of each response: the reward model's, or the verifier's (1 when the final number is the
+    answer), minus --eos-penalty where the response never ended. -> scores (B,), verifier (B,) or None."""
+    correct = None
+    if all("answer" in r for r in rows):
+        correct = torch.tensor([bpe.reward(t, r["answer"]) for t, r in zip(batch["texts"], rows)], device=device)
+    if args.reward == "verifier":
+        s = correct.clone()
+    else:
+        with autocast(device, dtype):
+            s = reward_model(batch["idx"], batch["attn"])
+    return s - args.eos_penalty * (~batch["ended"]).float(), correct
+
+
+# -----------------------------------------------------------------------------
+# 3. The reward: the score at the last token, a KL penalty at every token
+
+
+def kl_estimate(logp, ref_logp, how):
+    """Per-token estimate of KL(pi || ref) from tokens drawn from pi. k1 = log pi - log ref: unbiased, can be
+    negative token by token; k3 = r - 1 - log r with r = ref / pi: unbiased too, never negative, lower variance.
+    kl_estimate(tensor([-1.]), tensor([-2.]), "k1") -> 1.0; (..., "k3") -> e^-1 - 1 + 1 = 0.368"""
+    if how == "k1":
+        return logp - ref_logp
+    if how == "k3":
+        d = ref_logp - logp
+        return d.exp() - 1 - d
+    raise ValueError(f"unknown KL estimator {how!r}; valid: k1, k3")
+
+
+def token_rewards(score, kl, mask, kl_coef):
+    """score (B,), kl (B, N), mask (B, N) -> rewards (B, N): -kl_coef * kl at every response token, plus the
+    score at each response's last token. token_rewards(tensor([1.]), zeros(1, 3), tensor([[1., 1., 0.]]), 0.1)
+    -> [[0, 1, 0]]"""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1  # (B,)
+    return rewards.scatter_add(1, last[:, None], score[:, None].to(rewards.dtype))
+
+
+class KLController:
+    """kl_coef, fixed, or adapted (Ziegler et al., 2019) so that the KL per response tracks target:
+    coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * responses / horizon."""
+
+    def __init__(self, coef, target=None, horizon=10000):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl, n):
+        if self.target:
+            self.coef *= 1 + min(max(kl / self.target - 1, -0.2), 0.2) * n / self.horizon
+
+    def state_dict(self):
+        return {"coef": self.coef}
+
+
+# -----------------------------------------------------------------------------
+# 4. GAE and whitening
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized advantage estimation (Schulman et al., 2016) over each response, right to left:
+    delta_t = r_t + gamma V_(t+1) - V_t, A_t = delta_t + gamma lam A_(t+1); past a response's end V = r = 0.
+    -> advantages (B, N), returns = A + V (B, N), what the value head learns to predict."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    N = rewards.size(1)
+    for t in reversed(range(N)):
+        next_value = values[:, t + 1] if t + 1 < N else torch.zeros_like(last)
+        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
+        adv[:, t] = last
+    return adv * mask, (adv + values) * mask
+
+
+def whiten(x, mask, eps=1e-8):
+    """x to mean 0 and (population) variance 1 over the masked entries; 0 elsewhere.
+    whiten(tensor([[1., 3., 9.]]), tensor([[1., 1., 0.]])) -> [[-1, 1, 0]]"""
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# 5. The losses
+
+
+def policy_loss(logp, old_logp, adv, mask, clip=0.2):
+    """PPO's clipped surrogate, negated: mean over tokens of max(-A r, -A clip(r, 1 - clip, 1 + clip)) with
+    r = pi / pi_old. -> loss, clip fraction, approximate KL(pi_old || pi) = mean of (log r)^2 / 2."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))  # pessimistic of the two
+    clipped = ((ratio - 1).abs() > clip).float()
+    return masked_mean(loss, mask), masked_mean(clipped, mask).item(), masked_mean(0.5 * log_ratio ** 2, mask).item()
+
+
+def value_loss(values, old_values, returns, mask, clip=0.2):
+    """The value head's squared error, clipped like the policy: 0.5 * mean of max((V - R)^2, (V_clip - R)^2)
+    with V_clip = V_old + clip(V - V_old, -clip, clip). -> loss, fraction of values clipped."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return masked_mean(loss, mask), masked_mean(((values - old_values).abs() > clip).float(), mask).item()
+
+
+def explained_variance(pred, target, mask):
+    """1 - Var(target - pred) / Var(target) over the masked tokens: 1 is a perfect value head, 0 no better than
+    the mean, negative worse."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask)) ** 2, mask)
+    return (1 - var(target - pred) / var(target).clamp(min=1e-8)).item()
+
+
+# -----------------------------------------------------------------------------
+# 6. One PPO step: score, penalise, estimate advantages, update
+
+
+def ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, dtype):
+    """One rollout batch (with its scores (B,)) -> --ppo-epochs passes of --minibatches optimizer steps.
+    -> the batch's stats."""
+    idx, attn, mask, T = batch["idx"], batch["attn"], batch["mask"], batch["T"]
+    with torch.no_grad(), autocast(device, dtype):  # the same forward pass as training, so the first ratio is 1
+        old_logp, old_values, entropy = policy(idx, attn, T, args.temperature)
+        ref_logp, _, _ = ref(idx, attn, T, args.temperature)
+    kl = kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask  # (B, N)
+    kl_per_response = kl.sum(1).mean().item()
+    rewards = token_rewards(score, kl, mask, kl_ctl.coef)
+    adv, returns = gae(rewards, old_values, mask, args.gamma, args.lam)
+    if args.whiten:
+        adv = whiten(adv, mask)
+    stats = dict(score=score.mean().item(), kl=kl_per_response, kl_coef=kl_ctl.coef,
+                 reward=(rewards * mask).sum(1).mean().item(), entropy=masked_mean(entropy, mask).item(),
+                 length=mask.sum(1).mean().item(), ended=batch["ended"].float().mean().item(),
+                 explained_var=explained_variance(old_values, returns, mask),
+                 max_logp_diff=((old_logp - batch["logp"]).abs() * mask).max().item())
+    B, M = idx.size(0), idx.size(0) // args.minibatches
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # the shuffle depends on the step alone
+    acc = {k: [] for k in ("policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "grad_norm")}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(B, generator=gen).to(device)
+        for k in range(0, B, M):
+            i = order[k:k + M]
+            with autocast(device, dtype):
+                logp, values, _ = policy(idx[i], attn[i], T, args.temperature)
+            pl, clip_frac, approx_kl = policy_loss(logp, old_logp[i], adv[i], mask[i], args.clip)
+            vl, vclip = value_loss(values, old_values[i], returns[i], mask[i], args.clip_value)
+            (pl + args.vf_coef * vl).backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, v in zip(acc, (pl.item(), vl.item(), clip_frac, vclip, approx_kl, norm.item())):
+                acc[key].append(v)
+    kl_ctl.update(kl_per_response, B)
+    return {**stats, **{k: sum(v) / len(v) for k, v in acc.items()}}
+
+
+# -----------------------------------------------------------------------------
+# 7. Evaluation: greedy answers to held-out prompts
+
+
+@torch.no_grad()
+def evaluate(policy, tok, rows, reward_model, args, device, dtype):
+    """Greedy answers to held-out prompts -> {"accuracy": the verifier's (rows with answers), "test_score":
+    the reward model's mean score (when there is one), "test_length"}."""
+    hits, total_score, length = 0.0, 0.0, 0.0
+    for k in range(0, len(rows), args.eval_batch_size):
+        chunk = rows[k:k + args.eval_batch_size]
+        greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
+        b = rollout(policy, tok, chunk, greedy, device, dtype)
+        if "answer" in chunk[0]:
+            hits += sum(bpe.reward(t, r["answer"]) for t, r in zip(b["texts"], chunk))
+        if reward_model is not None:
+            with autocast(device, dtype):
+                total_score += reward_model(b["idx"], b["attn"]).sum().item()
+        length += b["mask"].sum().item()
+    out = {"test_length": length / len(rows)}
+    if "answer" in rows[0]:
+        out["accuracy"] = hits / len(rows)
+    if reward_model is not None:
+        out["test_score"] = total_score / len(rows)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 8. The loop
+
+
+def prompts_at(step, n_rows, n, seed):
+    """Indices of the prompts of rollout batch `step`: epoch e shuffles the rows with the seed (seed, e). The
+    state is the step alone, so a resumed run sees the prompts the uninterrupted run would have."""
+    per_epoch = n_rows // n
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return order[i * n:(i + 1) * n].tolist()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    resume = None
+    if args.resume:  # the run's own settings, except where it runs and when it stops
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
+        resume = load_checkpoint(ckpt_path)
+        keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
+        args = argparse.Namespace(**{**resume["args"], **keep})
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    seed_everything(args.seed)
+    gpt, tok, ckpt = load_model(args.init, "--init")
+    if args.preamble is None:
+        args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
+    reward_model = None
+    if args.reward == "rm" or args.critic == "rm":
+        rm_gpt, _, rm_ckpt = load_model(args.reward_model, "--reward-model")
+        if "value_head" not in rm_ckpt:
+            fail(f"{args.reward_model} has no value head: not a reward model of reward_model.py --method rm")
+        if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
+            fail(f"{args.reward_model} was trained with another tokenizer than {args.init}; pair models of one pipeline")
+        reward_model = RewardModel(rm_gpt, rm_ckpt["value_head"]).to(device).eval().requires_grad_(False)
+        if args.reward != "rm":
+            reward_model = None  # loaded for the critic only
+    try:
+        train_rows, test_rows = load_prompts(args.data)
+    except (ValueError, FileNotFoundError) as e:
+        fail(e)
+    if args.reward == "verifier" and "answer" not in train_rows[0]:
+        fail(f"--reward verifier needs an 'answer' in every row of --data {args.data}; use --reward rm")
+    test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
+    if len(train_rows) < args.batch_size:
+        fail(f"{len(train_rows)} training prompts do not fill one batch of --batch-size {args.batch_size}")
+    ref = Policy(copy.deepcopy(gpt)).to(device).eval().requires_grad_(False)  # the SFT model, frozen
+    critic = None if args.critic == "shared" else copy.deepcopy(rm_gpt if args.critic == "rm" else gpt)
+    policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None)
+    policy.to(device).eval()  # eval for good: no dropout, so sampling and training see one function
+    optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device)
+    value_params = list(policy.value_head.parameters()) + (list(policy.critic.parameters()) if policy.critic else [])
+    optimizer.add_param_group({"params": value_params, "weight_decay": 0.0,
+                               "lr_scale": (args.value_lr or args.lr) / args.lr})
+    kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    step = 0
+    if resume:
+        load_model_state(gpt, resume["model"], ckpt_path)
+        policy.value_head.load_state_dict(resume["value_head"])
+        if policy.critic is not None:
+            load_model_state(policy.critic, resume["critic"], ckpt_path)
+        optimizer.load_state_dict(resume["optimizer"])
+        kl_ctl.coef, step = resume["kl_controller"]["coef"], resume["step"]
+        torch.set_rng_state(resume["rng"])
+        print(f"resumed from {ckpt_path} at step {step}")
+    metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
+    print(f"{args.init}: {sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters | reward {args.reward} | "
+          f"{len(train_rows):,} prompts, {len(test_rows)} held out | {args.max_steps} steps of {args.batch_size} "
+          f"responses | kl {args.kl_estimator} x {args.kl_coef}{f' -> {args.target_kl}' if args.target_kl else ''} "
+          f"| device {device}")
+
+    def eval_and_log(done):
+        t = time.time()
+        row = evaluate(policy, tok, test_rows, reward_model, args, device, dtype)
+        metrics.log(step=done, **row, eval_s=round(time.time() - t, 2))
+        tqdm.write(f"step {done:4d} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()))
+
+    def checkpoint(done):
+        save_checkpoint(ckpt_path, gpt, value_head={k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()},
+                        optimizer=optimizer.state_dict(), kl_controller=kl_ctl.state_dict(), step=done,
+                        rng=torch.get_rng_state(), args=vars(args), tokenizer=tok.dumps(),
+                        template={"preamble": args.preamble},
+                        **({"critic": policy.critic.state_dict()} if policy.critic is not None else {}))
+
+    if step == 0:
+        eval_and_log(0)
+    stop = min(args.max_steps, args.stop_after or args.max_steps)
+    t0, train_time = time.time(), 0.0
+    bar = tqdm(range(step, stop), initial=step, total=stop, desc="ppo", dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.batch_size, args.seed)]
+        t = time.time()
+        batch = rollout(policy, tok, rows, args, device, dtype)
+        score, correct = scores(batch, rows, reward_model, args, device, dtype)
+        t_roll = time.time() - t
+        s = ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, dtype)
+        if correct is not None:
+            s["correct"] = correct.mean().item()  # the verifier on the same samples: is the score earned?
+        done = step + 1
+        metrics.log(step=done, lr=lr, rollout_s=round(t_roll, 3), step_s=round(time.time() - t, 3),
+                    **{k: round(v, 6) for k, v in s.items()})
+        bar.set_postfix(score=f"{s['score']:.3f}", kl=f"{s['kl']:.3f}", clip=f"{s['clip_frac']:.2f}")
+        if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
+            train_time += time.time() - t0
+            eval_and_log(done)
+            checkpoint(done)
+            t0 = time.time()
+    bar.close()
+    if stop == args.max_steps:
+        metrics.log(step=stop, train_s=round(train_time, 1))
+    print(f"{'done' if stop == args.max_steps else 'stopped'} at step {stop}: {train_time:.0f} s | checkpoint {ckpt_path}")
+    if plot := plot_metrics(args.out_dir, f"ppo {args.preset}, reward {args.reward}"):
+        print(f"plot {plot}")
+
+
+# =============================================================================
+# Plumbing: loading models and prompts, the plot
+
+
+def load_model(path, flag):
+    """A checkpoint of this project -> (GPT, its tokenizer, the checkpoint); a missing default input fails with
+    the command that makes it."""
+    if not path or not os.path.isfile(path):
+        how = f"; make it with:\n    {MAKES[path]}" if path in MAKES else ""
+        fail(f"{flag} {path!r}: no checkpoint there{how}")
+    try:
+        ckpt = load_checkpoint(path)
+        model = GPT(GPTConfig(**ckpt["config"]))
+        load_model_state(model, ckpt["model"], path)
+    except (ValueError, TypeError) as e:  # TypeError: a config field this gpt2.py does not know
+        fail(f"{path}: {e}")
+    tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
+    return model, tok, ckpt
+
+
+def load_prompts(data):
+    """--data -> (train rows, held-out rows), each {"prompt", "input"?, "answer"?}. "task": bpe.py's RL prompts
+    and its test problems; a file: rows of any post-training format (the instruction is the prompt), the last
+    10% held out."""
+    if data == "task":
+        paths = bpe.task_files()
+        return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
+    if data == PRESETS["gpt2-polite"]["data"] and not os.path.exists(data):
+        download(PREFERENCE_URL, data)
+    if not os.path.isfile(data):
+        raise FileNotFoundError(f"--data {data!r}: no such file, and not 'task'")
+    if data.endswith(".json"):
+        items = json.load(open(data, encoding="utf-8"))
+    else:
+        items = [json.loads(line) for line in open(data, encoding="utf-8") if line.strip()]
+    rows = []
+    for i, r in enumerate(items if isinstance(items, list) else []):
+        prompt = r.get("prompt", r.get("instruction")) if isinstance(r, dict) else None
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{data}: item {i} has no 'prompt' (or 'instruction') string")
+        rows.append({"prompt": prompt, "input": r.get("input") or "",
+                     **({"answer": str(r["answer"])} if "answer" in r else {})})
+    if len(rows) < 2:
+        raise ValueError(f"{data}: needs a list of at least 2 prompt rows")
+    n_test = max(1, len(rows) // 10)
+    return rows[:-n_test], rows[-n_test:]
+
+
+def plot_metrics(out_dir, title):
+    """<out_dir>/ppo.png: the signals to watch against the step (None without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = MetricsLog.read(out_dir)
+    keys = ("score", "correct", "accuracy", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
+            "explained_var", "grad_norm", "length")
+    fig, axes = plt.subplots(3, 4, figsize=(15, 9))
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if key == "accuracy" else None, linewidth=1.2)
+        ax.set_title({"correct": "verifier on samples", "accuracy": "test accuracy (greedy)"}.get(key, key)), ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = os.path.join(out_dir, "ppo.png")
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    main()

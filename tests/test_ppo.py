@@ -1,0 +1,307 @@
+"""Tests of ppo.py: GAE and whitening, the clipped policy and value losses, both KL estimators, the per-token
+rewards and the KL controller on hand numbers; the rollout log-probabilities; KL 0 at the first step;
+learning on a toy reward; exact resume; the gpt2-polite recipe's code path. CPU only, offline, tiny models."""
+
+import argparse
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import bpe
+import gpt2
+import ppo
+from gpt2 import GPT, GPTConfig
+
+BYTES = bpe.byte_tokenizer()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small do not gain from threads, and the machine is shared
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32, pos_emb="rope")
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+def settings(**kw):
+    """The flags rollout and ppo_step read, with the task preset's defaults."""
+    args = ppo.parse_args(["--device", "cpu"])
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
+# -----------------------------------------------------------------------------
+# Hand numbers
+
+
+def test_gae_and_whitening_against_a_hand_computation():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.1, 2.0, 5.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 ended after 2 tokens: its third is junk
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # row 1: deltas 0.2 - 0.5, 0.4 - 0.2, 1 - 0.4; A2 = 0.6, A1 = 0.2 + 0.95 * 0.6, A0 = -0.3 + 0.95 * A1
+    # row 2: the value after its last token is 0 (not the junk 9): A1 = 2 - 1, A0 = 0.1 + 1 - 1 + 0.95 * 1
+    want = torch.tensor([[-0.3 + 0.95 * 0.77, 0.77, 0.6], [1.05, 1.0, 0.0]])
+    assert torch.allclose(adv, want) and torch.allclose(ret, (want + values) * mask)
+    adv, _ = ppo.gae(rewards, values, mask, gamma=0.9, lam=1.0)  # lambda 1: discounted return minus value
+    assert torch.allclose(adv[0], torch.tensor([0.81 - 0.5, 0.9 - 0.2, 1 - 0.4]))
+    w = ppo.whiten(want, mask)
+    x = torch.tensor([-0.3 + 0.95 * 0.77, 0.77, 0.6, 1.05, 1.0])
+    mean, std = x.mean(), ((x - x.mean()) ** 2).mean().sqrt()  # population std over the 5 real tokens
+    assert torch.allclose(w[mask.bool()], (x - mean) / std, atol=1e-6) and w[1, 2] == 0
+    assert ppo.whiten(torch.tensor([[1., 3., 9.]]), torch.tensor([[1., 1., 0.]]))[0].tolist() == pytest.approx([-1, 1, 0])
+
+
+def test_kl_estimators_against_their_formulas():
+    torch.manual_seed(0)
+    logp, ref = -torch.rand(1000) * 5, -torch.rand(1000) * 5
+    assert torch.equal(ppo.kl_estimate(logp, ref, "k1"), logp - ref)
+    k3 = ppo.kl_estimate(logp, ref, "k3")
+    assert torch.allclose(k3, (ref - logp).exp() - 1 - (ref - logp)) and (k3 >= 0).all()
+    assert ppo.kl_estimate(torch.tensor([-1.]), torch.tensor([-2.]), "k3").item() == pytest.approx(math.exp(-1))
+    # both estimate KL(pi || ref): on draws from pi, their means agree with the exact KL
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.3, 0.3, 0.4])
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    exact = (p * (p / q).log()).sum().item()
+    for how in ("k1", "k3"):
+        assert ppo.kl_estimate(p.log()[x], q.log()[x], how).mean().item() == pytest.approx(exact, abs=0.01)
+    with pytest.raises(ValueError, match="k1, k3"):
+        ppo.kl_estimate(logp, ref, "k2")
+
+
+def test_clipped_policy_loss_on_hand_numbers():
+    # ratios 1.5, 0.5, 1.1 with advantages +1, +1, -2
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_()
+    old, adv, mask = torch.zeros(1, 3), torch.tensor([[1.0, 1.0, -2.0]]), torch.ones(1, 3)
+    loss, clip_frac, approx_kl = ppo.policy_loss(logp, old, adv, mask, clip=0.2)
+    # max(-A r, -A clip(r)): -min(1.5, 1.2) = -1.2 (clipped); -min(0.5, 0.8) = -0.5; max(2.2, 2.2) = 2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3) and clip_frac == pytest.approx(2 / 3)
+    assert approx_kl == pytest.approx(sum(0.5 * math.log(r) ** 2 for r in (1.5, 0.5, 1.1)) / 3)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and logp.grad[0, 2] != 0  # clipped: no incentive
+    masked, *_ = ppo.policy_loss(logp.detach(), old, adv, torch.tensor([[1.0, 1.0, 0.0]]), clip=0.2)
+    assert masked.item() == pytest.approx((-1.2 - 0.5) / 2)
+
+
+def test_clipped_value_loss_on_hand_numbers():
+    values = torch.tensor([[1.0, 0.5, 2.0]], requires_grad=True)
+    old, returns, mask = torch.tensor([[0.5, 0.4, 2.0]]), torch.tensor([[2.0, 0.0, 1.0]]), torch.ones(1, 3)
+    loss, frac = ppo.value_loss(values, old, returns, mask, clip=0.2)
+    # token 1: V 1.0 clipped to 0.7: max((1 - 2)^2, (0.7 - 2)^2) = 1.69; token 2: within the clip: 0.25;
+    # token 3: unchanged: 1.0
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 0.25 + 1.0) / 3) and frac == pytest.approx(1 / 3)
+    loss.backward()
+    assert values.grad[0, 0] == 0 and values.grad[0, 1] != 0  # the clipped branch carries no gradient
+    assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full_like(returns, 1.0), returns, mask) == pytest.approx(0.0)
+
+
+def test_token_rewards_and_the_kl_controller():
+    kl, mask = torch.tensor([[0.5, 1.0, 2.0], [1.0, 3.0, 3.0]]), torch.tensor([[1., 1., 1.], [1., 0., 0.]])
+    r = ppo.token_rewards(torch.tensor([2.0, -1.0]), kl, mask, 0.1)
+    assert torch.allclose(r, torch.tensor([[-0.05, -0.1, -0.2 + 2.0], [-0.1 - 1.0, 0.0, 0.0]]))
+    fixed = ppo.KLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.coef == 0.1
+    ctl = ppo.KLController(0.1, target=6.0, horizon=1000)
+    ctl.update(12.0, 100)  # KL twice the target: the error clips at +0.2
+    assert ctl.coef == pytest.approx(0.1 * (1 + 0.2 * 100 / 1000))
+    ctl.update(5.4, 100)  # 10% under the target
+    assert ctl.coef == pytest.approx(0.1 * 1.02 * (1 - 0.1 * 0.1))
+
+
+# -----------------------------------------------------------------------------
+# Rollouts and the first step
+
+
+ROWS = [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "What is 12 - 5?", "answer": "7"},
+        {"prompt": "What is 1 + 1?", "answer": "2"}] * 4  # prompts of 3 lengths: left padding
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
+    policy = ppo.Policy(tiny(1)).eval()
+    args = settings(max_new_tokens=12, temperature=temperature)
+    torch.manual_seed(0)
+    b = ppo.rollout(policy, BYTES, ROWS, args, "cpu", torch.float32)
+    assert (b["attn"][:, 0] == 0).any() and b["ended"].any() and not b["ended"].all()  # padding, early ends
+    with torch.no_grad():
+        logp, values, entropy = policy(b["idx"], b["attn"], b["T"], temperature)
+    m = b["mask"].bool()
+    assert torch.allclose(logp[m], b["logp"][m], atol=1e-5) and (entropy[m] > 0).all() and (values == 0).all()
+    i = int(b["ended"].float().argmax())  # a response that ended: its last real token is the end-of-text
+    assert b["texts"][i].endswith(bpe.ENDOFTEXT) and b["idx"][i, b["T"] + int(b["mask"][i].sum()) - 1] == BYTES.eot_token
+    # the reward model reads each row at its last real token: the score of the row alone, without padding
+    rm = ppo.RewardModel(tiny(3), {"weight": torch.randn(1, 32), "bias": torch.tensor([0.5])})
+    with torch.no_grad():
+        batched = rm(b["idx"], b["attn"])
+        alone = [rm(row[a.bool()][None], torch.ones(1, int(a.sum()), dtype=torch.long)) for row, a in zip(b["idx"], b["attn"])]
+    assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
+
+
+def test_the_critic_reads_its_own_body():
+    """Values come from the critic's hidden states when there is one; with the reward model as critic (its body
+    and head), the value of the state before response token t is the reward model's score of prompt + the
+    first t tokens."""
+    head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), "bias": torch.tensor([0.3])}
+    policy, rm = ppo.Policy(tiny(1), tiny(2), head).eval(), ppo.RewardModel(tiny(2), head)
+    idx, attn = gpt2.left_pad([[5, 6, 7, 8, 9], [7, 8, 9]])
+    with torch.no_grad():
+        _, values, _ = policy(idx, attn, 3, 1.0)  # prompts idx[:, :3], responses of 2 tokens
+        want = torch.stack([rm(idx[:, :3 + t], attn[:, :3 + t]) for t in range(2)], 1)
+        assert torch.allclose(values, want, atol=1e-5)
+        _, shared, _ = ppo.Policy(tiny(1), None, head)(idx, attn, 3, 1.0)
+    assert not torch.allclose(shared, want, atol=1e-3)
+
+
+def test_tokens_past_the_vocabulary_decode_as_a_replacement_character():
+    # a task model's embedding has 320 rows for 257 tokens; sampling may draw one of the 63 extra ids
+    assert ppo.response_text(BYTES, [104, 300, 105, 256]) == "h\ufffdi" + bpe.ENDOFTEXT
+    assert ppo.response_text(BYTES, [319]) == "\ufffd" and ppo.response_text(BYTES, [55]) == "7"
+
+
+def test_kl_is_zero_at_the_first_step_and_the_first_ratio_is_one():
+    policy = ppo.Policy(tiny(2)).eval()
+    ref = ppo.copy.deepcopy(policy).requires_grad_(False)
+    args = settings(max_new_tokens=8, minibatches=1, ppo_epochs=1, kl_coef=0.5, temperature=0.8)
+    torch.manual_seed(0)
+    b = ppo.rollout(policy, BYTES, ROWS, args, "cpu", torch.float32)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    for est in ("k1", "k3"):
+        s = ppo.ppo_step(policy, ref, opt, b, torch.arange(12.) % 3, ppo.KLController(0.5),
+                         settings(**{**vars(args), "kl_estimator": est}), 0, "cpu", torch.float32)
+        assert s["kl"] == 0.0 and s["reward"] == pytest.approx(1.0)  # mean score (0, 1, 2): no penalty yet
+        assert s["clip_frac"] == 0.0 and s["approx_kl"] == 0.0 and s["max_logp_diff"] < 1e-5
+        policy.load_state_dict(ref.state_dict())
+    # after an update the policy has moved: KL and the penalty appear, and a second epoch's ratio moves
+    ppo.ppo_step(policy, ref, opt, b, torch.arange(12.) % 3, ppo.KLController(0.5), args, 0, "cpu", torch.float32)
+    s = ppo.ppo_step(policy, ref, opt, b, torch.arange(12.) % 3, ppo.KLController(0.5),
+                     settings(**{**vars(args), "ppo_epochs": 2}), 1, "cpu", torch.float32)
+    assert s["kl"] > 0 and s["reward"] < 1.0 and s["approx_kl"] > 0
+
+
+def test_ppo_learns_a_toy_reward():
+    """Score = the fraction of response characters that are digits. A random model writes ~4% digits; 30
+    rollout batches of PPO make it write mostly digits."""
+    policy = ppo.Policy(tiny(4)).eval()
+    ref = ppo.copy.deepcopy(policy).requires_grad_(False)
+    args = settings(max_new_tokens=6, lr=1e-2, kl_coef=0.01, eos_penalty=0.0, temperature=1.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    ctl = ppo.KLController(args.kl_coef)
+    torch.manual_seed(0)
+    digits = lambda t: sum(c.isdigit() for c in t.replace(bpe.ENDOFTEXT, "")) / max(1, len(t))
+    history = []
+    for step in range(30):
+        b = ppo.rollout(policy, BYTES, ROWS[:8], args, "cpu", torch.float32)
+        score = torch.tensor([digits(t) for t in b["texts"]])
+        s = ppo.ppo_step(policy, ref, opt, b, score, ctl, args, step, "cpu", torch.float32)
+        history.append(s["score"])
+    assert history[0] < 0.15 and sum(history[-5:]) / 5 > 0.5, history
+    assert s["kl"] > 0.1  # it got there by moving away from the reference
+
+
+# -----------------------------------------------------------------------------
+# The script: exact resume, bad input, the gpt2-polite recipe's code path
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def task_inputs(tmp_path):
+    """A tiny SFT model, a tiny reward model (random value head) and 36 prompts, as the pipeline writes them."""
+    sft, rm = str(tmp_path / "sft.pt"), str(tmp_path / "rm.pt")
+    gpt2.save_checkpoint(sft, tiny(5), tokenizer=BYTES.dumps(), template={"preamble": False})
+    head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)}
+    gpt2.save_checkpoint(rm, tiny(6), tokenizer=BYTES.dumps(), template={"preamble": False}, value_head=head)
+    rows = [{"prompt": bpe.task_text(a, "+", b)[0], "answer": bpe.task_text(a, "+", b)[2]}
+            for a in range(6) for b in range(6)]
+    bpe.write_rows(tmp_path / "rl.jsonl", rows)
+    return sft, rm, str(tmp_path / "rl.jsonl")
+
+
+RUN = ["--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--max-new-tokens", "6",
+       "--lr", "1e-3", "--eval-interval", "2", "--minibatches", "2", "--ppo-epochs", "2"]
+
+
+def test_resume_is_exact(tmp_path):
+    sft, rm, data = task_inputs(tmp_path)
+    common = ["--init", sft, "--reward-model", rm, "--data", data, "--max-steps", "4", "--target-kl", "0.01",
+              "--kl-horizon", "20", "--kl-estimator", "k3", "--critic", "sft", "--value-lr", "3e-3", *RUN]
+    ppo.main([*common, "--out-dir", str(tmp_path / "straight")])
+    ppo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    ppo.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    keys = ("step", "score", "kl", "kl_coef", "policy_loss", "value_loss", "accuracy", "test_score")
+    rows = lambda d: [{k: r.get(k) for k in keys} for r in metrics(d) if "train_s" not in r]
+    assert rows(tmp_path / "split") == rows(tmp_path / "straight") and len(rows(tmp_path / "split")) == 4 + 3
+    a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    b = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 4 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["value_head"]["weight"], b["value_head"]["weight"]) and a["value_head"]["weight"].abs().sum() > 0
+    assert all(torch.equal(a["critic"][k], b["critic"][k]) for k in a["critic"])  # the separate value body
+    assert not torch.equal(a["critic"]["lm_head.weight"], a["model"]["lm_head.weight"])
+    assert a["kl_controller"] == b["kl_controller"] and a["kl_controller"]["coef"] != 0.02  # it adapted
+    logged = metrics(tmp_path / "straight")[1]
+    assert {"score", "correct", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_var",
+            "grad_norm", "length"} <= set(logged)
+    # the verifier reward needs no reward model
+    ppo.main(["--init", sft, "--reward", "verifier", "--data", data, "--max-steps", "1",
+              *RUN, "--out-dir", str(tmp_path / "verifier")])
+    assert metrics(tmp_path / "verifier")[1]["score"] == metrics(tmp_path / "verifier")[1]["correct"] - 1.0 * (
+        1 - metrics(tmp_path / "verifier")[1]["ended"])
+
+
+def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
+    sft, rm, data = task_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)  # no out/task-sft here: the error says how to make it
+    with pytest.raises(SystemExit, match="python sft.py"):
+        ppo.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="python reward_model.py"):
+        ppo.main(["--device", "cpu", "--init", sft])
+    with pytest.raises(SystemExit, match="no value head"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward-model", sft, "--data", data])
+    gpt2.save_checkpoint(str(tmp_path / "other.pt"), tiny(), value_head={}, tokenizer=bpe.Tokenizer("gpt4").dumps())
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward-model", str(tmp_path / "other.pt"), "--data", data])
+    (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Say no."}]))
+    with pytest.raises(SystemExit, match="needs an 'answer'"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward", "verifier", "--data", str(tmp_path / "p.json")])
+    with pytest.raises(SystemExit, match="multiple of --minibatches"):
+        ppo.main(["--batch-size", "6", "--minibatches", "4"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        ppo.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
+
+
+def test_gpt2_polite_recipe_code_path(tmp_path):
+    """The gpt2-polite preset on tiny random GPT-2-vocabulary models written in sft.py's and reward_model.py's
+    checkpoint formats, and a small file in the preference data's format."""
+    tok = bpe.load_gpt2().dumps()
+    cfg = GPTConfig(block_size=256, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    gpt2.save_checkpoint(str(tmp_path / "sft.pt"), GPT(cfg), tokenizer=tok, template={"preamble": True})
+    head = {"weight": torch.randn(1, 16), "bias": torch.zeros(1)}
+    gpt2.save_checkpoint(str(tmp_path / "rm.pt"), GPT(cfg), tokenizer=tok, template={"preamble": True},
+                         value_head=head, method="rm")
+    pairs = [{"instruction": f"Rewrite politely: give me item {i}.", "input": "" if i % 2 else f"item {i}",
+              "output": "Please give me it.", "chosen": "Could you please give it to me?", "rejected": "Give it."}
+             for i in range(20)]
+    (tmp_path / "pref.json").write_text(json.dumps(pairs))
+    ppo.main(["--preset", "gpt2-polite", "--init", str(tmp_path / "sft.pt"), "--reward-model", str(tmp_path / "rm.pt"),
+              "--data", str(tmp_path / "pref.json"), "--out-dir", str(tmp_path / "run"), "--max-steps", "1",
+              "--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"])
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "test_score" in r] == [0, 1] and "accuracy" not in rows[0]
+    assert rows[1]["length"] > 0 and "correct" not in rows[1] and rows[1]["kl_coef"] == 0.05
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["template"] == {"preamble": True} and ckpt["args"]["lr"] == 1e-6 and ckpt["args"]["target_kl"] == 6.0
+    assert set(ckpt["critic"]) == set(ckpt["model"])  # InstructGPT's critic: the reward model's body and head
+    assert not torch.equal(ckpt["value_head"]["weight"], head["weight"])  # trained from the reward model's head
+    assert ckpt["kl_controller"]["coef"] < 0.05  # adaptive: KL 0 is under the target of 6 nats, so it relaxes
