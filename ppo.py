@@ -46,7 +46,8 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
-                  load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
+                  load_model_state, lr_at, pick_device, pick_dtype, resume_settings, sample, save_checkpoint,
+                  seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -158,9 +159,9 @@ class Policy(nn.Module):
     of a body trained for the next token predict success poorly (see bench/results/ppo_cpu.md). A new head
     starts at zero (every value 0), so the first advantages are the rewards-to-go."""
 
-    def __init__(self, gpt, critic=None, head_state=None):
+    def __init__(self, gpt, critic=None, head_state=None, vocab_size=None):
         super().__init__()
-        self.gpt, self.critic = gpt, critic
+        self.gpt, self.critic, self.vocab_size = gpt, critic, vocab_size  # the tokenizer's ids, as in sampling
         self.value_head = nn.Linear(gpt.config.n_embd, 1)
         if head_state is not None:
             self.value_head.load_state_dict(head_state)
@@ -172,7 +173,8 @@ class Policy(nn.Module):
         log-probabilities under softmax(logits / temperature), the values of the states before them and the
         entropies of those distributions, each (B, N). Position t predicts token t + 1."""
         h = hidden_states(self.gpt, idx[:, :-1], attn[:, :-1])[:, T - 1:]  # (B, N, C)
-        logprobs = (self.gpt.lm_head(h).float() / max(temperature, 1e-6)).log_softmax(-1)  # (B, N, V)
+        logits = self.gpt.lm_head(h)[..., :self.vocab_size].float()  # (B, N, V): no row past the tokenizer
+        logprobs = (logits / max(temperature, 1e-6)).log_softmax(-1)
         logp = logprobs.gather(-1, idx[:, T:, None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
         if self.critic is not None:
@@ -208,25 +210,12 @@ def rollout(policy, tok, rows, args, device, dtype):
                           for r in rows], tok.eot_token, device)
     with autocast(device, dtype):
         tokens, mask, logp = sample(policy.gpt, idx, args.max_new_tokens, attention_mask=attn,
-                                    temperature=args.temperature, eos_id=tok.eot_token)
+                                    temperature=args.temperature, eos_id=tok.eot_token, vocab_size=tok.n_vocab)
     lengths = mask.sum(1)
     ended = tokens.gather(1, (lengths - 1)[:, None]).squeeze(1) == tok.eot_token
-    texts = [response_text(tok, [t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
+    texts = [tok.decode([t for t, m in zip(ts, ms) if m]) for ts, ms in zip(tokens.tolist(), mask.tolist())]
     return dict(idx=torch.cat([idx, tokens], 1), attn=torch.cat([attn, mask.long()], 1), mask=mask.float(),
                 logp=logp.float(), ended=ended, texts=texts, T=idx.size(1))
-
-
-def response_text(tok, ids):
-    """Token ids -> text. Ids past the tokenizer's vocabulary (the rows that round the embedding up to a multiple
-    of 64: never a target, so improbable, but sampling at temperature 1 can draw one) become U+FFFD, which
-    no verifier accepts. response_text(byte_tokenizer(), [104, 300, 105]) -> 'h\ufffdi'"""
-    text, run = "", []
-    for t in ids + [None]:
-        if t is not None and t < tok.n_vocab:
-            run.append(t)
-            continue
-        text, run = text + tok.decode(run) + ("\ufffd" if t is not None else ""), []
-    return text
 
 
 @torch.no_grad()
@@ -432,13 +421,7 @@ def prompts_at(step, n_rows, n, seed):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    resume = None
-    if args.resume:  # the run's own settings, except where it runs and when it stops
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
-        resume = load_checkpoint(ckpt_path)
-        keep = {k: getattr(args, k) for k in ("device", "dtype", "compile", "stop_after", "resume", "out_dir")}
-        args = argparse.Namespace(**{**resume["args"], **keep})
+    args, resume = resume_settings(args, "ppo.py")  # the run's own settings, except where it runs and stops
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
@@ -464,9 +447,9 @@ def main(argv=None):
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
     if len(train_rows) < args.batch_size:
         fail(f"{len(train_rows)} training prompts do not fill one batch of --batch-size {args.batch_size}")
-    ref = Policy(copy.deepcopy(gpt)).to(device).eval().requires_grad_(False)  # the SFT model, frozen
+    ref = Policy(copy.deepcopy(gpt), vocab_size=tok.n_vocab).to(device).eval().requires_grad_(False)  # frozen SFT
     critic = None if args.critic == "shared" else copy.deepcopy(rm_gpt if args.critic == "rm" else gpt)
-    policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None)
+    policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None, tok.n_vocab)
     policy.to(device).eval()  # eval for good: no dropout, so sampling and training see one function
     optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device)
     value_params = list(policy.value_head.parameters()) + (list(policy.critic.parameters()) if policy.critic else [])
