@@ -465,7 +465,7 @@ def test_sft_fsdp_two_processes_give_the_loss_of_one(tmp_path, qwen_dir):
     root = str(bpe.HERE)
     sft.main([*common, "--out-dir", str(tmp_path / "one")])  # 1 process, no FSDP
     for extra in (["--stop-after", "2"], ["--resume"]):  # 2 processes, stopped after step 2 and resumed
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "sft.py", "--fsdp",
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py", "--fsdp",
                               *common, "--out-dir", str(tmp_path / "two"), *extra], cwd=root, env=env,
                              capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -506,7 +506,7 @@ def test_grpo_fsdp_two_processes(tmp_path, qwen_json):
     data.mkdir()
     for name in ("rl", "test"):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "grpo.py", "--fsdp",
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "grpo.py", "--fsdp",
                           "--preset", "qwen-math", "--init", str(tmp_path / "qwen"), "--data", str(data),
                           "--out-dir", str(tmp_path / "out"), "--max-steps", "2", "--prompts", "4", "--group-size", "2",
                           "--max-new-tokens", "12", "--eval-limit", "1", "--device", "cpu", "--temperature", "0"],
@@ -553,7 +553,7 @@ def test_sample_sync_keeps_processes_in_step(tmp_path):
     import subprocess
     import sys
     (tmp_path / "s.py").write_text(SYNC_SCRIPT)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "s.py"),
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tmp_path / "s.py"),
                     str(tmp_path)], cwd=str(bpe.HERE), check=True, capture_output=True, timeout=120,
                    env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(bpe.HERE)})
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
