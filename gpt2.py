@@ -339,6 +339,18 @@ class GPT(nn.Module):
         (targets == -1 are ignored). attention_mask (B, T), 1 for tokens and 0 for (left) padding, gives
         per-row positions; with a cache it covers the new tokens only. last_logits_only skips the vocab
         projection of all but the last position (prefill in generation)."""
+        x = self.hidden_states(idx, cache=cache, attention_mask=attention_mask)  # (B, T, C)
+        if last_logits_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
+        logits = self._logits(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, idx, *, cache=None, attention_mask=None):
+        """idx (B, T) -> the final hidden states (B, T, C) after ln_f: the model without its vocabulary
+        projection, which is what a reward model's or a classifier's head reads."""
         if not torch.compiler.is_compiling():
             self._check_input(idx, cache)
         pos, mask = self._positions_and_mask(idx, cache, attention_mask)  # (B, T), (B, 1, T, Tk) or None
@@ -347,14 +359,7 @@ class GPT(nn.Module):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.commit()
-        x = self.transformer.ln_f(x)
-        if last_logits_only and targets is None:
-            x = x[:, -1:]  # (B, 1, C)
-        logits = self._logits(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     def _positions_and_mask(self, idx, cache, attention_mask):
         """Per-row positions (B, T) and the attention mask; mask None means plain causal attention."""

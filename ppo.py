@@ -142,16 +142,6 @@ def fail(msg):
 # 1. The actors: policy + value head, the reference, the reward model
 
 
-def hidden_states(gpt, idx, attention_mask):
-    """The final hidden states (B, T, C) after ln_f: GPT.forward without the vocabulary projection (the same
-    function as reward_model.py's, which this file may not import)."""
-    pos, mask = gpt._positions_and_mask(idx, None, attention_mask)
-    x, rope = gpt._embed(idx, pos)
-    for i, block in enumerate(gpt.transformer.h):
-        x = block(x, rope, mask, None, i)
-    return gpt.transformer.ln_f(x)
-
-
 class Policy(nn.Module):
     """The SFT model plus a value head, Linear(n_embd, 1): V(state) before each response token. The head reads
     the policy's own hidden states (critic None: one body, cheap), or those of a separate critic body (a copy of
@@ -172,13 +162,13 @@ class Policy(nn.Module):
         """prompt + response idx (B, T + N) with attn (B, T + N) -> for the response tokens idx[:, T:]: their
         log-probabilities under softmax(logits / temperature), the values of the states before them and the
         entropies of those distributions, each (B, N). Position t predicts token t + 1."""
-        h = hidden_states(self.gpt, idx[:, :-1], attn[:, :-1])[:, T - 1:]  # (B, N, C)
+        h = self.gpt.hidden_states(idx[:, :-1], attention_mask=attn[:, :-1])[:, T - 1:]  # (B, N, C)
         logits = self.gpt.lm_head(h)[..., :self.vocab_size].float()  # (B, N, V): no row past the tokenizer
         logprobs = (logits / max(temperature, 1e-6)).log_softmax(-1)
         logp = logprobs.gather(-1, idx[:, T:, None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
         if self.critic is not None:
-            h = hidden_states(self.critic, idx[:, :-1], attn[:, :-1])[:, T - 1:]  # (B, N, C)
+            h = self.critic.hidden_states(idx[:, :-1], attention_mask=attn[:, :-1])[:, T - 1:]  # (B, N, C)
         return logp, self.value_head(h).squeeze(-1).float(), entropy
 
 
@@ -192,7 +182,7 @@ class RewardModel(nn.Module):
 
     def forward(self, idx, attn):
         """idx (B, T) left-padded prompt + response, attn (B, T) -> scores (B,) at the last 1 of attn."""
-        h = hidden_states(self.gpt, idx, attn)
+        h = self.gpt.hidden_states(idx, attention_mask=attn)
         last = (attn.long() * torch.arange(1, idx.size(1) + 1, device=idx.device)).argmax(1)  # (B,)
         return self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()
 

@@ -227,15 +227,6 @@ class Loader:
 # 2. The reward model: a GPT body and a value head at the last real token
 
 
-def hidden_states(gpt, idx, attention_mask=None):
-    """The final hidden states (B, T, C) after ln_f: GPT.forward without the vocabulary projection."""
-    pos, mask = gpt._positions_and_mask(idx, None, attention_mask)
-    x, rope = gpt._embed(idx, pos)
-    for i, block in enumerate(gpt.transformer.h):
-        x = block(x, rope, mask, None, i)
-    return gpt.transformer.ln_f(x)
-
-
 class RewardModel(nn.Module):
     """GPT + Linear(n_embd, 1). The value head starts at zero, so an untrained reward model scores every answer
     0 and its loss on any pair is exactly ln 2 (the Bradley-Terry coin flip)."""
@@ -253,7 +244,7 @@ class RewardModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
         right = bool(attention_mask[:, 0].all())  # every row starts with a token: plain causal attention
-        h = hidden_states(self.gpt, idx, None if right else attention_mask)  # (B, T, C)
+        h = self.gpt.hidden_states(idx, attention_mask=None if right else attention_mask)  # (B, T, C)
         last = (attention_mask.long() * torch.arange(1, idx.size(1) + 1, device=idx.device)).argmax(1)  # (B,)
         return self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1)  # (B,)
 
