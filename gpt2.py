@@ -1207,6 +1207,30 @@ class MetricsLog:
         plt.close(fig)
         return out
 
+    @staticmethod
+    def plot_grid(out_dir, keys, filename, title, titles=None, cols=4):
+        """One small panel per metric in keys against the step (the signals an RL run is watched by) ->
+        <out_dir>/filename, or None without matplotlib. titles renames panels: {"kl": "KL to the reference"}."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = MetricsLog.read(out_dir)
+        fig, axes = plt.subplots(-(-len(keys) // cols), cols, figsize=(3.7 * cols, 3 * -(-len(keys) // cols)))
+        for ax, key in zip(axes.flat, keys):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if key == "accuracy" else None, linewidth=1.2)
+            ax.set_title((titles or {}).get(key, key.replace("_", " "))), ax.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        out = os.path.join(out_dir, filename)
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        return out
+
 
 # -----------------------------------------------------------------------------
 # Sharded data parallel (FSDP2): for models whose weights, gradients and AdamW state do not fit one GPU (Llama

@@ -500,26 +500,8 @@ def main(argv=None):
 def plot_metrics(out_dir, title):
     """<out_dir>/grpo.png: test accuracy, reward, zero-signal fraction, KL, clip fraction, entropy and answer
     length against the step (None without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = MetricsLog.read(out_dir)
     keys = ("accuracy", "reward", "zero_signal", "kl", "clip_frac", "entropy", "length", "loss")
-    fig, axes = plt.subplots(2, 4, figsize=(14, 6))
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if key == "accuracy" else None, linewidth=1.2)
-        ax.set_title(key.replace("_", " ")), ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = os.path.join(out_dir, "grpo.png")
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return MetricsLog.plot_grid(out_dir, keys, "grpo.png", title)
 
 
 if __name__ == "__main__":

@@ -559,27 +559,10 @@ def load_prompts(data):
 
 def plot_metrics(out_dir, title):
     """<out_dir>/ppo.png: the signals to watch against the step (None without matplotlib)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = MetricsLog.read(out_dir)
     keys = ("score", "correct", "accuracy", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
             "explained_var", "grad_norm", "length")
-    fig, axes = plt.subplots(3, 4, figsize=(15, 9))
-    for ax, key in zip(axes.flat, keys):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if key == "accuracy" else None, linewidth=1.2)
-        ax.set_title({"correct": "verifier on samples", "accuracy": "test accuracy (greedy)"}.get(key, key)), ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = os.path.join(out_dir, "ppo.png")
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    titles = {"correct": "verifier on samples", "accuracy": "test accuracy (greedy)"}
+    return MetricsLog.plot_grid(out_dir, keys, "ppo.png", title, titles)
 
 
 if __name__ == "__main__":
