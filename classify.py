@@ -26,7 +26,6 @@ What it teaches, in the file's order:
 """
 
 import argparse
-import json
 import math
 import os
 import time

@@ -1046,6 +1046,37 @@ def load_checkpoint(path, map_location="cpu"):
 RUN_PLACE = ("device", "dtype", "compile", "stop_after", "resume", "out_dir")  # what --resume may change
 
 
+def load_with_tokenizer(init, missing=None):
+    """--init of a post-training script -> (model, tokenizer, checkpoint or None). A checkpoint of this project
+    brings the tokenizer it recorded (so every stage encodes as the one before); gpt2 names and folders come
+    with GPT-2's tokenizer; Llama 3 / Qwen2.5 names and folders bring their own, loaded as fp32 master weights
+    (autocast computes in --dtype). missing: the command that makes a missing default input, for the error.
+    Every failure is a ValueError that names the fix."""
+    import bpe
+    ckpt = None
+    if os.path.isfile(init):
+        ckpt = load_checkpoint(init)
+        model = GPT.from_checkpoint(init)
+        if "tokenizer" in ckpt:
+            tok = bpe.Tokenizer.loads(ckpt["tokenizer"], source=f"{init} (tokenizer)")
+        elif model.config.vocab_size >= 50257:  # written before checkpoints recorded their tokenizer: GPT-2's
+            tok = bpe.load_gpt2()
+        else:
+            raise ValueError(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is "
+                             f"not GPT-2's; retrain it with this project's scripts")
+    elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
+        model = GPT.from_pretrained(init, dtype=torch.float32)
+        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
+    elif missing:
+        raise ValueError(f"no model at {init}; make it with:\n    {missing}")
+    else:
+        raise ValueError(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one "
+                         f"of {', '.join(HF_MODELS)}")
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"{init}: the tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}")
+    return model, tok, ckpt
+
+
 def resume_settings(args, script):
     """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
     run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE), so a

@@ -46,9 +46,9 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
-                  load_model_state, lr_at, pick_device, pick_dtype, sample, save_checkpoint, seed_everything)
-from gpt2 import is_hf_repo, resume_settings  # is_hf_repo: an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import (MetricsLog, add_common_args, autocast, download, left_pad, load_model_state, lr_at, pick_device,
+                  pick_dtype, sample, save_checkpoint, seed_everything)
+from gpt2 import load_with_tokenizer, resume_settings
 from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
@@ -70,6 +70,7 @@ PRESETS["qwen-math"] = dict(init="Qwen/Qwen2.5-Math-1.5B", data="data/math", out
                             max_steps=200, prompts=32, group_size=8, lr=1e-5, max_new_tokens=1024,
                             eval_interval=20, eval_limit=500)
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+SFT_COMMAND = "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)"
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
@@ -173,20 +174,11 @@ def load_rows(data):
 
 
 def load_policy(init):
-    """--init -> (model, tokenizer): a checkpoint brings the tokenizer it was trained with."""
-    if os.path.isfile(init):
-        ckpt = load_checkpoint(init)
-        model = GPT.from_checkpoint(init)
-        tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
-    elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
-        # fp32 master weights (autocast computes in --dtype); Llama / Qwen bring their own tokenizer
-        model = GPT.from_pretrained(init, dtype=torch.float32)
-        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
-    elif init == PRESETS["task"]["init"]:
-        fail(f"no SFT model at {init}; make it with `python sft.py` (see sft.py's docstring)")
-    else:
-        fail(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one of "
-             f"{', '.join(HF_MODELS)}")
+    """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
+    try:
+        model, tok, _ = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
     return model, tok
 
 

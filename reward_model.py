@@ -43,10 +43,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler,
-                  left_pad, load_checkpoint, load_lora_state, load_model_state, lora_state_dict, lr_at,
-                  maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample, save_checkpoint,
-                  seed_everything)
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, left_pad, load_lora_state,
+                  load_model_state, lora_state_dict, lr_at, load_with_tokenizer, maybe_compile, merge_lora,
+                  pick_device, pick_dtype, resume_settings, sample, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -307,22 +306,12 @@ def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0):
 
 
 def load_init(init):
-    """--init -> (GPT, tokenizer, template): a checkpoint (with the tokenizer it recorded) or GPT-2 weights."""
-    if os.path.isfile(init):
-        ckpt = load_checkpoint(init)
-        model = GPT.from_checkpoint(init)
-        if "tokenizer" in ckpt:
-            tok = bpe.Tokenizer.loads(ckpt["tokenizer"], source=f"{init} (tokenizer)")
-        elif model.config.vocab_size >= 50257:
-            tok = bpe.load_gpt2()
-        else:
-            fail(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is not GPT-2's")
-        return model, tok, ckpt.get("template")
-    if init in HF_MODELS or os.path.isdir(init):
-        return GPT.from_pretrained(init), bpe.load_gpt2(), None
-    if init == PRESETS["task"]["init"]:
-        fail(f"no SFT model at {init}; make it with:\n    {SFT_COMMAND}")
-    fail(f"--init {init!r}: not a checkpoint file, an HF folder, or one of {', '.join(HF_MODELS)}")
+    """--init -> (GPT, tokenizer, template): gpt2.load_with_tokenizer, with the command that makes the default."""
+    try:
+        model, tok, ckpt = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    return model, tok, (ckpt or {}).get("template")
 
 
 @torch.no_grad()

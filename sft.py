@@ -37,11 +37,10 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, HF_MODELS, MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler,
-                  left_pad, load_checkpoint, load_lora_state, load_model_state, lora_state_dict, lr_at,
-                  maybe_compile, merge_lora, pick_device, pick_dtype, sample, save_adapter, save_checkpoint,
-                  seed_everything)
-from gpt2 import is_hf_repo, resume_settings  # is_hf_repo: an HF hub name (Llama 3.x, Qwen2.5) for --init
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, left_pad, load_lora_state,
+                  load_model_state, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device, pick_dtype,
+                  sample, save_adapter, save_checkpoint, seed_everything)
+from gpt2 import load_with_tokenizer, resume_settings
 from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
 
 # -----------------------------------------------------------------------------
@@ -219,28 +218,11 @@ class Loader:
 
 
 def load_base(init):
-    """--init -> (model, tokenizer). A checkpoint brings the tokenizer it was trained with (ckpt["tokenizer"],
-    bpe.Tokenizer.dumps text); OpenAI's weights come with GPT-2's tokenizer."""
-    if os.path.isfile(init):
-        ckpt = load_checkpoint(init)
-        model = GPT.from_checkpoint(init)
-        if "tokenizer" in ckpt:
-            tok = bpe.Tokenizer.loads(ckpt["tokenizer"], source=f"{init} (tokenizer)")
-        elif model.config.vocab_size >= 50257:  # written before checkpoints recorded their tokenizer: GPT-2's
-            tok = bpe.load_gpt2()
-        else:
-            fail(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is not GPT-2's")
-    elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
-        # fp32 master weights (autocast computes in --dtype); Llama / Qwen bring their own tokenizer
-        model = GPT.from_pretrained(init, dtype=torch.float32)
-        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
-    elif init == PRESETS["task"]["init"]:
-        fail(f"no base model at {init}; make it with:\n    {BASE_COMMAND}")
-    else:
-        fail(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one of "
-             f"{', '.join(HF_MODELS)}")
-    if tok.n_vocab > model.config.vocab_size:
-        fail(f"the tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}")
+    """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
+    try:
+        model, tok, _ = load_with_tokenizer(init, BASE_COMMAND if init == PRESETS["task"]["init"] else None)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
     return model, tok
 
 
