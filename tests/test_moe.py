@@ -16,13 +16,7 @@ import moe as M
 from gpt2 import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small are all per-op overhead; a second thread only adds contention on a shared box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def config(**kw):

@@ -18,12 +18,7 @@ from gpt2 import GPT, GPTConfig
 BYTES = bpe.byte_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # models this small do not gain from threads, and the machine is shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed=0, **kw):
