@@ -46,10 +46,9 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, autocast, download, left_pad, load_model_state, lr_at, pick_device,
-                  pick_dtype, sample, save_checkpoint, seed_everything)
-from gpt2 import load_with_tokenizer, resume_settings
-from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
+from gpt2 import (MetricsLog, add_common_args, autocast, download, fsdp_shard, full_state_dict, init_distributed,
+                  left_pad, load_model_state, load_with_tokenizer, lr_at, pick_device, pick_dtype, resume_settings,
+                  sample, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.

@@ -37,11 +37,10 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, left_pad, load_lora_state,
-                  load_model_state, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device, pick_dtype,
-                  sample, save_adapter, save_checkpoint, seed_everything)
-from gpt2 import load_with_tokenizer, resume_settings
-from gpt2 import fsdp_shard, full_state_dict, init_distributed  # --fsdp
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, fsdp_shard, full_state_dict, grad_scaler,
+                  init_distributed, left_pad, load_lora_state, load_model_state, load_with_tokenizer, lora_state_dict,
+                  lr_at, maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample, save_adapter,
+                  save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
