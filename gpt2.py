@@ -1287,6 +1287,16 @@ def init_distributed(device):
     return rank, dist.get_world_size(), device
 
 
+def end_distributed():
+    """Under torchrun: wait until every process is done (process 0 may still be writing the checkpoint and plot),
+    then leave the process group. A process that exits while the others still talk to it dies with
+    'terminate called without an active exception'. Outside torchrun: nothing."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fsdp_shard(model):
     """Shard a GPT in place with FSDP2: each Block is one unit (gathered for its own forward / backward), the
     embeddings, final norm and head the root unit. The model keeps its class, names and call; its parameters

@@ -46,9 +46,9 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, autocast, download, fsdp_shard, full_state_dict, init_distributed,
-                  left_pad, load_model_state, load_with_tokenizer, lr_at, pick_device, pick_dtype, resume_settings,
-                  sample, save_checkpoint, seed_everything)
+from gpt2 import (MetricsLog, add_common_args, autocast, download, end_distributed, fsdp_shard, full_state_dict,
+                  init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at, pick_device, pick_dtype,
+                  resume_settings, sample, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -482,6 +482,7 @@ def main(argv=None):
     print(f"{'done' if stop == args.max_steps else 'stopped'} at step {stop}: {train_time:.0f} s | checkpoint {ckpt_path}")
     if rank == 0 and (plot := plot_metrics(args.out_dir, f"grpo {args.preset} ({args.loss})")):
         print(f"plot {plot}")
+    end_distributed()  # --fsdp: the other processes wait for process 0's checkpoint and plot
 
 
 # =============================================================================

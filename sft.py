@@ -37,10 +37,10 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, fsdp_shard, full_state_dict, grad_scaler,
-                  init_distributed, left_pad, load_lora_state, load_model_state, load_with_tokenizer, lora_state_dict,
-                  lr_at, maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample, save_adapter,
-                  save_checkpoint, seed_everything)
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, end_distributed, fsdp_shard,
+                  full_state_dict, grad_scaler, init_distributed, left_pad, load_lora_state, load_model_state,
+                  load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device, pick_dtype,
+                  resume_settings, sample, save_adapter, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -431,6 +431,7 @@ def main(argv=None):
           f"checkpoint {ckpt_path}{responses}")
     if rank == 0 and (plot := metrics.plot(title=f"sft {args.preset}{' lora' if args.lora else ''}")):
         print(f"loss plot {plot}")
+    end_distributed()  # --fsdp: the other processes wait for process 0's checkpoint and plot
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir,
-                  download, grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, peak_flops,
-                  pick_device, pick_dtype, save_checkpoint, seed_everything)
+                  download, end_distributed, grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
+                  peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; any flag given on the command line wins.
@@ -827,8 +827,7 @@ def main(argv=None):
         f"checkpoint {os.path.join(args.out_dir, 'ckpt.pt')}")
     if plot := record.finish(title=f"train_gpt2 {args.preset}"):
         log(f"loss plot {plot}")
-    if proc.ddp:
-        dist.destroy_process_group()
+    end_distributed()  # torchrun: the other processes wait for process 0's checkpoint and plot
 
 
 if __name__ == "__main__":
