@@ -1212,15 +1212,20 @@ def write_rows(path, rows):
 # than by a judge. "What is 482 + 39?" -> "482 + 39 = 521": the response restates the problem (a scratchpad:
 # the digits to combine sit right before the answer, where pretraining put them) and the verifier reads its
 # last number, as GSM8K graders read the final answer. Operands have 1..TASK_MAX_DIGITS digits, each length
-# equally likely, so the set mixes problems a small model gets right (one digit, no carry) with ones it often
-# gets wrong (four digits, carries): room for SFT to reach part of it and for RL to improve on that. The
-# pretraining text holds problems of the same kind as "Q: ... / A: ..." worked examples (a base model trained
-# on bare equations never learns to restate a question, and SFT alone does not teach it that in minutes).
+# equally likely. The pretraining text holds problems of the same kind as "Q: ... / A: ..." worked examples,
+# all of them right (a base model trained on bare equations never learns to restate a question, and SFT
+# alone does not teach it that in minutes). The SFT demonstrations come from a sloppy teacher: on a problem
+# with a carry (or borrow) it forgets every carry with probability TASK_TEACHER_ERROR, as a hurried person
+# would. Imitation learns the slip along with the format; the preference pairs (right vs carries forgotten)
+# and the verifier know better, so the reward model, DPO, PPO and GRPO have something real to fix: the case
+# for learning from feedback rather than from demonstrations alone. teacher_error=0 gives the same problems
+# with every demonstration right.
 
 TASK_DIR = HERE / "data" / "task"
 TASK_SIZES = {"pretrain": 200_000, "sft": 20_000, "sft_val": 500, "preference": 10_000, "rl": 10_000,
               "test": 500}
-TASK_MAX_DIGITS = 4
+TASK_MAX_DIGITS = 3
+TASK_TEACHER_ERROR = 0.75
 
 
 def task_problem(rng, max_digits=TASK_MAX_DIGITS):
@@ -1237,27 +1242,34 @@ def task_text(a, op, b, result=None):
     return f"What is {a} {op} {b}?", f"{a} {op} {b} = {answer if result is None else result}", answer
 
 
-def plausible_wrong(a, op, b, rng):
-    """A wrong answer of the kind a learner makes: every carry (or borrow) forgotten, digit by digit; when the
-    problem has none, one digit off by one. plausible_wrong(482, "+", 39, rng) -> 411"""
-    right = a + b if op == "+" else a - b
+def forget_carries(a, op, b):
+    """The answer of a learner who adds (or subtracts) column by column and drops every carry (borrow).
+    forget_carries(482, "+", 39) -> 411; forget_carries(503, "-", 27) -> 586"""
     n = max(len(str(a)), len(str(b)))
     sign = 1 if op == "+" else -1
-    wrong = int("".join(str((int(x) + sign * int(y)) % 10) for x, y in zip(str(a).zfill(n), str(b).zfill(n))))
+    return int("".join(str((int(x) + sign * int(y)) % 10) for x, y in zip(str(a).zfill(n), str(b).zfill(n))))
+
+
+def plausible_wrong(a, op, b, rng):
+    """A wrong answer of the kind a learner makes: every carry (or borrow) forgotten; when the problem has
+    none, one digit off by one. plausible_wrong(482, "+", 39, rng) -> 411"""
+    right = a + b if op == "+" else a - b
+    wrong = forget_carries(a, op, b)
     if wrong == right:
         step = 10 ** rng.randrange(len(str(right)))
         wrong = right - step if right >= step and rng.random() < 0.5 else right + step
     return wrong
 
 
-def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
+def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK_TEACHER_ERROR):
     """Every split of the task, deterministic from the seed: {"pretrain": text, split: [rows]}.
     test (500 {"prompt", "answer"} rows, distinct problems) comes first and no other split holds any of its
     problems. pretrain: "Q: <question>\nA: <worked answer>\n" per problem, the way worked examples appear in
     ordinary text, in documents of 1-8 problems that end with <|endoftext|> (the base model learns arithmetic,
     to restate a problem and the end-of-text token, but not the template nor to stop after one answer);
-    sft / sft_val: {"prompt", "completion"}; preference: {"prompt", "chosen", "rejected"} with a
-    plausible wrong answer; rl: {"prompt", "answer"}."""
+    sft / sft_val: {"prompt", "completion"}, written by a teacher who forgets the carries of a problem that
+    has any with probability teacher_error (the same problems whatever the rate); preference: {"prompt",
+    "chosen", "rejected"} with a plausible wrong answer; rl: {"prompt", "answer"}."""
     sizes = {**TASK_SIZES, **(sizes or {})}
     rng = random.Random(f"task-{seed}-{max_digits}")
     test, seen = [], set()
@@ -1283,24 +1295,31 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
         docs.append("".join(lines[k:k + n]) + ENDOFTEXT)
         k += n
     out["pretrain"] = "".join(docs)
+    teacher = random.Random(f"task-teacher-{seed}")  # its own generator: the problems do not depend on the rate
+
+    def demonstrate(a, op, b):
+        slip = forget_carries(a, op, b)
+        return task_text(a, op, b, slip if teacher.random() < teacher_error else None)[1]
     for split in ("sft", "sft_val"):
-        out[split] = [{"prompt": q, "completion": w} for q, w, _ in (task_text(*p) for p in draw(sizes[split]))]
+        out[split] = [{"prompt": task_text(*p)[0], "completion": demonstrate(*p)} for p in draw(sizes[split])]
     out["preference"] = [{"prompt": task_text(*p)[0], "chosen": task_text(*p)[1],
                           "rejected": task_text(*p, plausible_wrong(*p, rng))[1]} for p in draw(sizes["preference"])]
     out["rl"] = [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in draw(sizes["rl"]))]
     return out
 
 
-def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGITS):
+def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGITS,
+               teacher_error=TASK_TEACHER_ERROR):
     """Write make_task's splits to directory (pretrain.txt, sft.jsonl, sft_val.jsonl, preference.jsonl,
     rl.jsonl, test.jsonl) unless the same task is there already; returns {split: path}."""
     directory = Path(directory)
-    spec = {"seed": seed, "max_digits": max_digits, "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 3}
+    spec = {"seed": seed, "max_digits": max_digits, "teacher_error": teacher_error,
+            "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 4}
     paths = {s: directory / (f"{s}.txt" if s == "pretrain" else f"{s}.jsonl") for s in spec["sizes"]}
     manifest = directory / "task.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == spec and all(p.is_file() for p in paths.values()):
         return paths
-    data = make_task(seed, sizes, max_digits)
+    data = make_task(seed, sizes, max_digits, teacher_error)
     directory.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
         if split == "pretrain":

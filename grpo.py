@@ -54,9 +54,9 @@ from gpt2 import (MetricsLog, add_common_args, autocast, download, end_distribut
 # Runs. A preset fills in defaults; a flag given on the command line wins.
 
 PRESETS = {
-    # the arithmetic task on a CPU, from sft.py's model: 8 prompts x 8 answers per step
+    # the arithmetic task on a CPU, from sft.py's model: 16 prompts x 8 answers per step
     "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=200,
-                 prompts=8, group_size=8, lr=3e-5, max_new_tokens=24, eval_interval=50, eval_limit=500),
+                 prompts=16, group_size=8, lr=5e-5, max_new_tokens=24, eval_interval=50, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,

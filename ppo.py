@@ -531,15 +531,15 @@ def load_model(path, flag):
 
 def load_prompts(data):
     """--data -> (train rows, held-out rows), each {"prompt", "input"?, "answer"?}. "task": bpe.py's RL prompts
-    and its test problems; a file: rows of any post-training format (the instruction is the prompt), the last
-    10% held out."""
-    if data == "task":
-        paths = bpe.task_files()
-        return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
+    and its test problems; a folder: such a task's rl.jsonl and test.jsonl; a file: rows of any post-training
+    format (the instruction is the prompt), the last 10% held out."""
+    if data == "task" or os.path.isdir(data):
+        folder = bpe.task_files()["rl"].parent if data == "task" else data
+        return tuple(bpe.read_rows(os.path.join(folder, f"{s}.jsonl"), "rl") for s in ("rl", "test"))
     if data == PRESETS["gpt2-polite"]["data"] and not os.path.exists(data):
         download(PREFERENCE_URL, data)
     if not os.path.isfile(data):
-        raise FileNotFoundError(f"--data {data!r}: no such file, and not 'task'")
+        raise FileNotFoundError(f"--data {data!r}: no such file or folder, and not 'task'")
     if data.endswith(".json"):
         items = json.load(open(data, encoding="utf-8"))
     else:

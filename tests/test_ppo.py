@@ -310,3 +310,13 @@ def test_gpt2_polite_recipe_code_path(tmp_path):
     assert set(ckpt["critic"]) == set(ckpt["model"])  # InstructGPT's critic: the reward model's body and head
     assert not torch.equal(ckpt["value_head"]["weight"], head["weight"])  # trained from the reward model's head
     assert ckpt["kl_controller"]["coef"] < 0.05  # adaptive: KL 0 is under the target of 6 nats, so it relaxes
+
+
+def test_prompts_from_a_task_folder(tmp_path):
+    """--data <folder>: a task's rl.jsonl trains and its test.jsonl is held out, as in grpo.py and sft.py."""
+    sizes = {"pretrain": 10, "sft": 10, "sft_val": 10, "preference": 10, "rl": 12, "test": 5}
+    paths = bpe.task_files(tmp_path / "task", seed=0, sizes=sizes, max_digits=2)
+    train, held = ppo.load_prompts(str(tmp_path / "task"))
+    assert train == bpe.read_rows(paths["rl"], "rl") and held == bpe.read_rows(paths["test"], "rl")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        ppo.load_prompts(str(tmp_path / "missing"))

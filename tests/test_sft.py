@@ -170,9 +170,20 @@ def test_task_is_deterministic_disjoint_and_verifiable(tmp_path):
     lines = a["pretrain"].replace("<|endoftext|>", "").splitlines()
     assert [line[:3] for line in lines[:4]] == ["Q: ", "A: ", "Q: ", "A: "]
     assert not test & {line[3:] for line in lines[::2]}
-    for r in a["sft"]:  # the worked answer is right, and says the problem again
+    clean = bpe.make_task(0, sizes, teacher_error=0.0)  # the same problems, every demonstration right
+    assert {k: v for k, v in clean.items() if k not in ("sft", "sft_val")} == {
+        k: v for k, v in a.items() if k not in ("sft", "sft_val")}
+    slips = carries = 0
+    for r, good in zip(a["sft"] + a["sft_val"], clean["sft"] + clean["sft_val"]):
         q = r["prompt"].removeprefix("What is ").removesuffix("?")
-        assert r["completion"].startswith(q + " = ") and bpe.reward(r["completion"], str(eval(q))) == 1.0
+        assert good["prompt"] == r["prompt"] and good["completion"] == f"{q} = {eval(q)}"  # says the problem again
+        x, op, y = q.split()
+        forgot = bpe.forget_carries(int(x), op, int(y))
+        carries += forgot != eval(q)
+        if r["completion"] != good["completion"]:  # the teacher's only slip: the carries forgotten
+            assert forgot != eval(q) and r["completion"] == f"{q} = {forgot}"
+            slips += 1
+    assert abs(slips / carries - bpe.TASK_TEACHER_ERROR) < 0.07, (slips, carries)
     for r in a["preference"]:
         assert r["chosen"] != r["rejected"]
         answer = str(eval(r["prompt"].removeprefix("What is ").removesuffix("?")))
@@ -184,6 +195,7 @@ def test_task_is_deterministic_disjoint_and_verifiable(tmp_path):
     assert bpe.read_rows(paths["test"], "rl") == a["test"] and paths["pretrain"].read_text() == a["pretrain"]
     assert bpe.read_rows(paths["preference"], "preference") == a["preference"]
     assert bpe.plausible_wrong(482, "+", 39, None) == 411 and bpe.plausible_wrong(52, "-", 17, None) == 45
+    assert bpe.forget_carries(503, "-", 27) == 586 and bpe.forget_carries(12, "+", 7) == 19
 
 
 # -----------------------------------------------------------------------------
