@@ -198,8 +198,8 @@ def baseline(seqs, y, n_classes):
 def make_tokenizer(kind, texts=(), vocab_size=1024):
     """The tokenizer of a model from scratch: gpt2 (OpenAI's 50,257 tokens), bytes (256 bytes + <|endoftext|>)
     or bpe (byte-level BPE of vocab_size tokens, trained on `texts`, the training split only). Spam's cues are
-    digits, phone numbers, prices and capitals; a vocabulary learned on 1,044 texts gives every token rows that
-    get gradient, where most of GPT-2's 50k embedding rows never appear in them.
+    digits, phone numbers, prices and capitals; in a vocabulary learned on the training texts nearly every
+    embedding row gets gradient, where 1,044 SMS texts use 4,777 of GPT-2's 50,257 tokens.
     make_tokenizer("bpe", ["call 0800 now", "call me"], 260).encode_ordinary("call") -> [258]"""
     if kind == "gpt2":
         return bpe.load_gpt2()
@@ -538,7 +538,7 @@ def main(argv=None):
                     "lm_unlabeled"):
             if ckpt["args"].get(key, False) != getattr(args, key):
                 raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r}, the checkpoint "
-                                 f"was trained with {ckpt['args'][key]!r}; use the same or a new --out-dir")
+                                 f"was trained with {ckpt['args'].get(key, False)!r}; use the same or a new --out-dir")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)
