@@ -2,7 +2,8 @@
 
 The classifier reads the last real token (padding side and batch companions do not change its logits), frozen
 weights stay bit-identical, the split is deterministic / stratified / disjoint, labels map both ways, bad
-input fails with a clear error, resume is exact, and the model learns a task that needs the whole text.
+input fails with a clear error, resume is exact, and the model learns a task that needs the whole text. The
+BPE tokenizer learns from the training texts only; --lm-unlabeled's texts hold no copy of a val or test text.
 """
 
 import io
@@ -35,17 +36,19 @@ def lm_ckpt(tmp_path):
     return path
 
 
-def write_task(path, n=200, seed=0):
-    """label<TAB>text rows: 'yes' when the word 'free' occurs anywhere in six random words. Reading the
-    first position (or any fixed one) cannot solve it; the last token sees the whole text."""
+def write_task(path, n=200, seed=0, yes_every=2):
+    """label<TAB>text rows: 'yes' when the word 'free' occurs anywhere in six random words (every
+    yes_every-th row). Reading the first position (or any fixed one) cannot solve it; the last token sees the
+    whole text."""
     rng = np.random.default_rng(seed)
     words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "up", "hill"]
     lines = []
     for i in range(n):
         text = list(rng.choice(words, 6))
-        if i % 2:
+        yes = i % yes_every == 1
+        if yes:
             text[rng.integers(6)] = "free"
-        lines.append(f"{'yes' if i % 2 else 'no'}\t{' '.join(text)}")
+        lines.append(f"{'yes' if yes else 'no'}\t{' '.join(text)}")
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -108,6 +111,67 @@ def test_lm_loss_is_the_language_models_loss_over_its_vocab():
         mask[:, 1:] == 0, -1).flatten(), ignore_index=-1)
     torch.testing.assert_close(classify.lm_loss(model, hidden["h"], idx, mask, vocab), want)
     assert not torch.allclose(want, got)  # the subset's softmax really is a different one
+
+def test_make_tokenizer_kinds():
+    assert classify.make_tokenizer("gpt2").n_vocab == 50257
+    assert classify.make_tokenizer("bytes").encode_ordinary("09061") == [48, 57, 48, 54, 49]
+    texts = ["call 09061701461 now", "call me later", "URGENT call 09061701461"] * 5
+    tok = classify.make_tokenizer("bpe", texts, 280)
+    assert tok.n_vocab == 280 and tok.eot_token == 279
+    assert len(tok.encode_ordinary(" call")) == 1 and len(tok.encode_ordinary(" 09061701461")) == 1
+    assert len(tok.encode_ordinary(" hello")) > 1  # not in its training texts: no merges learned for it
+    assert tok.decode(tok.encode_ordinary("WIN £100 now")) == "WIN £100 now"
+    with pytest.raises(ValueError, match="unknown --tokenizer 'words'"):
+        classify.make_tokenizer("words")
+    with pytest.raises(ValueError, match="--vocab-size 257"):
+        classify.make_tokenizer("bpe", texts, 257)
+
+
+def test_bpe_tokenizer_learns_from_the_training_split_only(tmp_path, monkeypatch, capsys):
+    seen = []
+    make = classify.make_tokenizer
+    monkeypatch.setattr(classify, "make_tokenizer", lambda kind, texts=(), vocab_size=1024: seen.append(
+        list(texts)) or make(kind, texts, vocab_size))
+    out = run(tmp_path, "--tokenizer", "bpe", "--vocab-size", "280", "--n-layer", "1", "--n-head", "2",
+              "--n-embd", "32", "--max-steps", "2")
+    rows = classify.read_examples(str(tmp_path / "task.tsv"))
+    train = [rows[i][0] for i in classify.split_examples(rows, 123, balanced=False)["train"]]
+    assert seen == [train]
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert bpe.Tokenizer.loads(ckpt["tokenizer"]).n_vocab == 280
+    assert ckpt["model"]["transformer.wte.weight"].shape == (320, 32)  # 280 rounded up to a multiple of 64
+    capsys.readouterr()
+    classify.main(["--out-dir", out, "--device", "cpu", "--predict", "the dog ran free"])  # its own tokenizer
+    assert capsys.readouterr().out.split()[0] in ("yes", "no")
+
+
+def test_unlabeled_rows_leave_out_the_splits_and_copies_of_val_and_test():
+    rows = toy_examples()  # 106 "a", 45 "b": balanced leaves 61 "a" rows out
+    s = classify.split_examples(rows, seed=7, balanced=True)
+    rows += [(rows[s["val"][0]][0], "a"), (rows[s["test"][0]][0], "b"), (rows[s["train"][0]][0], "a"), ("new", "a")]
+    unl = classify.unlabeled_rows(rows, s)
+    assert not set(unl) & {i for v in s.values() for i in v}
+    held_out = {rows[i][0] for i in s["val"] + s["test"]}
+    assert not {rows[i][0] for i in unl} & held_out
+    assert len(rows) - 4 not in unl and len(rows) - 3 not in unl  # copies of a val and a test text
+    assert len(rows) - 2 in unl and len(rows) - 1 in unl  # a copy of a train text and a new text are fine
+    used = set(s["train"] + s["val"] + s["test"])
+    assert set(unl) >= {i for i in range(len(rows)) if i not in used and rows[i][0] not in held_out}  # none lost
+
+
+def test_lm_unlabeled_changes_training_and_needs_lm_weight(tmp_path, lm_ckpt, capsys):
+    data = write_task(tmp_path / "task.tsv", yes_every=3)
+    flags = ["--init", lm_ckpt, "--split", "balanced", "--lm-weight", "0.5", "--max-steps", "3", "--lr", "1e-2"]
+    a = run(tmp_path, *flags, data=data, out="a")
+    b = run(tmp_path, *flags, "--lm-unlabeled", data=data, out="b")
+    assert "66 unlabeled texts" in capsys.readouterr().out
+    wa, wb = (load_checkpoint(os.path.join(o, "ckpt.pt"))["model"] for o in (a, b))
+    assert not torch.equal(wa["transformer.h.1.mlp.c_fc.weight"], wb["transformer.h.1.mlp.c_fc.weight"])
+    with pytest.raises(ValueError, match="--lm-unlabeled adds to the next-token loss"):
+        run(tmp_path, "--init", lm_ckpt, "--lm-unlabeled", "--lm-weight", "0", data=data, out="c")
+    with pytest.raises(ValueError, match="--tokenizer bpe is for --init scratch"):
+        run(tmp_path, "--init", lm_ckpt, "--tokenizer", "bpe", data=data, out="c")
+
 
 # -- which weights learn -------------------------------------------------------------------------------
 
@@ -286,11 +350,13 @@ def test_learns_a_task_that_needs_the_whole_text(tmp_path, lm_ckpt, capsys):
     assert lines[0].startswith("yes (") and lines[1].startswith("no ("), lines
 
 
-def test_resume_is_exact(tmp_path, lm_ckpt):
-    flags = ["--init", lm_ckpt, "--max-steps", "8", "--eval-interval", "3"]
-    full = run(tmp_path, *flags, out="full")
-    run(tmp_path, *flags, "--stop-after", "4", out="split")
-    run(tmp_path, *flags, "--resume", out="split")
+@pytest.mark.parametrize("extra", [[], ["--split", "balanced", "--lm-weight", "0.5", "--lm-unlabeled"]])
+def test_resume_is_exact(tmp_path, lm_ckpt, extra):
+    data = write_task(tmp_path / "task.tsv", yes_every=3)  # 67 yes, 133 no: balanced leaves 66 rows unlabeled
+    flags = ["--init", lm_ckpt, "--max-steps", "8", "--eval-interval", "3", *extra]
+    full = run(tmp_path, *flags, data=data, out="full")
+    run(tmp_path, *flags, "--stop-after", "4", data=data, out="split")
+    run(tmp_path, *flags, "--resume", data=data, out="split")
     a, b = load_checkpoint(os.path.join(full, "ckpt.pt")), load_checkpoint(os.path.join(tmp_path, "split", "ckpt.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
