@@ -12,7 +12,9 @@ What it teaches, top to bottom:
   3. The Bradley-Terry loss: P(chosen > rejected) = sigmoid(r_chosen - r_rejected), so the loss is
      -log sigmoid(r_chosen - r_rejected - margin), with an optional margin (per pair, a "margin" field, or
      --margin for all: the margin-ranking variant) and optional reward centering, c * mean((r_c + r_r)^2),
-     which pins the rewards' mean at zero (the loss alone sees only differences).
+     which pins the rewards' mean at zero (the loss alone sees only differences). Optionally (--lm-alpha) plus
+     the chosen answers' next-token loss through the GPT's own lm_head, so the body keeps computing the right
+     answer, the thing a check of the written one needs; and (--head-lr-mult) a faster-learning value head.
   4. DPO (Rafailov et al., 2023): the policy's own log-probabilities are the reward. With a frozen reference
      (the starting model), the implicit reward of a response is beta * (log pi(y|x) - log ref(y|x)) and the
      loss is -log sigmoid(implicit reward of chosen - that of rejected). Only the difference is pushed up:
