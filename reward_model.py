@@ -12,7 +12,9 @@ What it teaches, top to bottom:
   3. The Bradley-Terry loss: P(chosen > rejected) = sigmoid(r_chosen - r_rejected), so the loss is
      -log sigmoid(r_chosen - r_rejected - margin), with an optional margin (per pair, a "margin" field, or
      --margin for all: the margin-ranking variant) and optional reward centering, c * mean((r_c + r_r)^2),
-     which pins the rewards' mean at zero (the loss alone sees only differences).
+     which pins the rewards' mean at zero (the loss alone sees only differences). Optionally (--lm-alpha) plus
+     the chosen answers' next-token loss through the GPT's own lm_head, so the body keeps computing the right
+     answer, the thing a check of the written one needs; and (--head-lr-mult) a faster-learning value head.
   4. DPO (Rafailov et al., 2023): the policy's own log-probabilities are the reward. With a frozen reference
      (the starting model), the implicit reward of a response is beta * (log pi(y|x) - log ref(y|x)) and the
      loss is -log sigmoid(implicit reward of chosen - that of rejected). Only the difference is pushed up:
@@ -81,6 +83,9 @@ def parse_args(argv=None):
     g.add_argument("--method", choices=["rm", "dpo"], help="rm: a Bradley-Terry reward model; dpo: the policy itself")
     g.add_argument("--margin", type=float, default=0.0, help="rm: required reward gap (a row's 'margin' field wins)")
     g.add_argument("--center-rewards", type=float, default=0.0, help="rm: weight of mean((r_c + r_r)^2) in the loss")
+    g.add_argument("--lm-alpha", type=float, default=0.0,
+                   help="rm: add this x the chosen answers' next-token loss, so the body keeps the LM's features")
+    g.add_argument("--head-lr-mult", type=float, default=1.0, help="rm: the value head's learning rate is this x --lr")
     g.add_argument("--beta", type=float, help="dpo: strength of the pull towards the reference")
     g.add_argument("--rpo-alpha", type=float, default=0.0,
                    help="dpo: add this x the chosen answers' token NLL (RPO; 0 = plain DPO) so they stay likely")
@@ -236,16 +241,18 @@ class RewardModel(nn.Module):
         self.value_head = nn.Linear(gpt.config.n_embd, 1)
         nn.init.zeros_(self.value_head.weight), nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, idx, attention_mask=None):
+    def forward(self, idx, attention_mask=None, return_hidden=False):
         """idx (B, T) -> rewards (B,), read at each row's last real token: the last 1 of attention_mask (right
         padding needs no mask for the causal attention, only to find that token; left padding needs it for
-        the positions too). reward(model, *left_pad([[5, 6], [7]])) -> tensor([r1, r2])"""
+        the positions too). return_hidden: also the final hidden states (B, T, C), for an LM loss on them.
+        model(*left_pad([[5, 6], [7]])) -> tensor([r1, r2])"""
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
         right = bool(attention_mask[:, 0].all())  # every row starts with a token: plain causal attention
         h = self.gpt.hidden_states(idx, attention_mask=None if right else attention_mask)  # (B, T, C)
         last = (attention_mask.long() * torch.arange(1, idx.size(1) + 1, device=idx.device)).argmax(1)  # (B,)
-        return self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1)  # (B,)
+        r = self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1)  # (B,)
+        return (r, h) if return_hidden else r
 
 
 def right_mask(lengths, T):
@@ -282,16 +289,30 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
 
 
-def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0):
+def chosen_nll(logits, ids, mask):
+    """Mean next-token negative log-likelihood of the response tokens (mask) of rows ids (B, T), from logits
+    (B, T-1, V) of the positions before them: sft.py's loss, the reward model's --lm-alpha term."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
+    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+
+def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0, lm_alpha=0.0):
     """One batch through the model (and the frozen reference for DPO) -> (loss, rewards of chosen, of rejected,
     mean chosen log-prob). The rewards are the value head's (rm) or the implicit ones (dpo). rpo_alpha > 0 adds
     that times the chosen answers' mean token negative log-likelihood (RPO, Pang et al. 2024; TRL's rpo_alpha):
-    plain DPO only widens the gap, and may push the chosen answer's probability down with the rejected one's."""
+    plain DPO only widens the gap, and may push the chosen answer's probability down with the rejected one's.
+    lm_alpha > 0 adds the same term to the reward model's loss, through the GPT's own lm_head on the hidden
+    states the value head reads: the body keeps predicting the right answer's digits, the features a check of
+    the written ones needs, instead of forgetting them while the value head is still near zero."""
     ids, mask, lengths, margins = (t.to(device) for t in batch)
     B = margins.size(0)
     if method == "rm":
-        r = model(ids, right_mask(lengths, ids.size(1)))
-        return bt_loss(r[:B], r[B:], margins, center), r[:B], r[B:], None
+        if not lm_alpha:
+            r = model(ids, right_mask(lengths, ids.size(1)))
+            return bt_loss(r[:B], r[B:], margins, center), r[:B], r[B:], None
+        r, h = model(ids, right_mask(lengths, ids.size(1)), return_hidden=True)  # h (2B, T, C)
+        nll = chosen_nll(model.gpt.lm_head(h[:B, :-1]), ids[:B], mask[:B])  # chosen rows only
+        return bt_loss(r[:B], r[B:], margins, center) + lm_alpha * nll, r[:B], r[B:], -nll.detach()
     logp = sequence_logprobs(model, ids, mask)
     with torch.no_grad():
         ref_logp = sequence_logprobs(ref, ids, mask)
@@ -323,7 +344,7 @@ def evaluate_pairs(model, ref, pairs, args, device, dtype):
         batch = pad_pairs(pairs[k:k + args.eval_batch_size], args.pad_id)
         with autocast(device, dtype):
             loss, r_c, r_r, _ = pair_scores(model, ref, batch, args.method, args.beta, args.center_rewards, device,
-                                          args.rpo_alpha)
+                                          args.rpo_alpha)  # rm: the Bradley-Terry loss alone, whatever --lm-alpha
         losses.append(loss.item() * r_c.numel())
         chosen += r_c.float().tolist()
         rejected += r_r.float().tolist()
@@ -406,9 +427,12 @@ def main(argv=None):
         add_lora(gpt, args.lora_r, args.lora_alpha, args.lora_targets.split(","))
     model = RewardModel(gpt) if args.method == "rm" else gpt
     model.to(device)
-    optimizer = (gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.999), device) if args.method == "dpo" else
-                 torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                   weight_decay=args.weight_decay))
+    if args.method == "dpo":
+        optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.999), device)
+    else:  # the fresh value head may learn faster than the pretrained body (--head-lr-mult)
+        optimizer = torch.optim.AdamW([{"params": [p for p in gpt.parameters() if p.requires_grad], "lr_mult": 1.0},
+                                       {"params": list(model.value_head.parameters()), "lr_mult": args.head_lr_mult}],
+                                      lr=args.lr, weight_decay=args.weight_decay)
     scaler = grad_scaler(device, dtype)
     step = 0
     if resume:
@@ -460,10 +484,10 @@ def main(argv=None):
         batch = loader.get(step)
         lr = lr_at(step, args.lr, args.warmup_steps, max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         with autocast(device, dtype):
             loss, r_c, r_r, logp_c = pair_scores(fwd, ref, batch, args.method, args.beta, args.center_rewards, device,
-                                                  args.rpo_alpha)
+                                                  args.rpo_alpha, args.lm_alpha)
         scaler.scale(loss).backward()
         if args.grad_clip:
             scaler.unscale_(optimizer)
@@ -473,8 +497,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         row = dict(step=done, train_loss=loss.item(), lr=lr, train_margin=(r_c - r_r).mean().item())
-        if logp_c is not None:  # DPO: watch it fall while the margin grows
-            row["chosen_logp"] = logp_c.mean().item()
+        if logp_c is not None:  # DPO: watch it fall while the margin grows; rm: the --lm-alpha term
+            row["chosen_logp" if args.method == "dpo" else "chosen_token_logp"] = logp_c.mean().item()
         metrics.log(**row)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if (args.eval_interval and done % args.eval_interval == 0) or done == stop:

@@ -157,6 +157,42 @@ def test_rpo_adds_the_chosen_answers_token_nll():
     assert rpo.item() == pytest.approx(dpo.item() + 0.5 * nll / n, abs=1e-5)
 
 
+def test_lm_alpha_adds_the_chosen_answers_token_nll():
+    """rm --lm-alpha: the Bradley-Terry loss + alpha x the mean next-token NLL per chosen response token, from the
+    GPT's own lm_head; the rewards themselves do not change."""
+    model = reward_model(seed=1)
+    rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8"},
+            {"prompt": "What is 12 - 5?", "chosen": "12 - 5 = 7, I think", "rejected": "12 - 5 = 13"}]
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    batch = rm.pad_pairs(pairs, EOT)
+    bt, r_c, r_r, none = rm.pair_scores(model, None, batch, "rm", None, 0.0, "cpu")
+    both, r_c2, r_r2, logp = rm.pair_scores(model, None, batch, "rm", None, 0.0, "cpu", lm_alpha=0.5)
+    nll, n = 0.0, 0
+    for s, m in (c for c, _, _ in pairs):  # each chosen answer alone, its response tokens only
+        logits = model.gpt(torch.tensor([s]))[0][0].log_softmax(-1)
+        nll -= sum(logits[i - 1, s[i]].item() for i in range(1, len(s)) if m[i])
+        n += sum(m[1:])
+    assert n == len("3 + 4 = 7") + len("12 - 5 = 7, I think") + 2  # + each end-of-text
+    assert both.item() == pytest.approx(bt.item() + 0.5 * nll / n, abs=1e-5) and none is None
+    assert logp.item() == pytest.approx(-nll / n, abs=1e-5)
+    torch.testing.assert_close((r_c2, r_r2), (r_c, r_r))
+    both.backward()  # the LM term reaches the body through the (tied) token embedding and output head
+    assert model.gpt.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_head_lr_mult_scales_the_value_heads_learning_rate(tmp_path):
+    """--head-lr-mult 10: the first step of Adam moves each weight by about its learning rate, whatever the
+    gradient's size, so the zero-initialised value head comes out at 10 x --lr; the body keeps --lr. (The body's
+    gradient is zero at that step: it flows through the head's zero weights.)"""
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=60, test=5)
+    rm.main(["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "1", "--batch-size", "8",
+             "--warmup-steps", "1", "--lr", "1e-3", "--head-lr-mult", "10", "--out-dir", str(tmp_path / "run"), *RUN])
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["value_head"]["weight"].abs().max().item() == pytest.approx(1e-2, rel=0.01)
+    groups = ckpt["optimizer"]["param_groups"]  # the body's weights, then the head's weight and bias
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2]) and len(groups[1]["params"]) == 2
+
+
 # -----------------------------------------------------------------------------
 # Bad input
 
@@ -204,7 +240,8 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
 
 
 @pytest.mark.parametrize("method", [["--method", "rm"], ["--method", "dpo"], ["--method", "rm", "--lora"],
-                                    ["--method", "rm", "--margin", "0.5", "--center-rewards", "0.01"]])
+                                    ["--method", "rm", "--margin", "0.5", "--center-rewards", "0.01"],
+                                    ["--method", "rm", "--lm-alpha", "0.5", "--head-lr-mult", "5"]])
 def test_resume_is_exact(tmp_path, method):
     init, data = base_checkpoint(tmp_path / "base.pt", dropout=0.1), task_folder(tmp_path / "task", preference=120, test=10)
     common = ["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "6", "--batch-size", "8",
