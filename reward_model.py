@@ -26,7 +26,7 @@ What it teaches, top to bottom:
 
 The CPU pipeline, on the arithmetic task of bpe.py (starts from sft.py's output):
     python reward_model.py                         # reward model -> out/task-rm/ckpt.pt (what ppo.py loads);
-                                                   #   task preset: 2,000 steps, lr 5e-4, --lm-alpha 1, head 10x
+                                                   #   task preset: 3,300 steps, lr 5e-4, --lm-alpha 1, head 10x
     python reward_model.py --method dpo            # DPO from the SFT model -> out/task-dpo/ckpt.pt
     python reward_model.py --lora                  # LoRA adapters + the value head
     python reward_model.py --resume                # continue out/task-rm from its checkpoint
@@ -56,7 +56,7 @@ from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, gra
 PRESETS = {
     # the arithmetic task on a CPU: the SFT model, the task's preference pairs (right vs plausible wrong)
     "task": dict(init="out/task-sft/ckpt.pt", data="task", method="rm", preamble=False, epochs=1,
-                 max_steps={"rm": 2000, "dpo": 300}, batch_size=16, lr={"rm": 5e-4, "dpo": 1e-4},
+                 max_steps={"rm": 3300, "dpo": 300}, batch_size=16, lr={"rm": 5e-4, "dpo": 1e-4},
                  lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20, eval_interval=150,
                  val_pairs=500, max_new_tokens=24, lm_alpha=1.0, head_lr_mult=10.0),  # the last two: rm only
     # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium, the polite / impolite pairs split 85/5/10, 1 epoch
