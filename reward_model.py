@@ -275,12 +275,18 @@ def bt_loss(r_chosen, r_rejected, margin=None, center=0.0):
 # 3. DPO: log-probabilities of the responses under the policy and the reference
 
 
-def sequence_logprobs(model, ids, mask):
-    """Sum of log p(token | the ones before) over the response tokens (mask) of each row: (B,). The prompt and
-    the padding count for nothing, so prompt length and padding do not change a response's log-probability."""
-    logits, _ = model(ids[:, :-1])  # (B, T-1, V): right padding needs no attention mask in a causal model
+def response_logprobs(logits, ids, mask):
+    """Logits (B, T-1, V) of the positions before each token of ids (B, T) -> the sum of log p(token | the ones
+    before) over the response tokens (mask) of each row: (B,). The prompt and the padding count for nothing, so
+    prompt length and padding do not change a response's log-probability."""
     logp = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     return (logp * mask[:, 1:]).sum(-1)
+
+
+def sequence_logprobs(model, ids, mask):
+    """response_logprobs of a model's own logits: (B,)."""
+    logits, _ = model(ids[:, :-1])  # (B, T-1, V): right padding needs no attention mask in a causal model
+    return response_logprobs(logits, ids, mask)
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
@@ -288,13 +294,6 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta):
     -log sigmoid(r_c - r_r). When policy == reference, every implicit reward is 0 and the loss is ln 2."""
     r_c, r_r = beta * (pi_chosen - ref_chosen), beta * (pi_rejected - ref_rejected)
     return -F.logsigmoid(r_c - r_r).mean(), r_c, r_r
-
-
-def chosen_nll(logits, ids, mask):
-    """Mean next-token negative log-likelihood of the response tokens (mask) of rows ids (B, T), from logits
-    (B, T-1, V) of the positions before them: sft.py's loss, the reward model's --lm-alpha term."""
-    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
-    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
 def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0, lm_alpha=0.0):
@@ -312,7 +311,8 @@ def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0, 
             r = model(ids, right_mask(lengths, ids.size(1)))
             return bt_loss(r[:B], r[B:], margins, center), r[:B], r[B:], None
         r, h = model(ids, right_mask(lengths, ids.size(1)), return_hidden=True)  # h (2B, T, C)
-        nll = chosen_nll(model.gpt.lm_head(h[:B, :-1]), ids[:B], mask[:B])  # chosen rows only
+        logp_c = response_logprobs(model.gpt.lm_head(h[:B, :-1]), ids[:B], mask[:B])  # chosen rows only
+        nll = -logp_c.sum() / mask[:B, 1:].sum()  # mean NLL per chosen response token, as RPO's below
         return bt_loss(r[:B], r[B:], margins, center) + lm_alpha * nll, r[:B], r[B:], -nll.detach()
     logp = sequence_logprobs(model, ids, mask)
     with torch.no_grad():
