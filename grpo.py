@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (MetricsLog, add_common_args, autocast, download, end_distributed, fsdp_shard, full_state_dict,
-                  init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at, pick_device, pick_dtype,
-                  resume_settings, sample, save_checkpoint, seed_everything)
+                  init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at, maybe_compile, pick_device,
+                  pick_dtype, resume_settings, sample, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -415,6 +415,8 @@ def main(argv=None):
         load_model_state(model, resume["model"], ckpt_path)
     if args.fsdp:
         fsdp_shard(model), fsdp_shard(ref)
+    # --compile: the training passes (the sampler steps one token at a time through its cache, left eager)
+    model_fwd, ref_fwd = maybe_compile(model, args.compile), maybe_compile(ref, args.compile)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.99), device)
     step = 0
     if resume and args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
@@ -464,7 +466,7 @@ def main(argv=None):
         t = time.time()
         batch = rollout(model, tok, rows, args.group_size, args, device, dtype)
         t_roll = time.time() - t
-        s = train_step(model, ref, optimizer, batch, args, device, dtype)
+        s = train_step(model_fwd, ref_fwd, optimizer, batch, args, device, dtype)
         if args.fsdp:
             s = mean_over_processes(s)
         done = step + 1

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
-                  load_model_state, lr_at, pick_device, pick_dtype, resume_settings, sample, save_checkpoint,
-                  seed_everything)
+                  load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, resume_settings, sample,
+                  save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -441,6 +441,8 @@ def main(argv=None):
     critic = None if args.critic == "shared" else copy.deepcopy(rm_gpt if args.critic == "rm" else gpt)
     policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None, tok.n_vocab)
     policy.to(device).eval()  # eval for good: no dropout, so sampling and training see one function
+    # --compile: the training passes (the sampler steps one token at a time through its cache, left eager)
+    policy_fwd, ref_fwd = maybe_compile(policy, args.compile), maybe_compile(ref, args.compile)
     optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.95), device)
     value_params = list(policy.value_head.parameters()) + (list(policy.critic.parameters()) if policy.critic else [])
     optimizer.add_param_group({"params": value_params, "weight_decay": 0.0,
@@ -489,7 +491,7 @@ def main(argv=None):
         batch = rollout(policy, tok, rows, args, device, dtype)
         score, correct = scores(batch, rows, reward_model, args, device, dtype)
         t_roll = time.time() - t
-        s = ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, dtype)
+        s = ppo_step(policy_fwd, ref_fwd, optimizer, batch, score, kl_ctl, args, step, device, dtype)
         if correct is not None:
             s["correct"] = correct.mean().item()  # the verifier on the same samples: is the score earned?
         done = step + 1

@@ -294,7 +294,8 @@ def test_gpu_bench_code_path_on_cpu(tmp_path):
         val = [json.loads(line)["val_loss"] for line in f if "val_loss" in line]
     with open(results) as f:
         text = f.read()
-    assert f"final val loss **{val[-1]:.4f}**" in text
+    best = min(range(len(val)), key=val.__getitem__)
+    assert f"best val loss **{val[best]:.4f}** at step {2 * best}; final {val[-1]:.4f}" in text
     assert "goal <= 10.0 (nanoGPT's shakespeare_char: 1.4697): **met**" in text
     assert f"torch {torch.__version__}" in text and "char_gpt.py --stage full --preset gpu --device cpu" in text
     assert "wall time" in text and text.count("| 4 |") == 1
