@@ -37,3 +37,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def counting_compile():
+    """A stand-in for gpt2.maybe_compile (monkeypatch it into a script) that wraps each module it is asked to
+    compile in a counter of forward calls, instead of compiling (a CPU compile takes too long for a test).
+    -> (maybe_compile, calls): calls[i] = forward calls of the i-th module compiled."""
+    calls = []
+
+    class Counted(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.i = module, len(calls)
+            calls.append(0)
+
+        def forward(self, *args, **kwargs):
+            calls[self.i] += 1
+            return self.module(*args, **kwargs)
+
+        def __getattr__(self, name):  # like torch.compile's wrapper: the module's attributes show through
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    return (lambda module, enabled: Counted(module) if enabled else module), calls

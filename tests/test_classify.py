@@ -372,3 +372,10 @@ def test_init_from_hf_folder_uses_gpt2_tokenizer(tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["labels"] == ["no", "yes"] and bpe.Tokenizer.loads(ckpt["tokenizer"]).n_vocab == 50257
     assert ckpt["model"]["lm_head.weight"].shape == (2, 16)
+
+
+def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting_compile):
+    fake, calls = counting_compile  # stands in for torch.compile
+    monkeypatch.setattr(classify, "maybe_compile", fake)
+    run(tmp_path, "--max-steps", "2", "--compile")
+    assert calls and calls[0] >= 2  # the classifier's forward, every step

@@ -293,26 +293,15 @@ def test_loss_equals_trl(how, beta):
         assert s["kl"] == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=1e-6) and s["kl"] > 0.01
 
 
-def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch):
+def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch, counting_compile):
     """--compile must reach the policy's and the reference's training forward passes (it was once accepted and
-    ignored). torch.compile itself is swapped for a wrapper that counts calls: a CPU compile takes too long here."""
-    calls = {}
-
-    class Counted(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-            calls[id(self)] = 0
-
-        def forward(self, *a, **k):
-            calls[id(self)] += 1
-            return self.m(*a, **k)
-
-    monkeypatch.setattr(grpo, "maybe_compile", lambda m, enabled: Counted(m) if enabled else m)
+    ignored); counting_compile stands in for torch.compile."""
+    fake, calls = counting_compile
+    monkeypatch.setattr(grpo, "maybe_compile", fake)
     init = str(tmp_path / "sft.pt")
     gpt2.save_checkpoint(init, tiny(5), tokenizer=BYTES.dumps())
     grpo.main(["--init", init, "--data", task_folder(tmp_path), "--max-steps", "3", "--updates", "2", "--compile",
                *RUN, "--out-dir", str(tmp_path / "c")])
     trained = [r for r in metrics(tmp_path / "c") if r.get("skipped") == 0]
     assert trained, "no step had a learning signal"
-    assert sorted(calls.values()) == [len(trained), 2 * len(trained)]  # reference once, policy once per update
+    assert sorted(calls) == [len(trained), 2 * len(trained)]  # reference once, policy once per update

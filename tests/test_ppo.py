@@ -322,24 +322,13 @@ def test_prompts_from_a_task_folder(tmp_path):
         ppo.load_prompts(str(tmp_path / "missing"))
 
 
-def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch):
+def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch, counting_compile):
     """--compile must reach the policy's and the reference's training forward passes (it was once accepted and
-    ignored). torch.compile itself is swapped for a wrapper that counts calls: a CPU compile takes too long here."""
-    calls = {}
-
-    class Counted(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-            calls[id(self)] = 0
-
-        def forward(self, *a, **k):
-            calls[id(self)] += 1
-            return self.m(*a, **k)
-
-    monkeypatch.setattr(ppo, "maybe_compile", lambda m, enabled: Counted(m) if enabled else m)
+    ignored); counting_compile stands in for torch.compile."""
+    fake, calls = counting_compile
+    monkeypatch.setattr(ppo, "maybe_compile", fake)
     sft, rm, data = task_inputs(tmp_path)
     ppo.main(["--init", sft, "--reward-model", rm, "--data", data, "--max-steps", "1", "--compile", *RUN,
               "--out-dir", str(tmp_path / "c")])
     # policy: 1 pass before training + ppo_epochs x minibatches; reference: 1 pass
-    assert sorted(calls.values()) == [1, 1 + 2 * 2]
+    assert sorted(calls) == [1, 1 + 2 * 2]

@@ -411,3 +411,13 @@ def test_dpo_equals_trl(tmp_path):
     ours_grad, their_grad = policy.transformer.wte.weight.grad, hf["policy"].transformer.wte.weight.grad
     assert ours_grad.abs().max() > 1e-3
     torch.testing.assert_close(ours_grad, their_grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rm", "dpo"])
+def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting_compile, method):
+    fake, calls = counting_compile  # stands in for torch.compile
+    monkeypatch.setattr(rm, "maybe_compile", fake)
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=60, test=5)
+    rm.main(["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "2", "--batch-size", "8",
+             "--eval-interval", "0", "--method", method, "--compile", "--out-dir", str(tmp_path / "c"), *RUN])
+    assert calls and calls[0] >= 2  # the trained model's forward, every step

@@ -421,3 +421,12 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="sum to 100"):
         sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"),
                   "--split", "80/10", *RUN])
+
+
+def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting_compile):
+    fake, calls = counting_compile  # stands in for torch.compile
+    monkeypatch.setattr(sft, "maybe_compile", fake)
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", sft=40, sft_val=8, test=4)
+    sft.main(["--init", init, "--data", data, "--max-steps", "2", "--batch-size", "8", "--eval-interval", "0",
+              "--max-new-tokens", "4", "--compile", *RUN, "--out-dir", str(tmp_path / "c")])
+    assert calls == [2]  # one forward per step
