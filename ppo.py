@@ -6,8 +6,10 @@ What it teaches, top to bottom:
   1. The actors: the policy (the SFT model, trained) with a value head, V(state) before every response token,
      on a body of its own (--critic sft: a copy of the SFT model; rm: the reward model, as InstructGPT) or on
      the policy's (shared: one forward pass for both); a frozen copy of the SFT model, the reference; and the
-     reward model of reward_model.py (a value head at the last real token), or --reward verifier: the task's
-     exact checker, so that reward-model quality and PPO quality can be told apart.
+     reward model of reward_model.py (a value head at the last real token), or several of them (an answer
+     scores only as well as the model that likes it least, so one model's blind spot is not enough to
+     exploit), or --reward verifier: the task's exact checker, so that reward-model quality and PPO quality
+     can be told apart.
   2. Rollouts: a batch of prompts answered by batched, cached sampling (gpt2.sample), in eval mode (no
      dropout), at the temperature the training pass divides its logits by: the log-probabilities recomputed
      for training are then the sampling ones, and the first update's ratio is exactly 1.
@@ -26,6 +28,8 @@ What it teaches, top to bottom:
 The CPU pipeline (after sft.py and reward_model.py; see their docstrings):
     python ppo.py                                    # reward model -> out/task-ppo/ckpt.pt
     python ppo.py --reward verifier --out-dir out/task-ppo-verifier
+    python ppo.py --reward-model out/task-rm/ckpt.pt,out/task-rm-samples/ckpt.pt,out/task-rm-both/ckpt.pt \
+                  --max-steps 160 --out-dir out/task-ppo-ensemble   # three reward models (see reward_model.py)
     python ppo.py --kl-estimator k1 --target-kl 2    # any switch; --help lists them
     python ppo.py --resume                           # continue out/task-ppo from its checkpoint
 The real recipe (a GPU; GPT-2 medium SFT'd on Alpaca, a reward model on the polite / impolite pairs):
@@ -68,6 +72,8 @@ PRESETS = {
 MAKES = {  # the command that writes each preset's inputs
     "out/task-sft/ckpt.pt": "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)",
     "out/task-rm/ckpt.pt": "python reward_model.py   (after sft.py)",
+    "out/task-rm-samples/ckpt.pt": "python reward_model.py --pairs samples --out-dir out/task-rm-samples",
+    "out/task-rm-both/ckpt.pt": "python reward_model.py --pairs both --out-dir out/task-rm-both",
     "out/gpt2-alpaca/ckpt.pt": "python sft.py --preset gpt2-alpaca",
     "out/gpt2-polite-rm/ckpt.pt": "python reward_model.py --preset gpt2-dpo --method rm --out-dir out/gpt2-polite-rm",
 }
@@ -82,7 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--init", help="the SFT model to train: a checkpoint written by sft.py")
     g.add_argument("--reward", default="rm", choices=["rm", "verifier"],
                    help="rm: the reward model's score; verifier: the task's exact checker (1 right, 0 wrong)")
-    g.add_argument("--reward-model", help="reward_model.py's checkpoint (with --reward rm)")
+    g.add_argument("--reward-model", help="reward_model.py's checkpoint (with --reward rm); several, comma-separated: "
+                                          "an ensemble scored by its least convinced member")
     g.add_argument("--data", help="task | a .json / .jsonl of prompts ({prompt, answer}, or Alpaca / preference "
                                   "rows with instruction + input): the last 10%% are held out for evaluation")
     g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt and ppo.png go")
@@ -185,6 +192,26 @@ class RewardModel(nn.Module):
         h = self.gpt.hidden_states(idx, attention_mask=attn)
         last = (attn.long() * torch.arange(1, idx.size(1) + 1, device=idx.device)).argmax(1)  # (B,)
         return self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()
+
+
+class RewardEnsemble(nn.Module):
+    """Several reward models, one score: each model's scores standardized over the batch (the models have
+    their own scales), then the lowest of them per response (worst-case optimization; Coste et al., 2023,
+    "Reward Model Ensembles Help Mitigate Overoptimization"). A policy that finds an answer one model
+    overrates gains nothing unless every model overrates it."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+    def each(self, idx, attn):
+        """-> every model's raw scores (M, B)"""
+        return torch.stack([m(idx, attn) for m in self.models])
+
+    def forward(self, idx, attn):
+        """idx (B, T), attn (B, T) -> scores (B,): min over models of (score - batch mean) / batch std"""
+        s = self.each(idx, attn)  # (M, B)
+        return ((s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)).min(0).values
 
 
 # -----------------------------------------------------------------------------
@@ -383,9 +410,11 @@ def evaluate(policy, tok, rows, reward_model, args, device, dtype):
         b = rollout(policy, tok, chunk, greedy, device, dtype)
         if "answer" in chunk[0]:
             hits += sum(bpe.reward(t, r["answer"]) for t, r in zip(b["texts"], chunk))
-        if reward_model is not None:
+        if reward_model is not None:  # an ensemble's raw scores, averaged over its models (its z-scores are 0-mean)
             with autocast(device, dtype):
-                total_score += reward_model(b["idx"], b["attn"]).sum().item()
+                s = reward_model.each(b["idx"], b["attn"]).mean(0) if isinstance(reward_model, RewardEnsemble) \
+                    else reward_model(b["idx"], b["attn"])
+            total_score += s.sum().item()
         length += b["mask"].sum().item()
     out = {"test_length": length / len(rows)}
     if "answer" in rows[0]:
@@ -420,12 +449,17 @@ def main(argv=None):
         args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
     reward_model = None
     if args.reward == "rm" or args.critic == "rm":
-        rm_gpt, _, rm_ckpt = load_model(args.reward_model, "--reward-model")
-        if "value_head" not in rm_ckpt:
-            fail(f"{args.reward_model} has no value head: not a reward model of reward_model.py --method rm")
-        if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
-            fail(f"{args.reward_model} was trained with another tokenizer than {args.init}; pair models of one pipeline")
-        reward_model = RewardModel(rm_gpt, rm_ckpt["value_head"]).to(device).eval().requires_grad_(False)
+        models, first = [], None
+        for path in (args.reward_model or "").split(","):
+            rm_gpt, _, rm_ckpt = load_model(path, "--reward-model")
+            if "value_head" not in rm_ckpt:
+                fail(f"{path} has no value head: not a reward model of reward_model.py --method rm")
+            if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
+                fail(f"{path} was trained with another tokenizer than {args.init}; pair models of one pipeline")
+            models.append(RewardModel(rm_gpt, rm_ckpt["value_head"]).to(device).eval().requires_grad_(False))
+            first = first or (rm_gpt, rm_ckpt)
+        rm_gpt, rm_ckpt = first  # --critic rm starts from the first reward model
+        reward_model = models[0] if len(models) == 1 else RewardEnsemble(models)
         if args.reward != "rm":
             reward_model = None  # loaded for the critic only
     try:

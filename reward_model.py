@@ -6,7 +6,9 @@ reward_model.py: learning what people prefer. From pairs of answers to one promp
 What it teaches, top to bottom:
   1. The data: {"prompt", "chosen", "rejected"} rows, each answer in the prompt template of bpe.py, checked:
      a pair whose answers are equal teaches nothing, and an answer cut to fit the context may lose exactly
-     the part that differs, so such pairs are dropped and counted, never silently truncated.
+     the part that differs, so such pairs are dropped and counted, never silently truncated. Or (--pairs
+     samples) pairs of the starting model's own answers, judged, as InstructGPT's labelers compared the
+     model's samples: a reward model learns only the mistakes its pairs show it.
   2. The reward model: a GPT with a value head, a Linear(n_embd, 1) reading the final hidden state at the
      last real token of prompt + response (its end-of-text), never a padding position.
   3. The Bradley-Terry loss: P(chosen > rejected) = sigmoid(r_chosen - r_rejected), so the loss is
@@ -29,6 +31,7 @@ The CPU pipeline, on the arithmetic task of bpe.py (starts from sft.py's output)
                                                    #   task preset: 3,300 steps, lr 5e-4, --lm-alpha 1, head 10x
     python reward_model.py --method dpo            # DPO from the SFT model -> out/task-dpo/ckpt.pt
     python reward_model.py --lora                  # LoRA adapters + the value head
+    python reward_model.py --pairs samples --out-dir out/task-rm-samples   # pairs of the SFT model's own answers
     python reward_model.py --resume                # continue out/task-rm from its checkpoint
 The real recipe (a GPU; downloads GPT-2 medium, 355M):
     python reward_model.py --preset gpt2-dpo       # 1,100 polite / impolite pairs, DPO, beta 0.1, 1 epoch
@@ -38,6 +41,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import time
 
 import torch
@@ -77,6 +81,10 @@ def parse_args(argv=None):
     g.add_argument("--init", help="the starting model: a checkpoint, gpt2 | gpt2-medium | ..., or an HF folder")
     g.add_argument("--data", help="task (bpe.py's preference pairs) | a folder of its files | a .jsonl / .json of pairs")
     g.add_argument("--split", default="85/5/10", help="train/val/test percentages of a --data file")
+    g.add_argument("--pairs", default="given", choices=["given", "samples", "both"],
+                   help="task: the data's pairs (given); pairs of --init's own answers to the training prompts, "
+                        "judged by the verifier (samples); or both, held out on the given ones")
+    g.add_argument("--samples-per-prompt", type=int, default=4, help="--pairs samples|both: answers drawn per prompt")
     g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt and the plots go (default: out/task-rm|dpo)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
@@ -167,6 +175,64 @@ def load_splits(args):
         fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, e.g. 85/5/10")
     n_train, n_test = int(len(rows) * pcts[0] / 100), int(len(rows) * pcts[2] / 100)
     return rows[:n_train], rows[n_train + n_test:], []
+
+
+@torch.no_grad()
+def sample_pairs(model, tok, rows, k, preamble, device, dtype, seed, batch_size=32, max_new_tokens=24):
+    """Preference pairs from a model's own answers: k answers per prompt at temperature 1, judged by the task's
+    verifier (standing in for the people who compare a model's samples in InstructGPT); a prompt with a right
+    and a wrong answer gives one pair, the first of each. rows: {"prompt", "answer"}.
+    -> [{"prompt", "chosen", "rejected"}], e.g. {"prompt": "What is 18 + 5?", "chosen": "18 + 5 = 23",
+    "rejected": "18 + 5 = 24"}"""
+    model.to(device).eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pairs = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="sampling pairs", dynamic_ncols=True):
+        chunk = rows[i:i + batch_size]
+        idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], "", preamble)) for r in chunk
+                              for _ in range(k)], tok.eot_token, device)
+        with autocast(device, dtype):
+            tokens, mask, _ = sample(model, idx, max_new_tokens, attention_mask=attn, temperature=1.0,
+                                     eos_id=tok.eot_token, generator=gen, vocab_size=tok.n_vocab)
+        texts = [tok.decode([t for t, m in zip(ts, ms) if m and t != tok.eot_token])
+                 for ts, ms in zip(tokens.tolist(), mask.tolist())]
+        for j, r in enumerate(chunk):
+            answers = texts[j * k:(j + 1) * k]
+            right = [a for a in answers if bpe.reward(a, r["answer"])]
+            wrong = [a for a in answers if not bpe.reward(a, r["answer"])]
+            if right and wrong:
+                pairs.append({"prompt": r["prompt"], "chosen": right[0], "rejected": wrong[0]})
+    return pairs
+
+
+def with_sampled_pairs(args, gpt, tok, train_rows, val_rows, device, dtype, resume):
+    """--pairs samples|both: the training (and for samples, validation) pairs made by sample_pairs from the
+    training pairs' prompts and the task's RL prompts, saved to <out-dir>/sampled_pairs.jsonl (a resumed run
+    reads them back). samples: the last --val-pairs of them are held out; both: the given held-out pairs stay."""
+    path = os.path.join(args.out_dir, "sampled_pairs.jsonl")
+    if resume and os.path.exists(path):
+        made = bpe.read_rows(path, "preference")
+    else:
+        folder = bpe.task_files()["preference"].parent if args.data == "task" else args.data
+        rl_path = os.path.join(str(folder), "rl.jsonl")
+        if not os.path.isdir(str(folder)) or not os.path.exists(rl_path):
+            fail(f"--pairs {args.pairs} needs the task's folder (prompts with answers to judge), not {args.data!r}")
+        prompts = [{"prompt": r["prompt"], "answer": bpe.final_answer(r["chosen"])} for r in train_rows]
+        prompts += bpe.read_rows(rl_path, "rl")
+        made = sample_pairs(gpt, tok, prompts, args.samples_per_prompt, args.preamble, device, dtype, args.seed)
+        random.Random(args.seed).shuffle(made)
+        os.makedirs(args.out_dir, exist_ok=True)
+        bpe.write_rows(path, made)
+    print(f"{len(made):,} pairs of the model's own answers ({path})")
+    if args.pairs == "samples":
+        n_val = args.val_pairs or len(made) // 20
+        if len(made) <= n_val:
+            fail(f"only {len(made)} sampled pairs, not more than the {n_val} held out: the model's answers to a "
+                 f"prompt are all right or all wrong; raise --samples-per-prompt")
+        return made[:-n_val], made[-n_val:]
+    both = train_rows + made
+    random.Random(args.seed).shuffle(both)
+    return both, val_rows
 
 
 def encode_pairs(rows, tok, preamble, max_len, margin=0.0):
@@ -412,6 +478,8 @@ def main(argv=None):
     max_len = min(args.max_len or gpt.config.block_size, gpt.config.block_size)
     try:
         train_rows, val_rows, test_rows = load_splits(args)
+        if args.pairs != "given":
+            train_rows, val_rows = with_sampled_pairs(args, gpt, tok, train_rows, val_rows, device, dtype, resume)
         if args.eval_limit:
             val_rows, test_rows = val_rows[:args.eval_limit], test_rows[:args.eval_limit]
         train = encode_pairs(train_rows, tok, args.preamble, max_len, args.margin)

@@ -332,3 +332,34 @@ def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch, counti
               "--out-dir", str(tmp_path / "c")])
     # policy: 1 pass before training + ppo_epochs x minibatches; reference: 1 pass
     assert sorted(calls) == [1, 1 + 2 * 2]
+
+
+def test_reward_ensemble_scores_by_its_least_convinced_member(tmp_path):
+    """Each model's scores are standardized over the batch, then the minimum is taken: on hand numbers, and
+    through ppo.main with two reward model checkpoints (comma-separated)."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, s):
+            super().__init__()
+            self.s = torch.tensor(s)
+
+        def forward(self, idx, attn):
+            return self.s
+
+    a, b = [1.0, 2.0, 3.0, 6.0], [10.0, 50.0, 30.0, 10.0]  # b has its own scale, and dislikes the last answer
+    ens = ppo.RewardEnsemble([Fixed(a), Fixed(b)])
+    z = lambda s: (torch.tensor(s) - torch.tensor(s).mean()) / (torch.tensor(s).std() + 1e-6)
+    want = torch.minimum(z(a), z(b))
+    assert torch.allclose(ens(None, None), want) and ens(None, None).argmax() == 2  # not the last: b rejects it
+    assert torch.equal(ens.each(None, None), torch.tensor([a, b]))
+    sft, rm, data = task_inputs(tmp_path)
+    rm2 = str(tmp_path / "rm2.pt")
+    head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), "bias": torch.zeros(1)}
+    gpt2.save_checkpoint(rm2, tiny(7), tokenizer=BYTES.dumps(), template={"preamble": False}, value_head=head)
+    ppo.main(["--init", sft, "--reward-model", f"{rm},{rm2}", "--data", data, "--max-steps", "2", *RUN,
+              "--out-dir", str(tmp_path / "ens")])
+    rows = metrics(tmp_path / "ens")
+    assert all(abs(r["score"]) < 3 for r in rows if "score" in r)  # standardized scores, not either model's raw ones
+    assert "test_score" in rows[0]
+    with pytest.raises(SystemExit, match="no value head"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward-model", f"{rm},{sft}", "--data", data])

@@ -421,3 +421,60 @@ def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting
     rm.main(["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "2", "--batch-size", "8",
              "--eval-interval", "0", "--method", method, "--compile", "--out-dir", str(tmp_path / "c"), *RUN])
     assert calls and calls[0] >= 2  # the trained model's forward, every step
+
+
+def fake_sampler(answer_of):
+    """A stand-in for gpt2.sample: each prompt's k answers are answer_of(question, i) for i = 0..k-1 (the
+    4 answers of a prompt are consecutive rows), as tokens + end-of-text with their mask."""
+    count = {}
+
+    def fake(model, idx, n, attention_mask=None, eos_id=None, **kw):
+        rows = []
+        for ids, m in zip(idx.tolist(), attention_mask.tolist()):
+            q = BYTES.decode([t for t, k in zip(ids, m) if k])
+            i = count.get(q, 0)
+            count[q] = i + 1
+            rows.append(BYTES.encode(answer_of(q, i)) + [eos_id])
+        N = max(map(len, rows))
+        tokens = torch.tensor([r + [eos_id] * (N - len(r)) for r in rows])
+        mask = torch.tensor([[j < len(r) for j in range(N)] for r in rows])
+        return tokens, mask, torch.zeros(tokens.shape)
+    return fake
+
+
+def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
+    """--pairs samples: k answers per prompt, judged by the verifier; a prompt with a right and a wrong answer
+    gives (first right, first wrong), a prompt whose answers all agree gives nothing; saved, and read back on
+    --resume; --pairs both keeps the given held-out pairs."""
+    def answer_of(q, i):  # "What is 3 + 4?" -> right on odd draws; prompts with an even first operand: always right
+        a, op, b = q.split("What is ")[1].split("?")[0].split(" ")
+        right = int(a) + int(b) if op == "+" else int(a) - int(b)
+        return f"{a} {op} {b} = {right if (i % 2 or int(a) % 2 == 0) else right + 1}"
+    monkeypatch.setattr(rm, "sample", fake_sampler(answer_of))
+    rows = [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "What is 2 + 5?", "answer": "7"}]
+    pairs = rm.sample_pairs(tiny(), BYTES, rows, 4, False, "cpu", torch.float32, seed=0)
+    assert pairs == [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "3 + 4 = 8"}]
+
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=60, test=5, rl=40)
+    common = ["--init", init, "--data", data, "--val-pairs", "5", "--max-steps", "4", "--batch-size", "8",
+              "--eval-interval", "2", *RUN]
+    rm.main([*common, "--pairs", "samples", "--out-dir", str(tmp_path / "s"), "--stop-after", "2"])
+    made = bpe.read_rows(tmp_path / "s" / "sampled_pairs.jsonl", "preference")
+    questions = [r["prompt"] for r in bpe.read_rows(os.path.join(data, "preference.jsonl"), "preference")[:-5]]
+    questions += [r["prompt"] for r in bpe.read_rows(os.path.join(data, "rl.jsonl"), "rl")]  # the training prompts
+    odd = [q for q in questions if int(q.split("What is ")[1].split(" ")[0]) % 2]
+    assert sorted(p["prompt"] for p in made) == sorted(odd) and all(p["chosen"] != p["rejected"] for p in made)
+    monkeypatch.setattr(rm, "sample", None)  # a resumed run must not sample again
+    rm.main(["--resume", "--out-dir", str(tmp_path / "s")])
+    assert metrics(tmp_path / "s")[-1]["step"] == 4
+    monkeypatch.setattr(rm, "sample", fake_sampler(answer_of))
+    capsys.readouterr()
+    rm.main([*common, "--pairs", "both", "--out-dir", str(tmp_path / "b")])
+    both = len(bpe.read_rows(tmp_path / "b" / "sampled_pairs.jsonl", "preference"))
+    assert f"{55 + both} train / 5 val pairs" in capsys.readouterr().out  # the given 55 + the made; given val kept
+    ckpt = gpt2.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert ckpt["step"] == 4 and (tmp_path / "b" / "sampled_pairs.jsonl").exists()
+    with pytest.raises(SystemExit, match="needs the task's folder"):
+        pref = tmp_path / "p.jsonl"
+        bpe.write_rows(pref, bpe.read_rows(os.path.join(data, "preference.jsonl"), "preference"))
+        rm.main(["--init", init, "--data", str(pref), "--pairs", "samples", "--out-dir", str(tmp_path / "f"), *RUN])
