@@ -218,7 +218,8 @@ def test_ppo_learns_a_toy_reward():
 
 
 def metrics(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def task_inputs(tmp_path):

@@ -233,7 +233,8 @@ def task_folder(path, **sizes):
 
 
 def metrics(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]

@@ -48,7 +48,8 @@ def make_shards(folder, n_train=6000, n_val=1000, vocab=512, seed=0):
 
 
 def metrics(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def train_losses(out_dir):
