@@ -1332,6 +1332,13 @@ def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGIT
     return paths
 
 
+def task_folder(data):
+    """The post-training scripts' --data -> where a task's files are: "task" is this file's task (written to
+    data/task/ on first use); anything else comes back as given (a folder of such files, or a data file).
+    task_folder("task") -> TASK_DIR; task_folder("my_task") -> 'my_task'"""
+    return task_files()["test"].parent if data == "task" else data
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

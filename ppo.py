@@ -449,16 +449,16 @@ def main(argv=None):
         args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
     reward_model = None
     if args.reward == "rm" or args.critic == "rm":
-        models, first = [], None
+        loaded = []  # (GPT, checkpoint) of each reward model
         for path in (args.reward_model or "").split(","):
             rm_gpt, _, rm_ckpt = load_model(path, "--reward-model")
             if "value_head" not in rm_ckpt:
                 fail(f"{path} has no value head: not a reward model of reward_model.py --method rm")
             if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
                 fail(f"{path} was trained with another tokenizer than {args.init}; pair models of one pipeline")
-            models.append(RewardModel(rm_gpt, rm_ckpt["value_head"]).to(device).eval().requires_grad_(False))
-            first = first or (rm_gpt, rm_ckpt)
-        rm_gpt, rm_ckpt = first  # --critic rm starts from the first reward model
+            loaded.append((rm_gpt, rm_ckpt))
+        rm_gpt, rm_ckpt = loaded[0]  # --critic rm starts from the first reward model
+        models = [RewardModel(g, c["value_head"]).to(device).eval().requires_grad_(False) for g, c in loaded]
         reward_model = models[0] if len(models) == 1 else RewardEnsemble(models)
         if args.reward != "rm":
             reward_model = None  # loaded for the critic only
@@ -570,7 +570,7 @@ def load_prompts(data):
     and its test problems; a folder: such a task's rl.jsonl and test.jsonl; a file: rows of any post-training
     format (the instruction is the prompt), the last 10% held out."""
     if data == "task" or os.path.isdir(data):
-        folder = bpe.task_files()["rl"].parent if data == "task" else data
+        folder = bpe.task_folder(data)
         return tuple(bpe.read_rows(os.path.join(folder, f"{s}.jsonl"), "rl") for s in ("rl", "test"))
     if data == PRESETS["gpt2-polite"]["data"] and not os.path.exists(data):
         download(PREFERENCE_URL, data)

@@ -155,7 +155,7 @@ def read_pairs(path):
 def load_splits(args):
     """--data -> (train, val, test): pair rows, pair rows, and the task's test problems (or [] for a file).
     "task" holds out its last --val-pairs preference pairs; a file is split in order, train / test / val."""
-    folder = bpe.task_files()["preference"].parent if args.data == "task" else args.data
+    folder = bpe.task_folder(args.data)
     if os.path.isdir(folder):
         pairs = bpe.read_rows(os.path.join(folder, "preference.jsonl"), "preference")
         test_path = os.path.join(folder, "test.jsonl")
@@ -213,7 +213,7 @@ def with_sampled_pairs(args, gpt, tok, train_rows, val_rows, device, dtype, resu
     if resume and os.path.exists(path):
         made = bpe.read_rows(path, "preference")
     else:
-        folder = bpe.task_files()["preference"].parent if args.data == "task" else args.data
+        folder = bpe.task_folder(args.data)
         rl_path = os.path.join(str(folder), "rl.jsonl")
         if not os.path.isdir(str(folder)) or not os.path.exists(rl_path):
             fail(f"--pairs {args.pairs} needs the task's folder (prompts with answers to judge), not {args.data!r}")

@@ -120,7 +120,7 @@ def load_splits(args):
     """--data -> (train, val, test) lists of rows. "task" is the arithmetic task of bpe.py (written to
     data/task/ on first use); a folder holds such a task's sft.jsonl, sft_val.jsonl and test.jsonl. A data
     file is split in order, train first, then test, then val, as in Raschka's chapter 7."""
-    folder = bpe.task_files()["sft"].parent if args.data == "task" else args.data
+    folder = bpe.task_folder(args.data)
     if os.path.isdir(folder):
         return tuple(bpe.read_rows(os.path.join(folder, f"{name}.jsonl"), kind)
                      for name, kind in (("sft", "sft"), ("sft_val", "sft"), ("test", "rl")))

@@ -431,3 +431,10 @@ def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting
     sft.main(["--init", init, "--data", data, "--max-steps", "2", "--batch-size", "8", "--eval-interval", "0",
               "--max-new-tokens", "4", "--compile", *RUN, "--out-dir", str(tmp_path / "c")])
     assert calls == [2]  # one forward per step
+
+
+def test_task_folder_maps_the_word_task_to_the_written_task(monkeypatch):
+    written = []
+    monkeypatch.setattr(bpe, "task_files", lambda: written.append(1) or {"test": bpe.TASK_DIR / "test.jsonl"})
+    assert bpe.task_folder("task") == bpe.TASK_DIR and written == [1]  # the files are written first
+    assert bpe.task_folder("my_task") == "my_task" and written == [1]
