@@ -5,7 +5,8 @@ What it teaches, in the file's order:
   1. Data: `label<TAB>text` lines (the UCI file) or JSON Lines {"text", "label"}; labels <-> class ids; the
      book's balanced split (as many ham as spam, 70/10/20) or the full imbalanced set, both stratified and
      seeded, with every copy of a repeated text in one split (the collection repeats ~400 texts: a copy in
-     train and one in test would be a free answer).
+     train and one in test would be a free answer); --split book: the book's own split, exactly, to compare with
+     its numbers (not stratified; 37 of its 300 test texts have a copy in train).
   2. The bar to clear: bag-of-tokens logistic regression in numpy, on the same split, with GPT-2's tokens.
   3. The tokenizer of a model from scratch (--tokenizer): a 1,024-token BPE learned on the training texts
      (default), bytes, or GPT-2's 50,257 tokens, most of which 1,044 texts never show it.
@@ -22,6 +23,7 @@ What it teaches, in the file's order:
     python classify.py                                  # CPU, offline: a small GPT + BPE from scratch, balanced split
     python classify.py --tokenizer gpt2                 # the same with GPT-2's 50,257 tokens
     python classify.py --split full                     # the imbalanced set (87% ham): report F1, not accuracy
+    python classify.py --split book                     # the book's exact split, for its numbers side by side
     python classify.py --init gpt2 --train last-block   # OpenAI's GPT-2 124M: the book's main experiment
     python classify.py --init gpt2 --lora 16            # frozen GPT-2 + rank-16 adapters
     python classify.py --predict "WINNER! Claim your prize: call 09061701461"
@@ -29,6 +31,7 @@ What it teaches, in the file's order:
 """
 
 import argparse
+import csv
 import math
 import os
 import time
@@ -62,9 +65,11 @@ def download_sms(path=SMS_PATH):
     return path
 
 
-def read_examples(path):
+def read_examples(path, quoting=False):
     """(text, label) pairs of a data file: JSON Lines {"text", "label"} (.jsonl / .json), else `label<TAB>text`
-    lines. Every way a file can be wrong is an error naming the line.
+    lines. Every way a file can be wrong is an error naming the line. quoting: read `label<TAB>text` as
+    CSV, as the book's pandas.read_csv(sep="\t") does: a text that starts with a quote runs to its closing
+    quote, across lines (5,572 rows of the SMS file's 5,574 lines; for --split book).
     read_examples("data/sms_spam_collection.tsv")[:1] -> [("Go until jurong point, crazy.. ...", "ham")]"""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file at {path}; give --data a label<TAB>text or JSONL file "
@@ -72,6 +77,14 @@ def read_examples(path):
     if path.endswith((".jsonl", ".json")):
         rows = [(r["text"], str(r["label"])) for r in bpe.read_rows(path, "classification")]
         where = [f"{path}: row {i + 1}" for i in range(len(rows))]
+    elif quoting:
+        with open(path, newline="", encoding="utf-8") as f:
+            fields = list(csv.reader(f, delimiter="\t"))
+        bad = next((i for i, r in enumerate(fields) if len(r) != 2), None)
+        if bad is not None:
+            raise ValueError(f"{path}: CSV row {bad + 1} has {len(fields[bad])} fields; each row is label<TAB>text")
+        rows = [(text, label.strip()) for label, text in fields]
+        where = [f"{path}: CSV row {i + 1}" for i in range(len(rows))]
     else:
         rows, where = [], []
         with open(path, encoding="utf-8") as f:
@@ -136,6 +149,27 @@ def split_examples(examples, seed, balanced=True, fractions=(0.7, 0.1)):
             raise ValueError(f"class {label!r} has {len(rows)} examples, too few for one in each of train, "
                              f"val and test; add examples")
     return {s: sorted(v) for s, v in out.items()}
+
+
+def book_split(examples, seed=123, fractions=(0.7, 0.1)):
+    """Row indices {"train", "val", "test"} of the book's own split (Raschka, chapter 6), reproduced without
+    pandas: the larger of two classes undersampled to the smaller's size (pandas' sample(n, random_state=seed)
+    is RandomState(seed).permutation(n_large)[:n]), that sample then the smaller class in file order, the
+    whole shuffled (sample(frac=1, random_state=seed)) and cut 70/10/20. For comparing with the book's numbers
+    on its test set: it is not stratified, and copies of a repeated text land in train and test (37 of its
+    300 SMS test texts have a copy in train, 33 of them spam).
+    book_split(read_examples(SMS_PATH, quoting=True)) -> {"train": [...1045 ids], "val": [...149], "test": [...300]}"""
+    by_class = {}
+    for i, (_, label) in enumerate(examples):
+        by_class.setdefault(label, []).append(i)
+    if len(by_class) != 2:
+        raise ValueError(f"--split book is the book's two-class split; this data has {len(by_class)} classes "
+                         f"({sorted(by_class)}): use --split balanced or full")
+    small, large = sorted(by_class.values(), key=len)  # SMS: 747 spam, 4,825 ham
+    rows = [large[j] for j in np.random.RandomState(seed).permutation(len(large))[:len(small)]] + small
+    rows = [rows[j] for j in np.random.RandomState(seed).permutation(len(rows))]
+    n_train, n_val = int(len(rows) * fractions[0]), int(len(rows) * fractions[1])
+    return {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
 
 
 def unlabeled_rows(examples, splits):
@@ -431,8 +465,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="label<TAB>text or {text, label} JSONL file (default: the SMS "
                                                 "collection in data/, downloaded from UCI if missing)")
-    g.add_argument("--split", default="balanced", choices=["balanced", "full"],
-                   help="balanced: undersample every class to the smallest (the book); full: every row")
+    g.add_argument("--split", default="balanced", choices=["balanced", "full", "book"],
+                   help="balanced: undersample every class to the smallest (the book's sizes, stratified, repeated "
+                        "texts in one split); full: every row; book: the book's exact split (leaks repeats)")
     g.add_argument("--split-seed", type=int, default=123, help="seed of the split (fixed while --seed varies)")
     g.add_argument("--max-len", type=int, default=None, help="tokens kept per text (default: block_size)")
     g.add_argument("--eot", action=argparse.BooleanOptionalAction, default=True,
@@ -507,10 +542,11 @@ def main(argv=None):
     ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if args.data is None:
         args.data = SMS_PATH if os.path.exists(SMS_PATH) else download_sms()
-    examples = read_examples(args.data)
+    examples = read_examples(args.data, quoting=args.split == "book")
     names = ckpt["labels"] if ckpt else sorted({label for _, label in examples})
     y_all = label_ids([label for _, label in examples], names)
-    splits = split_examples(examples, args.split_seed, args.split == "balanced")
+    splits = (book_split(examples, args.split_seed) if args.split == "book" else
+              split_examples(examples, args.split_seed, args.split == "balanced"))
     model, tok = build_model(args, len(names), ckpt, texts=[examples[i][0] for i in splits["train"]])
     max_len = min(args.max_len or model.config.block_size, model.config.block_size)
     seqs = {s: [encode(tok, examples[i][0], max_len, args.eot) for i in rows] for s, rows in splits.items()}

@@ -245,6 +245,44 @@ def test_sms_split_sizes():
     assert sum(rows[i][1] == "spam" for i in s["test"]) == 151
 
 
+def test_book_split_is_the_books_pandas_split():
+    """--split book reproduces the book's pandas code row for row: read_csv, sample(747), concat, sample(frac=1)."""
+    import pandas as pd
+    rows = classify.read_examples(classify.SMS_PATH, quoting=True)
+    s = classify.book_split(rows, 123)
+    df = pd.read_csv(classify.SMS_PATH, sep="\t", header=None, names=["Label", "Text"])
+    ham = df[df["Label"] == "ham"].sample(747, random_state=123)
+    book = pd.concat([ham, df[df["Label"] == "spam"]]).sample(frac=1, random_state=123).reset_index(drop=True)
+    assert [rows[i] for k in ("train", "val", "test") for i in s[k]] == list(zip(book["Text"], book["Label"]))
+    assert {k: len(v) for k, v in s.items()} == {"train": 1045, "val": 149, "test": 300}
+    train = {rows[i][0] for i in s["train"]}  # the leak the stratified split avoids
+    assert sum(rows[i][0] in train for i in s["test"]) == 37
+
+
+def test_book_split_needs_two_classes():
+    rows = [(f"t{i}", "abc"[i % 3]) for i in range(30)]
+    with pytest.raises(ValueError, match="two-class split; this data has 3 classes"):
+        classify.book_split(rows)
+
+
+def test_main_runs_on_the_book_split(tmp_path, lm_ckpt, capsys):
+    data = write_task(tmp_path / "task.tsv", yes_every=3)  # 67 yes, 133 no -> 67 + 67, cut 93 / 13 / 28
+    run(tmp_path, "--init", lm_ckpt, "--split", "book", "--max-steps", "2", data=data)
+    out = capsys.readouterr().out
+    assert "split book: train 93 (" in out and ", test 28 (" in out
+
+
+def test_read_examples_csv_quoting(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text('ham\t"quoted\ntext" here\nspam\tplain "x"\n')
+    with pytest.raises(ValueError, match=":2: no tab"):  # line by line, the quoted newline splits the row
+        classify.read_examples(str(path))
+    assert classify.read_examples(str(path), quoting=True) == [("quoted\ntext here", "ham"), ('plain "x"', "spam")]
+    path.write_text("ham\ta\tb\nspam\tc\n")
+    with pytest.raises(ValueError, match="CSV row 1 has 3 fields"):
+        classify.read_examples(str(path), quoting=True)
+
+
 def test_label_mapping_round_trip(tmp_path):
     labels = ["spam", "ham", "ham", "spam", "ham"]
     names = sorted(set(labels))
