@@ -107,7 +107,7 @@ def test_lm_loss_is_the_language_models_loss_over_its_vocab():
     torch.testing.assert_close(got, want)
     vocab = torch.tensor([2, 3, 5, 7, 9, 11, 30, 99])
     sub = logits[:, :-1][..., vocab]
-    want = F.cross_entropy(sub.flatten(0, 1), torch.searchsorted(vocab, idx[:, 1:]).masked_fill(
+    want = F.cross_entropy(sub.flatten(0, 1), torch.searchsorted(vocab, idx[:, 1:].contiguous()).masked_fill(
         mask[:, 1:] == 0, -1).flatten(), ignore_index=-1)
     torch.testing.assert_close(classify.lm_loss(model, hidden["h"], idx, mask, vocab), want)
     assert not torch.allclose(want, got)  # the subset's softmax really is a different one
