@@ -172,6 +172,15 @@ def book_split(examples, seed=123, fractions=(0.7, 0.1)):
     return {"train": rows[:n_train], "val": rows[n_train:n_train + n_val], "test": rows[n_train + n_val:]}
 
 
+def split_rows(examples, split="balanced", seed=123):
+    """--split -> row indices per split: split_examples for balanced / full, book_split for book (whose rows
+    are read as the book's pandas reads the file: read_examples(path, quoting=True)).
+    split_rows(read_examples(SMS_PATH), "full") -> {"train": [...3900 ids], "val": [...556], "test": [...1118]}"""
+    if split == "book":
+        return book_split(examples, seed)
+    return split_examples(examples, seed, split == "balanced")
+
+
 def unlabeled_rows(examples, splits):
     """Rows in none of the splits (what --split balanced left out), minus every copy of a val or test text:
     in-domain text whose labels go unused, for --lm-unlabeled's next-token loss (ULMFiT, GPT-1). A copy of a
@@ -545,8 +554,7 @@ def main(argv=None):
     examples = read_examples(args.data, quoting=args.split == "book")
     names = ckpt["labels"] if ckpt else sorted({label for _, label in examples})
     y_all = label_ids([label for _, label in examples], names)
-    splits = (book_split(examples, args.split_seed) if args.split == "book" else
-              split_examples(examples, args.split_seed, args.split == "balanced"))
+    splits = split_rows(examples, args.split, args.split_seed)
     model, tok = build_model(args, len(names), ckpt, texts=[examples[i][0] for i in splits["train"]])
     max_len = min(args.max_len or model.config.block_size, model.config.block_size)
     seqs = {s: [encode(tok, examples[i][0], max_len, args.eot) for i in rows] for s, rows in splits.items()}

@@ -199,7 +199,7 @@ def sample_pairs(model, tok, rows, k, preamble, device, dtype, seed, batch_size=
         for j, r in enumerate(chunk):
             answers = texts[j * k:(j + 1) * k]
             right = [a for a in answers if bpe.reward(a, r["answer"])]
-            wrong = [a for a in answers if not bpe.reward(a, r["answer"])]
+            wrong = [a for a in answers if a not in right]  # each answer judged once
             if right and wrong:
                 pairs.append({"prompt": r["prompt"], "chosen": right[0], "rejected": wrong[0]})
     return pairs

@@ -35,14 +35,14 @@ SPLITS = ("balanced", "book", "full")
 def load_split(name, seed=123):
     """(texts, labels) per split, as classify.main builds them for --split name."""
     rows = classify.read_examples(classify.SMS_PATH, quoting=name == "book")
-    s = classify.book_split(rows, seed) if name == "book" else classify.split_examples(rows, seed, name == "balanced")
+    s = classify.split_rows(rows, name, seed)
     return {k: [rows[i][0] for i in v] for k, v in s.items()}, {k: np.array([rows[i][1] == "spam" for i in v], int)
                                                                  for k, v in s.items()}
 
 
 def spam_f1(y, pred):
-    tp, fp, fn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
-    return 2 * tp / max(1, 2 * tp + fp + fn)
+    """F1 of the spam class (1), from classify's confusion matrix and scores."""
+    return classify.scores(classify.confusion_matrix(y, pred, 2))["f1"][1]
 
 
 def peers():
