@@ -118,6 +118,15 @@ def label_ids(labels, names):
     return [index[label] for label in labels]
 
 
+def rows_by_class(examples):
+    """label -> its row indices, in file order.
+    rows_by_class([("hi", "ham"), ("WIN", "spam"), ("ok", "ham")]) -> {"ham": [0, 2], "spam": [1]}"""
+    by_class = {}
+    for i, (_, label) in enumerate(examples):
+        by_class.setdefault(label, []).append(i)
+    return by_class
+
+
 def split_examples(examples, seed, balanced=True, fractions=(0.7, 0.1)):
     """Row indices {"train", "val", "test"}: per class (stratified), a seeded shuffle of its distinct texts,
     the first ones to test until it holds its share, then val, the rest train, so that copies of one text
@@ -125,9 +134,7 @@ def split_examples(examples, seed, balanced=True, fractions=(0.7, 0.1)):
     (the book's 747 ham + 747 spam). Deterministic for a seed, whatever the order of the classes.
     split_examples(rows, 123) -> {"train": [...1044 ids], "val": [...148], "test": [...302]} on SMS"""
     rng = np.random.default_rng(seed)
-    by_class = {}
-    for i, (_, label) in enumerate(examples):
-        by_class.setdefault(label, []).append(i)
+    by_class = rows_by_class(examples)
     n_min = min(len(v) for v in by_class.values())
     out = {"train": [], "val": [], "test": []}
     for label in sorted(by_class):
@@ -159,9 +166,7 @@ def book_split(examples, seed=123, fractions=(0.7, 0.1)):
     on its test set: it is not stratified, and copies of a repeated text land in train and test (37 of its
     300 SMS test texts have a copy in train, 33 of them spam).
     book_split(read_examples(SMS_PATH, quoting=True)) -> {"train": [...1045 ids], "val": [...149], "test": [...300]}"""
-    by_class = {}
-    for i, (_, label) in enumerate(examples):
-        by_class.setdefault(label, []).append(i)
+    by_class = rows_by_class(examples)
     if len(by_class) != 2:
         raise ValueError(f"--split book is the book's two-class split; this data has {len(by_class)} classes "
                          f"({sorted(by_class)}): use --split balanced or full")

@@ -193,6 +193,10 @@ class RewardModel(nn.Module):
         last = (attn.long() * torch.arange(1, idx.size(1) + 1, device=idx.device)).argmax(1)  # (B,)
         return self.value_head(h[torch.arange(idx.size(0), device=idx.device), last]).squeeze(-1).float()
 
+    def raw(self, idx, attn):
+        """-> the scores evaluation reports (B,): the model's own"""
+        return self(idx, attn)
+
 
 class RewardEnsemble(nn.Module):
     """Several reward models, one score: each model's scores standardized over the batch (the models have
@@ -207,6 +211,10 @@ class RewardEnsemble(nn.Module):
     def each(self, idx, attn):
         """-> every model's raw scores (M, B)"""
         return torch.stack([m(idx, attn) for m in self.models])
+
+    def raw(self, idx, attn):
+        """-> the scores evaluation reports (B,): the models' raw scores averaged (forward's z-scores average to 0)"""
+        return self.each(idx, attn).mean(0)
 
     def forward(self, idx, attn):
         """idx (B, T), attn (B, T) -> scores (B,): min over models of (score - batch mean) / batch std"""
@@ -410,11 +418,9 @@ def evaluate(policy, tok, rows, reward_model, args, device, dtype):
         b = rollout(policy, tok, chunk, greedy, device, dtype)
         if "answer" in chunk[0]:
             hits += sum(bpe.reward(t, r["answer"]) for t, r in zip(b["texts"], chunk))
-        if reward_model is not None:  # an ensemble's raw scores, averaged over its models (its z-scores are 0-mean)
+        if reward_model is not None:
             with autocast(device, dtype):
-                s = reward_model.each(b["idx"], b["attn"]).mean(0) if isinstance(reward_model, RewardEnsemble) \
-                    else reward_model(b["idx"], b["attn"])
-            total_score += s.sum().item()
+                total_score += reward_model.raw(b["idx"], b["attn"]).sum().item()
         length += b["mask"].sum().item()
     out = {"test_length": length / len(rows)}
     if "answer" in rows[0]:

@@ -353,6 +353,7 @@ def test_reward_ensemble_scores_by_its_least_convinced_member(tmp_path):
     want = torch.minimum(z(a), z(b))
     assert torch.allclose(ens(None, None), want) and ens(None, None).argmax() == 2  # not the last: b rejects it
     assert torch.equal(ens.each(None, None), torch.tensor([a, b]))
+    assert torch.allclose(ens.raw(None, None), (torch.tensor(a) + torch.tensor(b)) / 2)  # evaluation's score
     sft, rm, data = task_inputs(tmp_path)
     rm2 = str(tmp_path / "rm2.pt")
     head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), "bias": torch.zeros(1)}
