@@ -29,9 +29,9 @@ The CPU pipeline (after sft.py; see its docstring for the base model):
 The real recipe (a GPU; downloads GSM8K, starts from sft.py's instruction-tuned GPT-2 medium):
     python sft.py --preset gpt2-alpaca && python grpo.py --preset gpt2-gsm8k
 A modern model (one big GPU): Qwen2.5-Math-1.5B (downloaded from the HF hub) on MATH-style problems, asked in
-its chat template to reason step by step and put the answer in \boxed{}, rewarded by bpe.math_reward:
+its chat template to reason step by step and put the answer in \\boxed{}, rewarded by bpe.math_reward:
     python grpo.py --preset qwen-math --data data/math   # rl.jsonl + test.jsonl rows {"prompt", "answer"}
-    torchrun --nproc_per_node 8 grpo.py --fsdp --preset qwen-math --init meta-llama/Llama-3.1-8B-Instruct \
+    torchrun --nproc_per_node 8 grpo.py --fsdp --preset qwen-math --init meta-llama/Llama-3.1-8B-Instruct \\
         --template llama3                                # sharded with FSDP2: each process its share of prompts
 """
 

@@ -28,7 +28,7 @@ What it teaches, top to bottom:
 The CPU pipeline (after sft.py and reward_model.py; see their docstrings):
     python ppo.py                                    # reward model -> out/task-ppo/ckpt.pt
     python ppo.py --reward verifier --out-dir out/task-ppo-verifier
-    python ppo.py --reward-model out/task-rm/ckpt.pt,out/task-rm-samples/ckpt.pt,out/task-rm-both/ckpt.pt \
+    python ppo.py --reward-model out/task-rm/ckpt.pt,out/task-rm-samples/ckpt.pt,out/task-rm-both/ckpt.pt \\
                   --max-steps 160 --out-dir out/task-ppo-ensemble   # three reward models (see reward_model.py)
     python ppo.py --kl-estimator k1 --target-kl 2    # any switch; --help lists them
     python ppo.py --resume                           # continue out/task-ppo from its checkpoint

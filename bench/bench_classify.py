@@ -16,7 +16,7 @@ its folder), what pretraining buys: its mean-pooled embeddings + LogisticRegress
 encoder fine-tuned end to end (a linear head on the mean-pooled states, AdamW 5e-5, batch 16, 5 epochs, the epoch
 picked on val; "over the grid" is then the test accuracy over the epochs):
 
-    python bench/bench_classify.py --splits balanced --encoder sentence-transformers/all-MiniLM-L6-v2 \
+    python bench/bench_classify.py --splits balanced --encoder sentence-transformers/all-MiniLM-L6-v2 \\
         --encoder-seeds 1337,1338,1339
 """
 

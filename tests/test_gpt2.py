@@ -529,3 +529,26 @@ def test_checkpoint_unwraps_ddp_and_compile_in_any_order(tmp_path):
         path = str(tmp_path / "w.pt")
         gpt2.save_checkpoint(path, wrapped)
         assert set(gpt2.load_checkpoint(path)["model"]) == set(model.state_dict())
+
+
+def test_docstrings_print_as_written():
+    """A backslash in a plain (non-raw) docstring is an escape: "\\boxed" prints as a backspace + "oxed", and a
+    command's line-continuation backslash joins the lines in --help. Every docstring of the topic files and
+    bench scripts either has no such escape or is raw."""
+    import ast
+    import glob
+    import re
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    bad = []
+    for path in sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "bench", "*.py"))):
+        src = open(path, encoding="utf-8").read()
+        for node in ast.walk(ast.parse(src)):
+            body = getattr(node, "body", None)
+            if not (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                continue
+            literal = ast.get_source_segment(src, body[0].value)
+            joined = re.search(r"(?<!\\)(\\\\)*\\\n", literal)  # an odd run of backslashes ends a line
+            if literal[0] not in "rR" and (joined or any(c in body[0].value.value for c in "\a\b\f\v")):
+                bad.append(f"{os.path.basename(path)}:{body[0].lineno}")
+    assert not bad, f"docstrings whose backslashes are escapes (write \\\\ or make them raw): {bad}"
