@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
                   grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype,
-                  save_checkpoint, seed_everything)
+                  save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
@@ -590,7 +590,7 @@ def main(argv=None):
                                  f"was trained with {ckpt['args'].get(key, False)!r}; use the same or a new --out-dir")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)
+        set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)
         step, (correct, seen) = ckpt["step"], ckpt["running_acc"]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model {args.init}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.2f}M trainable "
@@ -645,7 +645,7 @@ def main(argv=None):
         metrics.log(**row)
         if "val_acc" in row or step == stop:
             save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            step=step, rng=torch.get_rng_state(), running_acc=(correct, seen), labels=names,
+                            step=step, rng=rng_state(), running_acc=(correct, seen), labels=names,
                             tokenizer=tok.dumps(), args=vars(args))
     if step < max_steps:
         return print(f"stopped at step {step} of {max_steps}; --resume goes on from {ckpt_path}")

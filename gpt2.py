@@ -1158,6 +1158,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rng_state():
+    """torch's random generators for an exact --resume: the CPU one, and the GPU's (dropout and sampling on a
+    GPU draw from the device's generator, not the CPU's) when CUDA is in use or on MPS.
+    rng_state() -> {"cpu": ByteTensor(5056), "cuda": ByteTensor(16)}  (no "cuda" on a CPU-only run)"""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """Restores rng_state()'s generators (a bare CPU state, as older checkpoints hold, works too)."""
+    state = state if isinstance(state, dict) else {"cpu": state}
+    torch.set_rng_state(state["cpu"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
+
+
 def lr_at(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * max_lr at max_steps."""
     if step < warmup_steps:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (MetricsLog, add_common_args, autocast, download, end_distributed, fsdp_shard, full_state_dict,
                   init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at, maybe_compile, pick_device,
-                  pick_dtype, resume_settings, sample, save_checkpoint, seed_everything)
+                  pick_dtype, resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -239,15 +239,16 @@ def token_logprobs(model, idx, attn, T, temperature=1.0, vocab_size=None):
 
 def group_advantages(rewards, G, baseline=True, scale=True, eps=1e-4):
     """rewards (B,) laid out group by group -> advantages (B,) and, per group, whether it has no signal
-    (every answer scored the same). A zero-std group gives 0, never NaN: its rewards minus their mean are
-    exactly 0 before the division.
+    (every answer scored exactly the same). Such a group is never divided by its std (0): with the baseline
+    its advantages are exactly 0, never NaN; without, they are its raw rewards.
     group_advantages(tensor([1., 0., 1., 1.]), 2) -> (tensor([0.71, -0.71, 0., 0.]), tensor([False, True]))"""
     r = rewards.view(-1, G)  # (groups, G)
-    adv = r - r.mean(1, keepdim=True) if baseline else r
-    std = r.std(1, keepdim=True)  # unbiased, as GRPO's reference code and TRL
+    zero = (r == r[:, :1]).all(1)  # exact: a float mean of 0.1s is not exactly 0.1, nor their std exactly 0
+    adv = (r - r.mean(1, keepdim=True)).masked_fill(zero[:, None], 0.0) if baseline else r
     if scale:
-        adv = adv / (std + eps)
-    return adv.reshape(-1), (std == 0).squeeze(1)
+        std = r.std(1, keepdim=True)  # unbiased, as GRPO's reference code and TRL
+        adv = torch.where(zero[:, None], adv, adv / (std + eps))
+    return adv.reshape(-1), zero
 
 
 # -----------------------------------------------------------------------------
@@ -343,6 +344,9 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
         torch.distributed.all_reduce(signal, op=torch.distributed.ReduceOp.MAX)
     if not signal:  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
         return {**stats, "loss": 0.0, "skipped": 1}  # no forward pass: no KL, clip or entropy to report
+    idle = args.fsdp and not keep.any()  # all dropped here, not elsewhere: still run the passes (FSDP gathers
+    if idle:                              # each layer's weights from every process), with this share weighted 0
+        keep = torch.ones_like(keep)
     idx, attn, mask, adv = batch["idx"][keep], batch["attn"][keep], batch["mask"][keep], adv[keep]
     T = batch["T"]
     ref_logp = None
@@ -361,6 +365,7 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
                             beta=args.beta, ref_logp=ref_logp, how=args.loss, max_len=args.max_new_tokens)
         if args.fsdp:  # FSDP averages gradients over processes: weight each by its share of answers (tokens for dapo)
             n = mask.sum() if args.loss == "dapo" else torch.tensor(float(mask.size(0)), device=mask.device)
+            n = n * (not idle)
             total = n.clone()
             torch.distributed.all_reduce(total)
             loss = loss.nan_to_num(0.0) * n * torch.distributed.get_world_size() / total
@@ -427,7 +432,7 @@ def main(argv=None):
         if not args.fsdp:
             optimizer.load_state_dict(resume["optimizer"])
         step = resume["step"]
-        torch.set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
     metrics = MetricsLog(args.out_dir, resume_step=step if resume else None) if rank == 0 else None
     log = metrics.log if rank == 0 else (lambda **row: None)
@@ -449,7 +454,7 @@ def main(argv=None):
             opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                             cpu_offload=True))
         if rank == 0:
-            save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, step=done, rng=torch.get_rng_state(),
+            save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, step=done, rng=rng_state(),
                             args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
 
     if step == 0:

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 import bpe
 from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, grad_scaler, load_checkpoint,
-                  load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, save_checkpoint, seed_everything)
+                  load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, save_checkpoint, seed_everything,
+                  rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -404,7 +405,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, train_time, cpu_time = ckpt["step"], ckpt["train_time"], ckpt["cpu_time"]
-        torch.set_rng_state(ckpt["rng"].cpu())
+        set_rng_state(ckpt["rng"])
         log(f"resumed {path} at step {step}")
     elif args.init != "scratch":
         load_model_state(model, load_model(args.init)[0].state_dict(), args.init)
@@ -455,7 +456,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
             log(f"{name} step {step:4d} | val loss {val_loss:.4f}")
             save_checkpoint(path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
                             train_time=train_time, cpu_time=cpu_time, moe=asdict(moe) if moe else None, args=vars(args),
-                            vocab=vocab.tolist() if vocab is not None else None, rng=torch.get_rng_state())
+                            vocab=vocab.tolist() if vocab is not None else None, rng=rng_state())
     if val_loss is None:  # a finished run asked to resume: just report it
         val_loss = evaluate(compiled, val_ids, args, device, dtype)
     metrics.plot(title=f"moe.py {name}")

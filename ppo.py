@@ -51,7 +51,7 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
                   load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, resume_settings, sample,
-                  save_checkpoint, seed_everything)
+                  save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -496,7 +496,7 @@ def main(argv=None):
             load_model_state(policy.critic, resume["critic"], ckpt_path)
         optimizer.load_state_dict(resume["optimizer"])
         kl_ctl.coef, step = resume["kl_controller"]["coef"], resume["step"]
-        torch.set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
     metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
     print(f"{args.init}: {sum(p.numel() for p in gpt.parameters()) / 1e6:.2f}M parameters | reward {args.reward} | "
@@ -513,7 +513,7 @@ def main(argv=None):
     def checkpoint(done):
         save_checkpoint(ckpt_path, gpt, value_head={k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()},
                         optimizer=optimizer.state_dict(), kl_controller=kl_ctl.state_dict(), step=done,
-                        rng=torch.get_rng_state(), args=vars(args), tokenizer=tok.dumps(),
+                        rng=rng_state(), args=vars(args), tokenizer=tok.dumps(),
                         template={"preamble": args.preamble},
                         **({"critic": policy.critic.state_dict()} if policy.critic is not None else {}))
 

@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, left_pad, load_lora_state,
-                  load_model_state, lora_state_dict, lr_at, load_with_tokenizer, maybe_compile, merge_lora,
-                  pick_device, pick_dtype, resume_settings, sample, save_checkpoint, seed_everything)
+                  load_model_state, lora_state_dict, lr_at, load_with_tokenizer, maybe_compile, merge_lora, pick_device,
+                  pick_dtype, resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -514,7 +514,7 @@ def main(argv=None):
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
-        torch.set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
     fwd = maybe_compile(model, args.compile)
     metrics = MetricsLog(args.out_dir, resume_step=step if resume else None)
@@ -535,7 +535,7 @@ def main(argv=None):
             print(f"reward plot {p}")
 
     def checkpoint(done):
-        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=torch.get_rng_state(),
+        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=rng_state(),
                      args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble}, method=args.method)
         if args.method == "rm":  # ppo.py: GPT.from_checkpoint, then value_head (weight (1, C), bias (1,))
             extra["value_head"] = {k: v.detach().cpu() for k, v in model.value_head.state_dict().items()}

@@ -40,7 +40,7 @@ import bpe
 from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, end_distributed, fsdp_shard,
                   full_state_dict, grad_scaler, init_distributed, left_pad, load_lora_state, load_model_state,
                   load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device, pick_dtype,
-                  resume_settings, sample, save_adapter, save_checkpoint, seed_everything)
+                  resume_settings, sample, save_adapter, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -342,7 +342,7 @@ def main(argv=None):
             optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         step = resume["step"]
-        torch.set_rng_state(resume["rng"])
+        set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
     fwd = maybe_compile(model, args.compile)
     metrics = MetricsLog(args.out_dir, resume_step=step if resume else None) if rank == 0 else None
@@ -366,7 +366,7 @@ def main(argv=None):
                    (f" | test accuracy {acc:.1%}" if acc is not None else ""))
 
     def checkpoint(done):
-        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=torch.get_rng_state(),
+        extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=rng_state(),
                      args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
         if args.fsdp:  # every process takes part in gathering the weights and optimizer state; one writes them
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

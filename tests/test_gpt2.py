@@ -552,3 +552,20 @@ def test_docstrings_print_as_written():
             if literal[0] not in "rR" and (joined or any(c in body[0].value.value for c in "\a\b\f\v")):
                 bad.append(f"{os.path.basename(path)}:{body[0].lineno}")
     assert not bad, f"docstrings whose backslashes are escapes (write \\\\ or make them raw): {bad}"
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    """rng_state() survives save_checkpoint / load_checkpoint (weights_only) and set_rng_state puts the stream back
+    where it was; an older checkpoint's bare CPU state is accepted too."""
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    torch.manual_seed(0)
+    path = str(tmp_path / "c.pt")
+    gpt2.save_checkpoint(path, model, rng=gpt2.rng_state())
+    want = torch.rand(4)
+    gpt2.set_rng_state(gpt2.load_checkpoint(path)["rng"])
+    assert torch.equal(torch.rand(4), want)
+    torch.manual_seed(1)
+    old = torch.get_rng_state()
+    want = torch.rand(4)
+    gpt2.set_rng_state(old)
+    assert torch.equal(torch.rand(4), want)

@@ -50,6 +50,11 @@ def test_group_advantages_on_hand_numbers():
     assert torch.equal(adv, r)
     adv, _ = grpo.group_advantages(torch.tensor([1., 0.]), 2)
     assert torch.allclose(adv, torch.tensor([0.5, -0.5]) / (0.5 ** 0.5 + 1e-4))
+    adv, _ = grpo.group_advantages(r, 4, baseline=False)  # no baseline, scaled: alike groups keep their reward
+    assert torch.allclose(adv[:4], r[:4] / (0.5 + 1e-4)) and torch.equal(adv[4:], r[4:])
+    for v in (0.1, 0.3, 0.7, 1.1):  # a format bonus alone: the float mean is not exactly v, the group still alike
+        adv, zero = grpo.group_advantages(torch.full((8,), v), 8)
+        assert zero.tolist() == [True] and (adv == 0).all()
 
 
 def test_each_aggregation_against_its_formula():
@@ -151,6 +156,25 @@ def test_zero_signal_groups_are_counted_and_dropped():
     b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])
     s = grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
     assert s["skipped"] == 1 and all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
+
+
+def test_fsdp_process_with_every_group_dropped_still_steps_at_weight_zero(monkeypatch):
+    """--fsdp --drop-zero-signal: when this process drops every group but another has signal, it must still run
+    the forward and backward passes (FSDP gathers each layer's weights from every process), contributing 0.
+    torch.distributed is faked: the other process has signal (MAX -> 1) and 4 answers of its own (SUM + 4)."""
+    def all_reduce(t, op=None):
+        t.fill_(1) if op is not None else t.add_(4)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    model = tiny(3)
+    args = settings(max_new_tokens=4, group_size=2, drop_zero_signal=True, fsdp=True)
+    torch.manual_seed(0)
+    b = grpo.rollout(model, BYTES, ROWS, 2, args, "cpu", torch.float32)
+    b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])  # every group alike here
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    s = grpo.train_step(model, tiny(3), model.configure_optimizer(0.0, 1e-3), b, args, "cpu", torch.float32)
+    assert s["skipped"] == 0 and s["loss"] == 0.0 and len(calls) == 1  # the policy's pass ran, weighted 0
 
 
 def test_grpo_learns_a_toy_reward():
