@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
                   grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype,
-                  save_checkpoint, seed_everything, rng_state, set_rng_state)
+                  resume_settings, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
@@ -322,6 +322,9 @@ def set_trainable(model, train="last-block", last_n=1):
     for p in model.parameters():
         p.requires_grad_(train == "all")
     n = {"head": 0, "last-block": 1, "last-n": last_n, "all": 0}[train]
+    if train == "last-n" and not 1 <= n <= len(model.transformer.h):  # a slice from len - n would wrap around
+        raise ValueError(f"--last-n {n}: the model has {len(model.transformer.h)} blocks; give 1 to "
+                         f"{len(model.transformer.h)}, or --train all")
     for module in [*model.transformer.h[len(model.transformer.h) - n:], *([model.transformer.ln_f] if n else [])]:
         module.requires_grad_(True)
     model.lm_head.requires_grad_(True)
@@ -468,7 +471,8 @@ def predict_texts(args):
         raise ValueError(f"{path} is not a classifier written by classify.py; train one first")
     model, tok = build_model(argparse.Namespace(**{**ckpt["args"], "out_dir": args.out_dir}), len(ckpt["labels"]), ckpt)
     device = pick_device(args.device)
-    seqs = [encode(tok, t, model.config.block_size, ckpt["args"]["eot"]) for t in args.predict]
+    max_len = min(ckpt["args"].get("max_len") or model.config.block_size, model.config.block_size)  # as trained
+    seqs = [encode(tok, t, max_len, ckpt["args"]["eot"]) for t in args.predict]
     probs = predict_logits(model.to(device), seqs, 64, device, torch.float32).softmax(-1)
     for text, p in zip(args.predict, probs):
         print(f"{ckpt['labels'][int(p.argmax())]} ({float(p.max()):.3f})\t{text}")
@@ -539,6 +543,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.predict:
         return predict_texts(args)
+    args, ckpt = resume_settings(args, "classify.py")  # a resumed run: its own settings, except where it runs
     pretrained = args.init != "scratch"
     args.train = args.train or ("last-block" if pretrained else "all")
     args.lr = args.lr or (1e-4 if pretrained else 1e-3)
@@ -546,14 +551,14 @@ def main(argv=None):
     if pretrained and args.tokenizer is not None:
         raise ValueError(f"--tokenizer {args.tokenizer} is for --init scratch; --init {args.init} brings its own "
                          f"tokenizer (leave --tokenizer out)")
-    args.tokenizer = args.tokenizer or "bpe"  # val acc 99.8% vs 98.9% with gpt2 (bench/results/classify_cpu.md)
+    if not pretrained:  # val acc 99.8% vs 98.9% with gpt2 (bench/results/classify_cpu.md)
+        args.tokenizer = args.tokenizer or "bpe"
     if args.lm_weight is None:  # from scratch, GPT-2 tokens: val loss 0.038 vs 0.095 without (same file)
         args.lm_weight = 0.0 if pretrained else 0.5
     if args.lm_unlabeled and not args.lm_weight:
         raise ValueError("--lm-unlabeled adds to the next-token loss, which --lm-weight 0 turns off; give "
                          "--lm-weight > 0 or leave --lm-unlabeled out")
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path) if args.resume else None
     if args.data is None:
         args.data = SMS_PATH if os.path.exists(SMS_PATH) else download_sms()
     examples = read_examples(args.data, quoting=args.split == "book")
@@ -583,11 +588,6 @@ def main(argv=None):
     scaler = grad_scaler(device, dtype)
     step, correct, seen = 0, 0, 0
     if ckpt:
-        for key in ("data", "split", "split_seed", "seed", "batch_size", "eot", "init", "train", "lora",
-                    "lm_unlabeled"):
-            if ckpt["args"].get(key, False) != getattr(args, key):
-                raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r}, the checkpoint "
-                                 f"was trained with {ckpt['args'].get(key, False)!r}; use the same or a new --out-dir")
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)

@@ -8,6 +8,7 @@ BPE tokenizer learns from the training texts only; --lm-unlabeled's texts hold n
 
 import io
 import json
+import argparse
 import os
 import zipfile
 
@@ -208,6 +209,9 @@ def test_set_trainable_counts():
     assert classify.set_trainable(model, "all") == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="unknown --train"):
         classify.set_trainable(model, "everything")
+    for n in (0, 3, -1):  # the model has 2 blocks: a slice from len - n would wrap around silently
+        with pytest.raises(ValueError, match=f"--last-n {n}: the model has 2 blocks"):
+            classify.set_trainable(model, "last-n", n)
 
 
 # -- data: split, labels, bad input --------------------------------------------------------------------
@@ -320,10 +324,10 @@ def test_missing_file_and_tiny_class(tmp_path):
 
 def test_resume_refuses_unknown_label(tmp_path, lm_ckpt):
     out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "2")
-    other = tmp_path / "other.tsv"
-    other.write_text((tmp_path / "task.tsv").read_text().replace("yes\t", "maybe\t", 1))
+    data = tmp_path / "task.tsv"  # the run's data file, edited between the run and its resume
+    data.write_text(data.read_text().replace("yes\t", "maybe\t", 1))
     with pytest.raises(ValueError, match=r"unknown label\(s\) \['maybe'\]"):
-        classify.main(["--data", str(other), "--out-dir", out, "--resume", "--init", lm_ckpt])
+        classify.main(["--out-dir", out, "--resume"])
 
 
 def test_download_sms_unzips_the_collection(tmp_path, monkeypatch):
@@ -388,13 +392,28 @@ def test_learns_a_task_that_needs_the_whole_text(tmp_path, lm_ckpt, capsys):
     assert lines[0].startswith("yes (") and lines[1].startswith("no ("), lines
 
 
+def test_predict_cuts_texts_as_training_did(tmp_path, lm_ckpt, capsys):
+    """--predict encodes a text as training and testing did: at most --max-len tokens, not the block size."""
+    out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "2", "--max-len", "8")
+    text = "the dog ran free up a hill, and then the cat sat on a mat by the door"
+    capsys.readouterr()
+    classify.main(["--out-dir", out, "--device", "cpu", "--predict", text])
+    printed = float(capsys.readouterr().out.split("(")[1].split(")")[0])
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    model, tok = classify.build_model(argparse.Namespace(**{**ckpt["args"], "out_dir": out}), 2, ckpt)
+    for n, same in ((8, True), (model.config.block_size, False)):
+        seq = classify.encode(tok, text, n, ckpt["args"]["eot"])
+        p = float(classify.predict_logits(model, [seq], 1, "cpu", torch.float32).softmax(-1).max())
+        assert (abs(printed - p) < 6e-4) == same, (n, printed, p)
+
+
 @pytest.mark.parametrize("extra", [[], ["--split", "balanced", "--lm-weight", "0.5", "--lm-unlabeled"]])
 def test_resume_is_exact(tmp_path, lm_ckpt, extra):
     data = write_task(tmp_path / "task.tsv", yes_every=3)  # 67 yes, 133 no: balanced leaves 66 rows unlabeled
     flags = ["--init", lm_ckpt, "--max-steps", "8", "--eval-interval", "3", *extra]
     full = run(tmp_path, *flags, data=data, out="full")
     run(tmp_path, *flags, "--stop-after", "4", data=data, out="split")
-    run(tmp_path, *flags, "--resume", data=data, out="split")
+    classify.main(["--out-dir", str(tmp_path / "split"), "--resume"])  # the run's own settings, from its checkpoint
     a, b = load_checkpoint(os.path.join(full, "ckpt.pt")), load_checkpoint(os.path.join(tmp_path, "split", "ckpt.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
