@@ -130,7 +130,8 @@ def rows_by_class(examples):
 def split_examples(examples, seed, balanced=True, fractions=(0.7, 0.1)):
     """Row indices {"train", "val", "test"}: per class (stratified), a seeded shuffle of its distinct texts,
     the first ones to test until it holds its share, then val, the rest train, so that copies of one text
-    never land in two splits. balanced: first draw as many rows of every class as the smallest class has
+    with one label never land in two splits (a text given two labels, which SMS has none of, is grouped per
+    label). balanced: first draw as many rows of every class as the smallest class has
     (the book's 747 ham + 747 spam). Deterministic for a seed, whatever the order of the classes.
     split_examples(rows, 123) -> {"train": [...1044 ids], "val": [...148], "test": [...302]} on SMS"""
     rng = np.random.default_rng(seed)
