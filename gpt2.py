@@ -401,7 +401,8 @@ class GPT(nn.Module):
 
     def _logits(self, x):
         """lm_head: (B, T, C) -> (B, T, V)."""
-        if x.device.type == "cpu" and x.numel() > x.size(-1) and not torch.is_grad_enabled():
+        if x.device.type == "cpu" and x.numel() > x.size(-1) and not torch.is_grad_enabled() \
+                and type(self.lm_head) is nn.Linear:  # not a LoRALinear: its adapter is part of the head
             # CPU BLAS splits x @ W.T of a few rows across threads by row, so each thread streams all V x C
             # weights; W @ x.T splits by vocabulary and reads them once: 2-4x faster for the 2-8 rows of a
             # speculative check or a small batch (bench/results/generate_cpu.md). One row, and training
@@ -1419,6 +1420,8 @@ def merge_lora(model):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())
+                if module is model and child_name == "lm_head" and getattr(model.config, "tie_weights", False):
+                    model.config.tie_weights = False  # W + BA is no longer the embedding: the head is its own
     for p in model.parameters():
         p.requires_grad_(True)
     model.__dict__.pop("lora", None)

@@ -133,23 +133,30 @@ def load_splits(args):
         pcts = [float(x) for x in args.split.split("/")]
     except ValueError:
         pcts = []
-    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0:
-        fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, e.g. 85/5/10")
+    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0 or min(pcts[:2]) == 0:
+        fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, train and val above 0, "
+             f"e.g. 85/5/10")
     train_pct, _, test_pct = pcts
     n_train, n_test = int(len(rows) * train_pct / 100), int(len(rows) * test_pct / 100)
     return rows[:n_train], rows[n_train + n_test:], rows[n_train:n_train + n_test]
 
 
 def encode_rows(rows, tok, preamble, mask_prompt, max_len):
-    """Each row -> (ids, mask) with bpe.encode_example; longer examples lose their end (counted, reported)."""
-    out, cut = [], 0
+    """Each row -> (ids, mask) with bpe.encode_example; longer examples lose their end (counted, reported), and
+    an example whose prompt alone fills max_len is left out: no token of it would be trained."""
+    out, cut, dropped = [], 0, 0
     for r in rows:
         ids, mask = bpe.encode_example(tok, r["prompt"], r["completion"], input=r.get("input", ""),
                                        preamble=preamble, mask_prompt=mask_prompt)
         cut += len(ids) > max_len
+        if not any(mask[:max_len]):
+            dropped += 1
+            continue
         out.append((ids[:max_len], mask[:max_len]))
     if cut:
-        print(f"note: {cut} of {len(rows)} examples are longer than {max_len} tokens and were cut")
+        print(f"note: {cut} of {len(rows)} examples are longer than {max_len} tokens and were cut"
+              + (f"; {dropped} of them left out (the prompt fills {max_len} tokens: no response token left)"
+                 if dropped else ""))
     return out
 
 
@@ -315,6 +322,9 @@ def main(argv=None):
         val_rows, test_rows = val_rows[:args.eval_limit], test_rows[:args.eval_limit]
     train = encode_rows(train_rows, tok, args.preamble, args.mask_prompt, max_len)
     val = encode_rows(val_rows, tok, args.preamble, True, max_len)  # judged on the response only, either way
+    if not train or not val:
+        fail(f"no {'training' if not train else 'validation'} example keeps a response token within {max_len} "
+             f"tokens; raise --max-len")
     loader = Loader(train, args.batch_size, args.seed, tok.eot_token, args.packing, args.seq_len)
     max_steps = args.max_steps or args.epochs * loader.steps_per_epoch
 

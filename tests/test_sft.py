@@ -248,6 +248,25 @@ def test_lora_merged_equals_unmerged_and_adapter_checkpoint(tmp_path):
         gpt2.add_lora(tiny(), targets=("q_proj",))
 
 
+def test_lora_on_the_tied_head_in_eval_merge_and_reload(tmp_path):
+    """An adapter on lm_head, which shares its weight with the token embedding: the no-grad (evaluation) logits
+    include it, and the merged model unties the head, so it reloads from its checkpoint with the same outputs."""
+    model, x = tiny(), torch.randint(0, 257, (2, 12))
+    gpt2.add_lora(model, r=4, alpha=8, targets=("lm_head", "c_attn"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    adapted, _ = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], adapted, rtol=1e-5, atol=1e-5)  # CPU's no-grad head path too
+    merged = gpt2.merge_lora(model)
+    assert merged.lm_head.weight is not merged.transformer.wte.weight and not merged.config.tie_weights
+    gpt2.save_checkpoint(str(tmp_path / "m.pt"), merged)
+    reloaded = GPT.from_checkpoint(str(tmp_path / "m.pt")).eval()
+    torch.testing.assert_close(reloaded(x)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # The batched sampler
 
@@ -422,6 +441,17 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="sum to 100"):
         sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"),
                   "--split", "80/10", *RUN])
+    with pytest.raises(SystemExit, match="train and val above 0"):  # no validation rows: nothing to measure
+        sft.main(["--init", base_checkpoint(tmp_path / "b.pt"), "--data", str(tmp_path / "d.jsonl"),
+                  "--split", "90/0/10", *RUN])
+
+
+def test_examples_whose_prompt_fills_max_len_are_left_out(capsys):
+    tok = bpe.byte_tokenizer()
+    rows = [{"prompt": "a" * 80, "completion": "b"}, {"prompt": "a", "completion": "b"}]
+    out = sft.encode_rows(rows, tok, False, True, 60)
+    assert len(out) == 1 and any(out[0][1]) and "1 of them left out" in capsys.readouterr().out
+    assert len(sft.encode_rows(rows, tok, False, False, 60)) == 2  # loss on the prompt too: every row trains
 
 
 def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting_compile):
