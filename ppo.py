@@ -136,6 +136,11 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[first.preset])
     args = p.parse_args(argv)
+    for flag in ("batch_size", "minibatches", "ppo_epochs"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.temperature <= 0:  # training divides the logits by it, as sampling does: greedy has no log-probabilities
+        fail(f"--temperature {args.temperature}: PPO samples its rollouts; give a temperature above 0")
     if args.batch_size % args.minibatches:
         fail(f"--batch-size {args.batch_size} must be a multiple of --minibatches {args.minibatches}")
     return args
@@ -159,7 +164,7 @@ class Policy(nn.Module):
     def __init__(self, gpt, critic=None, head_state=None, vocab_size=None):
         super().__init__()
         self.gpt, self.critic, self.vocab_size = gpt, critic, vocab_size  # the tokenizer's ids, as in sampling
-        self.value_head = nn.Linear(gpt.config.n_embd, 1)
+        self.value_head = nn.Linear((critic or gpt).config.n_embd, 1)  # reads the critic's states when there is one
         if head_state is not None:
             self.value_head.load_state_dict(head_state)
         else:
@@ -412,18 +417,19 @@ def evaluate(policy, tok, rows, reward_model, args, device, dtype):
     """Greedy answers to held-out prompts -> {"accuracy": the verifier's (rows with answers), "test_score":
     the reward model's mean score (when there is one), "test_length"}."""
     hits, total_score, length = 0.0, 0.0, 0.0
+    answers = all("answer" in r for r in rows)  # accuracy needs every row's answer
     for k in range(0, len(rows), args.eval_batch_size):
         chunk = rows[k:k + args.eval_batch_size]
         greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
         b = rollout(policy, tok, chunk, greedy, device, dtype)
-        if "answer" in chunk[0]:
+        if answers:
             hits += sum(bpe.reward(t, r["answer"]) for t, r in zip(b["texts"], chunk))
         if reward_model is not None:
             with autocast(device, dtype):
                 total_score += reward_model.raw(b["idx"], b["attn"]).sum().item()
         length += b["mask"].sum().item()
     out = {"test_length": length / len(rows)}
-    if "answer" in rows[0]:
+    if answers:
         out["accuracy"] = hits / len(rows)
     if reward_model is not None:
         out["test_score"] = total_score / len(rows)
@@ -458,21 +464,24 @@ def main(argv=None):
         loaded = []  # (GPT, checkpoint) of each reward model
         for path in (args.reward_model or "").split(","):
             rm_gpt, _, rm_ckpt = load_model(path, "--reward-model")
-            if "value_head" not in rm_ckpt:
-                fail(f"{path} has no value head: not a reward model of reward_model.py --method rm")
+            if "value_head" not in rm_ckpt or rm_ckpt.get("args", {}).get("method", "rm") != "rm":
+                fail(f"{path} is not a reward model of reward_model.py --method rm (no value head, or another "
+                     f"script's, e.g. a PPO critic's)")
             if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):
                 fail(f"{path} was trained with another tokenizer than {args.init}; pair models of one pipeline")
             loaded.append((rm_gpt, rm_ckpt))
         rm_gpt, rm_ckpt = loaded[0]  # --critic rm starts from the first reward model
         models = [RewardModel(g, c["value_head"]).to(device).eval().requires_grad_(False) for g, c in loaded]
         reward_model = models[0] if len(models) == 1 else RewardEnsemble(models)
+        if len(models) > 1 and args.batch_size < 2:
+            fail("an ensemble standardizes each model's scores over the batch: give --batch-size 2 or more")
         if args.reward != "rm":
             reward_model = None  # loaded for the critic only
     try:
         train_rows, test_rows = load_prompts(args.data)
     except (ValueError, FileNotFoundError) as e:
         fail(e)
-    if args.reward == "verifier" and "answer" not in train_rows[0]:
+    if args.reward == "verifier" and not all("answer" in r for r in train_rows + test_rows):
         fail(f"--reward verifier needs an 'answer' in every row of --data {args.data}; use --reward rm")
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
     if len(train_rows) < args.batch_size:

@@ -125,6 +125,9 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr", "max_steps")})  # see main
     args = p.parse_args(argv)
+    for flag in ("batch_size", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     args.out_dir = args.out_dir or f"out/task-{args.method}"
     return args
 
@@ -160,7 +163,9 @@ def load_splits(args):
         pairs = bpe.read_rows(os.path.join(folder, "preference.jsonl"), "preference")
         test_path = os.path.join(folder, "test.jsonl")
         test = bpe.read_rows(test_path, "rl") if os.path.exists(test_path) else []
-        n_val = args.val_pairs or len(pairs) // 20
+        n_val = max(1, args.val_pairs or len(pairs) // 20)
+        if n_val >= len(pairs):
+            fail(f"--val-pairs {n_val} holds out all {len(pairs)} preference pairs of {folder}; lower it")
         return pairs[:-n_val], pairs[-n_val:], test
     if args.data == PRESETS["gpt2-dpo"]["data"] and not os.path.exists(args.data):
         download(PREFERENCE_URL, args.data)
@@ -171,8 +176,9 @@ def load_splits(args):
         pcts = [float(x) for x in args.split.split("/")]
     except ValueError:
         pcts = []
-    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0:
-        fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, e.g. 85/5/10")
+    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0 or min(pcts[:2]) == 0:
+        fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, train and val above 0, "
+             f"e.g. 85/5/10")
     n_train, n_test = int(len(rows) * pcts[0] / 100), int(len(rows) * pcts[2] / 100)
     return rows[:n_train], rows[n_train + n_test:], []
 
@@ -225,7 +231,7 @@ def with_sampled_pairs(args, gpt, tok, train_rows, val_rows, device, dtype, resu
         bpe.write_rows(path, made)
     print(f"{len(made):,} pairs of the model's own answers ({path})")
     if args.pairs == "samples":
-        n_val = args.val_pairs or len(made) // 20
+        n_val = max(1, args.val_pairs or len(made) // 20)
         if len(made) <= n_val:
             fail(f"only {len(made)} sampled pairs, not more than the {n_val} held out: the model's answers to a "
                  f"prompt are all right or all wrong; raise --samples-per-prompt")
@@ -498,10 +504,12 @@ def main(argv=None):
     model.to(device)
     if args.method == "dpo":
         optimizer = gpt.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.999), device)
-    else:  # the fresh value head may learn faster than the pretrained body (--head-lr-mult)
-        optimizer = torch.optim.AdamW([{"params": [p for p in gpt.parameters() if p.requires_grad], "lr_mult": 1.0},
-                                       {"params": list(model.value_head.parameters()), "lr_mult": args.head_lr_mult}],
-                                      lr=args.lr, weight_decay=args.weight_decay)
+    else:  # the fresh value head may learn faster than the pretrained body (--head-lr-mult); decay on matrices only
+        groups = [([p for p in gpt.parameters() if p.requires_grad], 1.0),
+                  (list(model.value_head.parameters()), args.head_lr_mult)]
+        optimizer = torch.optim.AdamW([{"params": [p for p in ps if (p.dim() >= 2) == matrix], "lr_mult": mult,
+                                        "weight_decay": args.weight_decay if matrix else 0.0}
+                                       for ps, mult in groups for matrix in (True, False)], lr=args.lr)
     scaler = grad_scaler(device, dtype)
     step = 0
     if resume:

@@ -155,6 +155,9 @@ def test_the_critic_reads_its_own_body():
         assert torch.allclose(values, want, atol=1e-5)
         _, shared, _ = ppo.Policy(tiny(1), None, head)(idx, attn, 3, 1.0)
     assert not torch.allclose(shared, want, atol=1e-3)
+    wide = {"weight": torch.randn(1, 48), "bias": torch.zeros(1)}  # a critic wider than the policy: its own width
+    _, values, _ = ppo.Policy(tiny(1), tiny(2, n_embd=48), wide)(idx, attn, 3, 1.0)
+    assert values.shape == (2, 2)
 
 
 def test_rollouts_never_draw_ids_past_the_tokenizer():
@@ -272,14 +275,29 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
         ppo.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="python reward_model.py"):
         ppo.main(["--device", "cpu", "--init", sft])
-    with pytest.raises(SystemExit, match="no value head"):
+    with pytest.raises(SystemExit, match="not a reward model"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", sft, "--data", data])
+    gpt2.save_checkpoint(str(tmp_path / "ppo.pt"), tiny(), value_head={}, tokenizer=BYTES.dumps(),
+                         args={"method": None})  # a PPO checkpoint also has a value head: its critic's
+    with pytest.raises(SystemExit, match="not a reward model"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward-model", str(tmp_path / "ppo.pt"), "--data", data])
     gpt2.save_checkpoint(str(tmp_path / "other.pt"), tiny(), value_head={}, tokenizer=bpe.Tokenizer("gpt4").dumps())
     with pytest.raises(SystemExit, match="another tokenizer"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", str(tmp_path / "other.pt"), "--data", data])
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Say no."}]))
     with pytest.raises(SystemExit, match="needs an 'answer'"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward", "verifier", "--data", str(tmp_path / "p.json")])
+    rows = bpe.read_rows(data, "rl")
+    bpe.write_rows(tmp_path / "mixed.jsonl", rows[:-1] + [{"prompt": "Say hi."}])  # only the last lacks one
+    with pytest.raises(SystemExit, match="needs an 'answer'"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward", "verifier", "--data", str(tmp_path / "mixed.jsonl")])
+    for flags, msg in ((["--temperature", "0"], "temperature above 0"), (["--minibatches", "0"], "at least 1"),
+                       (["--ppo-epochs", "0"], "at least 1")):
+        with pytest.raises(SystemExit, match=msg):
+            ppo.main(flags)
+    with pytest.raises(SystemExit, match="ensemble standardizes"):
+        ppo.main(["--device", "cpu", "--init", sft, "--reward-model", f"{rm},{rm}", "--data", data,
+                  "--batch-size", "1", "--minibatches", "1"])
     with pytest.raises(SystemExit, match="multiple of --minibatches"):
         ppo.main(["--batch-size", "6", "--minibatches", "4"])
     with pytest.raises(SystemExit, match="no checkpoint"):

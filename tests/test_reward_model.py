@@ -2,6 +2,7 @@
 real token whatever the padding, DPO's response-only log-probabilities, bad pairs, exact resume, a learning run,
 and the gpt2-dpo recipe's code path. CPU only, offline, tiny models."""
 
+import argparse
 import copy
 import json
 import math
@@ -182,15 +183,17 @@ def test_lm_alpha_adds_the_chosen_answers_token_nll():
 
 def test_head_lr_mult_scales_the_value_heads_learning_rate(tmp_path):
     """--head-lr-mult 10: the first step of Adam moves each weight by about its learning rate, whatever the
-    gradient's size, so the zero-initialised value head comes out at 10 x --lr; the body keeps --lr. (The body's
-    gradient is zero at that step: it flows through the head's zero weights.)"""
+    gradient's size, so the zero-initialised value head comes out at 10 x --lr; the body keeps --lr. Weight
+    decay shrinks matrices only, as in the DPO path (gpt2's configure_optimizer): not biases or norm gains."""
     init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=60, test=5)
     rm.main(["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "1", "--batch-size", "8",
-             "--warmup-steps", "1", "--lr", "1e-3", "--head-lr-mult", "10", "--out-dir", str(tmp_path / "run"), *RUN])
+             "--warmup-steps", "1", "--lr", "1e-3", "--head-lr-mult", "10", "--weight-decay", "0.1",
+             "--out-dir", str(tmp_path / "run"), *RUN])
     ckpt = gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
     assert ckpt["value_head"]["weight"].abs().max().item() == pytest.approx(1e-2, rel=0.01)
-    groups = ckpt["optimizer"]["param_groups"]  # the body's weights, then the head's weight and bias
-    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2]) and len(groups[1]["params"]) == 2
+    groups = ckpt["optimizer"]["param_groups"]  # body matrices, body vectors, head weight, head bias
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-3, 1e-2, 1e-2])
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0, 0.1, 0.0] and [len(g["params"]) for g in groups][2:] == [1, 1]
 
 
 # -----------------------------------------------------------------------------
@@ -220,6 +223,23 @@ def test_bad_pairs_are_dropped_counted_or_refused(tmp_path, capsys):
 
 # -----------------------------------------------------------------------------
 # The script
+
+
+def test_bad_splits_and_sizes_are_clear_errors(tmp_path):
+    """Holding out every pair (or none of a small set), or a zero batch / step count, fails with the flag to
+    change instead of training on nothing."""
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=10, test=5)
+    with pytest.raises(SystemExit, match="--val-pairs 10 holds out all 10"):
+        rm.main(["--init", init, "--data", data, "--val-pairs", "10", *RUN])
+    args = argparse.Namespace(data=data, val_pairs=0)  # 10 // 20 = 0 held out: at least one is
+    train, val, _ = rm.load_splits(args)
+    assert (len(train), len(val)) == (9, 1)
+    bpe.write_rows(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "y", "rejected": "n"}] * 20)
+    with pytest.raises(SystemExit, match="train and val above 0"):
+        rm.main(["--init", init, "--data", str(tmp_path / "p.jsonl"), "--split", "90/0/10", *RUN])
+    for flag in ("--batch-size", "--max-steps"):
+        with pytest.raises(SystemExit, match=f"{flag} 0: must be at least 1"):
+            rm.main([flag, "0"])
 
 
 def base_checkpoint(path, **kw):
