@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 import bpe
 from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, grad_scaler, load_checkpoint,
-                  load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, save_checkpoint, seed_everything,
-                  rng_state, set_rng_state)
+                  load_model_state, lr_at, maybe_compile, mlp_width, pick_device, pick_dtype, save_checkpoint,
+                  seed_everything, rng_state, set_rng_state, RUN_PLACE)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -78,8 +78,9 @@ class MoEConfig:
 
 
 def dense_hidden(config):
-    """The hidden width of gpt2.py's MLP: 4 n_embd, or the SwiGLU width that keeps its parameter count."""
-    return 64 * math.ceil(8 * config.n_embd / 3 / 64) if config.mlp == "swiglu" else 4 * config.n_embd
+    """The hidden width of gpt2.py's MLP (gpt2.mlp_width: config.mlp_hidden if set, else 4 n_embd, or the
+    SwiGLU width that keeps its parameter count)."""
+    return mlp_width(config)
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +242,9 @@ class MoE(nn.Module):
 def moeify(model, moe):
     """Swap block.mlp for a fresh MoE layer in every block (every=1), or in blocks every-1, 2*every-1, ...
     (every=2: the odd blocks, GShard's hybrid stack). The rest of the model keeps gpt2.py's weights."""
+    if moe.every > len(model.transformer.h):
+        raise ValueError(f"--moe-every {moe.every}: the model has {len(model.transformer.h)} blocks, so no block "
+                         f"would be MoE; give 1 to {len(model.transformer.h)}")
     for i, block in enumerate(model.transformer.h):
         if i % moe.every == moe.every - 1:
             block.mlp = MoE(model.config, moe).to(model.lm_head.weight.device)
@@ -355,6 +359,9 @@ def evaluate(model, val, args, device, dtype):
     model.eval()
     ids, T = val[0], args.seq_len
     n = min(args.eval_tokens, len(ids) - 1) // T
+    if n == 0:
+        raise ValueError(f"validation needs one window of --seq-len {T} + 1 tokens: --eval-tokens is "
+                         f"{args.eval_tokens}, the validation data has {len(ids)}; raise --eval-tokens or lower --seq-len")
     total = 0.0
     for i in range(0, n, args.batch_size):
         rows = np.stack([ids[j * T:j * T + T + 1] for j in range(i, min(n, i + args.batch_size))])
@@ -395,10 +402,12 @@ def train(args, moe, out_dir, data, device, dtype, log):
     path, step, train_time, cpu_time = os.path.join(out_dir, "ckpt.pt"), 0, 0.0, 0.0
     if args.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, device)
-        for key in ("seed", "batch_size", "seq_len", "max_steps", "lr", "data"):
-            if ckpt["args"][key] != getattr(args, key):
-                raise ValueError(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r}, the checkpoint "
-                                 f"in {out_dir} used {ckpt['args'][key]!r}; use the same or a new --out-dir")
+        changed = [k for k, v in ckpt["args"].items()  # all that shapes the run; not where it runs, or which arch
+                   if k not in (*RUN_PLACE, "arch", "log_interval") and getattr(args, k, v) != v]
+        if changed:
+            raise ValueError(f"--resume: " + ", ".join(f"--{k.replace('_', '-')} is {getattr(args, k)!r}, the "
+                                                       f"checkpoint used {ckpt['args'][k]!r}" for k in changed) +
+                             f" (in {out_dir}); use the same flags or a new --out-dir")
         if ckpt["moe"] != (asdict(moe) if moe else None):
             raise ValueError(f"--resume: the MoE flags differ from the checkpoint's {ckpt['moe']}")
         load_model_state(model, ckpt["model"], path)

@@ -174,6 +174,12 @@ def test_moeify_every_other_block_and_equal_active_params():
     total, active = M.param_counts(sparse)
     assert total > 1.5 * dense.num_params()
     assert abs(active - dense.num_params()) < 0.02 * dense.num_params()  # router + a bias per expert apart
+    for mlp in ("gelu", "swiglu"):  # a config's own MLP width (pretrained models set one) is kept too
+        dense = GPT(config(n_layer=2, n_embd=32, mlp=mlp, mlp_hidden=96))
+        _, active = M.param_counts(M.moeify(copy.deepcopy(dense), M.MoEConfig(n_expert=8, top_k=2)))
+        assert abs(active - dense.num_params()) < 0.05 * dense.num_params(), mlp  # 4 * n_embd would be +30%
+    with pytest.raises(ValueError, match="--moe-every 3: the model has 2 blocks"):
+        M.moeify(GPT(config(n_layer=2, n_embd=32)), M.MoEConfig(every=3))
 
 
 def test_cached_generation_equals_uncached_through_generate_py():
@@ -200,10 +206,13 @@ TRAIN = ["--arch", "moe", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "
          "--dtype", "float32", "--no-compile", "--log-interval", "100"]
 
 
-def test_checkpoint_and_exact_resume(tmp_path):
+def test_checkpoint_and_exact_resume(tmp_path, capsys):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     M.main(TRAIN + ["--out-dir", a])
     M.main(TRAIN + ["--out-dir", b, "--stop-after", "4"])
+    with pytest.raises(SystemExit):  # a run resumes with the flags it started with, or not at all
+        M.main(TRAIN + ["--out-dir", b, "--resume", "--warmup-steps", "3"])
+    assert "--warmup-steps is 3, the checkpoint used 2" in capsys.readouterr().err
     M.main(TRAIN + ["--out-dir", b, "--resume"])
     ma, _ = M.load_model(os.path.join(a, "moe", "ckpt.pt"))
     mb, vocab = M.load_model(os.path.join(b, "moe", "ckpt.pt"))
@@ -220,9 +229,12 @@ def test_checkpoint_and_exact_resume(tmp_path):
     assert ma.config.vocab_size == 11712  # rounded up to a multiple of 64
 
 
-def test_bad_input_is_named(capsys):
+def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="top_k"):
         M.MoEConfig(n_expert=4, top_k=5)
+    with pytest.raises(SystemExit):
+        M.main(TRAIN + ["--eval-tokens", "16", "--out-dir", str(tmp_path / "e")])
+    assert "one window of --seq-len 32" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         M.main(["--router", "softplus", "--device", "cpu"])
     assert "unknown router 'softplus'" in capsys.readouterr().err
