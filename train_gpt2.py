@@ -150,6 +150,9 @@ def check_args(args, world):
         fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len x "
              f"processes = {args.batch_size} x {args.seq_len} x {world} = {per_micro}; pick a total batch that "
              f"is, e.g. {max(1, round(args.total_batch_size / per_micro)) * per_micro}")
+    if args.eval_interval and args.eval_tokens < args.seq_len * world:  # a process with no window would hang DDP
+        fail(f"--eval-tokens {args.eval_tokens} gives some of the {world} process(es) no validation window of "
+             f"--seq-len {args.seq_len}; give at least {args.seq_len * world}")
     if args.resume and args.init != "scratch":
         fail("--resume continues a run from its checkpoint; it cannot be combined with --init")
     ckpt = os.path.join(args.out_dir, "ckpt.pt")
@@ -467,7 +470,7 @@ class WindowLoader:
     def __init__(self, files, seq_len, seed=0, shuffle=True):
         self.shards = [read_shard(f) for f in files]
         self.T, self.seed, self.shuffle, self.pos = seq_len, seed, shuffle, 0
-        self.starts = np.cumsum([0] + [(len(s) - 1) // seq_len for s in self.shards])
+        self.starts = np.cumsum([0] + [max(0, len(s) - 1) // seq_len for s in self.shards])  # an empty shard: 0
         self.n = int(self.starts[-1])
         if self.n == 0:
             raise ValueError(f"{files[0]}...: fewer than seq_len + 1 = {seq_len + 1} tokens; use a smaller --seq-len")
@@ -508,6 +511,8 @@ def to_device(x, device):
 @torch.no_grad()
 def val_loss(model, loader, n_windows, batch_size, device, dtype, rank, world):
     """Mean loss over the first n_windows validation windows, windows split round-robin over processes."""
+    if min(n_windows, loader.n) < world:  # a process without a window would skip DDP's collectives and hang
+        raise ValueError(f"the validation data has {loader.n} windows, fewer than the {world} processes")
     model.eval()
     mine = list(range(rank, min(n_windows, loader.n), world))
     total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, windows
@@ -655,7 +660,8 @@ def resume(args, ckpt, ckpt_path, optimizer, scaler, loader, proc):
         fail(f"--resume: the training data changed since the checkpoint ({ckpt['loader']['n']} windows "
              f"then, {loader.n} now)")
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when the run was not fp16: a run resumed in fp16 starts a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     loader.pos = ckpt["loader"]["pos"]
     if len(ckpt["rng"]) == proc.world:
         set_rng_state(ckpt["rng"][proc.rank])

@@ -108,6 +108,10 @@ def test_loader_windows_are_a_permutation_each_epoch(tmp_path):
     assert not torch.equal(tg.WindowLoader(files, 16, seed=4).windows(range(9))[0], loader.windows(range(9))[0])
     val = tg.WindowLoader(files, 16, shuffle=False)
     assert val.windows(range(3))[0][:, 0].tolist() == [0, 16, 32]
+    (tmp_path / "e").mkdir()
+    empty = position_shards(tmp_path / "e", [0, 100])
+    loader = tg.WindowLoader(empty, 16, shuffle=False)  # an empty shard holds no window, and hides none
+    assert loader.n == 6 and loader.windows(range(6))[0][:, 0].tolist() == [0, 16, 32, 48, 64, 80]
 
 
 @pytest.mark.parametrize("world,accum", [(2, 1), (4, 2)])
@@ -222,6 +226,9 @@ def test_resume_is_exact(tmp_path):
     ckpt = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert ckpt["step"] == 8 and ckpt["loader"]["pos"] == 8 * 128 // 16
     assert os.path.exists(tmp_path / "straight" / "loss.png")
+    run(*common, "--out-dir", tmp_path / "half", "--stop-after", 2)  # float32, then resumed in float16: no
+    run(*common, "--out-dir", tmp_path / "half", "--resume", "--dtype", "float16")  # scale saved, a fresh one
+    assert gpt2.load_checkpoint(str(tmp_path / "half" / "ckpt.pt"))["step"] == 8
     # --init from a checkpoint: same weights (so the same val loss), fresh optimizer and schedule
     tg.main(["--init", str(tmp_path / "split" / "ckpt.pt"), "--data", data, "--seq-len", "16", "--batch-size", "4",
              "--total-batch-size", "128", "--max-steps", "1", "--eval-interval", "1", "--sample-tokens", "0",
@@ -412,6 +419,8 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     assert "longer than the model's context" in msg
     msg = error_of([*base, "--resume"])
     assert "no checkpoint at" in msg and "ckpt.pt" in msg
+    msg = error_of([*base, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 64, "--eval-tokens", 8])
+    assert "--eval-tokens 8 gives some of the 1 process(es) no validation window" in msg  # was a silent NaN
     msg = error_of([*base, "--data", tmp_path / "missing"])
     assert "no such file or folder" in msg and "fineweb-edu-10b" in msg
     assert "invalid choice" in error_of([*base, "--model", "gpt5"], capsys)
