@@ -70,8 +70,11 @@ class Sampling:
     vocab_size: Optional[int] = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:  # also catches NaN
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also catches NaN (and inf: -inf / inf is NaN)
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not abs(getattr(self, name)) < float("inf"):
+                raise ValueError(f"{name} must be a finite number (0 = off), got {getattr(self, name)}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or None to keep every token), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -226,11 +229,13 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
             seq, seq_mask = torch.cat((seq, new), dim=1), torch.cat((seq_mask, torch.ones_like(new_valid)), dim=1)
         if cache is not None and prefill:  # the whole prompt in one pass
             return model(new, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
-        if cache is not None and (cache.rolling or cache.length < cache.size):
+        if cache is not None and (unbounded(model) or int(seq_mask.sum(1).max()) <= cfg.block_size) \
+                and (cache.rolling or cache.length < cache.size):  # learned positions end at block_size
             return step(new, cache)
         if cache is not None:
-            warnings.warn(f"context full ({cfg.block_size} tokens) and the model has no sliding window: "
-                          f"continuing without the KV cache, recomputing the last block_size tokens per step")
+            warnings.warn(f"context full ({cfg.block_size} tokens) and the model cannot go past it with a cache (no "
+                          f"sliding window, or learned positions): continuing without the KV cache, recomputing "
+                          f"the last block_size tokens per step")
             cache = None
         # Without a cache: the whole sequence each step, cropped to the context as nanoGPT does (positions
         # restart at 0 for the crop). A rolling-window model sees everything; its mask does the windowing.
@@ -302,6 +307,8 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
                          f"a batch of {idx.size(0)}: call it once per prompt")
     if num_draft < 1:
         raise ValueError(f"num_draft must be >= 1, got {num_draft}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     T = idx.size(1)
     for name, m in (("target", target), ("draft", draft)):
         check_prompt(m, idx, None)

@@ -162,7 +162,8 @@ def test_vocab_size_never_draws_padding_ids():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
     (dict(top_k=0), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(vocab_size=0), "vocab_size")])
+    (dict(vocab_size=0), "vocab_size"), (dict(temperature=float("inf")), "finite"),
+    (dict(temperature=float("nan")), "temperature"), (dict(presence_penalty=float("nan")), "presence_penalty")])
 def test_bad_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         G.Sampling(**kwargs)
@@ -257,8 +258,11 @@ def test_streaming_past_the_context_with_rolling_cache(pos_emb, monkeypatch):
     assert torch.equal(a, G.generate(model, idx, 60, G.GREEDY, use_cache=False))  # full recompute
 
 
-def test_learned_positions_crop_past_the_context():
-    model = tiny(block=16)
+@pytest.mark.parametrize("window", [None, 6])
+def test_learned_positions_crop_past_the_context(window):
+    """Learned position embeddings end at block_size, sliding window or not (a windowed model's rolling cache
+    would otherwise step on past it)."""
+    model = tiny(block=16, window=window)
     idx = torch.tensor([PROMPTS[0]])
     with pytest.warns(UserWarning, match="context full"):
         a = G.generate(model, idx, 30, G.GREEDY)
@@ -367,6 +371,8 @@ def test_speculative_bad_input():
         G.speculative_generate(target, target, torch.tensor([[1, 2], [3, 4]]), 4)
     with pytest.raises(ValueError, match="context"):
         G.speculative_generate(target, target, torch.tensor([[1, 2]]), 100)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        G.speculative_generate(target, target, torch.tensor([[1, 2]]), 0)
 
 
 def test_left_pad():
