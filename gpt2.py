@@ -607,9 +607,12 @@ def load_hf_gpt2(cls, name_or_path, cache_dir=None, **overrides):
         hf = json.load(f)
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's gelu_new")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise ValueError(f"{directory}: attention scaled otherwise than by 1/sqrt(head size) "
+                         f"(scale_attn_weights / scale_attn_by_inverse_layer_idx) is not in gpt2.py")
     config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                        n_head=hf["n_head"], n_embd=hf["n_embd"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                       **overrides)
+                       mlp_hidden=hf.get("n_inner"), tie_weights=hf.get("tie_word_embeddings", True), **overrides)
     model = cls(config)
     load_hf_state_dict(model, read_hf_weights(directory))
     return model
@@ -618,16 +621,16 @@ def load_hf_gpt2(cls, name_or_path, cache_dir=None, **overrides):
 def load_hf_state_dict(model, hf_state):
     """Copy HF GPT-2 weights into model. HF stores c_attn / c_proj / c_fc as Conv1D, i.e. (in, out):
     transpose into nn.Linear's (out, in)."""
-    state = {}
+    state, tied = {}, model.config.tie_weights
     for key, value in hf_state.items():
         key = key.removeprefix("transformer.")
-        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-            continue  # causal-mask buffers of old checkpoints; lm_head is tied to wte
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or (key == "lm_head.weight" and tied):
+            continue  # causal-mask buffers of old checkpoints; a tied lm_head is wte itself
         if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
             value = value.t()
-        state["transformer." + key] = value
+        state[key if key == "lm_head.weight" else "transformer." + key] = value
     ours = model.state_dict()
-    missing = [k for k in ours if k not in state and k != "lm_head.weight"]
+    missing = [k for k in ours if k not in state and not (k == "lm_head.weight" and tied)]
     unexpected = [k for k in state if k not in ours]
     if missing or unexpected:
         raise ValueError(f"HF weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -642,28 +645,29 @@ def load_hf_state_dict(model, hf_state):
 def save_hf_gpt2(model, directory):
     """GPT.save_pretrained: config.json + model.safetensors in the layout of transformers' GPT2LMHeadModel."""
     cfg = model.config
-    if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.window, cfg.tie_weights) != ("learned", "layernorm", "gelu", None, True) \
+    if (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.window) != ("learned", "layernorm", "gelu", None) \
             or cfg.n_kv_head != cfg.n_head:
         raise ValueError("only the plain GPT-2 architecture (learned positions, layernorm, gelu, "
-                         "multi-head attention, no window, tied weights) exists in transformers' GPT-2, and only "
+                         "multi-head attention, no window) exists in transformers' GPT-2, and only "
                          "rope + rmsnorm + swiglu without biases (Qwen2: on q, k, v only) in Llama / Qwen2")
     os.makedirs(directory, exist_ok=True)
     tensors = {}
     for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" and cfg.tie_weights:
             continue
         if key.endswith(".weight") and any(n in key for n in (".c_attn.", ".c_proj.", ".c_fc.")):
             value = value.t()
         tensors[key] = value
-    if not cfg.bias:  # GPT-2 always has biases: zeros are the exact equivalent
-        for key, value in list(tensors.items()):
-            if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight")):
-                tensors[key.removesuffix(".weight") + ".bias"] = torch.zeros(value.shape[-1] if value.dim() == 2 else value.shape[0])
+    for key, value in list(tensors.items()):  # GPT-2 always has biases: zeros are the exact equivalent of none
+        bias = key.removesuffix(".weight") + ".bias"
+        if key.endswith(".weight") and not key.endswith(("wte.weight", "wpe.weight", "lm_head.weight")) \
+                and bias not in tensors:  # never over a real one (qkv_bias without the others)
+            tensors[bias] = torch.zeros(value.shape[-1] if value.dim() == 2 else value.shape[0], dtype=value.dtype)
     hf_config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                  "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd,
                  "n_layer": cfg.n_layer, "n_head": cfg.n_head, "layer_norm_epsilon": cfg.norm_eps,
                  "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                 "tie_word_embeddings": True}
+                 "n_inner": cfg.mlp_hidden, "tie_word_embeddings": cfg.tie_weights}
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>, if the vocabulary has it
     hf_config.update(bos_token_id=eot, eos_token_id=eot)
     with open(os.path.join(directory, "config.json"), "w") as f:

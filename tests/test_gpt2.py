@@ -83,8 +83,12 @@ def test_bf16_autocast_is_as_accurate_as_transformers(tmp_path, device):
     assert our_err < 2 * hf_err, (our_err, hf_err)
 
 
-def test_export_loads_in_transformers_with_same_logits(tmp_path):
-    ours = small(vocab_size=211, bias=False)  # no biases: exported as exact zeros
+@pytest.mark.parametrize("kw", [dict(bias=False), dict(bias=False, qkv_bias=True), dict(qkv_bias=False),
+                                dict(mlp_hidden=48), dict(tie_weights=False)])
+def test_export_loads_in_transformers_with_same_logits(tmp_path, kw):
+    """Missing biases are exported as exact zeros (never over a real q, k, v bias); an MLP width of its own is
+    GPT-2's n_inner; an untied head is written and read as such."""
+    ours = small(vocab_size=211, **kw)
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -101,6 +105,23 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
 def test_export_refuses_architectures_gpt2_lacks(tmp_path):
     with pytest.raises(ValueError, match="plain GPT-2"):
         small(pos_emb="rope").save_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("kw", [dict(n_inner=48), dict(tie_word_embeddings=False)])
+def test_hf_gpt2_with_its_own_mlp_width_or_an_untied_head_loads(tmp_path, kw):
+    hf = random_hf_model(**kw)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 211, (2, 32))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(scale_attn_by_inverse_layer_idx=True), dict(scale_attn_weights=False)])
+def test_hf_gpt2_with_other_attention_scaling_is_refused(tmp_path, kw):
+    random_hf_model(**kw).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention scaled otherwise"):
+        GPT.from_pretrained(str(tmp_path))
 
 
 def test_truncated_safetensors_is_an_error(tmp_path):
