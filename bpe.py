@@ -53,6 +53,7 @@ import sys
 import time
 import unicodedata
 from collections import Counter, deque
+from decimal import Decimal
 from itertools import chain, repeat
 from pathlib import Path
 
@@ -425,7 +426,8 @@ class Tokenizer:
         t0 = time.time()
         # {chunk: count} over the text split at special tokens; count_chunks (section 5) streams
         # files of any size through `processes` processes to get it
-        counts = count_chunks(data, self.pattern, specials, processes=processes, verbose=verbose)
+        counts = count_chunks(data, self.pattern, specials, processes=processes, verbose=verbose,
+                              normalize=self.normalize)  # trained on the text as it will be encoded
         t1 = time.time()
         if not counts:
             raise ValueError("the training input is empty: give it some text")
@@ -719,7 +721,9 @@ def _map(fn, items, processes, initializer=None, initargs=()):
 
 
 def _count_piece(args):
-    text, pattern, specials = args
+    text, pattern, specials, normalize = args
+    if normalize:  # per piece = on the whole text: pieces end at newlines, which no normalization crosses
+        text = unicodedata.normalize(normalize, text)
     split = get_splitter(pattern)
     parts = re.split("|".join(map(re.escape, specials)), text) if specials else [text]
     counts = Counter()
@@ -728,12 +732,13 @@ def _count_piece(args):
     return counts
 
 
-def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None, verbose=False):
+def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None, verbose=False, normalize=None):
     r"""Count the unique chunks of `data` (a str, or a list of file paths), in `processes` processes.
 
     The input is streamed in pieces cut at safe newlines (see _safe_cut), so the result does not
     depend on the number of processes and memory grows with the number of unique chunks, not with
-    the input size. Special-token text separates documents and is not counted.
+    the input size. Special-token text separates documents and is not counted. normalize: the Unicode form
+    (NFC, ...) the text is put in first, as the tokenizer will encode it.
 
     >>> count_chunks("the cat<|endoftext|>the hat\n", "gpt2", ["<|endoftext|>"])
     Counter({'the': 2, ' cat': 1, ' hat': 1, '\n': 1})
@@ -756,7 +761,7 @@ def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None
     counts = Counter()
     with tqdm(total=total, unit="char", unit_scale=True, desc="counting chunks", disable=not verbose) as bar:
         pieces = _progress(_pieces(data, piece_chars, can_cut), bar)
-        for c in _map(_count_piece, ((p, pattern, tuple(special_tokens)) for p in pieces), processes):
+        for c in _map(_count_piece, ((p, pattern, tuple(special_tokens), normalize) for p in pieces), processes):
             counts.update(c)
     return counts
 
@@ -947,7 +952,11 @@ def load_tokenizer_json(path):
     # the merges, as in every trained BPE vocabulary (tiktoken-derived ones included).
     if any(i >= j for (_, _, i), (_, _, j) in zip(merges, merges[1:])):
         raise ValueError(f"{path}: merge results are not numbered in merge order; bpe.py cannot encode it as HF does")
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t["id"] not in vocab}
+    made = {k for _, _, k in merges}  # an added token that is also a vocabulary entry (GPT-2's <|endoftext|>)
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])  # is special unless merges make it
+                if t["id"] not in vocab or (t.get("special") and t["id"] not in made)}
+    for i in specials.values():
+        vocab.pop(i, None)
     return Tokenizer(pattern, vocab, merges, specials, norm and norm["type"])
 
 
@@ -1146,7 +1155,10 @@ def read_rows(path, kind):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if path.suffix == ".json":
         try:
             items = json.loads(text)
@@ -1157,7 +1169,7 @@ def read_rows(path, kind):
         where = [f"{path}: item {i}" for i in range(len(items))]
     else:
         items, where = [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 and kin are inside strings
             if line.strip():
                 try:
                     items.append(json.loads(line))
@@ -1433,9 +1445,9 @@ def normalize_math(answer):
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), (" ", "")):
         s = s.replace(old, new)
     s = s.rstrip(".")
-    if re.fullmatch(r"-?[\d,]*\.?\d+", s):
-        number = float(s.replace(",", ""))
-        s = str(int(number)) if number == int(number) else repr(number)
+    if re.fullmatch(r"-?(\d{1,3}(,\d{3})+|\d*)(\.\d+)?", s) and re.search(r"\d", s):  # commas: thousands only
+        number = Decimal(s.replace(",", "")).normalize()  # exact: no float rounding of long integers
+        s = format(number, "f") if number != 0 else "0"  # 1000.50 -> 1000.5, 1E+3 -> 1000, -0 -> 0
     return s
 
 

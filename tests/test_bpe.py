@@ -248,6 +248,16 @@ def test_incremental_training_equals_naive():
         assert merges == naive_train(counts, 150)
 
 
+def test_training_sees_the_text_as_encoding_will():
+    """A tokenizer that normalizes (NFC) learns its merges from normalized text: NFD input's lone combining
+    accents never reach encode, so no merge may be spent on them."""
+    import unicodedata
+    text = unicodedata.normalize("NFD", "café résumé naïve\n" * 50)
+    tok = bpe.Tokenizer("gpt2", normalize="NFC").train(text, 270)
+    assert all(b"\xcc" not in tok.vocab[i] for _, _, i in tok.merges)
+    assert len(tok.encode(text)) < len(bpe.Tokenizer("gpt2", normalize="NFC").encode(text))  # and they help
+
+
 def test_training_runs_out_of_pairs():
     tok = bpe.Tokenizer("gpt2").train("ab ab", 400)
     assert [(a, b) for a, b, _ in tok.merges] == [(97, 98), (32, 256)]  # "ab", then " ab"

@@ -342,6 +342,25 @@ def test_boxed_answer_verifier():
     assert bpe.math_reward(r"\boxed{\text{(A)}}", "(A)") == 1.0
     assert bpe.math_reward(r"\boxed{3}", "4") == 0.0 and bpe.math_reward("42", "42") == 0.0
     assert bpe.math_reward(r"\boxed{4}<|endoftext|>\boxed{5}", "4") == 1.0  # nothing after end-of-text counts
+    assert bpe.math_reward(r"\boxed{1,2}", "12") == 0.0  # a comma is a thousands separator only in groups of 3
+    assert bpe.math_reward(r"\boxed{12345678901234567891}", "12345678901234567890") == 0.0  # exact, not float
+    assert bpe.math_reward(r"\boxed{1,234,567.0}", "1234567") == 1.0 and bpe.math_reward(r"\boxed{-0}", "0") == 1.0
+
+
+def test_gpt2_tokenizer_json_keeps_its_end_of_text_special(tmp_path):
+    """GPT-2's tokenizer.json lists <|endoftext|> both in the vocabulary and as an added special token."""
+    import tokenizers
+    gpt2, to_str = bpe.load_gpt2(), bpe.bytes_to_unicode()
+    spell = lambda i: "".join(to_str[c] for c in gpt2.vocab[i])  # noqa: E731  (byte-level BPE's characters)
+    vocab = {spell(i): i for i in gpt2.vocab} | {bpe.ENDOFTEXT: gpt2.eot_token}
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, [(spell(a), spell(b)) for a, b, _ in gpt2.merges]))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.add_special_tokens([tokenizers.AddedToken(bpe.ENDOFTEXT, special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = bpe.load_tokenizer_json(tmp_path / "tokenizer.json")
+    text = "hello world" + bpe.ENDOFTEXT
+    assert ours.special_tokens == {bpe.ENDOFTEXT: 50256} and ours.eot_token == 50256
+    assert ours.encode(text, allowed_special="all") == hf.encode(text).ids == [31373, 995, 50256]
 
 
 def test_tokenizer_json_errors(tmp_path, qwen_json):

@@ -96,6 +96,12 @@ def test_every_data_format_reads(tmp_path):
     assert bpe.read_rows(tmp_path / "alpaca.json", "sft") == want
     shipped = bpe.read_rows(os.path.join(ROOT, "data", "instruction_data.json"), "sft")
     assert len(shipped) == 1100 and all(r["completion"] for r in shipped)
+    odd = {"prompt": "a\u2028b\u2029c\x85d", "completion": "e"}  # line separators JSON leaves unescaped
+    bpe.write_rows(tmp_path / "odd.jsonl", [odd])
+    assert bpe.read_rows(tmp_path / "odd.jsonl", "sft") == [odd | {"input": ""}]
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "completion": "c"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl: not UTF-8"):
+        bpe.read_rows(tmp_path / "latin1.jsonl", "sft")
 
 
 BAD = [  # (kind, line 2 of the file, words the error must contain)
