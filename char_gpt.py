@@ -376,6 +376,10 @@ def train(args):
     dtype = resolve_dtype(args.dtype, device)
     text = load_text(args.data)
     tok = CharTokenizer(text)
+    try:  # the sample's prompt is checked now, not after the whole training run
+        tok.encode(getattr(args, "prompt", "") or "")
+    except ValueError as e:
+        raise SystemExit(f"--prompt: {e}") from None
     data = torch.tensor(tok.encode(text), dtype=torch.long)
     train_data, val_data = split_data(data)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -404,7 +408,8 @@ def train(args):
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when the run was not float16: resumed in float16, it starts a fresh scale
+            scaler.load_state_dict(ckpt["scaler"])
         step, recent = ckpt["step"], list(ckpt.get("recent_losses", []))
         torch.set_rng_state(ckpt["rng_cpu"])
         if device == "cuda" and ckpt.get("rng_cuda") is not None:
@@ -563,8 +568,15 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens the distribution, > 1 flattens it")
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest characters")
     args = p.parse_args(argv)
-    if args.log_interval < 1:
-        p.error(f"--log-interval must be at least 1, got {args.log_interval}")
+    for name in ("log_interval", "batch_size", "block_size", "eval_interval", "eval_iters", "max_steps"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 < args.temperature < float("inf"):
+        p.error(f"--temperature must be a number above 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be at least 1 (or left out), got {args.top_k}")
+    if args.num_chars < 0:
+        p.error(f"--num-chars must be >= 0, got {args.num_chars}")
     return args
 
 

@@ -212,6 +212,8 @@ def test_resume_is_exact(tmp_path):
         return [{k: v for k, v in m.items() if k not in ("elapsed", "tokens_per_sec")} for m in rows]
     assert losses(ma) == losses(mb)
     assert [m["step"] for m in ma if "train_loss_avg" in m] == [3, 6, 9, 12, 15, 18]
+    cg.main([*common, "--max-steps", "20", "--out-dir", b, "--resume", "--dtype", "float16"])  # float32 run, no scale
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 20  # saved: a fresh one, no crash
 
 
 def test_metrics_have_the_mean_training_loss_between_evaluations(tmp_path, monkeypatch):
@@ -253,6 +255,23 @@ def test_unavailable_device_says_what_to_use(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cg.main(["--device", "cuda", "--out-dir", "unused"])
     assert "no CUDA GPU" in str(e.value) and "--device cpu" in str(e.value)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--eval-interval", "0"], "--eval-interval must be at least 1"), (["--eval-iters", "0"], "--eval-iters"),
+    (["--batch-size", "0"], "--batch-size"), (["--block-size", "0"], "--block-size"),
+    (["--temperature", "0"], "--temperature must be a number above 0"), (["--top-k", "0"], "--top-k"),
+    (["--num-chars", "-3"], "--num-chars")])
+def test_bad_flags_are_refused_before_training(flags, match, capsys):
+    with pytest.raises(SystemExit):
+        cg.parse_args(flags)
+    assert match in capsys.readouterr().err
+
+
+def test_unknown_prompt_characters_are_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="--prompt: characters not in the vocabulary"):
+        cg.main([*TINY_ARGS, "--max-steps", "1", "--prompt", "h\u00e9llo", "--out-dir", str(tmp_path / "o")])
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")  # refused before any training
 
 
 def test_unknown_stage_lists_the_valid_ones(capsys):
