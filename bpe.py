@@ -1126,7 +1126,8 @@ def encode_example(tok, prompt, completion, *, input="", preamble=True, mask_pro
     end-of-text only; False: every token after the first. The end-of-text is always a target: it is how
     the model learns to stop. It is marked here, explicitly, because a batch padded with the same id cannot
     tell it from padding afterwards. The prompt ends with a newline, so encoding the two halves separately
-    gives the ids of the whole text under GPT-2's split pattern too.
+    gives the ids of the whole text under GPT-2's split pattern too, unless the completion starts with a
+    newline; the halves are then what the model sees when it answers the prompt encoded alone.
     encode_example(byte_tokenizer(), "Hi", "Yo", preamble=False) -> (ids of '### Instruction:\\nHi\\n\\n
     ### Response:\\nYo' + [256], [0] * 36 + [1, 1, 1])"""
     p = tok.encode(format_prompt(prompt, input, preamble))
@@ -1410,8 +1411,10 @@ def format_chat(tok, messages, style="chatml", add_generation_prompt=False):
     -> (ids of '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\nYo<|im_end|>\\n', [0]*9 + [1, 1] + [0])"""
     ids, mask = [], []
     for text, target in _chat_pieces(messages, style, add_generation_prompt):
-        # every piece boundary is a special token or a newline, where the split patterns cut anyway: encoding
-        # piece by piece gives the ids of the whole text
+        # every piece boundary is a special token or a newline, where the split patterns cut anyway: piece by
+        # piece gives the ids of the whole text, except where a message starts with a newline (the header's
+        # newline would merge with it). Then these are the ids a model sees when it answers a prompt encoded
+        # alone, which is what training should match; HF's apply_chat_template encodes the whole text.
         piece = tok.encode(text, allowed_special="all")
         ids += piece
         mask += [int(target)] * len(piece)
