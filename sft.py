@@ -258,16 +258,25 @@ def response_loss(model, examples, batch_size, device, dtype):
 @torch.no_grad()
 def generate_responses(model, tok, rows, preamble, max_new_tokens, batch_size, device, dtype):
     """Greedy responses to the rows' prompts, batched with left padding (gpt2.sample), as text."""
-    eot, out = tok.eot_token, []
+    eot, out, cut = tok.eot_token, [], 0
+    room = model.config.block_size - max_new_tokens  # prompt + answer must fit the context
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{model.config.block_size}-token context; lower it")
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
         prompts = [tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)) for r in chunk]
+        cut += sum(len(p) > room for p in prompts)
+        prompts = [p[-room:] for p in prompts]  # a longer prompt keeps its end, where the question is asked
         idx, attn = left_pad(prompts, eot, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot,
                                      vocab_size=tok.n_vocab)
         for t, m in zip(tokens.tolist(), mask.tolist()):
             out.append(tok.decode([i for i, keep in zip(t, m) if keep and i != eot]))
+    if cut:
+        print(f"note: {cut} of {len(rows)} prompts were longer than the {room} tokens the context leaves "
+              f"next to --max-new-tokens {max_new_tokens}; they kept their last {room} tokens")
     return out
 
 

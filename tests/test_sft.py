@@ -452,6 +452,17 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
                   "--split", "90/0/10", *RUN])
 
 
+def test_long_prompts_keep_their_end_when_answered(capsys):
+    """Evaluation answers a prompt longer than the context leaves next to the answer from its last tokens,
+    instead of failing (the model only reads block_size tokens)."""
+    model = tiny()  # block_size 96
+    rows = [{"prompt": "x" * 200 + " What is 2 + 3?"}, {"prompt": "What is 2 + 3?"}]
+    out = sft.generate_responses(model, BYTES, rows, False, 8, 2, "cpu", torch.float32)
+    assert len(out) == 2 and "1 of 2 prompts were longer than the 88 tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        sft.generate_responses(model, BYTES, rows, False, 96, 2, "cpu", torch.float32)
+
+
 def test_examples_whose_prompt_fills_max_len_are_left_out(capsys):
     tok = bpe.byte_tokenizer()
     rows = [{"prompt": "a" * 80, "completion": "b"}, {"prompt": "a", "completion": "b"}]
