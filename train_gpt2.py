@@ -567,7 +567,8 @@ def ending_losses(model, tokens, mask, device, dtype):
 
 
 def hellaswag(model, examples, encode, device, dtype, rank, world):
-    """acc_norm as in lm-eval: the ending with the lowest mean token loss wins. Examples round-robin over
+    """HellaSwag accuracy, normalized by length as in nanoGPT / llm.c: the ending with the lowest mean loss per
+    token wins (lm-eval's acc_norm divides by the ending's length in bytes instead). Examples round-robin over
     processes; the uncompiled model, since every example has its own length."""
     model.eval()
     score = torch.zeros(2, device=device, dtype=torch.float64)
