@@ -86,6 +86,11 @@ class GPTConfig:
                                      ("mlp", self.mlp, MLPS), ("attention", self.attention, ATTENTIONS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(allowed)}")
+        for name in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd a multiple of n_head")

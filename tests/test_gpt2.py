@@ -478,6 +478,10 @@ def test_bad_input_errors():
         GPTConfig(n_embd=100, n_head=12)
     with pytest.raises(ValueError, match="n_sink only makes sense"):
         GPTConfig(n_sink=4)
+    for kw, match in ((dict(n_head=0), "n_head must be >= 1"), (dict(n_kv_head=0), "n_kv_head must be >= 1"),
+                      (dict(window=4, n_sink=-1), "n_sink must be >= 0")):  # not a ZeroDivisionError or IndexError
+        with pytest.raises(ValueError, match=match):
+            GPTConfig(**kw)
     with pytest.raises(ValueError, match="KV cache full"):
         cache = model.new_cache(1, max_len=8)
         model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
