@@ -593,6 +593,8 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)
         step, (correct, seen) = ckpt["step"], ckpt["running_acc"]
+        if step >= max_steps and any("test_acc" in r for r in MetricsLog.read(args.out_dir)):
+            return print(f"{ckpt_path} finished its {max_steps} steps; its test results are in metrics.jsonl")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model {args.init}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.2f}M trainable "
           f"({'LoRA r=%d' % args.lora if args.lora else args.train}) | {device} {str(dtype)[6:]} | "
