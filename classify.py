@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
-                  grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype,
-                  resume_settings, save_checkpoint, seed_everything, rng_state, set_rng_state)
+                  grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device,
+                  pick_dtype, resume_settings, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
@@ -590,7 +590,7 @@ def main(argv=None):
     step, correct, seen = 0, 0, 0
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_scaler(scaler, ckpt["scaler"])
         set_rng_state(ckpt["rng"])  # dropout's masks; the data order is a function of (seed, epoch)
         step, (correct, seen) = ckpt["step"], ckpt["running_acc"]
         if step >= max_steps and any("test_acc" in r for r in MetricsLog.read(args.out_dir)):

@@ -1158,6 +1158,13 @@ def grad_scaler(device, dtype):
     return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
 
 
+def restore_scaler(scaler, state):
+    """--resume: a checkpoint's grad-scaler state back into scaler. A run trained without fp16 saved an empty
+    state (load_state_dict refuses it): resumed in fp16, it keeps the fresh scaler's initial scale."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 def maybe_compile(model, enabled):
     return torch.compile(model) if enabled else model
 

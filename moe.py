@@ -44,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
-from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, grad_scaler, load_checkpoint,
-                  load_model_state, lr_at, maybe_compile, mlp_width, pick_device, pick_dtype, save_checkpoint,
-                  seed_everything, rng_state, set_rng_state, RUN_PLACE)
+from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, grad_scaler, restore_scaler,
+                  load_checkpoint, load_model_state, lr_at, maybe_compile, mlp_width, pick_device, pick_dtype,
+                  save_checkpoint, seed_everything, rng_state, set_rng_state, RUN_PLACE)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -412,7 +412,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
             raise ValueError(f"--resume: the MoE flags differ from the checkpoint's {ckpt['moe']}")
         load_model_state(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_scaler(scaler, ckpt["scaler"])
         step, train_time, cpu_time = ckpt["step"], ckpt["train_time"], ckpt["cpu_time"]
         set_rng_state(ckpt["rng"])
         log(f"resumed {path} at step {step}")

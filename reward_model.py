@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, left_pad, load_lora_state,
-                  load_model_state, lora_state_dict, lr_at, load_with_tokenizer, maybe_compile, merge_lora, pick_device,
-                  pick_dtype, resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, restore_scaler, left_pad,
+                  load_lora_state, load_model_state, lora_state_dict, lr_at, load_with_tokenizer, maybe_compile,
+                  merge_lora, pick_device, pick_dtype, resume_settings, sample, save_checkpoint, seed_everything,
+                  rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -520,7 +521,7 @@ def main(argv=None):
         if args.method == "rm":
             model.value_head.load_state_dict(resume["value_head"])
         optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        restore_scaler(scaler, resume["scaler"])
         step = resume["step"]
         set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")

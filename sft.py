@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, end_distributed, fsdp_shard,
-                  full_state_dict, grad_scaler, init_distributed, left_pad, load_lora_state, load_model_state,
-                  load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device, pick_dtype,
-                  resume_settings, sample, save_adapter, save_checkpoint, seed_everything, rng_state, set_rng_state)
+                  full_state_dict, grad_scaler, restore_scaler, init_distributed, left_pad, load_lora_state,
+                  load_model_state, load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device,
+                  pick_dtype, resume_settings, sample, save_adapter, save_checkpoint, seed_everything, rng_state,
+                  set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -359,7 +360,7 @@ def main(argv=None):
                                      options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
+        restore_scaler(scaler, resume["scaler"])
         step = resume["step"]
         set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
-from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir,
-                  download, end_distributed, grad_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
+from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir, download,
+                  end_distributed, grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
                   peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
@@ -661,8 +661,7 @@ def resume(args, ckpt, ckpt_path, optimizer, scaler, loader, proc):
         fail(f"--resume: the training data changed since the checkpoint ({ckpt['loader']['n']} windows "
              f"then, {loader.n} now)")
     optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt["scaler"]:  # empty when the run was not fp16: a run resumed in fp16 starts a fresh scale
-        scaler.load_state_dict(ckpt["scaler"])
+    restore_scaler(scaler, ckpt["scaler"])
     loader.pos = ckpt["loader"]["pos"]
     if len(ckpt["rng"]) == proc.world:
         set_rng_state(ckpt["rng"][proc.rank])

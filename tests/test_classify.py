@@ -415,6 +415,7 @@ def test_resume_is_exact(tmp_path, lm_ckpt, extra):
     run(tmp_path, *flags, "--stop-after", "4", data=data, out="split")
     classify.main(["--out-dir", str(tmp_path / "split"), "--resume"])  # the run's own settings, from its checkpoint
     classify.main(["--out-dir", str(tmp_path / "split"), "--resume"])  # finished: nothing more, no second test row
+    classify.main(["--out-dir", str(tmp_path / "split"), "--resume", "--dtype", "float16"])  # float32's empty scaler
     a, b = load_checkpoint(os.path.join(full, "ckpt.pt")), load_checkpoint(os.path.join(tmp_path, "split", "ckpt.pt"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -594,3 +594,14 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     want = torch.rand(4)
     gpt2.set_rng_state(old)
     assert torch.equal(torch.rand(4), want)
+
+
+def test_restore_scaler_accepts_a_run_trained_without_fp16():
+    """A float32 / bf16 run saves an empty grad-scaler state; resumed in fp16 the scaler keeps its initial scale.
+    An fp16 run's state comes back whole."""
+    fp16 = gpt2.grad_scaler("cpu", torch.float16)
+    gpt2.restore_scaler(fp16, gpt2.grad_scaler("cpu", torch.float32).state_dict())
+    assert fp16.get_scale() == 65536.0
+    saved = {**fp16.state_dict(), "scale": 8.0}
+    gpt2.restore_scaler(fp16, saved)
+    assert fp16.get_scale() == 8.0
