@@ -229,8 +229,10 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
             seq, seq_mask = torch.cat((seq, new), dim=1), torch.cat((seq_mask, torch.ones_like(new_valid)), dim=1)
         if cache is not None and prefill:  # the whole prompt in one pass
             return model(new, cache=cache, attention_mask=attention_mask, last_logits_only=True)[0][:, -1]
-        if cache is not None and (unbounded(model) or int(seq_mask.sum(1).max()) <= cfg.block_size) \
-                and (cache.rolling or cache.length < cache.size):  # learned positions end at block_size
+        # a linear cache fits the context; a rolling one goes on, unless learned positions end at block_size
+        # (checked only then: the mask sum is a device sync on every decode step)
+        if cache is not None and (cache.length < cache.size if not cache.rolling else
+                                  unbounded(model) or int(seq_mask.sum(1).max()) <= cfg.block_size):
             return step(new, cache)
         if cache is not None:
             warnings.warn(f"context full ({cfg.block_size} tokens) and the model cannot go past it with a cache (no "
