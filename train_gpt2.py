@@ -45,7 +45,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir, download,
                   end_distributed, grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
-                  peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything)
+                  peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything, rng_state as torch_rng_state,
+                  set_rng_state as set_torch_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; any flag given on the command line wins.
@@ -223,20 +224,19 @@ def all_reduce(t, op=None):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """Python's, NumPy's and torch's generators (gpt2.rng_state: the CPU's, and the GPU's in use)."""
     np_state = np.random.get_state()  # weights_only loading refuses numpy arrays: store a list
-    state["numpy"] = (np_state[0], np_state[1].tolist(), *np_state[2:])
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return {"python": random.getstate(), "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            "torch": torch_rng_state()}
 
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
     np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    torch_state = state["torch"]
+    if torch.is_tensor(torch_state):  # older checkpoints: the CPU's state here, CUDA's beside it
+        torch_state = {"cpu": torch_state, **({"cuda": state["cuda"]} if "cuda" in state else {})}
+    set_torch_rng_state(torch_state)
 
 
 # -----------------------------------------------------------------------------
