@@ -1352,6 +1352,21 @@ def task_folder(data):
     return task_files()["test"].parent if data == "task" else data
 
 
+def split_by_percent(rows, spec):
+    """--split "train/val/test" percentages -> (train, val, test) rows, in file order: train first, then test,
+    then val (Raschka's chapter 7). A bad spec is a ValueError saying what to give.
+    split_by_percent(list(range(20)), "85/5/10") -> ([0, ..., 16], [19], [17, 18])"""
+    try:
+        pcts = [float(x) for x in spec.split("/")]
+    except ValueError:
+        pcts = []
+    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0 or min(pcts[:2]) == 0:
+        raise ValueError(f"--split {spec!r}: give train/val/test percentages that sum to 100, train and val above "
+                         f"0, e.g. 85/5/10")
+    n_train, n_test = int(len(rows) * pcts[0] / 100), int(len(rows) * pcts[2] / 100)
+    return rows[:n_train], rows[n_train + n_test:], rows[n_train:n_train + n_test]
+
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

@@ -130,16 +130,7 @@ def load_splits(args):
     if not os.path.exists(args.data):
         fail(f"--data {args.data!r}: no such file or folder, and not 'task'")
     rows = bpe.read_rows(args.data, "sft")
-    try:
-        pcts = [float(x) for x in args.split.split("/")]
-    except ValueError:
-        pcts = []
-    if len(pcts) != 3 or abs(sum(pcts) - 100) > 1e-6 or min(pcts) < 0 or min(pcts[:2]) == 0:
-        fail(f"--split {args.split!r}: give train/val/test percentages that sum to 100, train and val above 0, "
-             f"e.g. 85/5/10")
-    train_pct, _, test_pct = pcts
-    n_train, n_test = int(len(rows) * train_pct / 100), int(len(rows) * test_pct / 100)
-    return rows[:n_train], rows[n_train + n_test:], rows[n_train:n_train + n_test]
+    return bpe.split_by_percent(rows, args.split)
 
 
 def encode_rows(rows, tok, preamble, mask_prompt, max_len):
