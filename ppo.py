@@ -464,7 +464,7 @@ def main(argv=None):
         loaded = []  # (GPT, checkpoint) of each reward model
         for path in (args.reward_model or "").split(","):
             rm_gpt, _, rm_ckpt = load_model(path, "--reward-model")
-            if "value_head" not in rm_ckpt or rm_ckpt.get("args", {}).get("method", "rm") != "rm":
+            if "value_head" not in rm_ckpt or ("args" in rm_ckpt and rm_ckpt["args"].get("method") != "rm"):
                 fail(f"{path} is not a reward model of reward_model.py --method rm (no value head, or another "
                      f"script's, e.g. a PPO critic's)")
             if rm_ckpt.get("tokenizer") != ckpt.get("tokenizer"):

@@ -278,7 +278,7 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="not a reward model"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", sft, "--data", data])
     gpt2.save_checkpoint(str(tmp_path / "ppo.pt"), tiny(), value_head={}, tokenizer=BYTES.dumps(),
-                         args={"method": None})  # a PPO checkpoint also has a value head: its critic's
+                         args=vars(ppo.parse_args([])))  # a PPO checkpoint also has a value head: its critic's
     with pytest.raises(SystemExit, match="not a reward model"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", str(tmp_path / "ppo.pt"), "--data", data])
     gpt2.save_checkpoint(str(tmp_path / "other.pt"), tiny(), value_head={}, tokenizer=bpe.Tokenizer("gpt4").dumps())
