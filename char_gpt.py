@@ -541,7 +541,7 @@ def parse_args(argv=None):
     g.add_argument("--out-dir", default="out-char", help="where metrics.jsonl, ckpt.pt and loss.png go")
     g.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/ckpt.pt exactly, with its hyperparameters "
-                        "(only --max-steps may change)")
+                        "(only --max-steps may change: a longer run goes on at the decayed lr, its schedule's end)")
     g.add_argument("--max-steps", type=int, help=f"optimizer steps ({defaults('max_steps')})")
     g.add_argument("--batch-size", type=int, help=f"sequences per step ({defaults('batch_size')})")
     g.add_argument("--eval-interval", type=int,

@@ -73,6 +73,9 @@ class MoEConfig:
             raise ValueError(f"top_k={self.top_k} must lie in [1, n_expert={self.n_expert}]")
         if min(self.n_shared, self.expert_hidden, self.capacity_factor, self.eval_capacity_factor) < 0:
             raise ValueError("n_shared, expert_hidden and the capacity factors must be >= 0")
+        for name in ("aux_alpha", "z_alpha", "bias_rate"):  # negative: the balancing pushes the wrong way
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = off)")
         if self.every < 1:
             raise ValueError(f"every must be >= 1 (1 = every block is MoE), got {self.every}")
 

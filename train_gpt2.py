@@ -657,6 +657,12 @@ def resume(args, ckpt, ckpt_path, optimizer, scaler, loader, proc):
         if saved[key] != getattr(args, key):
             fail(f"--resume: --{key.replace('_', '-')} is {getattr(args, key)!r} but the checkpoint was "
                  f"trained with {saved[key]!r}; use the same value or start a new --out-dir")
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the checkpoint's run: {saved[k]!r})"
+               for k in ("max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip")
+               if k in saved and saved[k] != getattr(args, k)]
+    if changed:  # allowed (e.g. a longer run), but then it is not the uninterrupted run's continuation
+        log(f"--resume: {', '.join(changed)}; the run goes on with the new values; give the checkpoint's values "
+            f"(or its --preset) to continue it exactly")
     if ckpt["loader"]["n"] != loader.n:
         fail(f"--resume: the training data changed since the checkpoint ({ckpt['loader']['n']} windows "
              f"then, {loader.n} now)")

@@ -232,6 +232,9 @@ def test_checkpoint_and_exact_resume(tmp_path, capsys):
 def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="top_k"):
         M.MoEConfig(n_expert=4, top_k=5)
+    for name in ("bias_rate", "aux_alpha", "z_alpha"):  # a negative rate would push load onto the busiest expert
+        with pytest.raises(ValueError, match=f"{name}=-0.001 must be >= 0"):
+            M.MoEConfig(**{name: -1e-3})
     with pytest.raises(SystemExit):
         M.main(TRAIN + ["--eval-tokens", "16", "--out-dir", str(tmp_path / "e")])
     assert "one window of --seq-len 32" in capsys.readouterr().err

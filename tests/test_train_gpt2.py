@@ -206,14 +206,16 @@ def run(*argv):
     tg.main([*TINY, *map(str, argv)])
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, capsys):
     data = make_shards(tmp_path / "data")
     common = ["--data", data, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 128, "--max-steps", 8,
               "--warmup-steps", 2, "--lr", 3e-3, "--eval-interval", 4, "--dropout", 0.1]
     run(*common, "--out-dir", tmp_path / "straight")
     run(*common, "--out-dir", tmp_path / "split", "--stop-after", 4)
     assert len(train_losses(tmp_path / "split")) == 4
+    capsys.readouterr()
     run(*common, "--out-dir", tmp_path / "split", "--resume")
+    assert "--resume: --" not in capsys.readouterr().out  # the same flags: nothing to warn about
     straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
     assert len(train_losses(tmp_path / "straight")) == 8
     # bit-identical: model, AdamW moments, schedule, data position and dropout's RNG all restored
@@ -227,7 +229,9 @@ def test_resume_is_exact(tmp_path):
     assert ckpt["step"] == 8 and ckpt["loader"]["pos"] == 8 * 128 // 16
     assert os.path.exists(tmp_path / "straight" / "loss.png")
     run(*common, "--out-dir", tmp_path / "half", "--stop-after", 2)  # float32, then resumed in float16: no
-    run(*common, "--out-dir", tmp_path / "half", "--resume", "--dtype", "float16")  # scale saved, a fresh one
+    run(*common, "--out-dir", tmp_path / "half", "--resume", "--dtype", "float16", "--lr", 1e-3)  # scale saved,
+    # a fresh one; another --lr is allowed, and said: the run is no longer the uninterrupted one's continuation
+    assert "--resume: --lr 0.001 (the checkpoint's run: 0.003)" in capsys.readouterr().out
     assert gpt2.load_checkpoint(str(tmp_path / "half" / "ckpt.pt"))["step"] == 8
     # --init from a checkpoint: same weights (so the same val loss), fresh optimizer and schedule
     tg.main(["--init", str(tmp_path / "split" / "ckpt.pt"), "--data", data, "--seq-len", "16", "--batch-size", "4",
