@@ -7,6 +7,8 @@
     python bench/bench_generate.py train     # trains the Shakespeare draft and target for `spec` (minutes)
     python bench/bench_generate.py spec      # speculative decoding: speedup and acceptance for k = 2..7
     python bench/bench_generate.py verify    # what checking k + 1 tokens costs the target vs one step
+    python bench/bench_generate.py layout    # one token's block matmuls: nn.Linear's (out, in) weights vs
+                                             # transformers' GPT-2 Conv1D (in, out), the gap in `hf` at batch 1
     python bench/bench_generate.py gpu       # on a CUDA machine: hf, cache, compile and spec in one go,
                                              # written to bench/results/generate_gpu.md
 
@@ -118,6 +120,31 @@ def bench_hf(args):
         agree = (a[0, 16:] == b[0, 16:]).float().mean().item()
         print(f"| {name} | {args.new / t_ours:.1f} | {args.new / t_hf:.1f} | {t_hf / t_ours:.2f}x | "
               f"{'yes' if same else f'no ({agree:.0%} of positions)'} |", flush=True)
+
+
+def bench_layout(args):
+    """One decode step's block matmuls (q/k/v, attention out, MLP in and out, per layer) at batch 1, alone:
+    with gpt2.py's nn.Linear weights, (out, in) read as W.T, and with transformers' GPT-2 Conv1D weights,
+    (in, out) read as they lie. Same numbers of bytes; what differs is the BLAS kernel each layout gets."""
+    C, L = SHAPES[args.shape]["n_embd"], SHAPES[args.shape]["n_layer"]
+    print(heading(args, "One token's block matmuls at batch 1: nn.Linear (out, in) vs Conv1D (in, out) weights",
+                  "fp32 / bf16"))
+    print("| dtype | nn.Linear ms | Conv1D ms | Linear / Conv1D time |\n|---|---|---|---|")
+    for name in args.dtypes:
+        dt = DTYPES[name]
+        shapes = [(3 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * L  # (out, in)
+        lin = [torch.randn(o, i, dtype=dt, device=args.device) for o, i in shapes]
+        conv = [w.t().contiguous() for w in lin]
+        bias = [torch.zeros(o, dtype=dt, device=args.device) for o, _ in shapes]
+        xs = {i: torch.randn(1, i, dtype=dt, device=args.device) for i in (C, 4 * C)}
+        run_lin = lambda: [torch.nn.functional.linear(xs[w.shape[1]], w, b) for w, b in zip(lin, bias)]
+        run_conv = lambda: [torch.addmm(b, xs[w.shape[0]], w) for w, b in zip(conv, bias)]
+        run_lin(), run_conv()  # warm-up
+        t_lin, t_conv = math.inf, math.inf
+        for _ in range(args.repeats):  # interleaved, best of each
+            t_lin = min(t_lin, timed(lambda: [run_lin() for _ in range(10)], 1)[0] / 10)
+            t_conv = min(t_conv, timed(lambda: [run_conv() for _ in range(10)], 1)[0] / 10)
+        print(f"| {name} | {t_lin * 1e3:.2f} | {t_conv * 1e3:.2f} | {t_lin / t_conv:.2f}x |", flush=True)
 
 
 def bench_cache(args, dtype_name=None):
@@ -342,7 +369,7 @@ def bench_gpu(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["hf", "cache", "batch", "compile", "train", "spec", "verify", "gpu"],
+    p.add_argument("what", choices=["hf", "cache", "batch", "compile", "train", "spec", "verify", "layout", "gpu"],
                    help="which benchmark (see above)")
     g = p.add_argument_group("models and machine")
     g.add_argument("--out", default="out_generate", help="where models are written (ignored by git)")
@@ -371,7 +398,7 @@ def main():
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     {"hf": bench_hf, "cache": bench_cache, "batch": bench_batch, "compile": bench_compile, "train": train,
-     "spec": bench_spec, "verify": bench_verify, "gpu": bench_gpu}[args.what](args)
+     "spec": bench_spec, "verify": bench_verify, "layout": bench_layout, "gpu": bench_gpu}[args.what](args)
 
 
 if __name__ == "__main__":
