@@ -27,6 +27,14 @@ def tiny(seed=0, **kw):
     return GPT(GPTConfig(**{**cfg, **kw})).eval()
 
 
+def sharp(seed=0):
+    """tiny(seed) with its (tied) embedding scaled by 5: far from uniform, its entropy differs token to token."""
+    model = tiny(seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)
+    return model
+
+
 def settings(**kw):
     """The flags train_step and rollout read, with the task preset's defaults."""
     args = grpo.parse_args(["--device", "cpu"])
@@ -66,6 +74,8 @@ def test_each_aggregation_against_its_formula():
     assert grpo.aggregate(loss, mask, "dapo") == pytest.approx(total / 6)
     assert grpo.aggregate(loss, mask, "dr_grpo", max_len=16) == pytest.approx(total / (3 * 16))
     assert grpo.aggregate(loss, mask, "dr_grpo") == pytest.approx(total / (3 * 4))
+    for how in grpo.LOSSES:  # an answer (or a batch) with no tokens adds 0, never NaN
+        assert grpo.aggregate(loss, torch.zeros(3, 4), how) == 0
     with pytest.raises(ValueError, match="dr_grpo"):
         grpo.aggregate(loss, mask, "mean")
 
@@ -93,6 +103,11 @@ def test_clipped_loss_on_hand_numbers():
     ref = torch.zeros(1, 2)
     with_kl, s = grpo.grpo_loss(logp.detach(), old, torch.tensor([1.0]), mask, how="dapo", beta=0.5, ref_logp=ref)
     assert float(with_kl) == pytest.approx(-(1.28 + 0.5) / 2 + 0.5 * s["kl"]) and s["kl"] > 0
+    # ratios 1.25 and 0.85 lie inside [0.8, 1.28]: unclipped; a third token with ratio 3 is masked out everywhere
+    logp = torch.log(torch.tensor([[1.25, 0.85, 3.0]]))
+    loss, s = grpo.grpo_loss(logp, torch.zeros(1, 3), torch.tensor([1.0]), torch.tensor([[1., 1., 0.]]), how="dapo")
+    assert float(loss) == pytest.approx(-(1.25 + 0.85) / 2) and s["clip_frac"] == 0.0
+    assert s["ratio"] == pytest.approx((1.25 + 0.85) / 2) and s["ratio_dev"] == pytest.approx(0.25)
 
 
 # -----------------------------------------------------------------------------
@@ -103,18 +118,77 @@ ROWS = [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "What is 12 - 5?
         {"prompt": "What is 1 + 1?", "answer": "2"}]
 
 
+def test_score_on_hand_strings():
+    """The verifier, plus the format reward only for an answer that both stopped and states an answer."""
+    E = bpe.ENDOFTEXT
+    assert grpo.score(f"3 + 4 = 7{E}", "7", 0.1) == pytest.approx(1.1)
+    assert grpo.score("3 + 4 = 7", "7", 0.1) == 1.0  # did not stop: no format reward
+    assert grpo.score(f"3 + 4 = 8{E}", "7", 0.1) == pytest.approx(0.1)  # well-formed, wrong
+    assert grpo.score(f"no idea{E}", "7", 0.1) == 0.0  # stopped, states no number
+    assert grpo.score("7<|im_end|>", "7", 0.1, stop="<|im_end|>") == pytest.approx(1.1)
+    assert grpo.score(f"so \\boxed{{7}}{E}", "7", 0.1, "boxed") == pytest.approx(1.1)
+    assert grpo.score(f"so 7{E}", "7", 0.1, "boxed") == 0.0  # the boxed verifier's format is a \boxed{} answer
+
+
+# answers of 2, 1, 2 tokens to the first prompt (answer 0), 2, 3, 1 tokens to the second (answer 2)
+FIXED_ROWS = [{"prompt": "a?", "answer": "0"}, {"prompt": "What is 1 + 1?", "answer": "2"}]
+FIXED_ANSWERS = ["0" + bpe.ENDOFTEXT, "0", "5" + bpe.ENDOFTEXT, "2" + bpe.ENDOFTEXT, "zz" + bpe.ENDOFTEXT, "z"]
+
+
+def fixed_rollout(monkeypatch, args, rows=FIXED_ROWS, answers=FIXED_ANSWERS):
+    """grpo.rollout with the sampler replaced by fixed answers, row by row (G = len(answers) // len(rows))."""
+    ids = [BYTES.encode(a, allowed_special="all") for a in answers]
+    N = max(map(len, ids))
+
+    def fake_sample(model, idx, max_new_tokens, **kw):
+        assert idx.size(0) == len(ids) and N <= max_new_tokens
+        tokens = torch.tensor([a + [EOT] * (N - len(a)) for a in ids])
+        mask = torch.tensor([[True] * len(a) + [False] * (N - len(a)) for a in ids])
+        return tokens, mask, torch.zeros(len(ids), N)
+    monkeypatch.setattr(grpo, "sample", fake_sample)
+    return grpo.rollout(tiny(), BYTES, rows, len(answers) // len(rows), args, "cpu", torch.float32)
+
+
+def test_rollout_lays_out_groups_and_scores_each_answer(monkeypatch):
+    """Rows 0..G-1 of the batch ask the first prompt and are scored against its answer; the reward adds the
+    format reward, `correct` is the verifier alone; attn covers the prompt (not its left padding) and the
+    answer up to its end-of-text."""
+    b = fixed_rollout(monkeypatch, settings(format_reward=0.5, max_new_tokens=8))
+    T = b["T"]
+    for k in range(6):
+        prompt = [t for t, m in zip(b["idx"][k, :T].tolist(), b["attn"][k, :T].tolist()) if m]
+        assert prompt == bpe.prompt_ids(BYTES, FIXED_ROWS[k // 3]["prompt"], "alpaca", False)
+    assert b["texts"] == FIXED_ANSWERS
+    assert b["rewards"].tolist() == [1.5, 1.0, 0.5, 1.5, 0.0, 0.0] and b["correct"].tolist() == [1, 1, 0, 1, 0, 0]
+    assert b["mask"].sum(1).tolist() == [2, 1, 2, 2, 3, 1] and torch.equal(b["attn"][:, T:], b["mask"].long())
+    assert b["attn"][0, :T].sum() < b["attn"][3, :T].sum()  # the shorter prompt is left-padded
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
-    model = tiny(1)
+    """The training pass reproduces the sampler's numbers, on a model whose embedding table has rows past the
+    tokenizer's 257 ids (as train_gpt2.py pads GPT-2's): both normalize over the tokenizer's ids only."""
+    model = tiny(1, vocab_size=320)
     args = settings(max_new_tokens=12, temperature=temperature)
     torch.manual_seed(0)
     b = grpo.rollout(model, BYTES, ROWS, 4, args, "cpu", torch.float32)
     assert b["idx"].shape[0] == 12 and b["mask"].sum(1).min() < b["mask"].size(1)  # some answers ended early
     with torch.no_grad():
-        logp, entropy = grpo.token_logprobs(model, b["idx"], b["attn"], b["T"], temperature)
+        logp, entropy = grpo.token_logprobs(model, b["idx"], b["attn"], b["T"], temperature, b["V"])
     m = b["mask"].bool()
     assert torch.allclose(logp[m], b["logp"][m], atol=1e-5) and (entropy[m] > 0).all()
     assert b["texts"][0] == BYTES.decode([t for t, k in zip(b["idx"][0, b["T"]:].tolist(), m[0].tolist()) if k])
+
+
+def test_prompts_at_walks_epochs_of_shuffled_rows():
+    """10 rows, 3 prompts a batch: 3 batches an epoch, each epoch 9 distinct rows in its own order, the order set
+    by (seed, epoch) and nothing else (a resumed run asks again and gets the same prompts)."""
+    epoch = lambda e, seed=0: [i for k in range(3 * e, 3 * e + 3) for i in grpo.prompts_at(k, 10, 3, seed)]
+    for e in range(3):
+        rows = epoch(e)
+        assert len(rows) == 9 and len(set(rows)) == 9 and set(rows) <= set(range(10))
+    assert epoch(0) != epoch(1) and epoch(0) != epoch(0, seed=1)
+    assert epoch(1) == epoch(1) and grpo.prompts_at(4, 10, 3, 0) == epoch(1)[3:6]
 
 
 def test_ratio_is_one_on_the_first_on_policy_step():
@@ -148,6 +222,15 @@ def test_zero_signal_groups_are_counted_and_dropped():
                         "drop_zero_signal": True}), "cpu", torch.float32)
     assert s["zero_signal"] == 1.0 and s["skipped"] == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing learned
+    # dropping: only the answers of the one group with signal (rows 2 and 3) go through the training pass
+    seen = []
+    hook = model.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    b["rewards"] = torch.tensor([1., 1., 0., 1., 0., 0.])
+    s = grpo.train_step(model, None, model.configure_optimizer(0.0, 1e-3), b, settings(**{**vars(args),
+                        "drop_zero_signal": True}), "cpu", torch.float32)
+    hook.remove()
+    assert s["skipped"] == 0 and len(seen) == 1 and torch.equal(seen[0], b["idx"][2:4, :-1])
+    model.load_state_dict(before)
     # without dropping, a batch of zero-signal groups is skipped too: Adam's momentum alone would move the weights
     opt = model.configure_optimizer(0.0, 1e-3)
     b["rewards"] = torch.tensor([1., 0., 0., 1., 1., 0.])
@@ -158,23 +241,99 @@ def test_zero_signal_groups_are_counted_and_dropped():
     assert s["skipped"] == 1 and all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
 
 
-def test_fsdp_process_with_every_group_dropped_still_steps_at_weight_zero(monkeypatch):
-    """--fsdp --drop-zero-signal: when this process drops every group but another has signal, it must still run
-    the forward and backward passes (FSDP gathers each layer's weights from every process), contributing 0.
-    torch.distributed is faked: the other process has signal (MAX -> 1) and 4 answers of its own (SUM + 4)."""
+@pytest.mark.parametrize("how", grpo.LOSSES)
+def test_train_step_loss_is_the_objective(monkeypatch, how):
+    """train_step on a fixed batch against the objective written out: advantages = reward - group mean (unscaled),
+    the k3 KL to the reference at the rollout temperature with beta, --loss's aggregation with dr_grpo's constant
+    --max-new-tokens (8, longer than every answer). The first update is on-policy (ratio 1); the second takes
+    its ratio against the first's policy, clipped to [1 - clip_low, 1 + clip_high]. No gradient is left behind."""
+    args = settings(loss=how, beta=0.1, temperature=0.7, scale_rewards=False, clip_low=0.05, clip_high=0.3,
+                    max_new_tokens=8, format_reward=0.5, group_size=3)
+    b = fixed_rollout(monkeypatch, args)
+    adv = torch.tensor([0.5, 0.0, -0.5, 1.0, -0.5, -0.5])  # rewards (1.5, 1, 0.5), (1.5, 0, 0) minus their mean
+    ref, model, once = tiny(7), sharp(6), sharp(6)
+    s1 = grpo.train_step(once, ref, torch.optim.SGD(once.parameters(), lr=0.02), b,
+                         settings(**{**vars(args), "updates": 1}), "cpu", torch.float32)
+    s2 = grpo.train_step(model, ref, torch.optim.SGD(model.parameters(), lr=0.02), b,
+                         settings(**{**vars(args), "updates": 2}), "cpu", torch.float32)
+    assert all(p.grad is None or not p.grad.any() for net in (model, once) for p in net.parameters())
+    m, L = b["mask"], b["mask"].sum(1)
+    with torch.no_grad():
+        (p0, entropy), (p1, _), (pr, _) = [grpo.token_logprobs(net, b["idx"], b["attn"], b["T"], 0.7, b["V"])
+                                           for net in (sharp(6), once, ref)]
+    mean = lambda x: float((x * m).sum() / m.sum())
+    k3 = lambda logp: (pr - logp).exp() - (pr - logp) - 1
+
+    def objective(logp, old):
+        r = (logp - old).exp()
+        per = (-torch.min(r * adv[:, None], r.clamp(0.95, 1.3) * adv[:, None]) + 0.1 * k3(logp)) * m
+        return {"grpo": (per.sum(1) / L).mean(), "dr_grpo": per.sum() / (6 * 8), "dapo": per.sum() / L.sum()}[how]
+    assert s1["loss"] == pytest.approx(float(objective(p0, p0)), rel=1e-5, abs=1e-7)
+    assert s1["kl"] == pytest.approx(mean(k3(p0)), rel=1e-5) and s1["clip_frac"] == 0.0
+    assert s1["entropy"] == pytest.approx(mean(entropy), rel=1e-5) and s1["length"] == pytest.approx(11 / 6)
+    r = (p1 - p0).exp()
+    assert 0 < mean((r < 0.95) | (r > 1.3)) < 1  # the second update has ratios inside and outside the clip
+    assert s2["loss"] == pytest.approx(float(objective(p1, p0)), rel=1e-5, abs=1e-7)
+    assert s2["kl"] == pytest.approx(mean(k3(p1)), rel=1e-5)
+    assert s2["clip_frac"] == pytest.approx(mean((r < 0.95) | (r > 1.3)))
+
+
+def test_grad_clip_bounds_the_update(monkeypatch):
+    """Under plain SGD at lr 1 the update is the gradient: --grad-clip 0.01 caps its norm at 0.01, 0 leaves it."""
+    args = settings(format_reward=0.5, max_new_tokens=8, group_size=3)
+    b = fixed_rollout(monkeypatch, args)
+
+    def step_norm(clip):
+        model = tiny(6)
+        before = [p.detach().clone() for p in model.parameters()]
+        grpo.train_step(model, None, torch.optim.SGD(model.parameters(), lr=1.0), b,
+                        settings(**{**vars(args), "grad_clip": clip}), "cpu", torch.float32)
+        return float(torch.cat([(p.detach() - q).flatten() for p, q in zip(model.parameters(), before)]).norm())
+    assert step_norm(0.0) > 0.05 and step_norm(0.01) == pytest.approx(0.01, rel=1e-3)
+
+
+def second_process(monkeypatch):
+    """Fakes torch.distributed for --fsdp on 2 processes: the other one has signal (MAX -> 1) and 4 answers (or
+    answer tokens) of its own (SUM + 4)."""
     def all_reduce(t, op=None):
         t.fill_(1) if op is not None else t.add_(4)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+
+
+@pytest.mark.parametrize("how", ["grpo", "dapo"])
+def test_fsdp_weights_each_process_by_its_share(monkeypatch, how):
+    """--fsdp: FSDP averages the processes' gradients, so a process's loss is scaled by world size x its share of
+    the answers (grpo), or of the answer tokens (dapo); the other process has 4. The raw reward is the advantage
+    here: on-policy, the loss is minus its mean."""
+    args = settings(loss=how, group_size=3, format_reward=0.5, max_new_tokens=8, baseline=False, scale_rewards=False)
+    b = fixed_rollout(monkeypatch, args)  # rewards 1.5, 1, 0.5, 1.5, 0, 0 on answers of 2, 1, 2, 2, 3, 1 tokens
+    model = tiny(6)
+    alone = grpo.train_step(model, None, torch.optim.SGD(model.parameters()), b, args, "cpu", torch.float32)
+    n, want = (6, -4.5 / 6) if how == "grpo" else (11, -(1.5 * 2 + 1 + 0.5 * 2 + 1.5 * 2) / 11)
+    assert alone["loss"] == pytest.approx(want)
+    second_process(monkeypatch)
+    model = tiny(6)
+    shared = grpo.train_step(model, None, torch.optim.SGD(model.parameters()), b,
+                             settings(**{**vars(args), "fsdp": True}), "cpu", torch.float32)
+    assert shared["loss"] == pytest.approx(want * 2 * n / (n + 4))
+
+
+def test_fsdp_process_with_every_group_dropped_still_steps_at_weight_zero(monkeypatch):
+    """--fsdp --drop-zero-signal: when this process drops every group but another has signal, it must still run
+    the forward and backward passes (FSDP gathers each layer's weights from every process), contributing 0 (its KL
+    term included). torch.distributed is faked: the other process has signal and 4 answers of its own."""
+    second_process(monkeypatch)
     model = tiny(3)
-    args = settings(max_new_tokens=4, group_size=2, drop_zero_signal=True, fsdp=True)
+    args = settings(max_new_tokens=4, group_size=2, drop_zero_signal=True, fsdp=True, beta=0.04)
     torch.manual_seed(0)
     b = grpo.rollout(model, BYTES, ROWS, 2, args, "cpu", torch.float32)
     b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])  # every group alike here
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    s = grpo.train_step(model, tiny(3), model.configure_optimizer(0.0, 1e-3), b, args, "cpu", torch.float32)
+    s = grpo.train_step(model, tiny(4), model.configure_optimizer(0.0, 1e-3), b, args, "cpu", torch.float32)
     assert s["skipped"] == 0 and s["loss"] == 0.0 and len(calls) == 1  # the policy's pass ran, weighted 0
+    assert s["kl"] > 0.01  # to a reference other than the policy: unweighted, the loss would not be 0
 
 
 def test_grpo_learns_a_toy_reward():
@@ -216,15 +375,29 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--prompts", "3", "--group-size"
        "--lr", "1e-3", "--eval-interval", "2"]
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """4 steps straight = 2 steps, stop, --resume for 2 more: the same metrics and weights. A toy reward (the byte
+    sum of the answer mod 7) gives every batch signal, so the policy, Adam's state and the schedule (2 warmup
+    steps, then cosine to 0.1) have all moved at the stop; the KL is taken to the starting model throughout."""
+    monkeypatch.setattr(grpo, "score", lambda text, *a: sum(text.encode()) % 7 / 6)
+    lrs, train_step = [], grpo.train_step
+
+    def recording(model, ref, optimizer, *a):  # the learning rate the optimizer steps with
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        return train_step(model, ref, optimizer, *a)
+    monkeypatch.setattr(grpo, "train_step", recording)
     init = str(tmp_path / "sft.pt")
     gpt2.save_checkpoint(init, tiny(5), tokenizer=BYTES.dumps())
     common = ["--init", init, "--data", task_folder(tmp_path), "--max-steps", "4", "--beta", "0.04", "--updates",
-              "2", *RUN]
+              "2", "--warmup-steps", "2", "--min-lr-ratio", "0.1", *RUN]
     grpo.main([*common, "--out-dir", str(tmp_path / "straight")])
     grpo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     grpo.main(["--resume", "--out-dir", str(tmp_path / "split")])
-    keys = ("step", "reward", "loss", "kl", "accuracy")
+    # lr 1e-3: warmup (1/2, 2/2), then cosine from the peak: 0.1 + 0.9 * (1 + cos(pi * 1/2)) / 2 = 0.55 of it
+    assert all(len(set(lr)) == 1 for lr in lrs)  # every parameter group
+    assert [lr[0] for lr in lrs] == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4] * 2)  # straight, then split + resume
+    assert [r["skipped"] for r in metrics(tmp_path / "straight") if "skipped" in r] == [0, 0, 0, 0]
+    keys = ("step", "lr", "reward", "loss", "kl", "clip_frac", "entropy", "accuracy")
     rows = lambda d: [{k: r.get(k) for k in keys} for r in metrics(d) if "train_s" not in r]
     assert rows(tmp_path / "split") == rows(tmp_path / "straight") and len(rows(tmp_path / "split")) == 4 + 3
     a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
@@ -233,6 +406,40 @@ def test_resume_is_exact(tmp_path):
     assert not torch.equal(a["model"]["lm_head.weight"], tiny(5).state_dict()["lm_head.weight"])
     logged = [r for r in metrics(tmp_path / "straight") if r.get("skipped") == 0]
     assert logged and {"reward", "train_accuracy", "zero_signal", "kl", "clip_frac", "entropy", "length"} <= set(logged[0])
+
+
+def test_accuracy_is_greedy_over_every_row(monkeypatch):
+    """Each test row answered once, scored against its own answer, by greedy decoding: the same text whatever
+    the random state, and the argmax continuation step by step; the fraction is over all rows across batches."""
+    seen = []
+    monkeypatch.setitem(bpe.VERIFIERS, "number", lambda text, answer: seen.append((text, answer)) or float(answer == "0"))
+    model, args = tiny(8), settings(max_new_tokens=6, eval_batch_size=2, temperature=1.0)
+    rows = [{"prompt": p, "answer": a} for p, a in (("a?", "0"), ("b?", "1"), ("c?", "2"))]
+    torch.manual_seed(0)
+    assert grpo.accuracy(model, BYTES, rows, args, "cpu", torch.float32) == pytest.approx(1 / 3)
+    first, seen[:] = list(seen), []
+    torch.manual_seed(1)
+    grpo.accuracy(model, BYTES, rows, args, "cpu", torch.float32)
+    assert [a for _, a in first] == ["0", "1", "2"] and seen == first
+    ids = bpe.prompt_ids(BYTES, "a?", "alpaca", False)
+    new = []
+    with torch.no_grad():
+        while len(new) < 6 and EOT not in new:
+            new.append(int(model(torch.tensor([ids + new]))[0][0, -1, :BYTES.n_vocab].argmax()))
+    assert first[0][0] == BYTES.decode(new)
+
+
+def test_mean_over_processes_averages_and_keeps_the_worst_logp_diff(monkeypatch):
+    """--fsdp's log: each statistic averaged over the processes, max_logp_diff (a worst case) their maximum.
+    torch.distributed is faked: a second process reports max_logp_diff 3e-5 and reward 0 (keys sorted)."""
+    other = torch.tensor([3e-5, 0.0], dtype=torch.float64)
+
+    def all_reduce(t, op=None):
+        t.add_(other) if op is None else t.copy_(torch.maximum(t, other))
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    out = grpo.mean_over_processes({"reward": 1.0, "max_logp_diff": 1e-5})
+    assert out == pytest.approx({"reward": 0.5, "max_logp_diff": 3e-5})
 
 
 def test_gsm8k_recipe_code_path(tmp_path):
