@@ -476,6 +476,10 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     gpt2.save_checkpoint(init, tiny(), tokenizer=BYTES.dumps())
     with pytest.raises(SystemExit, match="train.jsonl:1"):
         grpo.main(["--init", init, "--data", str(tmp_path / "bad"), "--device", "cpu"])
+    (tmp_path / "bad" / "rl.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n' * 16)
+    (tmp_path / "bad" / "test.jsonl").write_text("")  # else a ZeroDivisionError at the first evaluation
+    with pytest.raises(SystemExit, match="test.jsonl holds no rows"):
+        grpo.main(["--init", init, "--data", str(tmp_path / "bad"), "--device", "cpu"])
 
 
 @pytest.mark.parametrize("how", grpo.LOSSES)
