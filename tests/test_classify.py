@@ -160,12 +160,31 @@ def test_unlabeled_rows_leave_out_the_splits_and_copies_of_val_and_test():
     assert set(unl) >= {i for i in range(len(rows)) if i not in used and rows[i][0] not in held_out}  # none lost
 
 
-def test_lm_unlabeled_changes_training_and_needs_lm_weight(tmp_path, lm_ckpt, capsys):
+def test_lm_unlabeled_changes_training_and_needs_lm_weight(tmp_path, lm_ckpt, capsys, monkeypatch):
+    """The unlabeled texts change training; they come in passes (each of the 66 once in ceil(66 / 16) = 5
+    steps, then a new pass, whatever the epoch); and the next-token loss's vocabulary holds their tokens too,
+    even those the training texts never use (searchsorted would map such a token to another id, silently)."""
     data = write_task(tmp_path / "task.tsv", yes_every=3)
-    flags = ["--init", lm_ckpt, "--split", "balanced", "--lm-weight", "0.5", "--max-steps", "3", "--lr", "1e-2"]
-    a = run(tmp_path, *flags, data=data, out="a")
+    rows = classify.read_examples(data)
+    unl = set(classify.unlabeled_rows(rows, classify.split_examples(rows, 123, balanced=True)))
+    with open(data, "w") as f:  # texts outside the split do not move it; "z" is in no word of write_task
+        f.writelines(f"{label}\t{text}{' zz' if i in unl else ''}\n" for i, (text, label) in enumerate(rows))
+    steps = []  # per step: the unlabeled texts of the batch (those with a "z"), its token ids, the loss's vocab
+    lm_loss = classify.lm_loss
+
+    def spy(model, h, idx, mask, vocab):
+        texts = [bytes(t for t in r[m == 1].tolist() if t < 256).decode() for r, m in zip(idx, mask)]
+        steps.append(([t for t in texts if "z" in t], set(idx[mask == 1].tolist()), set(vocab.tolist())))
+        return lm_loss(model, h, idx, mask, vocab)
+    monkeypatch.setattr(classify, "lm_loss", spy)
+    flags = ["--init", lm_ckpt, "--split", "balanced", "--lm-weight", "0.5", "--max-steps", "6", "--lr", "1e-2"]
+    a = run(tmp_path, *flags, data=data, out="a")  # 92 training texts: an epoch is 6 steps of 16
+    assert len(steps) == 6 and not any(texts for texts, _, _ in steps)
     b = run(tmp_path, *flags, "--lm-unlabeled", data=data, out="b")
     assert "66 unlabeled texts" in capsys.readouterr().out
+    first_pass = [t for texts, _, _ in steps[6:11] for t in texts]
+    assert sorted(first_pass) == sorted(rows[i][0] + " zz" for i in unl) and len(steps[11][0]) == 16
+    assert all(ids <= vocab for _, ids, vocab in steps[6:])
     wa, wb = (load_checkpoint(os.path.join(o, "ckpt.pt"))["model"] for o in (a, b))
     assert not torch.equal(wa["transformer.h.1.mlp.c_fc.weight"], wb["transformer.h.1.mlp.c_fc.weight"])
     with pytest.raises(ValueError, match="--lm-unlabeled adds to the next-token loss"):
@@ -184,8 +203,11 @@ def test_lm_unlabeled_changes_training_and_needs_lm_weight(tmp_path, lm_ckpt, ca
 ])
 def test_frozen_weights_stay_bit_identical(tmp_path, lm_ckpt, flags, learns):
     out = run(tmp_path, "--init", lm_ckpt, *flags, "--max-steps", "3", "--lr", "1e-2")
-    before, after = load_checkpoint(lm_ckpt)["model"], load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    before, after = load_checkpoint(lm_ckpt)["model"], ckpt["model"]
     assert not torch.equal(after["lm_head.weight"], torch.zeros_like(after["lm_head.weight"]))
+    start, _ = classify.build_model(argparse.Namespace(**ckpt["args"]), 2)  # the run's seeded initial head
+    assert not torch.equal(after["lm_head.weight"], start.lm_head.weight), "the new head should have learned"
     for name, w in after.items():
         if name == "lm_head.weight":
             continue
@@ -239,6 +261,12 @@ def test_split_deterministic_stratified_disjoint(balanced):
         assert sum(counts.values()) == n
         # shares of 70/10/20 per class, off by at most one group of repeated texts (6 rows)
         assert abs(counts["test"] - 0.2 * n) <= 6 and abs(counts["val"] - 0.1 * n) <= 6
+    swapped = [r for r in rows if r[1] == "b"] + [r for r in rows if r[1] == "a"]  # same rows, "b" first
+    t = classify.split_examples(swapped, seed=7, balanced=balanced)
+    assert all(sorted(swapped[i] for i in t[k]) == sorted(rows[i] for i in s[k]) for k in s)
+    if balanced:  # the 45 of 106 "a" rows kept are a seeded draw, not the first ones in the file
+        kept = lambda split: {i for v in split.values() for i in v if rows[i][1] == "a"}  # noqa: E731
+        assert kept(s) != kept(classify.split_examples(rows, seed=8, balanced=True))
 
 
 def test_sms_split_sizes():
@@ -291,8 +319,15 @@ def test_label_mapping_round_trip(tmp_path):
     labels = ["spam", "ham", "ham", "spam", "ham"]
     names = sorted(set(labels))
     assert [names[i] for i in classify.label_ids(labels, names)] == labels
+    assert classify.label_ids(["ham", "spam"], ["spam", "ham"]) == [1, 0]  # names[i] is class i, sorted or not
     with pytest.raises(ValueError, match=r"unknown label\(s\) \['eggs'\]"):
         classify.label_ids(["ham", "eggs"], names)
+
+
+def test_read_examples_strips_labels(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text("ham \thello\r\n spam\tWIN\r\n")
+    assert classify.read_examples(str(path)) == [("hello", "ham"), ("WIN", "spam")]
 
 
 def test_read_jsonl(tmp_path):
@@ -361,10 +396,49 @@ def test_confusion_matrix_and_scores():
     assert classify.scores([[9, 1], [3, 7]])["precision"] == pytest.approx([0.75, 7 / 8])
 
 
+def test_metrics_match_scikit_learn():
+    """An asymmetric confusion matrix (precision != recall, unequal supports) against scikit-learn's metrics."""
+    from sklearn import metrics
+    y_true, y_pred = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 2, 1, 1, 0, 2, 2, 1, 2, 0]
+    cm = classify.confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == metrics.confusion_matrix(y_true, y_pred).tolist()
+    assert classify.confusion_matrix([0, 0, 1], [1, 1, 1], 2).tolist() == [[0, 2], [0, 1]]  # row = true class
+    s = classify.scores(cm)
+    p, r, f1, _ = metrics.precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    assert s["accuracy"] == pytest.approx(metrics.accuracy_score(y_true, y_pred))
+    assert s["precision"] == pytest.approx(p.tolist()) and s["recall"] == pytest.approx(r.tolist())
+    assert s["f1"] == pytest.approx(f1.tolist())
+    assert s["macro_f1"] == pytest.approx(metrics.f1_score(y_true, y_pred, average="macro"))
+    assert s["macro_f1"] != pytest.approx(metrics.f1_score(y_true, y_pred, average="weighted"))
+
+
 def test_class_weights_balance_the_classes():
     w = classify.class_weights([0, 0, 0, 1], 2)
     assert w.tolist() == pytest.approx([4 / 6, 2.0])
     assert (w * torch.tensor([3, 1])).tolist() == pytest.approx([2.0, 2.0])  # each class weighs the same in all
+
+
+def test_class_weight_balanced_weighs_train_and_val_losses(tmp_path, lm_ckpt):
+    """--class-weight balanced: the logged train and val losses are the class-weighted means of the per-text
+    losses, sum w[y] * loss / sum w[y] with w[c] = n / (2 * count of c in train). One full-batch step at a
+    learning rate of 1e-9 leaves the checkpoint's model (nearly) the one that made both losses."""
+    data = write_task(tmp_path / "task.tsv", yes_every=3)
+    out = run(tmp_path, "--init", lm_ckpt, "--class-weight", "balanced", "--max-steps", "1", "--batch-size", "1000",
+              "--eval-interval", "1", "--dropout", "0", "--lr", "1e-9", data=data)
+    logged = classify.MetricsLog.read(out)[0]
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    model, tok = classify.build_model(argparse.Namespace(**ckpt["args"]), 2, ckpt)
+    rows = classify.read_examples(data)
+    split = classify.split_examples(rows, 123, balanced=False)
+    y = {k: torch.tensor([rows[i][1] == "yes" for i in v]).long() for k, v in split.items()}
+    w = len(y["train"]) / (2 * torch.bincount(y["train"]).double())
+    for k in ("train", "val"):
+        seqs = [classify.encode(tok, rows[i][0], 64) for i in split[k]]
+        nll = -classify.predict_logits(model, seqs, 64, "cpu", torch.float32).double().log_softmax(-1)[
+            torch.arange(len(seqs)), y[k]]
+        weighted = float((w[y[k]] * nll).sum() / w[y[k]].sum())
+        assert logged[f"{k}_loss"] == pytest.approx(weighted, abs=1e-5), k
+        assert abs(weighted - float(nll.mean())) > 1e-3  # the weights make a difference here
 
 
 def test_baseline_learns_a_separable_task():
@@ -373,6 +447,37 @@ def test_baseline_learns_a_separable_task():
     y = [i % 2 for i in range(200)]
     predict = classify.fit_logistic(seqs[:150], y[:150], 2, l2=1e-4)
     assert np.mean(predict(seqs[150:]) == np.array(y[150:])) == 1.0
+    assert predict([[99, 12345], [12345]]).tolist() == predict([[99], []]).tolist()  # unseen tokens count for nothing
+
+
+def test_bag_of_tokens_is_binary():
+    rows, cols = classify.bag_of_tokens([[5, 7, 5], [8], [7]], {5: 0, 7: 1})
+    assert sorted(zip(rows.tolist(), cols.tolist())) == [(0, 0), (0, 1), (2, 1)]
+
+
+def test_logistic_weight_decay_falls_back_to_the_class_prior():
+    """Strong weight decay pins the token weights near 0, and the bias alone answers the majority class (1 here);
+    with little decay the same data is separable."""
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, 50, 8)) + ([99] if i % 3 else []) for i in range(90)]
+    y = [int(i % 3 > 0) for i in range(90)]
+    assert classify.fit_logistic(seqs[:60], y[:60], 2, l2=1e-4)(seqs[60:]).tolist() == y[60:]
+    assert classify.fit_logistic(seqs[:60], y[:60], 2, l2=5.0, lr=0.1)(seqs[60:]).tolist() == [1] * 30
+
+
+def test_baseline_picks_weight_decay_on_val(monkeypatch):
+    """The baseline keeps the weight decay best on val and answers the test set with it, even where another
+    one would score better on test. Each fake predictor is right on some splits (a text's first token names its
+    split) and wrong on the others."""
+    right_on = {1e-3: {"train", "test"}, 1e-4: {"val"}, 1e-5: set()}
+    seqs = {k: [[k, c] for c in (0, 1, 1, 0)] for k in ("train", "val", "test")}
+    y = {k: [0, 1, 1, 0] for k in seqs}
+
+    def fake_fit(train, y_train, n_classes, l2):
+        assert train == seqs["train"] and y_train == y["train"] and n_classes == 2
+        return lambda new: np.array([c if k in right_on[l2] else 1 - c for k, c in new])
+    monkeypatch.setattr(classify, "fit_logistic", fake_fit)
+    assert classify.baseline(seqs, y, 2).tolist() == [1, 0, 0, 1]  # 1e-4's answers: best on val, wrong on test
 
 
 # -- training: learning, exact resume, predicting ------------------------------------------------------
@@ -424,10 +529,14 @@ def test_resume_is_exact(tmp_path, lm_ckpt, extra):
 
 
 def test_init_from_hf_folder_uses_gpt2_tokenizer(tmp_path):
-    """--init gpt2 reads OpenAI's weights in the HF layout; a tiny model saved in that layout stands in for them."""
+    """--init gpt2 reads OpenAI's weights in the HF layout; a tiny model saved in that layout stands in for them.
+    A --max-len above its block size (32) is cut to the block size: texts of more than 32 tokens train and test."""
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)).save_pretrained(str(tmp_path / "hf"))
-    out = run(tmp_path, "--init", str(tmp_path / "hf"), "--max-steps", "2", "--max-len", "16")
+    data = tmp_path / "task.tsv"
+    write_task(data)
+    data.write_text("".join(line + " and so on" * 10 + "\n" for line in data.read_text().splitlines()))
+    out = run(tmp_path, "--init", str(tmp_path / "hf"), "--max-steps", "2", "--max-len", "100", data=str(data))
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["labels"] == ["no", "yes"] and bpe.Tokenizer.loads(ckpt["tokenizer"]).n_vocab == 50257
     assert ckpt["model"]["lm_head.weight"].shape == (2, 16)
