@@ -545,6 +545,9 @@ def main(argv=None):
     if args.predict:
         return predict_texts(args)
     args, ckpt = resume_settings(args, "classify.py")  # a resumed run: its own settings, except where it runs
+    if args.max_len is not None and args.max_len < 1 + args.eot:
+        raise ValueError(f"--max-len {args.max_len} leaves no token of the text (after <|endoftext|> if --eot); "
+                         f"give at least {1 + args.eot}, or leave it out for the model's block size")
     pretrained = args.init != "scratch"
     args.train = args.train or ("last-block" if pretrained else "all")
     args.lr = args.lr or (1e-4 if pretrained else 1e-3)

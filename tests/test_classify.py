@@ -191,6 +191,9 @@ def test_lm_unlabeled_changes_training_and_needs_lm_weight(tmp_path, lm_ckpt, ca
         run(tmp_path, "--init", lm_ckpt, "--lm-unlabeled", "--lm-weight", "0", data=data, out="c")
     with pytest.raises(ValueError, match="--tokenizer bpe is for --init scratch"):
         run(tmp_path, "--init", lm_ckpt, "--tokenizer", "bpe", data=data, out="c")
+    for n, eot in ((-1, []), (1, []), (0, ["--no-eot"])):  # -1 cut the end of every text, 1 left only the eot
+        with pytest.raises(ValueError, match=f"--max-len {n} leaves no token of the text"):
+            run(tmp_path, "--init", lm_ckpt, "--max-len", str(n), *eot, data=data, out="c")
 
 
 # -- which weights learn -------------------------------------------------------------------------------
