@@ -3,10 +3,12 @@ sampler) and of sft.py: loss masks, exact resume, a learning run, and the gpt2-a
 CPU only, offline, tiny models."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import bpe
 import gpt2
@@ -68,6 +70,37 @@ def test_mask_covers_exactly_the_response_and_its_first_end_of_text(tokenizer):
     assert x.flatten().tolist() == stream[:x.numel()]
     targets = [t if m else -1 for t, m in zip(stream[1:], (mask + short[1] + mask)[1:])][:x.numel()]
     assert y.flatten().tolist() == targets and targets.count(eot) >= 2
+
+
+def test_pack_rows_of_a_stream_that_fills_whole_rows():
+    """12 tokens in rows of 4: the last token has no next token to be a target of, so 2 rows, not 3."""
+    x, y = sft.pack_rows([([1, 2, EOT], [0, 1, 1])] * 4, seq_len=4)
+    assert x.tolist() == [[1, 2, EOT, 1], [2, EOT, 1, 2]]
+    assert y.tolist() == [[2, EOT, -1, 2], [EOT, -1, 2, EOT]]
+
+
+def test_loader_epochs_are_seeded_shuffles_cut_into_full_batches():
+    """Each epoch is a new permutation of the examples, drawn from the seed and the epoch, cut into full
+    batches (the remainder dropped); a batch depends on the step alone; packing packs the shuffled examples."""
+    ex = [([k] * (1 + k % 3) + [EOT], [0] * (1 + k % 3) + [1]) for k in range(1, 21)]  # 20 examples: k starts k
+    loader = sft.Loader(ex, 8, seed=0, pad_id=EOT)
+    assert loader.steps_per_epoch == 2  # 20 // 8
+    firsts = lambda ld, step: ld.get(step)[0][:, 0].tolist()
+    epochs = [firsts(loader, 0) + firsts(loader, 1), firsts(loader, 2) + firsts(loader, 3)]
+    for e in epochs:
+        assert len(set(e)) == 16 and set(e) <= set(range(1, 21))  # no example twice in an epoch
+    assert epochs[0] != list(range(1, 17)) and epochs[0] != epochs[1]
+    assert firsts(sft.Loader(ex, 8, 0, EOT), 3) == epochs[1][8:]  # a fresh loader at step 3: the same batch
+    assert firsts(sft.Loader(ex, 8, 1, EOT), 0) != epochs[0][:8]  # another seed, another order
+    docs = [([k, k, EOT], [0, 1, 1]) for k in range(1, 9)]  # 24 tokens -> (24 - 1) // 4 = 5 rows of 4
+    packed = sft.Loader(docs, 1, seed=0, pad_id=EOT, packing=True, seq_len=4)
+    assert packed.steps_per_epoch == 5
+    stream = [torch.cat([packed.get(e * 5 + i)[0].flatten() for i in range(5)]).tolist() for e in (0, 1)]
+    order = [s[0::3][:6] for s in stream]  # the first token of each of the 6 whole documents in 20 tokens
+    assert all(s[1::3][:6] == o and set(s[2::3]) == {EOT} for s, o in zip(stream, order))  # whole documents
+    assert len(set(order[0])) == 6 and order[0] != list(range(1, 7)) and order[0] != order[1]
+    with pytest.raises(SystemExit, match="lower --batch-size"):
+        sft.Loader(ex[:3], 8, 0, EOT)
 
 
 # -----------------------------------------------------------------------------
@@ -159,6 +192,18 @@ def test_verifier():
     assert bpe.reward("521 is wrong, it is 520", "521") == 0.0  # the final number is the answer
     assert bpe.reward("no number", "5") == 0.0 and bpe.reward("", "0") == 0.0
     assert bpe.reward("10 - 13 = -3", "-3") == 1.0 and bpe.reward("10 - 13 = 3", "-3") == 0.0
+    assert bpe.reward("it is 1,271", "1,271") == 1.0 and bpe.reward("5210", "521") == 0.0
+    assert bpe.reward("x = 3.5", "2.5") == 0.0 and bpe.reward("x = 2.5", "2.5") == 1.0
+    assert bpe.reward("I do not know", "unknown") == 0.0  # no number on either side is no match
+
+
+def test_split_by_percent_truncates_like_raschka():
+    """train = int(n * 85%), test = int(n * 10%), val = the rest, in file order: 7 rows -> 5 / 2 / 0."""
+    assert bpe.split_by_percent(list(range(7)), "85/5/10") == ([0, 1, 2, 3, 4], [5, 6], [])
+    assert bpe.split_by_percent(list(range(10)), "50/20/30") == ([0, 1, 2, 3, 4], [8, 9], [5, 6, 7])
+    for bad in ("-10/100/10", "abc", "85/15", "50/0/50"):
+        with pytest.raises(ValueError, match="sum to 100, train and val above 0"):
+            bpe.split_by_percent(list(range(10)), bad)
 
 
 def test_task_is_deterministic_disjoint_and_verifiable(tmp_path):
@@ -369,6 +414,16 @@ def test_resume_is_exact(tmp_path, method):
     sft.main(["--resume", "--out-dir", str(tmp_path / "split")])
     train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "train_loss" in r]
     assert train(tmp_path / "split") == train(tmp_path / "straight") and len(train(tmp_path / "split")) == 6
+    evals = lambda d: [(r["step"], r["val_loss"], r["accuracy"]) for r in metrics(d) if "val_loss" in r]
+    assert evals(tmp_path / "split") == evals(tmp_path / "straight")  # no second evaluation at the resume step
+    assert [e[0] for e in evals(tmp_path / "split")] == [0, 3, 6]
+    # linear warmup over 2 steps, then cosine from 3e-3 down to 0.1 x 3e-3 at step 6
+    lrs = [3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)))
+           for s in range(6)]
+    assert [r["lr"] for r in metrics(tmp_path / "split") if "lr" in r] == pytest.approx(lrs, rel=1e-9)
+    last = metrics(tmp_path / "split")[-1]
+    lora_params = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))  # r=4 on 4 Linears x 2 layers
+    assert last["trainable_params"] == (lora_params if "--lora" in method else last["total_params"])
     a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
     b = gpt2.load_checkpoint(str(tmp_path / "split" / "ckpt.pt"))
     assert a["step"] == b["step"] == 6 and a["model"].keys() == b["model"].keys()
@@ -382,7 +437,8 @@ def test_resume_is_exact(tmp_path, method):
     responses = json.load(open(tmp_path / "split" / "responses.json"))
     assert len(responses) == 20 and {"instruction", "output", "model_response", "reward"} <= set(responses[0])
     if "--lora" in method:
-        assert a["lora"]["r"] == 4 and set(a["adapter"]) == {k for k in a["adapter"] if "lora_" in k}
+        assert a["lora"] == {"r": 4, "alpha": 16, "targets": ["c_attn", "c_proj", "c_fc"], "dropout": 0.1}
+        assert set(a["adapter"]) == {k for k in a["adapter"] if "lora_" in k}
         gpt2.load_adapter(tiny(dropout=0.1), str(tmp_path / "split" / "adapter.pt"))
 
 
@@ -407,7 +463,7 @@ def test_sft_learns_the_task(tmp_path):
     assert sum(r["reward"] for r in responses) / len(responses) == rows[-1]["accuracy"]
 
 
-def test_gpt2_alpaca_preset_code_path(tmp_path):
+def test_gpt2_alpaca_preset_code_path(tmp_path, capsys):
     """The real recipe's settings, and its code path (HF weights, GPT-2 tokenizer, the shipped instruction data,
     the preamble, responses for judging) on a tiny random GPT-2-vocabulary model."""
     preset = sft.PRESETS["gpt2-alpaca"]
@@ -426,8 +482,11 @@ def test_gpt2_alpaca_preset_code_path(tmp_path):
                   "--max-steps", "2", "--eval-limit", "3", "--max-new-tokens", "3", *RUN])
     finally:
         os.chdir(cwd)
+    assert "935 train / 3 val / 3 test examples" in capsys.readouterr().out  # --eval-limit 3 cuts val and test
     rows = metrics(tmp_path / "run")
     assert rows[0]["step"] == 0 and "accuracy" not in rows[0] and rows[-1]["trainable_params"] > 800_000
+    groups = gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"])) for g in groups] == [(0.1, (0.9, 0.999)), (0.0, (0.9, 0.999))]
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([5e-5, 5e-5 * 0.55])  # no warmup, cosine
     responses = json.load(open(tmp_path / "run" / "responses.json"))
     data = json.load(open(os.path.join(ROOT, "data", "instruction_data.json")))
@@ -452,6 +511,85 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
                   "--split", "90/0/10", *RUN])
 
 
+def test_response_loss_is_the_mean_over_every_response_token():
+    """The held-out loss: cross-entropy summed over the response tokens of all batches, divided by their number
+    (not a mean of batch means), with dropout off; the model is back in training mode afterwards."""
+    model = tiny(dropout=0.5).train()
+    ex = [bpe.encode_example(BYTES, p, c, preamble=False)
+          for p, c in (("Hi", "Yo"), ("What is 2 + 3?", "2 + 3 = 5"), ("A", "a much longer answer than the rest"))]
+    got = sft.response_loss(model, ex, 2, "cpu", torch.float32)  # batches of 2 and 1
+    assert model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in ex:
+            logits, _ = model(torch.tensor([ids[:-1]]))
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            total += F.cross_entropy(logits[0][keep], torch.tensor(ids[1:])[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert count == 3 + 10 + 35 and got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_generate_responses_asks_in_the_template_and_returns_the_text(monkeypatch):
+    """The sampler gets the prompts in the training template (input, preamble), left-padded, a long one cut to
+    its last tokens; greedy, stopping at end-of-text, never drawing ids past the tokenizer; the text is the
+    generated tokens without the end-of-text."""
+    seen = {}
+
+    def fake_sample(model, idx, max_new_tokens, **kw):
+        seen.update(idx=idx, n=max_new_tokens, **kw)
+        tokens = torch.tensor([BYTES.encode("ok") + [EOT, EOT], BYTES.encode("a b!")])
+        return tokens, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool), torch.zeros(2, 4)
+    monkeypatch.setattr(sft, "sample", fake_sample)
+    rows = [{"prompt": "Add them.", "input": "2 and 3"}, {"prompt": "x" * 300 + " What is 2 + 3?"}]
+    out = sft.generate_responses(tiny(block_size=256), BYTES, rows, True, 4, 2, "cpu", torch.float32)
+    assert out == ["ok", "a b!"]
+    assert (seen["n"], seen["temperature"], seen["eos_id"], seen["vocab_size"]) == (4, 0, EOT, 257)
+    idx, attn = seen["idx"], seen["attention_mask"]
+    first = BYTES.encode(bpe.format_prompt("Add them.", "2 and 3", preamble=True))
+    assert idx[0, -len(first):].tolist() == first and attn[0].tolist() == [0] * (252 - len(first)) + [1] * len(first)
+    assert idx[1].tolist() == BYTES.encode(bpe.format_prompt(rows[1]["prompt"], preamble=True))[-252:]  # 256 - 4
+
+
+def test_flags_reach_training_mask_prompt_preamble_epochs_max_len_grad_clip(tmp_path, capsys, monkeypatch):
+    """The flags, counted in the target tokens of each step on rows of one length (a 47-byte-token prompt, a
+    9-token response + end-of-text): the prompt masked, 10 per example; --no-mask-prompt, all 56 after the first,
+    while the validation loss stays on the response; --preamble, 105 + 2 tokens more in training and validation,
+    cut at the model's 160-token context even with a larger --max-len; --packing, rows of --seq-len whose only
+    untrained targets are the examples' first tokens; --epochs 2 of 20 // 8 = 2 steps; --grad-clip at every
+    step; --seed to the batch order."""
+    init = base_checkpoint(tmp_path / "base.pt", block_size=160)
+    texts = [bpe.task_text(a, "+", b) for a in range(5) for b in range(4)]  # 20 problems, every sum one digit
+    bpe.write_rows(tmp_path / "sft.jsonl", [{"prompt": q, "completion": w} for q, w, _ in texts])
+    bpe.write_rows(tmp_path / "sft_val.jsonl", [{"prompt": q, "completion": w} for q, w, _ in texts[:4]])
+    bpe.write_rows(tmp_path / "test.jsonl", [{"prompt": q, "answer": a} for q, _, a in texts[:2]])
+    clips, clip = [], torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, m: clips.append((len(ps), m)) or clip(ps, m))
+    loaders, Loader = [], sft.Loader
+    monkeypatch.setattr(sft, "Loader", lambda *a, **kw: loaders.append(Loader(*a, **kw)) or loaders[-1])
+
+    def run(name, *flags):
+        sft.main(["--init", init, "--data", str(tmp_path), "--out-dir", str(tmp_path / name), "--batch-size", "8",
+                  "--eval-interval", "0", "--max-new-tokens", "2", *RUN, *flags])
+        rows = metrics(tmp_path / name)
+        return [r["tokens"] for r in rows if "tokens" in r], rows[0]["val_loss"]
+
+    masked = run("masked", "--epochs", "2", "--grad-clip", "0.5")
+    assert "20 train / 4 val / 2 test examples" in capsys.readouterr().out
+    assert masked[0] == [8 * 10] * 4 and clips == [(len(list(tiny().parameters())), 0.5)] * 4
+    full = run("full", "--no-mask-prompt", "--max-steps", "1", "--seed", "5")
+    assert full == ([8 * 56], masked[1])  # the same model at step 0, judged on the same response tokens
+    assert loaders[1].seed == 5
+    pre = run("preamble", "--no-mask-prompt", "--preamble", "--max-steps", "1", "--max-len", "1000",
+              "--grad-clip", "0")
+    val = sft.encode_rows(bpe.read_rows(tmp_path / "sft_val.jsonl", "sft"), BYTES, True, True, 160)
+    assert pre == ([8 * 159], pytest.approx(sft.response_loss(GPT.from_checkpoint(init), val, 50, "cpu",
+                                                              torch.float32), rel=1e-6))  # 164 tokens, cut to 160
+    # 8 rows of 100 from a stream of 57-token examples: the targets 1..800 hold 14 example starts (57 x 14 = 798)
+    assert run("packed", "--packing", "--seq-len", "100", "--no-mask-prompt", "--max-steps", "1")[0] == [800 - 14]
+    assert len(clips) == 6
+
+
 def test_long_prompts_keep_their_end_when_answered(capsys):
     """Evaluation answers a prompt longer than the context leaves next to the answer from its last tokens,
     instead of failing (the model only reads block_size tokens)."""
@@ -469,6 +607,9 @@ def test_examples_whose_prompt_fills_max_len_are_left_out(capsys):
     out = sft.encode_rows(rows, tok, False, True, 60)
     assert len(out) == 1 and any(out[0][1]) and "1 of them left out" in capsys.readouterr().out
     assert len(sft.encode_rows(rows, tok, False, False, 60)) == 2  # loss on the prompt too: every row trains
+    (ids, mask), = sft.encode_rows([{"prompt": "a", "completion": "b" * 80}], tok, False, True, 60)
+    want = bpe.encode_example(tok, "a", "b" * 80, preamble=False)
+    assert (ids, mask) == (want[0][:60], want[1][:60])  # cut at 60 tokens: the prompt and the response's start
 
 
 def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting_compile):
