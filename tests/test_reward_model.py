@@ -77,6 +77,9 @@ def test_reward_does_not_depend_on_padding():
     seqs = [[5, 9, 200, 31, 7, 7, 64, EOT], [12, EOT], [100, 3, 250, 40, EOT]]
     alone = torch.cat([model(torch.tensor([s])) for s in seqs])
     assert alone.std() > 0.1  # the rewards differ, so a wrong row or position would show
+    for s, r in zip(seqs, alone):  # the value head on the final hidden state of the last token, the end-of-text
+        assert r.item() == pytest.approx(model.value_head(model.gpt.hidden_states(torch.tensor([s]))[0, -1]).item(),
+                                         abs=1e-5)
     idx, attn = gpt2.left_pad(seqs, pad_id=EOT)
     torch.testing.assert_close(model(idx, attn), alone, rtol=1e-5, atol=1e-5)
     for pad in (0, EOT, 99):
@@ -104,6 +107,25 @@ def test_untrained_reward_model_on_symmetric_data_gives_ln2():
     model = reward_model()  # a random head: on data given both ways, the margins cancel
     loss, r_c, r_r, _ = rm.pair_scores(model, None, rm.pad_pairs(pairs, EOT), "rm", None, 0.0, "cpu")
     assert (r_c - r_r).abs().max() > 0.01 and (r_c - r_r).mean().abs() < 1e-5 and loss.item() > LN2
+
+
+def test_held_out_metrics_cover_every_pair():
+    """evaluate_pairs in batches of 2 over 5 pairs: the rewards of all 5, the loss their mean Bradley-Terry loss,
+    accuracy the share with r_c > r_r, and the margin the signed mean of r_c - r_r."""
+    model = reward_model(seed=3)
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a * b + 3}"}
+            for a, b in ((3, 4), (12, 5), (1, 1), (7, 0), (9, 9))]
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    args = argparse.Namespace(eval_batch_size=2, pad_id=EOT, method="rm", beta=None, center_rewards=0.0, rpo_alpha=0.0)
+    row, chosen, rejected = rm.evaluate_pairs(model, None, pairs, args, "cpu", torch.float32)
+    want_c = [model(torch.tensor([c[0]])).item() for c, _, _ in pairs]  # each answer alone
+    want_r = [model(torch.tensor([j[0]])).item() for _, j, _ in pairs]
+    assert chosen == pytest.approx(want_c, abs=1e-5) and rejected == pytest.approx(want_r, abs=1e-5)
+    diffs = [c - r for c, r in zip(want_c, want_r)]
+    wins = sum(d > 0 for d in diffs)
+    assert 0 < wins < 5  # the random head ranks some pairs wrong, so a margin's sign shows
+    assert row["accuracy"] == pytest.approx(wins / 5) and row["margin"] == pytest.approx(sum(diffs) / 5, abs=1e-5)
+    assert row["val_loss"] == pytest.approx(-sum(logsig(d) for d in diffs) / 5, abs=1e-5)
 
 
 # -----------------------------------------------------------------------------
@@ -221,6 +243,46 @@ def test_bad_pairs_are_dropped_counted_or_refused(tmp_path, capsys):
     assert sum(r["chosen"] == r["rejected"] for r in shipped) == 6  # the real file has some: they are dropped
 
 
+def test_length_limit_whitespace_and_input():
+    """A pair is kept when its longer side fills max_len exactly and dropped one token over, whichever side is the
+    longer; answers equal but for surrounding whitespace teach nothing; an Alpaca row's input is in both prompts."""
+    n = len(BYTES.encode(bpe.format_prompt("p", "", False)))  # prompt tokens
+    fit = "y" * (96 - n - 1)  # + the end-of-text: 96 tokens
+    rows = [{"prompt": "p", "chosen": fit, "rejected": "n"}, {"prompt": "p", "chosen": "y", "rejected": fit},
+            {"prompt": "p", "chosen": fit + "y", "rejected": "n"}, {"prompt": "p", "chosen": "y", "rejected": fit + "n"},
+            {"prompt": "p", "chosen": "same", "rejected": " same\n"}]
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    assert [(len(c[0]), len(j[0])) for c, j, _ in pairs] == [(96, n + 2), (n + 2, 96)]
+    row = {"prompt": "Translate", "input": "chat", "chosen": "cat", "rejected": "dog"}
+    (c, _), (j, _), _ = rm.encode_pairs([row], BYTES, True, 1000)[0]
+    prompt = BYTES.encode(bpe.format_prompt("Translate", "chat", True))
+    assert c[:len(prompt)] == prompt == j[:len(prompt)] and c[len(prompt):] == BYTES.encode("cat") + [EOT]
+
+
+def test_loader_epochs_are_seeded_permutations():
+    """Each epoch serves every pair at most once in steps_per_epoch full batches (10 pairs, batches of 3: 9 of them),
+    in a shuffled order that changes from epoch to epoch and depends on the seed and the step alone."""
+    pairs = [(([1, 2], [0, 1]), ([1, 3], [0, 1]), float(i)) for i in range(10)]  # the margin names the pair
+    served = lambda loader, step: loader.get(step)[3].int().tolist()
+    loader = rm.Loader(pairs, 3, seed=0, pad_id=EOT)
+    assert loader.steps_per_epoch == 3
+    epochs = [sum((served(loader, s) for s in range(3 * e, 3 * e + 3)), []) for e in range(3)]
+    assert all(len(set(e)) == 9 and set(e) <= set(range(10)) for e in epochs)
+    assert epochs[0] != list(range(9)) and epochs[0] != epochs[1] != epochs[2]
+    again = rm.Loader(pairs, 3, seed=0, pad_id=EOT)  # any step, in any order: the same batch
+    assert [served(again, 7), served(again, 0)] == [epochs[2][3:6], epochs[0][:3]]
+    assert sum((served(rm.Loader(pairs, 3, seed=1, pad_id=EOT), s) for s in range(3)), []) != epochs[0]
+
+
+def test_a_pairs_file_is_split_in_order(tmp_path):
+    """--data file --split 85/5/10 on 20 pairs: the first 17 train, the next 2 are the test part (unused), the last
+    one is the validation pair."""
+    bpe.write_rows(tmp_path / "p.jsonl", [{"prompt": f"q{i}", "chosen": "y", "rejected": "n"} for i in range(20)])
+    train, val, test = rm.load_splits(argparse.Namespace(data=str(tmp_path / "p.jsonl"), split="85/5/10", val_pairs=None))
+    assert [r["prompt"] for r in train] == [f"q{i}" for i in range(17)] and [r["prompt"] for r in val] == ["q19"]
+    assert test == []
+
+
 # -----------------------------------------------------------------------------
 # The script
 
@@ -288,6 +350,7 @@ def test_resume_is_exact(tmp_path, method):
         loaded.value_head.load_state_dict(a["value_head"])
         if "--margin" not in method:
             assert val[0]["val_loss"] == pytest.approx(LN2, abs=1e-6)
+        assert "chosen_token_logp" in metrics(tmp_path / "split")[1]  # the task preset's --lm-alpha is 1
 
 
 def polite_pairs(path, n, seed=0):
@@ -314,6 +377,7 @@ def test_learns_the_preference(tmp_path, method):
     rows = [r for r in metrics(tmp_path / "run") if "accuracy" in r]
     assert rows[0]["accuracy"] == 0.0 and rows[0]["val_loss"] == pytest.approx(LN2, abs=1e-6)
     assert rows[-1]["accuracy"] >= 0.9 and rows[-1]["margin"] > 1.0 and rows[-1]["val_loss"] < 0.4, rows
+    assert (tmp_path / "run" / "rewards.png").exists()  # the held-out rewards at the last step
 
 
 def test_gpt2_dpo_preset_code_path(tmp_path):
@@ -339,6 +403,60 @@ def test_gpt2_dpo_preset_code_path(tmp_path):
     args = rm.parse_args(["--preset", "gpt2-dpo"])
     assert args.preamble is True and args.out_dir == "out/gpt2-dpo" and args.split == "85/5/10"
     assert rm.parse_args([]).out_dir == "out/task-rm" and rm.parse_args(["--method", "dpo"]).out_dir == "out/task-dpo"
+
+
+def test_stopped_run_keeps_its_schedule_and_logs_each_steps_batch(tmp_path, monkeypatch, capsys):
+    """rm --lora with no --lr: the task preset's LoRA rate, 3e-3; stopped after 2 of 4 steps, the schedule is still
+    that of 4 (no warmup: cosine from 1 to --min-lr-ratio 0.2); every step clips the trainable gradients at
+    --grad-clip; --max-len is capped at the model's context; the checkpoint names its method. The resumed step 3
+    logs the loss and margin of the checkpointed model on the Loader's batch 2."""
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=60, test=5)
+    pref = os.path.join(data, "preference.jsonl")
+    long = {"prompt": "What is 1 + 1?", "chosen": "2" * 100, "rejected": "3"}  # over the 96-token context
+    bpe.write_rows(pref, [long] + bpe.read_rows(pref, "preference"))
+    clip, clipped = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, norm: clipped.append(norm) or clip(ps, norm))
+    out = str(tmp_path / "run")
+    rm.main(["--init", init, "--data", data, "--val-pairs", "20", "--lora", "--max-steps", "4", "--stop-after", "2",
+             "--batch-size", "8", "--warmup-steps", "0", "--min-lr-ratio", "0.2", "--grad-clip", "0.5",
+             "--max-len", "1000", "--eval-interval", "0", "--out-dir", out, *RUN])
+    assert "dropped 0 of 41 pairs whose chosen and rejected answers are equal and 1 longer than 96" in capsys.readouterr().out
+    assert [r["lr"] for r in metrics(out) if "lr" in r] == pytest.approx([3e-3, 3e-3 * (0.2 + 0.4 * (1 + 0.5 ** 0.5))])
+    assert clipped == [0.5, 0.5]
+    ckpt = gpt2.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert ckpt["method"] == ckpt["args"]["method"] == "rm" and ckpt["step"] == 2
+    model = rm.RewardModel(GPT.from_checkpoint(os.path.join(out, "ckpt.pt")))
+    model.value_head.load_state_dict(ckpt["value_head"])
+    train, _, _ = rm.load_splits(argparse.Namespace(data=data, val_pairs=20))
+    batch = rm.Loader(rm.encode_pairs(train, BYTES, False, 96), 8, ckpt["args"]["seed"], EOT).get(2)
+    with torch.no_grad():  # the preset's --lm-alpha 1 is part of the training loss
+        loss, r_c, r_r, _ = rm.pair_scores(model, None, batch, "rm", None, 0.0, "cpu", lm_alpha=1.0)
+    margins = r_c - r_r
+    assert margins.min() < 0 < margins.max()  # a margin's sign shows in the mean
+    rm.main(["--resume", "--out-dir", out, "--stop-after", "3"])
+    step3 = [r for r in metrics(out) if r.get("step") == 3 and "train_loss" in r][-1]
+    assert step3["train_loss"] == pytest.approx(loss.item(), abs=1e-5)
+    assert step3["train_margin"] == pytest.approx(margins.mean().item(), abs=1e-6)
+
+
+def test_dpo_takes_the_presets_steps_and_rate(tmp_path):
+    """--method dpo with no --max-steps or --lr: the task preset's DPO settings, 300 steps at 1e-4 (the first step at
+    1/20 of it: 20 warmup steps), not the reward model's 3,300 at 5e-4."""
+    init, data = base_checkpoint(tmp_path / "base.pt"), task_folder(tmp_path / "task", preference=60, test=5)
+    out = str(tmp_path / "run")
+    rm.main(["--init", init, "--data", data, "--val-pairs", "20", "--method", "dpo", "--stop-after", "1",
+             "--batch-size", "8", "--max-new-tokens", "4", "--out-dir", out, *RUN])
+    ckpt = gpt2.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert (ckpt["args"]["max_steps"], ckpt["args"]["lr"], ckpt["method"]) == (300, 1e-4, "dpo")
+    assert [r["lr"] for r in metrics(out) if "lr" in r] == pytest.approx([1e-4 / 20])
+
+
+def test_task_accuracy_scores_greedy_answers_of_every_test_row(monkeypatch):
+    """DPO's task accuracy: the verifier on greedy answers (temperature 0) to every test row, in batches."""
+    monkeypatch.setattr(rm, "sample", fake_sampler(lambda q, i: "so 7", temperature=0))
+    rows = [{"prompt": f"What is {a} + 1?", "answer": str(a + 1)} for a in (6, 7, 6, 6, 7)]  # "7" is right 3 times
+    args = argparse.Namespace(eval_batch_size=2, preamble=False, max_new_tokens=8)
+    assert rm.task_accuracy(tiny(), BYTES, rows, args, "cpu", torch.float32) == pytest.approx(3 / 5)
 
 
 def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
@@ -444,12 +562,14 @@ def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting
     assert calls and calls[0] >= 2  # the trained model's forward, every step
 
 
-def fake_sampler(answer_of):
+def fake_sampler(answer_of, temperature=1.0):
     """A stand-in for gpt2.sample: each prompt's k answers are answer_of(question, i) for i = 0..k-1 (the
-    4 answers of a prompt are consecutive rows), as tokens + end-of-text with their mask."""
+    4 answers of a prompt are consecutive rows), as tokens + end-of-text with their mask. It fails unless asked
+    for the given temperature."""
     count = {}
 
     def fake(model, idx, n, attention_mask=None, eos_id=None, **kw):
+        assert kw["temperature"] == temperature
         rows = []
         for ids, m in zip(idx.tolist(), attention_mask.tolist()):
             q = BYTES.decode([t for t, k in zip(ids, m) if k])
@@ -465,12 +585,13 @@ def fake_sampler(answer_of):
 
 def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
     """--pairs samples: k answers per prompt, judged by the verifier; a prompt with a right and a wrong answer
-    gives (first right, first wrong), a prompt whose answers all agree gives nothing; saved, and read back on
-    --resume; --pairs both keeps the given held-out pairs."""
-    def answer_of(q, i):  # "What is 3 + 4?" -> right on odd draws; prompts with an even first operand: always right
+    gives (first right, first wrong), a prompt whose answers all agree gives nothing; drawn at temperature 1 (greedy
+    answers would all agree); saved in a shuffled order, the last --val-pairs held out, and read back on --resume;
+    --pairs both keeps the given held-out pairs."""
+    def answer_of(q, i):  # "What is 3 + 4?" -> right on odd draws, 8 then 9; an even first operand: always right
         a, op, b = q.split("What is ")[1].split("?")[0].split(" ")
         right = int(a) + int(b) if op == "+" else int(a) - int(b)
-        return f"{a} {op} {b} = {right if (i % 2 or int(a) % 2 == 0) else right + 1}"
+        return f"{a} {op} {b} = {right if (i % 2 or int(a) % 2 == 0) else right + 1 + i // 2}"
     monkeypatch.setattr(rm, "sample", fake_sampler(answer_of))
     rows = [{"prompt": "What is 3 + 4?", "answer": "7"}, {"prompt": "What is 2 + 5?", "answer": "7"}]
     pairs = rm.sample_pairs(tiny(), BYTES, rows, 4, False, "cpu", torch.float32, seed=0)
@@ -485,6 +606,9 @@ def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
     questions += [r["prompt"] for r in bpe.read_rows(os.path.join(data, "rl.jsonl"), "rl")]  # the training prompts
     odd = [q for q in questions if int(q.split("What is ")[1].split(" ")[0]) % 2]
     assert sorted(p["prompt"] for p in made) == sorted(odd) and all(p["chosen"] != p["rejected"] for p in made)
+    assert [p["prompt"] for p in made] != odd  # shuffled, not in the order drawn (training prompts, then RL ones)
+    split = argparse.Namespace(out_dir=str(tmp_path / "s"), pairs="samples", val_pairs=5)
+    assert rm.with_sampled_pairs(split, None, None, [], [], "cpu", None, resume=True) == (made[:-5], made[-5:])
     monkeypatch.setattr(rm, "sample", None)  # a resumed run must not sample again
     rm.main(["--resume", "--out-dir", str(tmp_path / "s")])
     assert metrics(tmp_path / "s")[-1]["step"] == 4
@@ -493,6 +617,11 @@ def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
     rm.main([*common, "--pairs", "both", "--out-dir", str(tmp_path / "b")])
     both = len(bpe.read_rows(tmp_path / "b" / "sampled_pairs.jsonl", "preference"))
     assert f"{55 + both} train / 5 val pairs" in capsys.readouterr().out  # the given 55 + the made; given val kept
+    given = bpe.read_rows(os.path.join(data, "preference.jsonl"), "preference")
+    made = bpe.read_rows(tmp_path / "b" / "sampled_pairs.jsonl", "preference")
+    train, val = rm.with_sampled_pairs(argparse.Namespace(out_dir=str(tmp_path / "b"), pairs="both", seed=0), None, None,
+                                       given[:-5], given[-5:], "cpu", None, resume=True)
+    assert val == given[-5:] and sorted(map(str, train)) == sorted(map(str, given[:-5] + made))
     ckpt = gpt2.load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert ckpt["step"] == 4 and (tmp_path / "b" / "sampled_pairs.jsonl").exists()
     with pytest.raises(SystemExit, match="needs the task's folder"):
