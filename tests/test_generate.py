@@ -108,6 +108,39 @@ def test_penalties_count_the_documented_tokens():
     assert torch.allclose(out, torch.tensor([[1.0, -4.0, 2.0, -2.0, -0.5]]))
 
 
+@pytest.mark.parametrize("kwargs, expected", [(dict(repetition_penalty=2.0), [1.0, -2.0, 0.5]),
+                                              (dict(presence_penalty=0.5), [2.0, -2.0, 0.5]),
+                                              (dict(frequency_penalty=0.3), [2.0, -2.0, 0.4])])
+def test_each_penalty_alone_is_applied(kwargs, expected):
+    """Any one penalty switched on by itself changes the logits process_logits returns (seen: token 0 once and
+    token 2 three times; generated: token 2 twice)."""
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen, generated = torch.tensor([[1.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, 2.0]])
+    assert torch.allclose(G.process_logits(logits, G.Sampling(**kwargs), seen, generated), torch.tensor([expected]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=10), dict(top_p=0.7), dict(min_p=0.1), dict(temperature=0.5, top_p=0.8),
+                                    dict(temperature=2.0, min_p=0.2), dict(top_k=5, top_p=0.5),
+                                    dict(temperature=0.7, top_k=8, top_p=0.6, min_p=0.3, repetition_penalty=1.5)])
+def test_process_logits_matches_transformers_processors(kwargs):
+    """The same tokens filtered and the same logits kept as HF's processors chained in HF's order: repetition
+    penalty, temperature, top-k, top-p, min-p."""
+    torch.manual_seed(0)
+    logits, ids = 3 * torch.randn(6, 50), torch.randint(0, 50, (6, 12))
+    seen = torch.zeros(6, 50).scatter_add_(1, ids, torch.ones(6, 12))
+    s = G.Sampling(**kwargs)
+    ref = logits.clone()
+    for proc in [transformers.RepetitionPenaltyLogitsProcessor(s.repetition_penalty),
+                 transformers.TemperatureLogitsWarper(s.temperature),
+                 s.top_k and transformers.TopKLogitsWarper(s.top_k), s.top_p and transformers.TopPLogitsWarper(s.top_p),
+                 s.min_p and transformers.MinPLogitsWarper(s.min_p)]:
+        ref = proc(ids, ref) if proc else ref
+    out = G.process_logits(logits, s, seen, torch.zeros_like(seen))
+    kept = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), kept) and 0 < kept.sum() < kept.numel()
+    assert torch.allclose(out[kept], ref[kept])
+
+
 def test_penalties_ignore_padding_and_count_prompt_for_repetition_only():
     idx, mask = G.left_pad([[7, 8], [9]], pad_id=3)
     counts = G.TokenCounts(idx, mask.bool(), 10, enabled=True)
@@ -163,7 +196,9 @@ def test_vocab_size_never_draws_padding_ids():
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1.0), "temperature"),
     (dict(top_k=0), "top_k"), (dict(min_p=2.0), "min_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(vocab_size=0), "vocab_size"), (dict(temperature=float("inf")), "finite"),
-    (dict(temperature=float("nan")), "temperature"), (dict(presence_penalty=float("nan")), "presence_penalty")])
+    (dict(temperature=float("nan")), "temperature"), (dict(presence_penalty=float("nan")), "presence_penalty"),
+    (dict(frequency_penalty=float("inf")), "frequency_penalty"), (dict(min_p=-0.1), "min_p"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty")])
 def test_bad_sampling_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         G.Sampling(**kwargs)
@@ -278,6 +313,14 @@ def test_prompt_longer_than_context_is_an_error():
         G.generate(tiny(block=16), torch.zeros(1, 17, dtype=torch.long), 2)
 
 
+@pytest.mark.parametrize("idx, match", [(torch.zeros(1, 0, dtype=torch.long), "empty"),
+                                        (torch.tensor([[1.0, 2.0]]), "LongTensor"),
+                                        (torch.tensor([1, 2]), "LongTensor")])
+def test_bad_prompt(idx, match):
+    with pytest.raises(ValueError, match=match):
+        G.generate(tiny(), idx, 2)
+
+
 @pytest.mark.parametrize("mask, match", [([[1, 0, 1]], "left padding"), ([[1, 1]], "shape")])
 def test_bad_attention_mask(mask, match):
     with pytest.raises(ValueError, match=match):
@@ -306,6 +349,67 @@ def test_speculative_greedy_with_penalties_and_unrelated_draft():
     ref = G.generate(target, idx, 25, s)
     for draft in (noisy_copy(target, 0.02), tiny(n_layer=1, n_embd=16, seed=5)):
         assert torch.equal(G.speculative_generate(target, draft, idx, 25, s, num_draft=4), ref)
+
+
+def greedy_text(model, prompt, generated, k, s):
+    """k greedy tokens after prompt + generated, the whole text recomputed per token, the penalties' counts
+    taken by hand (seen: all of it; generated: what follows the prompt)."""
+    out, V = [], model.config.vocab_size
+    for _ in range(k):
+        seq = prompt + generated + out
+        seen = torch.bincount(torch.tensor(seq), minlength=V).float()[None]
+        gen = torch.bincount(torch.tensor(generated + out, dtype=torch.long), minlength=V).float()[None]
+        out.append(int(G.process_logits(model(torch.tensor([seq]))[0][:, -1], s, seen, gen).argmax()))
+    return out
+
+
+PENALIZED = G.Sampling(temperature=0, repetition_penalty=2.0, presence_penalty=3.0, frequency_penalty=2.0)
+
+
+@pytest.mark.parametrize("noise, s", [(0.0, G.GREEDY), (0.05, G.GREEDY), (0.0, PENALIZED), (0.01, PENALIZED)])
+@torch.no_grad()
+def test_speculative_greedy_stats_follow_the_drafts_own_greedy_text(noise, s):
+    """Each round the draft proposes its own greedy continuation of the accepted text (k = 4, fewer at the end
+    so nothing runs past max_new_tokens), penalties counting its own proposals; the target keeps the longest
+    prefix that matches its greedy text, plus one token. An identical draft has every proposal accepted."""
+    target = tiny(n_layer=3)
+    draft = noisy_copy(target, noise)
+    prompt, N, K = PROMPTS[0], 20, 4
+    ref = greedy_text(target, prompt, [], N, s)
+    pos, want = 0, dict(proposed=0, accepted=0, target_passes=0)
+    while pos < N:
+        k = min(K, N - pos - 1)
+        proposal = greedy_text(draft, prompt, ref[:pos], k, s)
+        n = next((i for i, t in enumerate(proposal) if t != ref[pos + i]), k)
+        want["proposed"] += k
+        want["accepted"] += n
+        want["target_passes"] += 1
+        pos += n + 1
+    stats = {}
+    out = G.speculative_generate(target, draft, torch.tensor([prompt]), N, s, num_draft=K, stats=stats)
+    assert out[0, len(prompt):].tolist() == ref
+    assert stats == want
+    assert (want["accepted"] == want["proposed"]) == (noise == 0)
+
+
+@pytest.mark.parametrize("prompt", [[5], [5, 6], [5, 6, 7]])
+def test_speculative_greedy_short_prompts(prompt):
+    target = tiny(n_layer=3)
+    idx = torch.tensor([prompt])
+    out = G.speculative_generate(target, noisy_copy(target, 0.05), idx, 15, G.GREEDY, num_draft=3)
+    assert torch.equal(out, G.generate(target, idx, 15, G.GREEDY))
+
+
+def test_speculative_stops_at_eos():
+    """The text ends with the first eos_id, as generate() ends a batch of one."""
+    target = tiny(n_layer=3)
+    idx = torch.tensor([PROMPTS[0]])
+    free = G.generate(target, idx, 25, G.GREEDY)[0, 7:].tolist()
+    eos = next(t for t in free[5:] if t not in free[:5])  # first produced at step >= 6
+    stop = free.index(eos)
+    out = G.speculative_generate(target, noisy_copy(target, 0.05), idx, 25, G.GREEDY, num_draft=4, eos_id=eos)
+    assert out[0, 7:].tolist() == free[:stop + 1]
+    assert torch.equal(out, G.generate(target, idx, 25, G.GREEDY, eos_id=eos))
 
 
 def test_speculative_accept_rule_gives_target_distribution():
@@ -400,15 +504,22 @@ def test_static_cache_matches_gpt2_cache(pos_emb, device):
         assert static.length == ref.length == pidx.size(1) + 5 and int(static.col) == static.length
 
 
-def test_compile_path_with_compiler_stubbed_matches_eager(device, monkeypatch):
-    """generate(compile=True) with torch.compile replaced by the identity: the static cache and the decode
-    step's wrapper, run eagerly (cheap), give the tokens of the plain path."""
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
-    model = tiny(block=32).to(device)
+@pytest.mark.parametrize("scheme", [dict(pos_emb="learned"), dict(pos_emb="rope", window=8, n_sink=2)])
+def test_compile_path_with_compiler_stubbed_matches_eager(scheme, device, monkeypatch):
+    """generate(compile=True) with torch.compile replaced by the identity: the decode step is handed to
+    torch.compile once, and the static cache (the rolling one for a sliding-window model) and the step's
+    wrapper, run eagerly (cheap), give the tokens of the plain path."""
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    model = tiny(block=32, **scheme).to(device)
     pidx, mask = G.left_pad(PROMPTS, device=device)
     made = record_caches(monkeypatch)
     out = G.generate(model, pidx, 20, G.GREEDY, attention_mask=mask, compile=True)
-    assert type(made[0]) is G.StaticKVCache and made[0].length == pidx.size(1) + 19
+    assert len(compiled) == 1
+    if "window" in scheme:
+        assert type(made[0]) is not G.StaticKVCache and made[0].rolling
+    else:
+        assert type(made[0]) is G.StaticKVCache and made[0].length == pidx.size(1) + 19
     assert torch.equal(out, G.generate(model, pidx, 20, G.GREEDY, attention_mask=mask))
 
 
@@ -484,8 +595,38 @@ def test_cli_stops_at_the_tokenizers_end_of_text(cli):
     assert out.out.count("hi" + ByteTokenizer().decode(new[:stop]) + "\n") == 2
 
 
+def test_cli_speculative_prints_the_targets_greedy_text(cli):
+    """--draft-model (here the model itself) with --num-samples 2: one speculative run per sample, each the
+    target's greedy text, and the acceptance line."""
+    (new,) = cli_reference(cli, "hi", G.GREEDY, 1)
+    out = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos", "--draft-model", cli.path, "--num-samples", "2")
+    assert out.out == "".join(f"{'-' * 20} sample {i + 1}\nhi{ByteTokenizer().decode(new)}\n" for i in range(2))
+    assert out.err.count("[speculative:") == 2
+
+
+class LetterTokenizer(ByteTokenizer):
+    """Every id decodes to one letter, so that any piece of the output is a clean stop string."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("n", ["1", "2"])
+def test_cli_stop_string_ends_the_text(cli, n):
+    """The text is printed up to the first occurrence of a --stop string, streamed or not."""
+    (new,) = cli_reference(cli, "hi", G.GREEDY, 1)
+    body = LetterTokenizer().decode(new)
+    stop = body[-2:]
+    out = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos", "--num-samples", n, "--stop", stop,
+              tok=LetterTokenizer())
+    text = "hi" + body[:body.index(stop)] + "\n"
+    assert out.out == (text if n == "1" else "".join(f"{'-' * 20} sample {i + 1}\n{text}" for i in range(2)))
+
+
 @pytest.mark.parametrize("argv, match", [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
                                          (["--num-samples", "0"], "--num-samples"),
+                                         (["--max-new-tokens", "0"], "--max-new-tokens"),
+                                         (["--chat"], "--chat needs a Llama"),
                                          (["--draft-model", "d.pt", "--no-cache"], "needs the KV cache"),
                                          (["--model", "no-such-model"], "unknown model")])
 def test_cli_bad_input(cli, capsys, argv, match):
@@ -571,3 +712,15 @@ def test_text_stream_holds_back_split_characters_and_stop_strings():
         if s.stopped:
             break
     assert shown + s.finish() == "abc" and s.text == "abc###"
+
+
+def test_text_stream_holds_back_exactly_len_stop_minus_one():
+    s = G.TextStream(ByteTokenizer(), ["###"])
+    assert [s.push(b) for b in b"ab###"] == ["", "", "a", "b", ""] and s.stopped
+    assert s.finish() == ""
+
+
+def test_find_stop_returns_the_earliest_stop():
+    assert G.find_stop("ab##c", ["##"]) == 2
+    assert G.find_stop("abcXYdefZ", ["Z", "XY"]) == 3
+    assert G.find_stop("abc", ["Z", ""]) is None
