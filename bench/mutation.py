@@ -9,7 +9,7 @@ not (SURVIVED). The working tree is never touched.
     python bench/mutation.py grpo sft --jobs 2 --out bench/results/mutation_cpu.md
 
 A mutant list, bench/mutants/<topic>.json: [{"id", "file", "old", "new", "what"}], `old` occurring exactly once in
-`file`; the tests run are tests/test_<topic>.py, plus tests/test_<stem>.py of a mutated file other than the
+`file` (or lists of olds and news, replaced in turn); the tests run are tests/test_<topic>.py, plus tests/test_<stem>.py of a mutated file other than the
 topic's (a mutant of bpe.py also runs tests/test_bpe.py).
 """
 
@@ -35,11 +35,23 @@ def load_mutants(topic):
         mutants = json.load(f)
     for m in mutants:
         with open(os.path.join(ROOT, m["file"])) as f:
-            n = f.read().count(m["old"])
-        if n != 1:
-            raise SystemExit(f"mutant {topic}/{m['id']}: its text occurs {n} times in {m['file']} (needs exactly 1); "
-                             f"the code changed since the list was written: update the mutant")
+            src = f.read()
+        try:
+            apply(src, m)
+        except ValueError as e:
+            raise SystemExit(f"mutant {topic}/{m['id']}: {e}; the code changed since the list was written: "
+                             f"update the mutant") from None
     return mutants
+
+
+def apply(src, m):
+    """src with the mutant's replacement(s) made; each old text must occur exactly once."""
+    olds, news = (m["old"], m["new"]) if isinstance(m["old"], list) else ([m["old"]], [m["new"]])
+    for old, new in zip(olds, news):
+        if src.count(old) != 1:
+            raise ValueError(f"its text occurs {src.count(old)} times in {m['file']} (needs exactly 1)")
+        src = src.replace(old, new)
+    return src
 
 
 def copy_tree(dst, tests_at=None):
@@ -64,7 +76,7 @@ def run_mutant(topic, m, tests_at):
         with open(path) as f:
             src = f.read()
         with open(path, "w") as f:
-            f.write(src.replace(m["old"], m["new"]))
+            f.write(apply(src, m))
         tests = [f"tests/test_{topic}.py"]
         stem = os.path.splitext(os.path.basename(m["file"]))[0]
         if stem != topic and os.path.exists(os.path.join(tmp, "tests", f"test_{stem}.py")):
