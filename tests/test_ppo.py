@@ -1,6 +1,8 @@
 """Tests of ppo.py: GAE and whitening, the clipped policy and value losses, both KL estimators, the per-token
-rewards and the KL controller on hand numbers; the rollout log-probabilities; KL 0 at the first step;
-learning on a toy reward; exact resume; the gpt2-polite recipe's code path. CPU only, offline, tiny models."""
+rewards and the KL controller on hand numbers; the rollout log-probabilities, entropies and prompts; KL 0 at
+the first step; a PPO step's minibatch gradients and stats against the objective; greedy evaluation; learning
+on a toy reward; exact resume with the lr schedule, the KL controller, --value-lr and --weight-decay; prompt
+files; the gpt2-polite recipe's code path. CPU only, offline, tiny models."""
 
 import argparse
 import json
@@ -84,6 +86,10 @@ def test_clipped_policy_loss_on_hand_numbers():
     assert logp.grad[0, 0] == 0 and logp.grad[0, 1] != 0 and logp.grad[0, 2] != 0  # clipped: no incentive
     masked, *_ = ppo.policy_loss(logp.detach(), old, adv, torch.tensor([[1.0, 1.0, 0.0]]), clip=0.2)
     assert masked.item() == pytest.approx((-1.2 - 0.5) / 2)
+    # ratios 1.3 and 0.9: the first is outside [0.8, 1.2], the second inside
+    _, clip_frac, _ = ppo.policy_loss(torch.log(torch.tensor([[1.3, 0.9]])), torch.zeros(1, 2), torch.ones(1, 2),
+                                      torch.ones(1, 2), clip=0.2)
+    assert clip_frac == pytest.approx(0.5)
 
 
 def test_clipped_value_loss_on_hand_numbers():
@@ -95,6 +101,8 @@ def test_clipped_value_loss_on_hand_numbers():
     assert loss.item() == pytest.approx(0.5 * (1.69 + 0.25 + 1.0) / 3) and frac == pytest.approx(1 / 3)
     loss.backward()
     assert values.grad[0, 0] == 0 and values.grad[0, 1] != 0  # the clipped branch carries no gradient
+    masked, _ = ppo.value_loss(values, old, returns, torch.tensor([[1.0, 1.0, 0.0]]), clip=0.2)
+    assert masked.item() == pytest.approx(0.5 * (1.69 + 0.25) / 2)  # a finished response's tail does not count
     assert ppo.explained_variance(returns, returns, mask) == pytest.approx(1.0)
     assert ppo.explained_variance(torch.full_like(returns, 1.0), returns, mask) == pytest.approx(0.0)
 
@@ -132,6 +140,11 @@ def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
         logp, values, entropy = policy(b["idx"], b["attn"], b["T"], temperature)
     m = b["mask"].bool()
     assert torch.allclose(logp[m], b["logp"][m], atol=1e-5) and (entropy[m] > 0).all() and (values == 0).all()
+    with torch.no_grad():  # the entropy is that of the sampling distribution, softmax(logits / temperature)
+        h = policy.gpt.hidden_states(b["idx"][:, :-1], attention_mask=b["attn"][:, :-1])[:, b["T"] - 1:]
+        want = torch.distributions.Categorical(logits=policy.gpt.lm_head(h) / temperature).entropy()
+    assert torch.allclose(entropy[m], want[m], atol=1e-5)
+    assert torch.equal(b["attn"][:, b["T"]:], b["mask"].long())  # the tail after an end-of-text is padding
     i = int(b["ended"].float().argmax())  # a response that ended: its last real token is the end-of-text
     assert b["texts"][i].endswith(bpe.ENDOFTEXT) and b["idx"][i, b["T"] + int(b["mask"][i].sum()) - 1] == BYTES.eot_token
     # the reward model reads each row at its last real token: the score of the row alone, without padding
@@ -140,6 +153,8 @@ def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
         batched = rm(b["idx"], b["attn"])
         alone = [rm(row[a.bool()][None], torch.ones(1, int(a.sum()), dtype=torch.long)) for row, a in zip(b["idx"], b["attn"])]
     assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
+    with torch.no_grad():  # whatever the padding holds
+        assert torch.allclose(rm(b["idx"].masked_fill(b["attn"] == 0, 65), b["attn"]), batched, atol=1e-5)
 
 
 def test_the_critic_reads_its_own_body():
@@ -196,6 +211,142 @@ def test_kl_is_zero_at_the_first_step_and_the_first_ratio_is_one():
     assert s["kl"] > 0 and s["reward"] < 1.0 and s["approx_kl"] > 0
 
 
+class Recorder(torch.nn.Module):
+    """A policy that records the prompt + response ids of each forward pass."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy, self.calls = policy, []
+
+    def forward(self, idx, attn, T, temperature):
+        self.calls.append(idx)
+        return self.policy(idx, attn, T, temperature)
+
+
+class Still:
+    """An optimizer that records the gradients of each step and leaves the parameters where they are."""
+
+    def __init__(self, model):
+        self.named, self.grads = list(model.named_parameters()), []
+
+    def step(self):
+        self.grads.append({k: p.grad.clone() for k, p in self.named if p.grad is not None})
+
+    def zero_grad(self, set_to_none=True):
+        for _, p in self.named:
+            p.grad = None
+
+
+def test_ppo_step_follows_the_ppo_objective():
+    """At the rollout's own parameters (ratio 1, nothing clipped) each minibatch's gradient is that of
+    -mean(A log pi) + vf_coef * 0.5 * mean((V - R)^2) over its response tokens, where the rewards are
+    -coef * k1 KL per token plus the score at the last token (coef: the controller's, not --kl-coef),
+    A = GAE(gamma, lambda) whitened over the whole batch and R = GAE + V (unwhitened); every epoch visits each
+    response once, in a new order, and another step shuffles anew; the stats are KL per response and the
+    masked entropy; the controller adapts on the KL per response and the batch size; --grad-clip bounds the
+    gradient's norm."""
+    gen = torch.Generator().manual_seed(5)
+    policy = ppo.Policy(tiny(1), None, {"weight": torch.randn(1, 32, generator=gen), "bias": torch.tensor([0.2])})
+    ref = ppo.Policy(tiny(2)).eval().requires_grad_(False)
+    args = settings(max_new_tokens=12, temperature=0.7, minibatches=3, ppo_epochs=2, gamma=0.9, lam=0.8,
+                    vf_coef=0.5, grad_clip=0.0, kl_coef=0.02, kl_estimator="k1", seed=0)
+    torch.manual_seed(0)
+    b = ppo.rollout(policy, BYTES, ROWS, args, "cpu", torch.float32)
+    idx, attn, mask, T, B = b["idx"], b["attn"], b["mask"], b["T"], len(ROWS)
+    assert b["ended"].any() and not b["ended"].all()
+    score = torch.linspace(-1, 2, B)
+    with torch.no_grad():
+        logp, values, _ = policy(idx, attn, T, 0.7)
+        ref_logp, _, _ = ref(idx, attn, T, 0.7)
+        h = policy.gpt.hidden_states(idx[:, :-1], attention_mask=attn[:, :-1])[:, T - 1:]
+        entropy = torch.distributions.Categorical(logits=policy.gpt.lm_head(h) / 0.7).entropy()
+    kl = (logp - ref_logp) * mask
+    rewards = -0.3 * kl
+    rewards[torch.arange(B), mask.sum(1).long() - 1] += score
+    adv, ret = ppo.gae(rewards, values, mask, 0.9, 0.8)
+    adv = ppo.whiten(adv, mask)
+    kl_resp = kl.sum(1).mean().item()
+    ctl = ppo.KLController(0.3, target=1.1 * kl_resp, horizon=100)
+    rec, opt = Recorder(policy), Still(policy)
+    s = ppo.ppo_step(rec, ref, opt, b, score, ctl, args, 0, "cpu", torch.float32)
+    assert s["kl"] == pytest.approx(kl_resp, rel=1e-5) and s["kl_coef"] == 0.3
+    assert s["entropy"] == pytest.approx(((entropy * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert ctl.coef == pytest.approx(0.3 * (1 + (1 / 1.1 - 1) * B / 100))
+    assert s["length"] == pytest.approx(mask.sum(1).mean().item())
+    var = lambda x: (((x - (x * mask).sum() / mask.sum()) * mask) ** 2).sum() / mask.sum()
+    assert s["explained_var"] == pytest.approx((1 - var(ret - values) / var(ret)).item(), rel=1e-4)
+    row_of = lambda x: [next(j for j in range(B) if torch.equal(r, idx[j])) for r in x]
+    batches = [row_of(x) for x in rec.calls[1:]]  # calls[0]: the rollout batch's pass before training
+    assert [len(i) for i in batches] == [4] * 6 and batches[:3] != batches[3:]
+    for e in (0, 3):
+        assert sorted(sum(batches[e:e + 3], [])) == list(range(B))
+    assert len(opt.grads) == 6
+    for i, got in zip(batches, opt.grads):
+        policy.zero_grad()
+        lp, v, _ = policy(idx[i], attn[i], T, 0.7)
+        m = mask[i]
+        (-(adv[i] * lp * m).sum() / m.sum() + 0.5 * 0.5 * ((v - ret[i]) ** 2 * m).sum() / m.sum()).backward()
+        want = {k: p.grad for k, p in policy.named_parameters() if p.grad is not None}
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-6), k
+    rec.calls.clear()
+    ppo.ppo_step(rec, ref, Still(policy), b, score, ppo.KLController(0.3), args, 1, "cpu", torch.float32)
+    assert [row_of(x) for x in rec.calls[1:]] != batches  # step 1 shuffles otherwise than step 0
+    s = ppo.ppo_step(policy, ref, Still(policy), b, score, ppo.KLController(0.3),
+                     settings(**{**vars(args), "kl_estimator": "k3"}), 0, "cpu", torch.float32)
+    d = ref_logp - logp
+    assert s["kl"] == pytest.approx(((d.exp() - 1 - d) * mask).sum(1).mean().item(), rel=1e-5)
+    opt = Still(policy)
+    s = ppo.ppo_step(policy, ref, opt, b, score, ppo.KLController(0.3),
+                     settings(**{**vars(args), "grad_clip": 1e-3, "minibatches": 1, "ppo_epochs": 1}), 0, "cpu",
+                     torch.float32)
+    norm = torch.cat([g.flatten() for g in opt.grads[0].values()]).norm().item()
+    assert s["grad_norm"] > 1e-2 and norm == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_rollout_prompts_are_the_sft_template():
+    """Each row's prompt is format_prompt(prompt, input, preamble) behind its left padding."""
+    rows = [{"prompt": "Say hi.", "input": "to Bob"}, {"prompt": "What is 1 + 1?"}]
+    for preamble in (False, True):
+        b = ppo.rollout(ppo.Policy(tiny(1, block_size=256)).eval(), BYTES, rows,
+                        settings(max_new_tokens=2, temperature=1.0, preamble=preamble), "cpu", torch.float32)
+        for r, ids, a in zip(rows, b["idx"][:, :b["T"]], b["attn"][:, :b["T"]]):
+            assert BYTES.decode(ids[a.bool()].tolist()) == bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)
+
+
+def test_evaluation_is_greedy_over_every_row(monkeypatch):
+    """Accuracy, mean length and the reward model's raw score (not its batch-standardized one) are over all
+    held-out rows, whatever --eval-batch-size chunks them into, with greedy answers."""
+
+    class Scored(torch.nn.Module):
+        def forward(self, idx, attn):  # an ensemble's z-scores
+            return torch.zeros(idx.size(0))
+
+        def raw(self, idx, attn):
+            return torch.full((idx.size(0),), 2.0)
+
+    policy = ppo.Policy(tiny(1)).eval()
+    rows = [dict(r) for r in ROWS[:5]]
+    greedy = ppo.rollout(policy, BYTES, rows, settings(max_new_tokens=8, temperature=0.0), "cpu", torch.float32)
+    for r, t in zip(rows, greedy["texts"]):
+        r["answer"] = t
+    monkeypatch.setattr(bpe, "reward", lambda text, answer: float(text == answer))
+    torch.manual_seed(0)
+    out = ppo.evaluate(policy, BYTES, rows, Scored(), settings(max_new_tokens=8, temperature=1.0, eval_batch_size=2),
+                       "cpu", torch.float32)
+    assert out == pytest.approx({"accuracy": 1.0, "test_score": 2.0, "test_length": greedy["mask"].sum().item() / 5})
+
+
+def test_prompts_at_walks_shuffled_epochs():
+    """The batches of one epoch share no prompt; each epoch is a new order."""
+    epochs = [[ppo.prompts_at(e * 3 + i, 10, 3, seed=0) for i in range(3)] for e in range(2)]  # 3 batches of 3 of 10
+    for batches in epochs:
+        seen = sum(batches, [])
+        assert len(seen) == len(set(seen)) == 9 and set(seen) <= set(range(10))
+    assert epochs[0] != epochs[1]
+
+
 def test_ppo_learns_a_toy_reward():
     """Score = the fraction of response characters that are digits. A random model writes ~4% digits; 30
     rollout batches of PPO make it write mostly digits."""
@@ -226,9 +377,10 @@ def metrics(out_dir):
 
 
 def task_inputs(tmp_path):
-    """A tiny SFT model, a tiny reward model (random value head) and 36 prompts, as the pipeline writes them."""
+    """A tiny SFT model (its embedding table rounded up past the 257 byte tokens, as train_gpt2.py writes it), a
+    tiny reward model (random value head) and 36 prompts, as the pipeline writes them."""
     sft, rm = str(tmp_path / "sft.pt"), str(tmp_path / "rm.pt")
-    gpt2.save_checkpoint(sft, tiny(5), tokenizer=BYTES.dumps(), template={"preamble": False})
+    gpt2.save_checkpoint(sft, tiny(5, vocab_size=320), tokenizer=BYTES.dumps(), template={"preamble": False})
     head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)}
     gpt2.save_checkpoint(rm, tiny(6), tokenizer=BYTES.dumps(), template={"preamble": False}, value_head=head)
     rows = [{"prompt": bpe.task_text(a, "+", b)[0], "answer": bpe.task_text(a, "+", b)[2]}
@@ -242,9 +394,12 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--max-new-
 
 
 def test_resume_is_exact(tmp_path):
+    """A run stopped and resumed logs and saves what the straight run does; along the way: the lr schedule, the
+    adaptive KL controller, the separate critic, --value-lr and --weight-decay, and the verifier reward."""
     sft, rm, data = task_inputs(tmp_path)
     common = ["--init", sft, "--reward-model", rm, "--data", data, "--max-steps", "4", "--target-kl", "0.01",
-              "--kl-horizon", "20", "--kl-estimator", "k3", "--critic", "sft", "--value-lr", "3e-3", *RUN]
+              "--kl-horizon", "20", "--kl-estimator", "k3", "--critic", "sft", "--value-lr", "3e-3",
+              "--warmup-steps", "2", "--min-lr-ratio", "0.5", *RUN]
     ppo.main([*common, "--out-dir", str(tmp_path / "straight")])
     ppo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     ppo.main(["--resume", "--out-dir", str(tmp_path / "split")])
@@ -261,11 +416,28 @@ def test_resume_is_exact(tmp_path):
     logged = metrics(tmp_path / "straight")[1]
     assert {"score", "correct", "kl", "entropy", "clip_frac", "approx_kl", "value_loss", "explained_var",
             "grad_norm", "length"} <= set(logged)
+    train = [r for r in metrics(tmp_path / "straight") if "score" in r]
+    # warmup over 2 steps, then a cosine from 1e-3 to 0.5e-3 over the remaining 2: halfway at step 3
+    assert [r["lr"] for r in train] == pytest.approx([0.5e-3, 1e-3, 1e-3, 0.75e-3])
+    # Ziegler et al.'s controller on each batch's KL per response, 8 responses of a horizon of 20, target 0.01
+    coefs = [r["kl_coef"] for r in train] + [a["kl_controller"]["coef"]]
+    for r, coef, after in zip(train, coefs, coefs[1:]):
+        assert after == pytest.approx(coef * (1 + min(max(r["kl"] / 0.01 - 1, -0.2), 0.2) * 8 / 20), rel=1e-3)
+    # the training pass normalizes over the tokenizer's ids, as sampling does, though the model has 320 rows
+    assert all(r["max_logp_diff"] < 1e-4 for r in train)
     # the verifier reward needs no reward model
     ppo.main(["--init", sft, "--reward", "verifier", "--data", data, "--max-steps", "1",
-              *RUN, "--out-dir", str(tmp_path / "verifier")])
+              *RUN, "--lr", "1e-9", "--value-lr", "1e-2", "--weight-decay", "1e9",
+              "--out-dir", str(tmp_path / "verifier")])
     assert metrics(tmp_path / "verifier")[1]["score"] == metrics(tmp_path / "verifier")[1]["correct"] - 1.0 * (
         1 - metrics(tmp_path / "verifier")[1]["ended"])
+    # --value-lr moves the value head and its critic body (--critic sft: a copy of the SFT model), --lr the
+    # policy; AdamW's decoupled decay, p *= 1 - lr * weight_decay = 0, zeroes the policy's matrices at its first
+    # step and leaves its vectors and the value side alone (4 Adam steps of 1e-2 move them less than 0.1)
+    init, v = gpt2.load_checkpoint(sft)["model"], gpt2.load_checkpoint(str(tmp_path / "verifier" / "ckpt.pt"))
+    assert max((v["model"][k] - (0 if init[k].dim() > 1 else init[k])).abs().max().item() for k in init) < 1e-6
+    assert 1e-3 < max((v["critic"][k] - init[k]).abs().max().item() for k in init) < 0.1
+    assert v["value_head"]["weight"].abs().max() > 1e-3
 
 
 def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
@@ -328,6 +500,11 @@ def test_gpt2_polite_recipe_code_path(tmp_path):
     assert ckpt["template"] == {"preamble": True} and ckpt["args"]["lr"] == 1e-6 and ckpt["args"]["target_kl"] == 6.0
     assert set(ckpt["critic"]) == set(ckpt["model"])  # InstructGPT's critic: the reward model's body and head
     assert not torch.equal(ckpt["value_head"]["weight"], head["weight"])  # trained from the reward model's head
+    # ... and body: 16 Adam steps at 1e-5 move them less than 1e-3 from the reward model's weights
+    assert torch.allclose(ckpt["value_head"]["weight"], head["weight"], atol=1e-3)
+    rm, sft = (gpt2.load_checkpoint(str(tmp_path / f))["model"] for f in ("rm.pt", "sft.pt"))
+    assert all(torch.allclose(ckpt["critic"][k], rm[k], atol=1e-3) for k in rm)
+    assert not all(torch.allclose(ckpt["critic"][k], sft[k], atol=1e-3) for k in sft)
     assert ckpt["kl_controller"]["coef"] < 0.05  # adaptive: KL 0 is under the target of 6 nats, so it relaxes
 
 
@@ -339,6 +516,18 @@ def test_prompts_from_a_task_folder(tmp_path):
     assert train == bpe.read_rows(paths["rl"], "rl") and held == bpe.read_rows(paths["test"], "rl")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         ppo.load_prompts(str(tmp_path / "missing"))
+
+
+def test_prompts_from_a_file(tmp_path):
+    """A .json list or a .jsonl file of rows: the prompt (or Alpaca instruction) with its input and its answer
+    as text; the last 10% of the rows, in file order, are held out."""
+    items = [{"instruction": f"Add {i} and 1.", "input": f"x{i}" if i % 2 else "", "answer": i + 1} for i in range(20)]
+    want = [{"prompt": f"Add {i} and 1.", "input": f"x{i}" if i % 2 else "", "answer": str(i + 1)} for i in range(20)]
+    (tmp_path / "p.json").write_text(json.dumps(items))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": r["instruction"], "input": r["input"],
+                                                          "answer": r["answer"]}) + "\n" for r in items))
+    for name in ("p.json", "p.jsonl"):
+        assert ppo.load_prompts(str(tmp_path / name)) == (want[:18], want[18:])
 
 
 def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch, counting_compile):
@@ -377,9 +566,14 @@ def test_reward_ensemble_scores_by_its_least_convinced_member(tmp_path):
     head = {"weight": torch.randn(1, 32, generator=torch.Generator().manual_seed(1)), "bias": torch.zeros(1)}
     gpt2.save_checkpoint(rm2, tiny(7), tokenizer=BYTES.dumps(), template={"preamble": False}, value_head=head)
     ppo.main(["--init", sft, "--reward-model", f"{rm},{rm2}", "--data", data, "--max-steps", "2", *RUN,
-              "--out-dir", str(tmp_path / "ens")])
+              "--critic", "rm", "--out-dir", str(tmp_path / "ens")])
     rows = metrics(tmp_path / "ens")
     assert all(abs(r["score"]) < 3 for r in rows if "score" in r)  # standardized scores, not either model's raw ones
     assert "test_score" in rows[0]
+    # --critic rm starts from the first reward model: 8 Adam steps at the preset's value lr 1e-4 stay near it
+    critic, first, second = (gpt2.load_checkpoint(f)[k] for f, k in (
+        (str(tmp_path / "ens" / "ckpt.pt"), "critic"), (rm, "model"), (rm2, "model")))
+    assert all(torch.allclose(critic[k], first[k], atol=2e-3) for k in first)
+    assert not all(torch.allclose(critic[k], second[k], atol=2e-3) for k in second)
     with pytest.raises(SystemExit, match="no value head"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", f"{rm},{sft}", "--data", data])
