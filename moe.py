@@ -80,12 +80,6 @@ class MoEConfig:
             raise ValueError(f"every must be >= 1 (1 = every block is MoE), got {self.every}")
 
 
-def dense_hidden(config):
-    """The hidden width of gpt2.py's MLP (gpt2.mlp_width: config.mlp_hidden if set, else 4 n_embd, or the
-    SwiGLU width that keeps its parameter count)."""
-    return mlp_width(config)
-
-
 # -----------------------------------------------------------------------------
 # The router: scores in float32 (bf16 rounds close scores into ties, and the losses below square logits)
 
@@ -202,7 +196,8 @@ class MoE(nn.Module):
     def __init__(self, config, moe):
         super().__init__()
         self.moe = moe
-        hidden = moe.expert_hidden or dense_hidden(config) // (moe.top_k + moe.n_shared)
+        # equal active parameters: the dense MLP's width (gpt2.mlp_width) split over the experts a token uses
+        hidden = moe.expert_hidden or mlp_width(config) // (moe.top_k + moe.n_shared)
         self.router = Router(config.n_embd, moe)
         self.experts = nn.ModuleList([Expert(config, hidden) for _ in range(moe.n_expert)])
         # n_shared shared experts of width h sum to one MLP of width n_shared * h: the hidden units just add up

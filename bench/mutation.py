@@ -33,11 +33,13 @@ def load_mutants(topic):
     """bench/mutants/<topic>.json -> its list of mutants, each checked to apply to exactly one place."""
     with open(os.path.join(MUTANTS, f"{topic}.json")) as f:
         mutants = json.load(f)
+    sources = {}
     for m in mutants:
-        with open(os.path.join(ROOT, m["file"])) as f:
-            src = f.read()
+        if m["file"] not in sources:
+            with open(os.path.join(ROOT, m["file"])) as f:
+                sources[m["file"]] = f.read()
         try:
-            apply(src, m)
+            apply(sources[m["file"]], m)
         except ValueError as e:
             raise SystemExit(f"mutant {topic}/{m['id']}: {e}; the code changed since the list was written: "
                              f"update the mutant") from None
@@ -68,10 +70,11 @@ def copy_tree(dst, tests_at=None):
         subprocess.run(["tar", "-x", "-C", dst], input=archive.stdout, check=True)
 
 
-def run_mutant(topic, m, tests_at):
-    """Apply one mutant in a fresh copy, run its tests; -> (status, seconds, first failing test)."""
-    with tempfile.TemporaryDirectory(prefix=f"mutant-{topic}-") as tmp:
-        copy_tree(tmp, tests_at)
+def run_mutant(topic, m, base):
+    """Apply one mutant in a fresh copy of base, run its tests; -> (status, seconds, first failing test)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{topic}-") as top:
+        tmp = os.path.join(top, "repo")
+        shutil.copytree(base, tmp)
         path = os.path.join(tmp, m["file"])
         with open(path) as f:
             src = f.read()
@@ -102,15 +105,17 @@ def main():
              f"`python bench/mutation.py {' '.join(sys.argv[1:])}`; tests from "
              f"{args.tests_at or 'the working tree'}"]
     print("\n".join(lines), flush=True)
+    base = tempfile.TemporaryDirectory(prefix="mutation-base-")  # the tree every mutant starts from, made once
+    copy_tree(base.name, args.tests_at)
     for topic in args.topics:
         mutants = [m for m in load_mutants(topic) if only is None or m["id"] in only]
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = pool.map(lambda m: run_mutant(topic, m, args.tests_at), mutants)
-            rows = []
+            results = pool.map(lambda m: run_mutant(topic, m, base.name), mutants)
+            rows, killed = [], 0
             for m, (status, secs, failed) in zip(mutants, results):
                 rows.append(f"| {m['id']} | {m['file']} | {m['what']} | {status} | {failed} |")
+                killed += status == "KILLED"
                 print(f"  {topic}/{m['id']}: {status} ({secs:.0f} s)", file=sys.stderr, flush=True)
-        killed = sum("| KILLED |" in r for r in rows)
         block = [f"\n## {topic}: {killed} of {len(rows)} mutants killed\n",
                  "| mutant | file | the bug | tests | first failing test |", "|---|---|---|---|---|", *rows]
         print("\n".join(block), flush=True)
