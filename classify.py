@@ -550,8 +550,12 @@ def main(argv=None):
                          f"give at least {1 + args.eot}, or leave it out for the model's block size")
     pretrained = args.init != "scratch"
     args.train = args.train or ("last-block" if pretrained else "all")
-    args.lr = args.lr or (1e-4 if pretrained else 1e-3)
+    if args.lr is None:  # `is None`, not `or`: --lr 0 (the weights stay as they are) means what it says
+        args.lr = 1e-4 if pretrained else 1e-3
     args.epochs = args.epochs or (8 if pretrained else 4)
+    if args.lr < 0 or args.epochs < 1 or (args.max_steps is not None and args.max_steps < 1):
+        raise ValueError(f"--lr {args.lr}, --epochs {args.epochs}, --max-steps {args.max_steps}: give --lr >= 0 "
+                         f"and at least one epoch or step")
     if pretrained and args.tokenizer is not None:
         raise ValueError(f"--tokenizer {args.tokenizer} is for --init scratch; --init {args.init} brings its own "
                          f"tokenizer (leave --tokenizer out)")
@@ -570,7 +574,7 @@ def main(argv=None):
     y_all = label_ids([label for _, label in examples], names)
     splits = split_rows(examples, args.split, args.split_seed)
     model, tok = build_model(args, len(names), ckpt, texts=[examples[i][0] for i in splits["train"]])
-    max_len = min(args.max_len or model.config.block_size, model.config.block_size)
+    max_len = min(model.config.block_size if args.max_len is None else args.max_len, model.config.block_size)
     seqs = {s: [encode(tok, examples[i][0], max_len, args.eot) for i in rows] for s, rows in splits.items()}
     unlabeled = [encode(tok, examples[i][0], max_len, args.eot)
                  for i in (unlabeled_rows(examples, splits) if args.lm_unlabeled else [])]
@@ -584,7 +588,7 @@ def main(argv=None):
     model.to(device)
     n_train = len(seqs["train"])
     steps_per_epoch = math.ceil(n_train / args.batch_size)
-    max_steps = args.max_steps or args.epochs * steps_per_epoch
+    max_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
     eval_interval = args.eval_interval or steps_per_epoch
     weight = class_weights(y["train"], len(names)) if args.class_weight == "balanced" else None

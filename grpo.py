@@ -130,6 +130,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.group_size < 2:
         fail(f"--group-size {args.group_size}: a group needs at least 2 answers to have a mean to compare with")
+    if args.temperature <= 0:  # greedy answers: a group's G answers are one answer, and the ratio has no pi
+        fail(f"--temperature {args.temperature}: a group's answers would all be the same greedy answer (no "
+             f"signal); give a temperature above 0")
     return args
 
 

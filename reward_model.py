@@ -410,8 +410,9 @@ def evaluate_pairs(model, ref, pairs, args, device, dtype):
     for k in range(0, len(pairs), args.eval_batch_size):
         batch = pad_pairs(pairs[k:k + args.eval_batch_size], args.pad_id)
         with autocast(device, dtype):
-            loss, r_c, r_r, _ = pair_scores(model, ref, batch, args.method, args.beta, args.center_rewards, device,
-                                          args.rpo_alpha)  # rm: the Bradley-Terry loss alone, whatever --lm-alpha
+            # the pair loss alone (Bradley-Terry or DPO), whatever --lm-alpha / --rpo-alpha: those terms are
+            # normalized per batch, so with them the held-out loss would move with --eval-batch-size
+            loss, r_c, r_r, _ = pair_scores(model, ref, batch, args.method, args.beta, args.center_rewards, device)
         losses.append(loss.item() * r_c.numel())
         chosen += r_c.float().tolist()
         rejected += r_r.float().tolist()

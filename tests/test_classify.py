@@ -223,6 +223,19 @@ def test_frozen_weights_stay_bit_identical(tmp_path, lm_ckpt, flags, learns):
         assert any(".lora_B" in name for name in after)
 
 
+def test_lr_zero_means_no_update_and_bad_lengths_are_refused(tmp_path, lm_ckpt):
+    """--lr 0 trains nothing (every weight stays as initialized) instead of falling back to the default lr; a
+    negative lr and a run of no epochs or steps are refused."""
+    out = run(tmp_path, "--init", lm_ckpt, "--train", "all", "--max-steps", "2", "--lr", "0", out="lr0")
+    ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    start, _ = classify.build_model(argparse.Namespace(**ckpt["args"]), 2)
+    for name, w in start.state_dict().items():
+        assert torch.equal(ckpt["model"][name], w), f"{name} changed at --lr 0"
+    for flag, value in (("--lr", "-1"), ("--epochs", "-1"), ("--max-steps", "0"), ("--max-steps", "-1")):
+        with pytest.raises(ValueError, match="give --lr >= 0 and at least one epoch or step"):
+            run(tmp_path, "--init", lm_ckpt, flag, value, out="bad")
+
+
 def test_set_trainable_counts():
     model = classify.add_class_head(tiny_gpt(), 2)
     head = 2 * 32

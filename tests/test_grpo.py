@@ -467,6 +467,8 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
         grpo.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="at least 2"):
         grpo.main(["--group-size", "1"])
+    with pytest.raises(SystemExit, match="give a temperature above 0"):
+        grpo.main(["--temperature", "0"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         grpo.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
     (tmp_path / "bad").mkdir()

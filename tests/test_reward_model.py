@@ -145,6 +145,23 @@ def test_dpo_is_ln2_with_zero_margin_when_policy_is_reference():
     assert policy.lm_head.weight.grad.abs().sum() > 0 and ref.lm_head.weight.grad is None
 
 
+def test_held_out_dpo_loss_is_the_dpo_loss_alone():
+    """With --rpo-alpha the held-out loss stays DPO's own (the mean of -log sigmoid(r_c - r_r) over the pairs): the
+    RPO term is normalized per batch, so with it the number would change with --eval-batch-size."""
+    policy, ref = tiny(dropout=0.0), tiny(dropout=0.0, seed=7)
+    rows = [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a * b + 3}"
+             + "!" * a} for a, b in ((3, 4), (12, 5), (1, 1), (7, 0), (9, 9))]  # uneven lengths
+    pairs = rm.encode_pairs(rows, BYTES, False, 96)
+    losses = []
+    for bs in (2, 5):
+        args = argparse.Namespace(eval_batch_size=bs, pad_id=EOT, method="dpo", beta=0.1, center_rewards=0.0,
+                                  rpo_alpha=1.0)
+        row, chosen, rejected = rm.evaluate_pairs(policy, ref, pairs, args, "cpu", torch.float32)
+        assert row["val_loss"] == pytest.approx(-sum(logsig(c - r) for c, r in zip(chosen, rejected)) / 5, abs=1e-6)
+        losses.append(row["val_loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
 def test_dpo_logprobs_count_response_tokens_only():
     model = tiny()
     rows = [{"prompt": "What is 3 + 4?", "chosen": "3 + 4 = 7", "rejected": "no idea"},
