@@ -54,6 +54,15 @@ def test_batches_are_shifted_by_one(data):
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_vocabulary_is_sorted_and_batches_reach_the_last_window():
+    tok = cg.CharTokenizer("the quick brown fox jumps over the lazy dog")
+    assert tok.chars == " abcdefghijklmnopqrstuvwxyz" and tok.encode("ab z") == [1, 2, 0, 26]
+    # 10 characters, windows of 8 + 1: the only starts are 0 and 1, and both must be drawn
+    x, y = cg.get_batch(torch.arange(10), 8, 64, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1}
+    assert torch.equal(x, x[:, :1] + torch.arange(8)) and torch.equal(y, x + 1)
+
+
 @pytest.mark.parametrize("stage", cg.STAGES)
 def test_every_stage_builds_and_learns(stage, data):
     _, ids = data
@@ -84,6 +93,124 @@ def test_stages_add_one_idea_each():
     assert "LayerNorm" in kinds("layernorm")
     n_params = [sum(p.numel() for p in cg.build_model(dict(TINY, stage=s)).parameters()) for s in cg.STAGES[1:6]]
     assert n_params == sorted(n_params)
+
+
+def test_stage_structure():
+    def build(stage, **kw):
+        return cg.build_model(dict(TINY, stage=stage, **kw))
+    for stage in ("multihead", "ffn"):  # the heads' concatenation as it is, a 1x feed-forward, no norm
+        model = build(stage)
+        mha = model.body if stage == "multihead" else model.body[0]
+        assert isinstance(mha.proj, torch.nn.Identity) and isinstance(model.ln_f, torch.nn.Identity)
+    assert [m.out_features for m in build("ffn").body[1].net if isinstance(m, torch.nn.Linear)] == [16]
+    for stage in ("residual", "layernorm", "full"):
+        blocks = build(stage, n_layer=3).body
+        assert len(blocks) == 3 and all(isinstance(b, cg.Block) for b in blocks)
+        b = blocks[0]
+        assert isinstance(b.sa.proj, torch.nn.Linear)  # the projection back into the residual stream
+        assert [m.out_features for m in b.ffwd.net if isinstance(m, torch.nn.Linear)] == [64, 16]  # 4x wide
+        ln = stage != "residual"
+        assert all(isinstance(m, torch.nn.LayerNorm) == ln for m in (b.ln1, b.ln2, build(stage).ln_f))
+
+
+def test_block_is_pre_norm_residual():
+    torch.manual_seed(0)
+    block = cg.Block(16, 2, 8)
+    with torch.no_grad():  # two different layer norms, so that using one for the other shows
+        for ln in (block.ln1, block.ln2):
+            ln.weight.uniform_(0.5, 1.5), ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, 16)
+    x1 = x + block.sa(block.ln1(x))
+    torch.testing.assert_close(block(x), x1 + block.ffwd(block.ln2(x1)))
+    plain = cg.Block(16, 2, 8, layernorm=False)
+    assert isinstance(plain.ln1, torch.nn.Identity) and isinstance(plain.ln2, torch.nn.Identity)
+    with torch.no_grad():  # sub-layers that output zero: the block passes x through unchanged
+        plain.sa.proj.weight.zero_(), plain.sa.proj.bias.zero_()
+        plain.ffwd.net[2].weight.zero_(), plain.ffwd.net[2].bias.zero_()
+    torch.testing.assert_close(plain(x), x)
+
+
+def test_feedforward_relu_and_dropout_where_the_lecture_puts_them():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)
+    assert (cg.FeedForward(16, 1)(x) >= 0).all() and (cg.FeedForward(16, 1)(x) == 0).any()  # ReLU last at mult=1
+    for layer in (cg.FeedForward(16, 4, dropout=0.5), cg.MultiHeadAttention(16, 2, 8, dropout=0.5)):
+        zeros = (layer.train()(x) == 0).float().mean().item()  # dropout on the output: about half are zeroed
+        assert 0.4 < zeros < 0.6, (type(layer).__name__, zeros)
+        torch.testing.assert_close(layer.eval()(x), layer(x))  # and none in evaluation
+
+
+def test_dropout_option_reaches_the_blocks_and_is_off_in_evaluation(data):
+    tok, ids = data
+    torch.manual_seed(0)
+    cfg = dict(TINY, stage="full", dropout=0.5)
+    model = cg.build_model(cfg)
+    x, y = cg.get_batch(ids, 8, 4, torch.Generator().manual_seed(0))
+    assert not torch.equal(model.train()(x), model(x))  # training: a fresh dropout mask each call
+    model.train()
+    loss = cg.estimate_loss(model, ids, 8, 4, eval_iters=2)
+    assert model.training  # estimate_loss puts the model back as it found it
+    model.eval()
+    assert cg.estimate_loss(model, ids, 8, 4, eval_iters=2) == loss and not model.training  # evaluated without dropout
+    samples = []
+    for seed in (1, 2):  # sampling: the same text whatever the global RNG, so no dropout
+        torch.manual_seed(seed)
+        samples.append(cg.sample_text(model.train(), tok, cfg, "ROMEO:", 20, seed=3))
+    assert samples[0] == samples[1]
+
+
+def test_position_embedding_tells_equal_tokens_apart():
+    torch.manual_seed(0)
+    model = cg.build_model(dict(TINY, stage="attention"))
+    logits = model(torch.full((1, 8), 5))
+    assert not torch.allclose(logits[0, 0], logits[0, -1])  # without positions every row would be the same
+    head = model.body
+    x = torch.randn(1, 8, 16)
+    torch.testing.assert_close(head(x[:, :5]), head(x)[:, :5])  # a shorter input than block_size
+
+
+def test_full_model_init_is_gpt2s():
+    torch.manual_seed(0)
+    model = cg.build_model(dict(TINY, stage="full", n_embd=64))
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            assert m.weight.std().item() == pytest.approx(0.02, rel=0.15)
+            assert getattr(m, "bias", None) is None or (m.bias == 0).all()
+
+
+def test_generate_samples_from_the_last_position_with_temperature_and_top_k():
+    torch.manual_seed(0)
+    model = cg.build_model(dict(TINY, stage="bigram"))
+    table = model.token_embedding_table.weight.detach()
+    idx = torch.tensor([[3, 7], [11, 2]])
+    for temperature, top_k in [(0.5, None), (2.0, 5), (1.0, 1)]:
+        got = cg.generate(model, idx, 12, 8, temperature=temperature, top_k=top_k,
+                          generator=torch.Generator().manual_seed(0))
+        # the definition, written out: next-char logits of the last char, / temperature, the k best kept
+        gen, out = torch.Generator().manual_seed(0), idx
+        for _ in range(12):
+            logits = table[out[:, -1]] / temperature
+            if top_k is not None:
+                kth = logits.sort(-1, descending=True).values[:, top_k - 1:top_k]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            out = torch.cat([out, torch.multinomial(logits.softmax(-1), 1, generator=gen)], 1)
+        assert torch.equal(got, out), (temperature, top_k)
+
+
+def test_optimizer_decays_matrices_only():
+    model = cg.build_model(dict(TINY, stage="full"))
+    decay, no_decay = cg.make_optimizer(model, dict(lr=1e-3, weight_decay=0.1), "cpu").param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_config_takes_the_flags():
+    cfg = cg.make_config(cg.parse_args(["--dropout", "0.3", "--lr-decay-steps", "7", "--n-layer", "5",
+                                        "--preset", "cpu"]), 65)
+    assert (cfg["dropout"], cfg["lr_decay_steps"], cfg["n_layer"], cfg["max_steps"]) == (0.3, 7, 5, 1800)
+    cfg = cg.make_config(cg.parse_args(["--stage", "bigram"]), 65)
+    assert (cfg["lr"], cfg["max_steps"], cfg["preset"], cfg["lr_decay_steps"]) == (1e-2, 3000, "small", 3000)
 
 
 def test_loss_estimate_of_uniform_model_is_ln_vocab(data):
@@ -165,7 +292,7 @@ def test_lr_schedule():
                [gpt2.lr_at(s, *args) for s in range(0, args[2] + 20, 7)]
 
 
-def test_training_run_writes_metrics_checkpoint_and_samples(tmp_path, capsys):
+def test_training_run_writes_metrics_checkpoint_and_samples(tmp_path, capsys, data):
     out = str(tmp_path / "run")
     cg.main(["--stage", "full", "--max-steps", "30", "--eval-interval", "10", "--out-dir", out,
              "--num-chars", "20", *TINY_ARGS])
@@ -178,6 +305,12 @@ def test_training_run_writes_metrics_checkpoint_and_samples(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "loss.png"))
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 30 and ckpt["config"]["n_embd"] == 16
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == cg.lr_for_step(29, ckpt["config"])  # the lr it stepped with
+    model = cg.build_model(ckpt["config"])  # the last evaluation row: the saved model on train and val data
+    model.load_state_dict(ckpt["model"])
+    train_ids, val_ids = cg.split_data(data[1])
+    for split, ids in (("train_loss", train_ids), ("val_loss", val_ids)):
+        assert metrics[-1][split] == round(cg.estimate_loss(model, ids, 16, 4, 2), 4), split
     capsys.readouterr()
     text = cg.main(["--sample", "--prompt", "ROMEO:", "--num-chars", "30", "--out-dir", out, "--device", "cpu"])
     assert text.startswith("ROMEO:") and len(text) == 36
@@ -228,6 +361,9 @@ def test_metrics_have_the_mean_training_loss_between_evaluations(tmp_path, monke
         return loss
 
     monkeypatch.setattr(cg, "loss_fn", recording_loss_fn)
+    clips = []  # the cpu preset clips the gradient norm to 1.0 at every step
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: clips.append(max_norm) or real_clip(p, max_norm))
     out = str(tmp_path / "run")
     cg.main(["--stage", "full", "--max-steps", "20", "--eval-interval", "10", "--log-interval", "4",
              "--out-dir", out, "--num-chars", "1", *TINY_ARGS])
@@ -235,13 +371,15 @@ def test_metrics_have_the_mean_training_loss_between_evaluations(tmp_path, monke
         rows = [json.loads(line) for line in f]
     assert [(m["step"], "val_loss" in m) for m in rows] == [
         (0, True), (4, False), (8, False), (10, True), (12, False), (16, False), (20, False), (20, True)]
-    assert len(step_losses) == 20
+    assert len(step_losses) == 20 and clips == [1.0] * 20
     cfg = cg.make_config(cg.parse_args(["--max-steps", "20", *TINY_ARGS]), 65)
     for m in rows:
         if "train_loss_avg" in m:  # the mean of the log_interval steps that end at this row's step
             s = m["step"]
             assert m["train_loss_avg"] == round(sum(step_losses[s - 4:s]) / 4, 4), m
             assert m["lr"] == cg.lr_for_step(s - 1, cfg)  # the lr of the row's last step
+        else:  # an evaluation after step s: the lr that step used
+            assert m["lr"] == cg.lr_for_step(max(m["step"] - 1, 0), cfg)
 
 
 def test_missing_data_file_says_where_to_get_it(tmp_path):

@@ -2,18 +2,20 @@
 the loss-free bias, capacity, checkpoint and exact resume, cached generation through generate.py.
 CPU only, offline, tiny models."""
 
+import argparse
 import copy
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import generate
 import moe as M
-from gpt2 import GPT, GPTConfig
+from gpt2 import GPT, GPTConfig, lr_at
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -45,6 +47,51 @@ def test_one_expert_top1_no_capacity_is_the_dense_model(mlp):
         s.mlp.experts[0].load_state_dict(d.mlp.state_dict())  # the dense MLP's weights, as its only expert
     idx = torch.randint(0, 64, (3, 20))
     torch.testing.assert_close(sparse(idx)[0], dense(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the router
+
+
+def router_on(logits, bias=None, **kw):
+    """A router whose logits are the given (N, E) numbers: n_embd = E and the identity as its weight."""
+    E = logits.size(1)
+    r = M.Router(E, M.MoEConfig(n_expert=E, **kw))
+    with torch.no_grad():
+        r.weight.copy_(torch.eye(E))
+        if bias is not None:
+            r.bias.copy_(torch.tensor(bias))
+    return r(logits)
+
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 1.5], [-1.0, -2.0, 0.5, 0.0]])
+
+
+def test_router_gates_on_hand_numbers():
+    p = LOGITS.exp() / LOGITS.exp().sum(1, keepdim=True)  # softmax over the experts, per token
+    s = 1 / (1 + (-LOGITS).exp())  # sigmoid
+    top2 = torch.tensor([[0, 1], [1, 3], [2, 3]])  # the two largest logits of each row, largest first
+    _, scores, chosen, gates = router_on(LOGITS, top_k=2)  # Mixtral: softmax, top-2, renormalized
+    torch.testing.assert_close(scores, p)
+    assert chosen.tolist() == top2.tolist()
+    want = p.gather(1, top2)
+    torch.testing.assert_close(gates, want / want.sum(1, keepdim=True))
+    _, _, chosen, gates = router_on(LOGITS, top_k=1)  # Switch: top-1 keeps its probability (not 1)
+    assert chosen.flatten().tolist() == [0, 1, 2]
+    torch.testing.assert_close(gates.flatten(), p[[0, 1, 2], [0, 1, 2]])
+    _, scores, chosen, gates = router_on(LOGITS, top_k=2, router="sigmoid")  # DeepSeek-V3: sigmoid, renormalized
+    torch.testing.assert_close(scores, s)
+    assert chosen.tolist() == top2.tolist()
+    want = s.gather(1, top2)
+    torch.testing.assert_close(gates, want / want.sum(1, keepdim=True))
+    _, _, _, gates = router_on(LOGITS, top_k=1, router="sigmoid")
+    torch.testing.assert_close(gates, torch.ones(3, 1))
+    # a bias on expert 3 puts it first in every row, and the gates still come from the unbiased scores
+    _, _, chosen, gates = router_on(LOGITS, bias=[0.0, 0.0, 0.0, 5.0], top_k=2)
+    want_chosen = torch.tensor([[3, 0], [3, 1], [3, 2]])
+    assert chosen.tolist() == want_chosen.tolist()
+    want = p.gather(1, want_chosen)
+    torch.testing.assert_close(gates, want / want.sum(1, keepdim=True))
 
 
 def naive_moe(x, m, capacity=None):
@@ -107,6 +154,36 @@ def test_capacity_drops_exactly_the_assignments_past_capacity():
     assert load.tolist() == [8, 0] and dropped.item() == 4  # capacity ceil(1.0 * 8 * 1 / 2) = 4
     assert (y[0, :4].abs().sum(-1) > 0).all() and (y[0, 4:] == 0).all()
     assert (m.eval()(x)[0].abs().sum(-1) > 0).all()  # evaluation: no capacity, nothing dropped
+
+
+def test_capacity_counts_every_token_of_the_batch_and_top_k_and_rounds_up():
+    # 2 x 3 tokens, top-2 of 4 experts, factor 0.5: capacity = ceil(0.5 * 6 * 2 / 4) = ceil(1.5) = 2
+    m = layer(n_expert=4, top_k=2, capacity_factor=0.5)
+    m.router.bias.copy_(torch.tensor([100.0, 90.0, 0.0, 0.0]))  # every token picks experts 0 and 1
+    x = torch.randn(2, 3, 16)
+    m(x)
+    m(x)  # the counters add up over forwards until take_load reads them
+    load, dropped = m.take_load()
+    assert load.tolist() == [12, 12, 0, 0] and dropped.item() == 2 * (2 * (6 - 2))
+    load, dropped = m.take_load()  # and it resets both
+    assert load.tolist() == [0, 0, 0, 0] and dropped.item() == 0
+
+
+def test_shared_experts_add_to_the_routed_ones_at_their_summed_width():
+    m = layer(n_expert=4, top_k=2, n_shared=2).eval()  # dense width 4 * 16 = 64 over 2 routed + 2 shared
+    assert [e.c_proj.in_features for e in m.experts] == [16] * 4 and m.shared.c_proj.in_features == 2 * 16
+    x = torch.randn(1, 6, 16)
+    torch.testing.assert_close(m(x)[0], naive_moe(x[0], m) + m.shared(x[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_init_is_gpt2s():
+    torch.manual_seed(0)
+    m = M.MoE(config(n_layer=8, n_embd=64), M.MoEConfig(n_expert=4, top_k=2))
+    cat = lambda name: torch.cat([getattr(e, name).weight.flatten() for e in m.experts])  # noqa: E731
+    assert cat("c_fc").std().item() == pytest.approx(0.02, rel=0.05)
+    assert cat("c_proj").std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)  # residual projections
+    assert m.router.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all((e.c_fc.bias == 0).all() and (e.c_proj.bias == 0).all() for e in m.experts)
 
 
 # -----------------------------------------------------------------------------
@@ -227,11 +304,52 @@ def test_checkpoint_and_exact_resume(tmp_path, capsys):
     assert any(r.get("dropped", 0) > 0 for r in rows[0])  # capacity 1.0 drops some tokens early in training
     assert len(vocab) == 11706 and vocab == sorted(vocab)  # the GPT-2 ids tiny Shakespeare uses
     assert ma.config.vocab_size == 11712  # rounded up to a multiple of 64
+    train_rows = [r for r in rows[0] if "train_loss" in r]
+    assert [r["lr"] for r in train_rows] == [lr_at(r["step"] - 1, 1e-2, 2, 6) for r in train_rows]
+    for layer_i in range(2):  # each layer's bias: the sum of its own steps, 0.01 * sign(mean share - share)
+        shares = torch.tensor([r["load"][layer_i] for r in train_rows])  # (steps, E), each row sums to 1
+        torch.testing.assert_close(shares.sum(1), torch.ones(6), atol=1e-3, rtol=0)
+        want = (0.01 * torch.sign(0.25 - shares)).sum(0)
+        torch.testing.assert_close(sa[f"transformer.h.{layer_i}.mlp.router.bias"], want, atol=1e-6, rtol=0)
+
+
+def test_balancing_losses_reach_the_gradient(tmp_path):
+    # the same 2 steps with and without a z-loss: only the term added to the loss differs
+    short = TRAIN + ["--max-steps", "2", "--eval-interval", "2", "--eval-tokens", "64", "--bias-rate", "0"]
+    routers = []
+    for z in ("0", "1.0"):
+        M.main(short + ["--z-alpha", z, "--out-dir", str(tmp_path / z)])
+        model, _ = M.load_model(os.path.join(str(tmp_path / z), "moe", "ckpt.pt"))
+        routers.append(model.transformer.h[0].mlp.router.weight)
+    assert not torch.equal(*routers)
+
+
+def test_batches_are_windows_shifted_by_one_and_differ_by_step():
+    shards = [np.arange(50, dtype=np.uint16), np.arange(100, 140, dtype=np.uint16)]
+    x, y = M.get_batch(shards, 16, 8, seed=0, step=3, device="cpu")
+    assert x.shape == y.shape == (16, 8)
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)  # contiguous windows, targets shifted
+    again, _ = M.get_batch(shards, 16, 8, seed=0, step=3, device="cpu")
+    other, _ = M.get_batch(shards, 16, 8, seed=0, step=4, device="cpu")
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+def test_evaluate_is_the_token_mean_over_disjoint_windows():
+    torch.manual_seed(0)
+    model = GPT(config())
+    val = [np.random.default_rng(0).integers(0, 64, 50).astype(np.uint16)]
+    args = argparse.Namespace(seq_len=4, eval_tokens=40, batch_size=3)  # 10 windows: batches of 3, 3, 3, 1
+    got = M.evaluate(model, val, args, "cpu", torch.float32)
+    windows = torch.from_numpy(val[0][:41].astype(np.int64))
+    with torch.no_grad():
+        losses = [model(windows[None, j * 4:j * 4 + 4], windows[None, j * 4 + 1:j * 4 + 5])[1] for j in range(10)]
+    assert got == pytest.approx(torch.stack(losses).mean().item(), rel=1e-5)
 
 
 def test_bad_input_is_named(tmp_path, capsys):
-    with pytest.raises(ValueError, match="top_k"):
-        M.MoEConfig(n_expert=4, top_k=5)
+    for k in (0, 5):
+        with pytest.raises(ValueError, match="top_k"):
+            M.MoEConfig(n_expert=4, top_k=k)
     for name in ("bias_rate", "aux_alpha", "z_alpha"):  # a negative rate would push load onto the busiest expert
         with pytest.raises(ValueError, match=f"{name}=-0.001 must be >= 0"):
             M.MoEConfig(**{name: -1e-3})
