@@ -4,6 +4,7 @@ input. Offline, tiny models; the `device` tests also run on each device in LLM_S
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -77,6 +78,32 @@ def test_shard_roundtrip_and_corruption(tmp_path):
         tg.read_shard(path)
     with pytest.raises(ValueError, match="uint16"):
         tg.write_shard(path, [70000])
+    with pytest.raises(ValueError, match="uint16"):
+        tg.write_shard(path, [65536])  # the first id past uint16 (it would wrap to 0)
+    tg.write_shard(path, tokens)
+    with open(path, "ab") as f:  # bytes past the header's count: something else was written into it
+        f.write(b"\0\0")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        tg.read_shard(path)
+
+
+def test_a_corrupt_download_is_removed_and_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    bad = os.path.join(gpt2.cache_dir("fineweb-edu-10b"), "edu_fineweb_train_000001.bin")
+    with open(bad, "wb") as f:  # present, so not downloaded again, but cut short
+        f.write(b"x" * 100)
+    with pytest.raises(ValueError, match="removed; run again"):
+        tg.fetch_remote("fineweb-edu-10b")
+    assert not os.path.exists(bad)  # the next run fetches it again
+
+
+def test_shard_folders_split_on_the_file_name_and_entropy_in_nats(tmp_path):
+    data = make_shards(tmp_path / "interval_val_runs")  # the folder's name holds "val": the file names decide
+    train, val = tg.resolve_data(data, 0)
+    assert [os.path.basename(f) for f in train] == ["toy_train_000000.bin", "toy_train_000001.bin"]
+    assert [os.path.basename(f) for f in val] == ["toy_val_000000.bin"]
+    p = np.array([2, 1]) / 3  # ids 1, 1, 3
+    assert tg.unigram_entropy([np.array([1, 1, 3])]) == pytest.approx(-(p * np.log(p)).sum())
 
 
 def position_shards(folder, sizes):
@@ -112,6 +139,8 @@ def test_loader_windows_are_a_permutation_each_epoch(tmp_path):
     empty = position_shards(tmp_path / "e", [0, 100])
     loader = tg.WindowLoader(empty, 16, shuffle=False)  # an empty shard holds no window, and hides none
     assert loader.n == 6 and loader.windows(range(6))[0][:, 0].tolist() == [0, 16, 32, 48, 64, 80]
+    (tmp_path / "x").mkdir()  # 32 tokens: the second window would lack its last target
+    assert tg.WindowLoader(position_shards(tmp_path / "x", [32]), 16).n == 1
 
 
 @pytest.mark.parametrize("world,accum", [(2, 1), (4, 2)])
@@ -156,6 +185,51 @@ def test_two_micro_steps_give_the_gradient_of_one_batch_twice_the_size(tmp_path)
     torch.testing.assert_close(norms[0], norms[1])
 
 
+def test_val_loss_is_the_mean_over_the_first_windows(tmp_path):
+    """val_loss against the definition: the mean per-window loss of the first n windows (in order, each once,
+    dropout off), batch sizes not mattering; a process of `world` takes every world-th of them."""
+    files = [make_shards(tmp_path / "data") + "/toy_val_000000.bin"]
+    loader = tg.WindowLoader(files, 16, shuffle=False)  # 62 windows
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.GPTConfig(vocab_size=512, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.3))
+    model.eval()
+    per_window = [model(x, y)[1].item() for x, y in zip(*(t.unsqueeze(1) for t in loader.windows(range(loader.n))))]
+    model.train()
+    args = ("cpu", torch.float32)
+    assert tg.val_loss(model, loader, 5, 2, *args, 0, 1) == pytest.approx(np.mean(per_window[:5]), rel=1e-5)
+    assert model.training  # back to training mode
+    tg.write_shard(tmp_path / "short.bin", tg.read_shard(files[0])[:16 * 3 + 1])  # 3 windows: asked for 4, it
+    short = tg.WindowLoader([str(tmp_path / "short.bin")], 16, shuffle=False)  # counts each of them once
+    assert tg.val_loss(model, short, 4, 2, *args, 0, 1) == pytest.approx(np.mean(per_window[:3]), rel=1e-5)
+    assert tg.val_loss(model, loader, 7, 3, *args, 1, 2) == pytest.approx(np.mean(per_window[1:7:2]), rel=1e-5)
+
+
+def test_sample_draws_real_tokens_from_its_own_generator():
+    class Stub(torch.nn.Module):  # ids 104 'h' and 105 'i' equally likely; the padding rows far likelier
+        config = gpt2.GPTConfig(block_size=64)
+
+        def new_cache(self, batch):
+            return None
+
+        def forward(self, idx, cache=None, last_logits_only=False):
+            logits = torch.full((1, idx.size(1), 320), -10.0)
+            logits[..., 104:106], logits[..., 257:] = 5.0, 50.0
+            return logits, None
+    tok, state = tg.load_tokenizer("bytes"), torch.get_rng_state()
+    out = [tg.sample(Stub(), tok, "> ", 30, "cpu", seed, top_k=2) for seed in (1, 1, 2)]
+    assert torch.equal(torch.get_rng_state(), state)  # training's random stream is untouched
+    assert out[0] == out[1] != out[2] and set(out[0][2:]) == {"h", "i"} and len(out[0]) == 32
+
+
+def test_flags_are_checked_against_the_process_count(tmp_path):
+    base = ["--data", "shakespeare", "--out-dir", str(tmp_path), "--seq-len", "16", "--batch-size", "2"]
+    tg.check_args(tg.parse_args([*base, "--total-batch-size", "96", "--eval-tokens", "32"]), 1)
+    with pytest.raises(SystemExit, match="not a multiple of --batch-size x --seq-len x processes"):
+        tg.check_args(tg.parse_args([*base, "--total-batch-size", "96"]), 2)  # 96 = 3 x (2 x 16), not 2 x 2 x 16
+    with pytest.raises(SystemExit, match="give at least 32"):
+        tg.check_args(tg.parse_args([*base, "--total-batch-size", "64", "--eval-tokens", "16"]), 2)
+
+
 # -----------------------------------------------------------------------------
 # HellaSwag
 
@@ -188,6 +262,9 @@ def test_hellaswag_scoring_matches_per_ending_loop(tmp_path):
             want.append(-logp[torch.arange(len(tgt)), tgt][-len(end):].mean())
         torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
         expected_correct += int(torch.stack(want).argmin()) == label
+        # the lowest mean loss wins: labelled with it the example is right, with the highest it is wrong
+        best, worst = ({**ex, "label": int(f(torch.stack(want)))} for f in (torch.argmin, torch.argmax))
+        assert tg.hellaswag(model, [best, best, worst], byte_encode, "cpu", torch.float32, 0, 1) == 2 / 3
     acc = tg.hellaswag(model, loaded, byte_encode, "cpu", torch.float32, 0, 1)
     assert acc == expected_correct / len(loaded)
     # contexts longer than the model's window lose their oldest tokens, never the ending
@@ -236,12 +313,121 @@ def test_resume_is_exact(tmp_path, capsys):
     # --init from a checkpoint: same weights (so the same val loss), fresh optimizer and schedule
     tg.main(["--init", str(tmp_path / "split" / "ckpt.pt"), "--data", data, "--seq-len", "16", "--batch-size", "4",
              "--total-batch-size", "128", "--max-steps", "1", "--eval-interval", "1", "--sample-tokens", "0",
-             "--device", "cpu", "--out-dir", str(tmp_path / "finetune")])
+             "--device", "cpu", "--out-dir", str(tmp_path / "finetune"), "--dropout", "0.0"])
     assert metrics(tmp_path / "finetune")[0]["val_loss"] == vals(split)[-1][1]
+    assert gpt2.load_checkpoint(str(tmp_path / "finetune" / "ckpt.pt"))["config"]["dropout"] == 0.0  # the flag wins
     assert "only apply to --init scratch" in error_of([*TINY, "--init", tmp_path / "split" / "ckpt.pt", "--data", data])
     # the checkpoint is a model gpt2.py (and so generate.py) can load
     model = gpt2.GPT.from_pretrained(str(tmp_path / "split" / "ckpt.pt"))
     assert model.config.n_embd == 32 and model.config.vocab_size == 512
+    # --resume refuses what would make another run, and says what differs from the checkpoint's run
+    split_args = [*common, "--out-dir", tmp_path / "split", "--resume"]
+    assert "--resume: --seed is 1 but the checkpoint was trained with 1337" in error_of([*TINY, *split_args, "--seed", 1])
+    assert "cannot be combined with --init" in error_of([*TINY, *split_args, "--init", tmp_path / "split" / "ckpt.pt"])
+    capsys.readouterr()
+    run(*split_args, "--max-steps", 9)
+    assert "--resume: --max-steps 9 (the checkpoint's run: 8)" in capsys.readouterr().out
+    make_shards(tmp_path / "data", n_train=5000)  # the same --data, other contents
+    assert "the training data changed since the checkpoint" in error_of([*TINY, *split_args, "--max-steps", 10])
+
+
+def test_resume_restores_each_ranks_rng_and_the_loader_position(tmp_path):
+    """tg.resume on hand-made checkpoints: the same process count gets each rank its own saved RNG states
+    (Python's, NumPy's, torch's); another count reseeds, each rank differently."""
+    def draw():
+        return random.random(), float(np.random.rand()), *torch.rand(2).tolist()
+    states, refs = [], []
+    for seed in (1, 2):
+        gpt2.seed_everything(seed)
+        states.append(tg.rng_state())
+        refs.append(draw())
+    loader = tg.WindowLoader(position_shards(tmp_path, [200]), 16)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    args = tg.parse_args(["--seq-len", "16", "--total-batch-size", "64"])
+    ckpt = dict(args=dict(vars(args)), loader={"n": loader.n, "pos": 5}, optimizer=optimizer.state_dict(), scaler={},
+                rng=states, step=3)
+    scaler = gpt2.grad_scaler("cpu", torch.float32)
+    for rank in (1, 0):
+        assert tg.resume(args, ckpt, "ckpt.pt", optimizer, scaler, loader, tg.Proc(rank, rank, 2)) == 3
+        assert draw() == refs[rank] and loader.pos == 5
+    after = []
+    for rank in (0, 1):  # 2 saved states, 4 processes now
+        tg.resume(args, ckpt, "ckpt.pt", optimizer, scaler, loader, tg.Proc(rank, rank, 4))
+        after.append(draw())
+    assert after[0] != after[1] and not set(after) & set(refs)
+
+
+def test_a_run_records_its_schedule_clip_evaluations_and_speed(tmp_path, monkeypatch):
+    """One short run checked against the formulas: the lr of every step (warmup + cosine to --min-lr-ratio),
+    the clipped first gradient (AdamW's first moment after one step is (1 - beta1) x the clipped gradient),
+    --weight-decay on the matrices' group, evaluations on the interval and at the last step, the final val
+    loss = the mean over the first --eval-tokens of validation, tokens/s and MFU over the whole step, and
+    checkpoints every --checkpoint-interval."""
+    data = make_shards(tmp_path / "data")
+    monkeypatch.setattr(tg, "peak_flops", lambda device: 1e12)  # as on a GPU: MFU is recorded
+    saved, first_moment, save_run = [], [], tg.save_run
+
+    def spy(path, raw_model, proc, **state):
+        saved.append(state["step"])
+        if state["step"] == 1:
+            first_moment.append(sum(s["exp_avg"].pow(2).sum() for s in state["optimizer"]["state"].values()).sqrt())
+        save_run(path, raw_model, proc, **state)
+    monkeypatch.setattr(tg, "save_run", spy)
+    out = tmp_path / "out"
+    run("--data", data, "--seq-len", 16, "--batch-size", 2, "--total-batch-size", 64, "--max-steps", 4,
+        "--warmup-steps", 1, "--lr", 1e-2, "--min-lr-ratio", 0.5, "--grad-clip", 0.01, "--weight-decay", 0.05,
+        "--eval-interval", 3, "--eval-tokens", 48, "--checkpoint-interval", 1, "--out-dir", out)
+    rows = metrics(out)
+    train = [r for r in rows if "train_loss" in r]
+    assert [r["lr"] for r in train] == pytest.approx([gpt2.lr_at(s, 1e-2, 1, 4, 0.5) for s in range(4)])
+    assert train[0]["grad_norm"] > 0.1 and float(first_moment[0]) == pytest.approx(0.1 * 0.01, rel=1e-3)
+    assert saved == [1, 2, 3, 4]
+    ckpt = gpt2.load_checkpoint(str(out / "ckpt.pt"))
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and [g["lr"] for g in groups] == [train[-1]["lr"]] * 2
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 3, 4]
+    model = gpt2.GPT(gpt2.GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x, y = tg.WindowLoader([os.path.join(data, "toy_val_000000.bin")], 16, shuffle=False).windows(range(3))
+    want = np.mean([model(x[i:i + 1], y[i:i + 1])[1].item() for i in range(3)])
+    assert rows[-1]["step"] == 4 and rows[-1]["val_loss"] == pytest.approx(want, rel=1e-5)
+    flops_per_token = model.flops_per_token(16)  # tokens/s / MFU = peak / FLOPs per token, whatever the time
+    for r in train:
+        assert r["tokens_per_sec"] / r["mfu"] == pytest.approx(1e12 / flops_per_token)
+
+
+def test_load_data_applies_seed_limit_and_an_unshuffled_validation(tmp_path):
+    data = make_shards(tmp_path / "data")
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps({"ctx": f"{i}", "endings": ["a", "b", "c", "d"], "label": 0}) + "\n"
+                          for i in range(5)))
+    args = tg.parse_args([*TINY, "--data", data, "--seq-len", "16", "--seed", "7", "--hellaswag-interval", "1",
+                          "--hellaswag-file", str(hs), "--hellaswag-limit", "2"])
+    tok = tg.load_tokenizer("bytes")
+    d = tg.load_data(args, tok, tg.model_config(args, None, tok), tg.Proc())
+    train, val = tg.resolve_data(data, 0)
+    assert torch.equal(d.train.windows(range(9))[0], tg.WindowLoader(train, 16, seed=7).windows(range(9))[0])
+    assert torch.equal(d.val.windows(range(9))[0], torch.from_numpy(
+        tg.read_shard(val[0])[:144].astype(np.int64)).view(9, 16))
+    assert [ex["ctx"] for ex in d.hellaswag] == ["0", "1"]
+
+
+def test_fp16_loss_scaling_gives_the_fp32_gradient_and_resumes_exactly(tmp_path):
+    """fp16 on the CPU: the scaler multiplies the loss and must divide the gradient back before it is
+    clipped or logged (the grad norm matches fp32's); its state resumes like the optimizer's."""
+    data = make_shards(tmp_path / "data")
+    common = ["--data", data, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 64, "--max-steps", 4,
+              "--warmup-steps", 1, "--lr", 1e-2, "--eval-interval", 0]
+    for name, dtype, extra in (("fp32", "float32", ()), ("fp16", "float16", ()),
+                               ("split", "float16", ("--stop-after", 2))):
+        run(*common, "--dtype", dtype, "--out-dir", tmp_path / name, *extra)
+    run(*common, "--dtype", "float16", "--out-dir", tmp_path / "split", "--resume")
+    norms = [[r["grad_norm"] for r in metrics(tmp_path / name)] for name in ("fp32", "fp16")]
+    assert norms[1][0] == pytest.approx(norms[0][0], rel=2e-2)
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "fp16")
+    scalers = [gpt2.load_checkpoint(str(tmp_path / name / "ckpt.pt"))["scaler"] for name in ("fp16", "split")]
+    assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 4
 
 
 def test_torchrun_two_processes_equal_one_process_accumulating(tmp_path):
@@ -319,6 +505,11 @@ def test_text_is_tokenized_once_per_tokenizer_into_shards(tmp_path):
     got = np.concatenate([tg.read_shard(btrain[0]), tg.read_shard(bval[0])]).tolist()
     assert got == [*text.read_bytes(), 256, *byte_tok.encode(b, allowed_special="all"), 256]
     assert os.path.getmtime(train[0]) == mtime
+    text.write_text(text.read_text().replace("First", "Front"))  # an edit that keeps the size...
+    os.utime(text, (mtime + 10, mtime + 10))
+    edited, _ = tg.resolve_data(str(tmp_path / "corpus"), 0)
+    assert edited != train and tg.read_shard(edited[0])[:2].tolist() == tok.encode("Front Citizen")
+    train = edited
     text.write_text("changed")  # an edited input is tokenized again, the stale shards removed
     train2, _ = tg.resolve_data(str(tmp_path / "corpus"), 0)
     assert train2 != train and not os.path.exists(train[0])
