@@ -270,6 +270,7 @@ def test_hellaswag_scoring_matches_per_ending_loop(tmp_path):
     # contexts longer than the model's window lose their oldest tokens, never the ending
     tokens, mask, _ = tg.render_hellaswag(examples[0], byte_encode, 12)
     assert tokens.size(1) <= 12 and mask[2].sum() == min(11, len(byte_encode(" " + examples[0]["endings"][2])))
+    assert tokens[2][mask[2].bool()].tolist() == byte_encode(" " + examples[0]["endings"][2])[-11:]
     path.write_text(json.dumps({"ctx": "a", "endings": ["b"], "label": 0}) + "\n")
     with pytest.raises(ValueError, match="4 endings"):
         tg.hellaswag_examples(str(path))
