@@ -323,7 +323,8 @@ def test_resume_is_exact(tmp_path, capsys):
     assert model.config.n_embd == 32 and model.config.vocab_size == 512
     # --resume refuses what would make another run, and says what differs from the checkpoint's run
     split_args = [*common, "--out-dir", tmp_path / "split", "--resume"]
-    assert "--resume: --seed is 1 but the checkpoint was trained with 1337" in error_of([*TINY, *split_args, "--seed", 1])
+    msg = error_of([*TINY, *split_args, "--seed", 1])
+    assert "--resume: --seed is 1 but the checkpoint was trained with 1337" in msg
     assert "cannot be combined with --init" in error_of([*TINY, *split_args, "--init", tmp_path / "split" / "ckpt.pt"])
     capsys.readouterr()
     run(*split_args, "--max-steps", 9)
