@@ -2,7 +2,9 @@
 and bf16 autocast) and Llama (rope + rmsnorm + swiglu + grouped-query attention), torch.nn.RMSNorm, the
 defining properties of RoPE, SwiGLU and grouped-query attention written out by hand, the model run through
 the plain attention formula vs scaled_dot_product_attention, and the full forward pass (every KV-cache mode
-must give the logits a full recomputation gives).
+must give the logits a full recomputation gives); then the shared pieces: Llama 3 / Qwen2 in and out against
+transformers, checkpoints (atomic, weights_only), --resume settings, the learning-rate schedule, metrics log,
+LoRA (formula, merge, adapter alone) and the batched sampler (log-probs against a plain forward pass, eos, filters).
 
 Tests taking `device` run on each device in LLM_SCRATCH_TEST_DEVICES (tests/conftest.py; default cpu)."""
 
@@ -107,8 +109,8 @@ def test_export_refuses_architectures_gpt2_lacks(tmp_path):
         small(pos_emb="rope").save_pretrained(str(tmp_path))
 
 
-@pytest.mark.parametrize("kw", [dict(n_inner=48), dict(tie_word_embeddings=False)])
-def test_hf_gpt2_with_its_own_mlp_width_or_an_untied_head_loads(tmp_path, kw):
+@pytest.mark.parametrize("kw", [dict(n_inner=48), dict(tie_word_embeddings=False), dict(layer_norm_epsilon=1e-2)])
+def test_hf_gpt2_with_its_own_mlp_width_epsilon_or_an_untied_head_loads(tmp_path, kw):
     hf = random_hf_model(**kw)
     hf.save_pretrained(tmp_path)
     ours = GPT.from_pretrained(str(tmp_path)).eval()
@@ -378,6 +380,38 @@ def test_rolling_cache_memory_is_constant():
     assert int(cache.next_pos) == 100
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_prefill_chunk_of_padding_only_leaves_no_trace(attention):
+    """A row whose first prefill chunk is all padding has queries that may attend to no key at all; the plain
+    formula would make them NaN (softmax over nothing), and NaN values leak into real tokens through 0 * NaN."""
+    model = small(attention=attention)
+    row = torch.randint(0, 101, (6,))
+    idx = torch.cat([torch.randint(0, 101, (1, 10)), torch.cat([torch.zeros(4, dtype=torch.long), row])[None]])
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        got = cached_logits(model, idx, [3], mask)  # row 1: 3 padding tokens, then 1 more and its 6 tokens
+        alone, _ = model(row[None])
+    assert (got[1, 4:] - alone[0]).abs().max().item() < 1e-4
+
+
+def test_rolling_cache_never_writes_two_keys_to_one_slot():
+    """A prefill chunk longer than the window: of the tokens that share a ring slot only the last is kept (the
+    others go to the spare slot), so the scatter that writes them has no duplicate index (whose winner torch
+    leaves undefined)."""
+    model = small(pos_emb="rope", window=4, n_sink=2)
+    cache = model.new_cache(2)
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        model(torch.randint(0, 101, (2, 13)), cache=cache, attention_mask=mask)
+    for row in cache._slot.tolist():
+        ring = [s for s in row if s != cache.size - 1]
+        assert len(ring) == len(set(ring)) == 6  # 2 sinks + the last 4
+    assert sorted(cache.kpos[0].tolist()) == [-1, 0, 1, 9, 10, 11, 12]
+    assert sorted(cache.kpos[1].tolist()) == [-1, 0, 1, 6, 7, 8, 9]
+
+
 # -- training ---------------------------------------------------------------------------------------
 
 
@@ -605,3 +639,265 @@ def test_restore_scaler_accepts_a_run_trained_without_fp16():
     saved = {**fp16.state_dict(), "scale": 8.0}
     gpt2.restore_scaler(fp16, saved)
     assert fp16.get_scale() == 8.0
+
+
+# -- more pieces against their definitions -----------------------------------------------------------
+
+
+def test_sinusoidal_table_is_the_formula():
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)), written out for d = 6."""
+    pos = torch.tensor([[0, 3, 7]])
+    ref = torch.tensor([[(math.sin if i % 2 == 0 else math.cos)(p / 10000 ** ((i - i % 2) / 6)) for i in range(6)]
+                        for p in (0, 3, 7)])
+    assert torch.allclose(gpt2.sinusoidal_embedding(pos, 6)[0], ref, atol=1e-6)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    """Llama 3.1's real settings (head size 128, theta 500000, factor 8 over an 8192-token original context):
+    slow, fast and blended channels all present."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                                   max_position_embeddings=131072, rope_scaling={"rope_type": "llama3", **scaling})
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    got = gpt2.rope_frequencies(128, 500000.0, scaling)
+    plain = gpt2.rope_frequencies(128, 500000.0)
+    assert (got < plain).any() and (got == plain).any()  # some channels slowed, some kept
+    assert torch.allclose(got, ref.float(), rtol=1e-5, atol=0)
+
+
+def test_loss_skips_targets_of_minus_one():
+    """targets -1 (padding, prompt tokens in SFT) are left out of the mean, not counted as some token."""
+    model = small()
+    x = torch.randint(0, 101, (2, 10))
+    y = torch.randint(0, 101, (2, 10))
+    y[0, :4], y[1, 7:] = -1, -1
+    with torch.no_grad():
+        logits, loss = model(x, y)
+    keep = y >= 0
+    ref = -logits.log_softmax(-1)[keep].gather(-1, y[keep][:, None]).mean()
+    assert abs(loss.item() - ref.item()) < 1e-5
+
+
+def test_eval_mode_turns_dropout_off_everywhere():
+    """With dropout 0.5, eval mode gives the logits of the same weights with dropout 0 (attention dropout too)."""
+    noisy = small(dropout=0.5)
+    clean = small()
+    clean.load_state_dict(noisy.state_dict())
+    idx = torch.randint(0, 101, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(noisy(idx)[0], clean(idx)[0])
+
+
+# -- Llama 3 / Qwen2 in and out, against transformers --------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hf_llama_and_qwen2_round_trip_through_transformers(tmp_path, kind):
+    """An HF Llama (untied, rope_theta 500, Llama 3.1 rope scaling that matters within 32 tokens) and an HF Qwen2
+    (tied, q/k/v biases), each with grouped-query attention and every weight perturbed: loaded by
+    GPT.from_pretrained with transformers' logits, exported by save_pretrained and read by transformers again."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=500.0)
+    if kind == "llama":
+        scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=16)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_scaling=scaling,
+                                                                    tie_word_embeddings=False))
+    else:
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.eval().save_pretrained(tmp_path / "hf")
+    ours = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    assert ours.config.tie_weights == (kind == "qwen2") and ours.config.qkv_bias == (kind == "qwen2")
+    idx = torch.randint(0, 101, (2, 32))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert (ours(idx)[0] - ref).abs().max().item() < 1e-4
+        ours.save_pretrained(str(tmp_path / "out"))
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        assert (back(idx).logits - ref).abs().max().item() < 1e-4
+
+
+def test_safetensors_header_is_8_byte_aligned(tmp_path):
+    """The format asks for the data to start at a multiple of 8 bytes, whatever the header's length."""
+    import struct
+    for n in range(1, 9):
+        path = tmp_path / f"{n}.safetensors"
+        gpt2.write_safetensors(str(path), {"x" * n: torch.arange(3.0)})
+        (size,) = struct.unpack("<Q", path.read_bytes()[:8])
+        assert size % 8 == 0, (n, size)
+        assert torch.equal(gpt2.read_safetensors(str(path))["x" * n], torch.arange(3.0))
+
+
+# -- checkpoints, resume and the shared helpers --------------------------------------------------------
+
+
+class Pickled:  # an arbitrary object: weights_only loading must refuse to build it
+    pass
+
+
+def test_checkpoint_write_is_atomic_and_saves_the_state_given(tmp_path, monkeypatch):
+    """A crash while writing leaves the previous checkpoint intact; `state` (an FSDP model's gathered weights)
+    is what gets saved when given; weights_only loading refuses pickled objects; unexpected keys are named."""
+    model = small()
+    path = str(tmp_path / "ckpt.pt")
+    zeros = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    gpt2.save_checkpoint(path, model, state=zeros, step=1)
+    assert all(not v.any() for v in GPT.from_checkpoint(path).state_dict().values())
+    real_save = torch.save
+
+    def crash(obj, f):
+        real_save({"half": torch.zeros(1000)}, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        gpt2.save_checkpoint(path, model, step=2)
+    monkeypatch.undo()
+    assert gpt2.load_checkpoint(path)["step"] == 1
+    torch.save({"model": {}, "config": {}, "x": Pickled()}, str(tmp_path / "pickle.pt"))
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        gpt2.load_checkpoint(str(tmp_path / "pickle.pt"))
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        gpt2.load_model_state(model, {**model.state_dict(), "extra": torch.zeros(1)})
+
+
+def test_resume_settings_keep_the_run_and_change_only_where_and_when(tmp_path):
+    import argparse
+    run = dict(lr=0.1, seed=1, device="cpu", dtype="float32", compile=False, stop_after=None, resume=False,
+               out_dir=str(tmp_path))
+    gpt2.save_checkpoint(str(tmp_path / "ckpt.pt"), small(), args=run)
+    now = argparse.Namespace(lr=9.0, seed=2, device="cuda", dtype="bfloat16", compile=True, stop_after=5, resume=True,
+                             out_dir=str(tmp_path))
+    args, ckpt = gpt2.resume_settings(now, "x.py")
+    assert ckpt["args"] == run
+    assert (args.lr, args.seed) == (0.1, 1)  # the run's own settings
+    assert (args.device, args.dtype, args.compile, args.stop_after) == ("cuda", "bfloat16", True, 5)
+    assert gpt2.resume_settings(argparse.Namespace(resume=False), "x.py")[1] is None
+    with pytest.raises(SystemExit, match="no checkpoint at .*run without --resume"):
+        gpt2.resume_settings(argparse.Namespace(**{**vars(now), "out_dir": str(tmp_path / "none")}), "x.py")
+
+
+def test_lr_schedule_dtype_scaler_and_metrics_log(tmp_path):
+    # warmup over 10 steps to 1.0, cosine to 0.1 at step 110: the formula at a few steps
+    lr = [gpt2.lr_at(s, 1.0, 10, 110) for s in (0, 9, 10, 60, 110, 500)]
+    ref = [0.1, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 100)), 0.1, 0.1]
+    assert lr == pytest.approx(ref, abs=1e-12)
+    assert gpt2.pick_dtype("auto", "cpu") == torch.float32 and gpt2.pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert gpt2.grad_scaler("cpu", torch.float16).is_enabled()
+    assert not gpt2.grad_scaler("cpu", torch.bfloat16).is_enabled()
+    log = gpt2.MetricsLog(str(tmp_path))
+    for step in range(1, 6):
+        log.log(step=step, train_loss=1.0 / step)
+    gpt2.MetricsLog(str(tmp_path), resume_step=3)  # resumed from the checkpoint of step 3
+    assert [r["step"] for r in gpt2.MetricsLog.read(str(tmp_path))] == [1, 2, 3]
+    gpt2.MetricsLog(str(tmp_path))  # a fresh run
+    assert gpt2.MetricsLog.read(str(tmp_path)) == []
+
+
+# -- LoRA --------------------------------------------------------------------------------------------------
+
+
+def test_lora_formula_freezing_merge_and_adapter_round_trip(tmp_path):
+    """y = x W^T + b + (alpha / r) x A^T B^T on every adapted Linear (lm_head included, also on the no-grad CPU
+    path); only A and B train; merging gives the same logits (biases included) and a head of its own that
+    survives a checkpoint; an adapter saved alone loads onto a fresh base with the same logits."""
+    base = small(tie_weights=True)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # biases too: a merge that drops them must show
+    state0 = {k: v.clone() for k, v in base.state_dict().items()}
+    idx = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        before = base(idx)[0]
+    model = gpt2.add_lora(base, r=4, alpha=8, targets=("c_attn", "c_proj", "c_fc", "lm_head"))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if ".lora_" in n}
+    opt = model.configure_optimizer(0.1, 1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], before)  # B = 0: a fresh adapter changes nothing
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    fc = model.transformer.h[0].mlp.c_fc
+    x = torch.randn(3, 32)
+    ref = x @ fc.weight.T + fc.bias + 2.0 * (x @ fc.lora_A.T @ fc.lora_B.T)  # alpha / r = 8 / 4
+    with torch.no_grad():
+        assert torch.allclose(fc(x), ref, atol=1e-5)
+        adapted = model(idx)[0]
+    assert torch.allclose(model(idx)[0], adapted, atol=1e-5)  # with grad (nn path) == without (CPU fast path)
+    gpt2.save_adapter(str(tmp_path / "a.pt"), model)
+    fresh = small(tie_weights=True)
+    fresh.load_state_dict(state0)
+    gpt2.load_adapter(fresh, str(tmp_path / "a.pt"))
+    with torch.no_grad():
+        assert torch.allclose(fresh.eval()(idx)[0], adapted, atol=1e-5)
+    merged = gpt2.merge_lora(model)
+    with torch.no_grad():
+        assert torch.allclose(merged(idx)[0], adapted, atol=1e-4)
+    gpt2.save_checkpoint(str(tmp_path / "m.pt"), merged)
+    with torch.no_grad():
+        assert torch.allclose(GPT.from_checkpoint(str(tmp_path / "m.pt")).eval()(idx)[0], adapted, atol=1e-4)
+
+
+# -- batched sampling ----------------------------------------------------------------------------------------
+
+
+def test_left_pad_and_filters_on_hand_examples():
+    idx, mask = gpt2.left_pad([[5, 6], [7]])
+    assert idx.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
+    inf = float("-inf")
+    assert gpt2.top_k_filter(torch.tensor([1.0, 5, 3, 4]), 2).tolist() == [inf, 5, inf, 4]
+    logits = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15]).log()  # unsorted: 0.5 and 0.2 reach p = 0.6
+    kept = gpt2.top_p_filter(logits, 0.6) > inf
+    assert kept.tolist() == [False, True, False, True, False]
+    g = torch.Generator().manual_seed(0)
+    drawn = gpt2.draw(torch.tensor([0.0, 2.0, 0.0, 2.0]).expand(2000, 4), g)  # rows need not sum to 1
+    assert set(drawn.tolist()) == {1, 3} and 800 < int((drawn == 3).sum()) < 1200
+
+
+def test_sample_log_probs_eos_and_vocab_against_a_full_forward():
+    """sample() on left-padded prompts of different lengths, temperature 0.7, vocab_size 60: every token drawn
+    is < 60, and its log-prob is log_softmax(logits[:60] / 0.7) of a plain forward pass over the row alone. With
+    eos_id set to a token a row drew, the same draws stop there: after its end a row gives eos_id, mask False,
+    log-prob 0. The model comes back in training mode."""
+    model = small().train()
+    prompts = [[3, 14, 15, 92, 65], [35], [89, 79]]
+    idx, mask = gpt2.left_pad(prompts)
+    kw = dict(attention_mask=mask, temperature=0.7, vocab_size=60)
+    tokens, live, logprobs = gpt2.sample(model, idx, 8, generator=torch.Generator().manual_seed(0), **kw)
+    assert model.training and tokens.shape == (3, 8) and live.all() and (tokens < 60).all()
+    eos = int(tokens[1, 2])
+    tokens_e, live_e, logprobs_e = gpt2.sample(model, idx, 8, eos_id=eos, generator=torch.Generator().manual_seed(0),
+                                               **kw)
+    model.eval()
+    for i, p in enumerate(prompts):
+        n = int(live_e[i].sum())
+        ended = n < tokens_e.size(1)
+        assert torch.equal(tokens_e[i, :n], tokens[i, :n]) and live_e[i, :n].all() and not live_e[i, n:].any()
+        assert (tokens_e[i, n:] == eos).all() and (logprobs_e[i, n:] == 0).all()
+        if ended:
+            assert int(tokens_e[i, n - 1]) == eos
+        seq = torch.tensor(p + tokens[i].tolist())[None]
+        with torch.no_grad():
+            full = model(seq)[0][0, len(p) - 1:-1, :60]
+        ref = (full / 0.7).log_softmax(-1).gather(-1, tokens[i][:, None]).squeeze(-1)
+        assert torch.allclose(logprobs[i], ref, atol=1e-4)
+        assert torch.allclose(logprobs_e[i, :n], ref[:n], atol=1e-4)
+    assert int(live_e[1].sum()) <= 3  # row 1 ended at its eos
+
+
+def test_sample_stops_at_the_context_end_and_refuses_inner_padding():
+    model = small()
+    idx = torch.randint(0, 101, (1, SMALL["block_size"] - 3))
+    tokens, _, _ = gpt2.sample(model, idx, 10, temperature=0)
+    assert tokens.shape == (1, 3)
+    with pytest.raises(ValueError, match="left padding"):
+        gpt2.sample(model, torch.tensor([[5, 6, 7]]), 2, attention_mask=torch.tensor([[1, 0, 1]]))
