@@ -3,7 +3,9 @@ and against the split patterns of tiktoken's own gpt2 and cl100k_base encodings.
 import base64
 import doctest
 import hashlib
+import json
 import os
+import pickle
 import random
 import unicodedata
 from collections import Counter
@@ -15,6 +17,7 @@ import regex
 import requests
 import tiktoken
 import tiktoken.load
+import tokenizers
 from tiktoken_ext import openai_public
 
 import bpe
@@ -217,6 +220,41 @@ def test_special_ids_never_collide():
     assert max(trained.vocab) == 297 and trained.n_vocab == 300
 
 
+def test_overlapping_and_unknown_specials(gpt2, tiktoken_gpt2):
+    # a special token that contains another one wins (HF tokenizers' added tokens match leftmost-longest;
+    # tiktoken's order over overlapping specials is a hash order); names that are not special tokens are text
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, "b": 1, "c": 2}, []))
+    hf.add_special_tokens(["<|a|>", "<|a|>b"])
+    tok = bpe.Tokenizer("none", special_tokens={"<|a|>": 256, "<|a|>b": 257})
+    ids = tok.encode("a<|a|>bc<|a|>", allowed_special="all")
+    assert [tok.decode([i]) for i in ids] == hf.encode("a<|a|>bc<|a|>").tokens == ["a", "<|a|>b", "c", "<|a|>"]
+    text = "x<|foo|>y<|endoftext|>"
+    kw = dict(allowed_special={"<|foo|>", "<|endoftext|>"})
+    assert gpt2.encode(text, **kw) == tiktoken_gpt2.encode(text, **kw)
+
+
+def test_tokenizer_state_follows_its_changes():
+    tok = bpe.Tokenizer("gpt2")
+    assert tok.encode("the the") == list(b"the the")  # no merges yet (and now in the chunk cache)
+    tok.train("the the the\n" * 3, 260)
+    ids = tok.encode("the the")
+    assert ids == bpe.Tokenizer.loads(tok.dumps()).encode("the the") and len(ids) == 2
+    tok.register_special_tokens({"<|x|>": 300})
+    tok.register_special_tokens({"<|y|>": 301})  # a later call keeps the earlier special decodable
+    assert tok.decode([300, 301]) == "<|x|><|y|>"
+    with pytest.raises(ValueError, match="unique"):
+        bpe.Tokenizer("gpt2", {**{i: bytes([i]) for i in range(256)}, 256: b"a"})
+    # vocab_size = 256 bytes + the specials: no merges, and that is allowed
+    zero = bpe.Tokenizer("gpt2").train("hello", 257, special_tokens=[bpe.ENDOFTEXT])
+    assert zero.merges == [] and zero.special_tokens == {bpe.ENDOFTEXT: 256}
+    # a normalizing tokenizer encodes the NFD and NFC spellings alike, also after pickling (worker processes)
+    nfc = "café naïve"
+    nfd = unicodedata.normalize("NFD", nfc)
+    norm = bpe.Tokenizer("gpt2", normalize="NFC")
+    assert norm.encode(nfd) == norm.encode(nfc) == list(nfc.encode()) != bpe.Tokenizer("gpt2").encode(nfd)
+    assert pickle.loads(pickle.dumps(norm)).encode(nfd) == norm.encode(nfc)
+
+
 # --- training
 
 def naive_train(counts, n_merges):
@@ -343,6 +381,20 @@ def test_dumps_loads_roundtrip(gpt2):
         bpe.Tokenizer.loads("hello\n", source="ckpt.pt")
 
 
+def test_loads_keeps_every_field_and_checks_every_line():
+    tok = bpe.Tokenizer("gpt2", normalize="NFC", special_tokens={"<|my token|>": 256})
+    back = bpe.Tokenizer.loads(tok.dumps())
+    assert back.normalize == "NFC" and back.special_tokens == {"<|my token|>": 256}
+    good = "bpe v1\npattern \"\"\nbytes identity\nspecials 0\nmerges 2\n97 98 256\n256 99 257\n"
+    assert bpe.Tokenizer.loads(good).vocab[257] == b"abc"
+    with pytest.raises(ValueError, match="unsupported version"):
+        bpe.Tokenizer.loads(good.replace("bpe v1", "bpe v2"))
+    with pytest.raises(ValueError, match="256 distinct"):
+        bpe.Tokenizer.loads(good.replace("identity", " ".join(map(str, [0] + list(range(255))))))
+    with pytest.raises(ValueError, match="contradicts"):
+        bpe.Tokenizer.loads(good.replace("256 99 257", "98 99 256"))
+
+
 def test_docstring_examples():
     # the input -> output examples in bpe.py's docstrings are true
     result = doctest.testmod(bpe)
@@ -400,6 +452,45 @@ def test_tiny_hand_written_rank_file(tmp_path):
     assert tok.encode("cabc") == [99, 257]  # c,ab,c: "abc" (257) ranks before "cab" (258)
 
 
+def test_rank_file_specials_and_llama3_numbering(tmp_path):
+    def write(name, merged):
+        ranks = {bytes([b]): b for b in range(256)} | {t: 256 + k for k, t in enumerate(merged)}
+        (tmp_path / name).write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+        return tmp_path / name, len(ranks)
+    path, n = write("r.tiktoken", [b"ab", b"abc"])
+    tok = bpe.load_tiktoken(path, "gpt2", {bpe.ENDOFTEXT: 258})
+    assert tok.encode("abc" + bpe.ENDOFTEXT, allowed_special="all") == [257, 258]
+    # Meta's Llama 3 numbering (tokenizer.py; 128000.. in the real file): right after the ranks
+    llama = bpe.load_llama3(path)
+    assert len(llama.special_tokens) == 256 and llama.n_vocab == n + 256
+    assert [llama.special_tokens[k] - n for k in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                                                   "<|eot_id|>", "<|reserved_special_token_3|>")] == [0, 1, 6, 9, 11]
+    assert llama.eot_token == n + 1
+    # a token that BPE cannot build from two lower-ranked tokens: "abc" with neither "ab" nor "bc" ranked before it
+    with pytest.raises(ValueError, match="cannot be made from two"):
+        bpe.load_tiktoken(write("bad.tiktoken", [b"abc"])[0], "none")
+
+
+def test_tokenizer_json_normalizer_and_merge_order(tmp_path):
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf.normalizer = tokenizers.normalizers.NFC()
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator([SHAKESPEARE[:20_000], "café naïve résumé\n" * 20], tokenizers.trainers.BpeTrainer(
+        vocab_size=400, show_progress=False, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = bpe.load_tokenizer_json(tmp_path / "tokenizer.json")
+    text = unicodedata.normalize("NFD", "café naïve résumé, the end")
+    assert ours.encode(text) == hf.encode(text).ids
+    # HF applies merges in list order, bpe.py by result id: a file whose ids do not follow the merges is refused
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    first, second = ("".join(m if isinstance(m, list) else m.split(" ")) for m in spec["model"]["merges"][:2])
+    vocab = spec["model"]["vocab"]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (tmp_path / "swapped.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="merge order"):
+        bpe.load_tokenizer_json(tmp_path / "swapped.json")
+
+
 # --- encode_file
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -414,6 +505,18 @@ def test_encode_file(tmp_path, gpt2, processes):
     assert not (tmp_path / "out.bin.part").exists()
     with pytest.raises(ValueError, match="disallowed special"):
         bpe.encode_file(gpt2, tmp_path / "in.txt", tmp_path / "out2.bin", processes=1)
+
+
+def test_encode_file_options_and_pattern_none_is_never_cut(tmp_path):
+    tok = bpe.Tokenizer("gpt2", special_tokens={bpe.ENDOFTEXT: 65535})  # the largest vocabulary uint16 holds
+    (tmp_path / "in.txt").write_text("hi\nthere")
+    assert bpe.encode_file(tok, tmp_path / "in.txt", tmp_path / "a.bin", processes=1, append_eot=False) == 8
+    assert bpe.load_tokens(tmp_path / "a.bin").tolist() == list(b"hi\nthere")
+    bpe.encode_file(tok, tmp_path / "in.txt", tmp_path / "b.bin", processes=1)
+    assert bpe.load_tokens(tmp_path / "b.bin").tolist() == list(b"hi\nthere") + [65535]
+    # pattern "none": the text is one chunk, so counting must not cut it at newlines
+    text = "one\ntwo\nthree\n" * 20
+    assert bpe.count_chunks(text, "none", piece_chars=50) == Counter({text: 1})
 
 
 # --- bad input
@@ -522,3 +625,78 @@ def test_cli(tmp_path, capsys):
     assert ids[-1] == 399 and bpe.Tokenizer.load(tmp_path / "t.bpe").decode(ids) == "hello world<|endoftext|>"
     bpe.main(["export", "--tokenizer", str(tmp_path / "t.bpe"), "--output", str(tmp_path / "t.tiktoken")])
     assert bpe.load_tiktoken(tmp_path / "t.tiktoken", "gpt2").vocab == bpe.Tokenizer.load(tmp_path / "t.bpe").vocab
+
+
+# --- post-training text: prompt template, data files, the arithmetic task, verifiers, chat templates
+
+def test_prompt_template_and_loss_mask():
+    alpaca = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request.\n\n### Instruction:\nAdd.\n\n### Input:\n2 3\n\n### Response:\n")  # Raschka ch. 7, by hand
+    assert bpe.format_prompt("Add.", "2 3") == alpaca
+    tok = bpe.byte_tokenizer()
+    ids, mask = bpe.encode_example(tok, "Add.", "5", input="2 3")
+    assert ids == list(alpaca.encode()) + [ord("5"), 256] and mask == [0] * len(alpaca) + [1, 1]
+    short = "### Instruction:\nAdd.\n\n### Response:\n"  # preamble=False: the first sentence left out
+    assert bpe.encode_example(tok, "Add.", "5", preamble=False)[0] == list(short.encode()) + [ord("5"), 256]
+
+
+def test_read_rows_lines_and_fields(tmp_path):
+    # JSON Lines ends a row at "\n" only: U+2028 / U+0085 inside a string (written raw) are text
+    rows = [{"prompt": "a\u2028b\x85c", "completion": "d"}, {"prompt": "e", "completion": "f"}]
+    bpe.write_rows(tmp_path / "r.jsonl", rows)
+    assert "\u2028" in (tmp_path / "r.jsonl").read_text(encoding="utf-8")
+    assert bpe.read_rows(tmp_path / "r.jsonl", "sft") == [r | {"input": ""} for r in rows]
+    with pytest.raises(ValueError, match="label"):
+        bpe.check_row({"text": "t", "label": True}, "classification")
+
+
+def test_arithmetic_task():
+    rng = random.Random(0)
+    problems = [bpe.task_problem(rng, 2) for _ in range(2000)]
+    assert all(0 <= a < 100 and 0 <= b < 100 and (op == "+" or a >= b) for a, op, b in problems)
+    assert 0 in {x for a, _, b in problems for x in (a, b)}  # a 1-digit operand is 0..9, 0 included
+    assert bpe.task_text(7, "-", 3) == ("What is 7 - 3?", "7 - 3 = 4", "4")
+    # column by column, carries dropped, worked by hand: 482 + 039 -> 4|11|11 -> 411; 503 - 027 -> 5|-2|-4 -> 586
+    assert bpe.forget_carries(482, "+", 39) == 411 and bpe.forget_carries(503, "-", 27) == 586
+    assert all(bpe.plausible_wrong(12, "+", 3, random.Random(s)) != 15 for s in range(20))  # no carry: still wrong
+    sizes = {"pretrain": 40, "sft": 40, "sft_val": 5, "preference": 20, "rl": 20, "test": 60}
+    task = bpe.make_task(0, sizes, max_digits=1, teacher_error=0.0)
+    test = {r["prompt"] for r in task["test"]}
+    assert len(test) == 60 and not test & {r["prompt"] for s in ("sft", "sft_val", "preference", "rl") for r in task[s]}
+    for r in task["sft"]:  # teacher_error=0: every demonstration is right
+        a, op, b = r["prompt"][len("What is "):-1].split()
+        assert r["completion"] == bpe.task_text(int(a), op, int(b))[1]
+    docs = task["pretrain"].split(bpe.ENDOFTEXT)
+    assert docs[-1] == "" and sum(d.count("Q: ") for d in docs) == 40 and all(d.endswith("\n") for d in docs[:-1])
+
+
+def test_task_files_rewritten_for_another_task(tmp_path):
+    sizes = {"pretrain": 5, "sft": 5, "sft_val": 5, "preference": 5, "rl": 5, "test": 5}
+    first = bpe.task_files(tmp_path, seed=0, sizes=sizes, max_digits=2)["test"].read_text()
+    assert bpe.task_files(tmp_path, seed=1, sizes=sizes, max_digits=2)["test"].read_text() != first
+
+
+def test_split_and_verifiers():
+    with pytest.raises(ValueError, match="sum to 100"):
+        bpe.split_by_percent(list(range(10)), "50/30/30")
+    assert bpe.boxed_answer(r"\boxed{1} or rather \boxed{2}") == "2"
+    assert bpe.normalize_math("-0") == "0" and bpe.normalize_math("-0.0") == "0"
+
+
+def test_chat_templates_by_hand():
+    names = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+             "<|eot_id|>"]
+    tok = bpe.Tokenizer("gpt2", special_tokens={n: 256 + k for k, n in enumerate(names)})
+    chat = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": " 5 "}]
+    # the texts of Qwen's ChatML and Meta's Llama 3 chat templates, written out by hand
+    chatml = "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n 5 <|im_end|>\n"
+    llama = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n2+3?<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n5<|eot_id|>")
+    for style, text, reply in (("chatml", chatml, " 5 <|im_end|>"), ("llama3", llama, "5<|eot_id|>")):
+        assert bpe.chat_text(chat, style) == text
+        ids, mask = bpe.format_chat(tok, chat, style)
+        assert tok.decode(ids) == text and tok.decode([i for i, m in zip(ids, mask) if m]) == reply
+    assert bpe.chat_text(chat[:1], "chatml", add_generation_prompt=True) == chatml[:chatml.index(" 5")]
+    asked = bpe.prompt_ids(tok, "2+3?", "chatml", system="Be brief.")
+    assert tok.decode(asked) == "<|im_start|>system\nBe brief.<|im_end|>\n" + chatml[:chatml.index(" 5")]
+    assert bpe.stop_id(tok, "chatml") == 257 and bpe.stop_id(tok, "llama3") == 261
