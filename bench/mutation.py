@@ -39,10 +39,15 @@ def load_mutants(topic):
             with open(os.path.join(ROOT, m["file"])) as f:
                 sources[m["file"]] = f.read()
         try:
-            apply(sources[m["file"]], m)
+            mutated = apply(sources[m["file"]], m)
         except ValueError as e:
             raise SystemExit(f"mutant {topic}/{m['id']}: {e}; the code changed since the list was written: "
                              f"update the mutant") from None
+        try:  # a mutant that does not compile would fail every test: a kill that proves nothing
+            compile(mutated, m["file"], "exec") if m["file"].endswith(".py") else None
+        except SyntaxError as e:
+            raise SystemExit(f"mutant {topic}/{m['id']}: its {m['file']} does not compile ({e.msg}, line "
+                             f"{e.lineno}); fix the mutant's text") from None
     return mutants
 
 
