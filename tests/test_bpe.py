@@ -118,6 +118,29 @@ def test_gpt2_equals_tiktoken_random_unicode(gpt2, tiktoken_gpt2):
         assert gpt2.decode(ids) == text
 
 
+def test_long_text_cut_into_pieces_where_chunks_stay_the_same(gpt2, tiktoken_gpt2):
+    # encode_ordinary splits a text of >= 2**18 characters piece by piece (_text_pieces): the chunks of
+    # the pieces must be the chunks of the whole, also across blank lines, \r\n and a long line with no cut
+    rng = random.Random(2)
+    parts = ["word", " ", "\n", "\n\n", "\r\n", " 12", "!", "x\n", "\ty", "é", "1234", " \n", "'s"]
+    text = "".join(rng.choice(parts) for _ in range(20_000)) + "x" * 3000 + "".join(rng.choice(parts) for _ in range(2000))
+    for pattern in (bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN):
+        pieces = list(bpe._text_pieces(text, pattern, piece_chars=300))
+        assert len(pieces) > 50 and "".join(pieces) == text and max(map(len, pieces)) > 3000
+        assert [c for p in pieces for c in regex.findall(pattern, p)] == regex.findall(pattern, text)
+    assert list(bpe._text_pieces(text, bpe.LLAMA3_SPLIT_PATTERN, piece_chars=300)) == [text]  # no known safe cut
+    long = text * (2**18 // len(text) + 1)
+    assert gpt2.encode_ordinary(long) == tiktoken_gpt2.encode_ordinary(long)
+
+
+def test_chunk_cache_is_bounded():
+    tok = bpe.Tokenizer("gpt2")  # bytes only: the ids are the utf-8 bytes
+    tok._cache.max_size = 3
+    text = "a b c d e f g"
+    assert tok.encode(text) == list(text.encode()) and 0 < len(tok._cache) <= 3
+    assert tok.encode(text) == list(text.encode()) and 0 < len(tok._cache) <= 3
+
+
 def test_lone_surrogates_like_tiktoken(gpt2, tiktoken_gpt2):
     text = "a\ud800b \udfff"
     assert gpt2.encode(text) == tiktoken_gpt2.encode(text)
