@@ -342,7 +342,11 @@ class Tokenizer:
             if len(text) < 1 << 18:
                 return list(chain.from_iterable(map(cache.__getitem__, split(text))))
             ids = []
-            for piece in _text_pieces(text, self.pattern):  # a long text in pieces, for speed (section 5)
+            # a long text in pieces cut where the chunks stay the same (_pieces, section 5): split at once,
+            # its millions of chunks make one young list that the garbage collector walks again and again
+            # while new chunks fill the cache
+            can_cut = self.pattern in (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN)
+            for piece in _pieces(text, 1 << 17, can_cut):
                 ids += chain.from_iterable(map(cache.__getitem__, split(piece)))
             return ids
         except UnicodeEncodeError:  # lone surrogates: tiktoken replaces them with U+FFFD
@@ -650,29 +654,6 @@ class _ChunkCache(dict):
             self.clear()
         ids = self[chunk] = encode_chunk(chunk.encode("utf-8"), *self.tables)
         return ids
-
-
-def _text_pieces(text, pattern, piece_chars=1 << 17):
-    r"""Tokenizer.encode_ordinary's input in pieces of about piece_chars characters, cut only where
-    chunking both sides alone equals chunking the whole (_safe_cut; GPT-2 and GPT-4 patterns only).
-    Why: a 10 MB text is 2.5 million chunks. Split in one go, that list is young while the new chunks
-    fill the cache, so Python's garbage collector walks all of it again and again (a cold encode with
-    the collector off gains about what pieces gain), and it does not fit in the CPU caches.
-
-    >>> list(_text_pieces("one\ntwo\n\nthree\nfour\n", GPT2_SPLIT_PATTERN, piece_chars=4))  # no cut at \n\n
-    ['one\n', 'two\n\nthree\n', 'four\n']
-    """
-    start = 0
-    if pattern in (GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN):
-        while len(text) - start > 2 * piece_chars:
-            end = start + piece_chars
-            while (cut := _safe_cut(text[start:end])) <= 0 and end < len(text):
-                end += end - start  # no safe cut in this window: look in one twice as long
-            if cut <= 0:
-                break
-            yield text[start:start + cut]
-            start += cut
-    yield text[start:] if start else text
 
 
 def _bpe_merge_long(ids, ranks, max_rank=None):

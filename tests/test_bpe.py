@@ -118,19 +118,24 @@ def test_gpt2_equals_tiktoken_random_unicode(gpt2, tiktoken_gpt2):
         assert gpt2.decode(ids) == text
 
 
-def test_long_text_cut_into_pieces_where_chunks_stay_the_same(gpt2, tiktoken_gpt2):
-    # encode_ordinary splits a text of >= 2**18 characters piece by piece (_text_pieces): the chunks of
+def test_long_text_cut_into_pieces_where_chunks_stay_the_same(gpt2, tiktoken_gpt2, monkeypatch):
+    # encode_ordinary splits a text of >= 2**18 characters piece by piece (_pieces): the chunks of
     # the pieces must be the chunks of the whole, also across blank lines, \r\n and a long line with no cut
     rng = random.Random(2)
     parts = ["word", " ", "\n", "\n\n", "\r\n", " 12", "!", "x\n", "\ty", "é", "1234", " \n", "'s"]
     text = "".join(rng.choice(parts) for _ in range(20_000)) + "x" * 3000 + "".join(rng.choice(parts) for _ in range(2000))
     for pattern in (bpe.GPT2_SPLIT_PATTERN, bpe.GPT4_SPLIT_PATTERN):
-        pieces = list(bpe._text_pieces(text, pattern, piece_chars=300))
+        pieces = list(bpe._pieces(text, 300, True))
         assert len(pieces) > 50 and "".join(pieces) == text and max(map(len, pieces)) > 3000
         assert [c for p in pieces for c in regex.findall(pattern, p)] == regex.findall(pattern, text)
-    assert list(bpe._text_pieces(text, bpe.LLAMA3_SPLIT_PATTERN, piece_chars=300)) == [text]  # no known safe cut
+    assert list(bpe._pieces(text, 300, False)) == [text]
     long = text * (2**18 // len(text) + 1)
     assert gpt2.encode_ordinary(long) == tiktoken_gpt2.encode_ordinary(long)
+    calls, pieces = [], bpe._pieces  # which patterns encode_ordinary cuts: GPT-2's and GPT-4's, no other
+    monkeypatch.setattr(bpe, "_pieces", lambda text, n, can_cut: calls.append(can_cut) or pieces(text, n, can_cut))
+    for name in ("gpt2", "gpt4", "llama3"):
+        assert bpe.Tokenizer(name).encode_ordinary(long) == list(long.encode())  # no merges: the bytes
+    assert calls == [True, True, False]
 
 
 def test_chunk_cache_is_bounded():
