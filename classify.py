@@ -552,7 +552,8 @@ def main(argv=None):
     args.train = args.train or ("last-block" if pretrained else "all")
     if args.lr is None:  # `is None`, not `or`: --lr 0 (the weights stay as they are) means what it says
         args.lr = 1e-4 if pretrained else 1e-3
-    args.epochs = args.epochs or (8 if pretrained else 4)
+    if args.epochs is None:  # and --epochs 0 is refused below, not taken for the default
+        args.epochs = 8 if pretrained else 4
     if args.lr < 0 or args.epochs < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise ValueError(f"--lr {args.lr}, --epochs {args.epochs}, --max-steps {args.max_steps}: give --lr >= 0 "
                          f"and at least one epoch or step")

@@ -231,7 +231,8 @@ def test_lr_zero_means_no_update_and_bad_lengths_are_refused(tmp_path, lm_ckpt):
     start, _ = classify.build_model(argparse.Namespace(**ckpt["args"]), 2)
     for name, w in start.state_dict().items():
         assert torch.equal(ckpt["model"][name], w), f"{name} changed at --lr 0"
-    for flag, value in (("--lr", "-1"), ("--epochs", "-1"), ("--max-steps", "0"), ("--max-steps", "-1")):
+    for flag, value in (("--lr", "-1"), ("--epochs", "0"), ("--epochs", "-1"), ("--max-steps", "0"),
+                        ("--max-steps", "-1")):
         with pytest.raises(ValueError, match="give --lr >= 0 and at least one epoch or step"):
             run(tmp_path, "--init", lm_ckpt, flag, value, out="bad")
 
