@@ -9,8 +9,8 @@ not (SURVIVED). The working tree is never touched.
     python bench/mutation.py grpo sft --jobs 2 --out bench/results/mutation_cpu.md
 
 A mutant list, bench/mutants/<topic>.json: [{"id", "file", "old", "new", "what"}], `old` occurring exactly once in
-`file` (or lists of olds and news, replaced in turn); the tests run are tests/test_<topic>.py, plus tests/test_<stem>.py of a mutated file other than the
-topic's (a mutant of bpe.py also runs tests/test_bpe.py).
+`file` (or lists of olds and news, replaced in turn). The tests run are tests/test_<topic>.py, plus
+tests/test_<stem>.py of a mutated file other than the topic's (a mutant of bpe.py also runs tests/test_bpe.py).
 """
 
 import argparse
@@ -44,7 +44,8 @@ def load_mutants(topic):
             raise SystemExit(f"mutant {topic}/{m['id']}: {e}; the code changed since the list was written: "
                              f"update the mutant") from None
         try:  # a mutant that does not compile would fail every test: a kill that proves nothing
-            compile(mutated, m["file"], "exec") if m["file"].endswith(".py") else None
+            if m["file"].endswith(".py"):
+                compile(mutated, m["file"], "exec")
         except SyntaxError as e:
             raise SystemExit(f"mutant {topic}/{m['id']}: its {m['file']} does not compile ({e.msg}, line "
                              f"{e.lineno}); fix the mutant's text") from None
