@@ -5,6 +5,8 @@ have a copy in training (the leak of a split that does not keep repeated texts t
     python bench/bench_classify.py                                  # the peers on the balanced, book and full splits
     OMP_NUM_THREADS=1 python bench/bench_classify.py --seeds 1337,1338,1339 --out bench/results/classify_peers_cpu.md
                                                                     # + classify.py's default run per seed, side by side
+    python bench/bench_classify.py --errors out/s1/ckpt.pt out/s2/ckpt.pt   # the test texts these runs get wrong,
+                                                                    # and whether the scikit-learn filters do too
 
 Peers (fit on the training texts, C / alpha picked by val accuracy, the first of equals; the test accuracy of
 every grid point is reported beside, never used to pick):
@@ -91,7 +93,8 @@ def run_peer(make_vec, make_model, grid, texts, y):
         if best is None or val > best[0]:
             best = (val, h, m.predict(x["test"]))
     return dict(val=best[0], test=float((best[2] == y["test"]).mean()), f1=spam_f1(y["test"], best[2]),
-                hyper=best[1], grid=f"{min(tests):.2%}-{max(tests):.2%}", cpu=time.process_time() - t0)
+                hyper=best[1], grid=f"{min(tests):.2%}-{max(tests):.2%}", cpu=time.process_time() - t0,
+                pred=best[2])
 
 
 def run_numpy_baseline(texts, y):
@@ -191,6 +194,40 @@ def run_classify(split, seed, out_dir):
                 cpu=(t1.ru_utime + t1.ru_stime) - (t0.ru_utime + t0.ru_stime))
 
 
+def error_core(paths):
+    """--errors: the test texts that classify.py's runs (their ckpt.pt files, one split) get wrong, how many of
+    the runs miss each, and how many of the scikit-learn filters (picked on val) miss it too. -> report lines."""
+    import torch
+    runs = [classify.load_checkpoint(p) for p in paths]
+    splits = {(r["args"]["split"], r["args"]["split_seed"]) for r in runs}
+    if len(splits) != 1:
+        sys.exit(f"--errors: the checkpoints come from different splits {sorted(splits)}; give one split's")
+    split, split_seed = splits.pop()
+    texts, y = load_split(split, split_seed)
+    missed = np.zeros(len(y["test"]), int)
+    for path, ckpt in zip(paths, runs):
+        args = argparse.Namespace(**{**ckpt["args"], "out_dir": os.path.dirname(path)})
+        model, tok = classify.build_model(args, len(ckpt["labels"]), ckpt)
+        max_len = min(args.max_len or model.config.block_size, model.config.block_size)
+        seqs = [classify.encode(tok, t, max_len, args.eot) for t in texts["test"]]
+        spam = classify.predict_logits(model, seqs, 64, "cpu", torch.float32).argmax(1).numpy() == \
+            ckpt["labels"].index("spam")
+        missed += spam != y["test"]
+    filters = peers()
+    peer_missed = sum(run_peer(*spec, texts, y)["pred"] != y["test"] for spec in filters.values())
+    n, lines = len(runs), [f"## test texts of the {split} split that classify.py's {len(runs)} runs get wrong", ""]
+    for k in sorted({k for k in (n, n - 1, n - 2, (n + 1) // 2) if k > 0}, reverse=True):
+        core = missed >= k
+        lines.append(f"- missed by at least {k} of the {n} runs: {int(core.sum())} texts; of those, missed by all "
+                     f"{len(filters)} scikit-learn filters too: {int((peer_missed[core] == len(filters)).sum())}")
+    lines += ["", f"| runs that miss it (of {n}) | filters that miss it (of {len(filters)}) | label | text |",
+              "|---|---|---|---|"]
+    for i in sorted(np.flatnonzero(missed), key=lambda i: -missed[i]):
+        text = texts["test"][i].replace("|", "/").replace("\n", " ")
+        lines.append(f"| {missed[i]} | {peer_missed[i]} | {'spam' if y['test'][i] else 'ham'} | {text[:100]} |")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--splits", default=",".join(SPLITS), help="comma-separated: balanced, book, full")
@@ -198,6 +235,8 @@ def main():
     p.add_argument("--encoder", help="also a pretrained encoder per seed: a Hugging Face hub name or folder (e.g. "
                    "sentence-transformers/all-MiniLM-L6-v2), frozen + LogisticRegression and fine-tuned")
     p.add_argument("--encoder-seeds", default="1337", help="seeds of the fine-tuned encoder (comma-separated)")
+    p.add_argument("--errors", nargs="+", metavar="CKPT", help="instead: which test texts these classify.py runs "
+                   "(ckpt.pt files of one split) get wrong, and whether the scikit-learn filters miss them too")
     p.add_argument("--out", help="also write the report to this markdown file")
     args = p.parse_args()
     try:
@@ -209,7 +248,7 @@ def main():
              f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python "
              f"{platform.python_version()}, scikit-learn {sklearn.__version__}, OMP_NUM_THREADS="
              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", ""]
-    for split in args.splits.split(","):
+    for split in [] if args.errors else args.splits.split(","):
         texts, y = load_split(split)
         train = set(texts["train"])
         leak = [i for i, t in enumerate(texts["test"]) if t in train]
@@ -240,6 +279,9 @@ def main():
                          f"{min(ours):.2%}, max {max(ours):.2%}); best peer {best_peer:.2%}")
         lines.append("")
         print("\n".join(lines[-len(results) - 6:]), flush=True)
+    if args.errors:
+        lines += error_core(args.errors)
+        print("\n".join(lines))
     load = os.getloadavg()
     lines.append(f"load average (1/5/15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(lines[-1])
