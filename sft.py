@@ -106,7 +106,14 @@ def parse_args(argv=None):
     add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr")})  # see main
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("batch_size", "max_steps", "epochs", "eval_batch_size", "max_new_tokens", "seq_len"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    for flag in ("lr", "grad_clip"):  # a negative clip would flip the gradient's sign: ascent, silently
+        if (getattr(args, flag) or 0) < 0:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    return args
 
 
 def fail(msg):
@@ -218,9 +225,14 @@ class Loader:
 def load_base(init):
     """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
     try:
-        model, tok, _ = load_with_tokenizer(init, BASE_COMMAND if init == PRESETS["task"]["init"] else None)
+        model, tok, ckpt = load_with_tokenizer(init, BASE_COMMAND if init == PRESETS["task"]["init"] else None)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    except TypeError as e:  # a config field gpt2.GPTConfig does not know: another kind of model (char_gpt.py's)
+        fail(f"--init {init}: not a checkpoint of gpt2.py's GPT ({e}); give train_gpt2.py's or sft.py's")
+    if (ckpt or {}).get("method") == "rm":
+        fail(f"--init {init} is a reward model (reward_model.py --method rm), not a language model; give the base "
+             f"model (train_gpt2.py's checkpoint)")
     return model, tok
 
 
@@ -296,9 +308,15 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     args, resume = resume_settings(args, "sft.py")  # the run's own settings, except where it runs and stops
+    if resume and "mask_prompt" not in resume["args"]:  # every sft.py run records it
+        fail(f"--resume: {ckpt_path} is not an sft.py run (reward_model.py's, ppo.py's, ...?); give the "
+             f"--out-dir of an sft.py run")
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"]
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(e)
     rank, world = 0, 1
     if args.fsdp:
         rank, world, device = init_distributed(device)
@@ -312,6 +330,9 @@ def main(argv=None):
     seed_everything(args.seed)
 
     model, tok = load_base(args.init)
+    if args.max_new_tokens >= model.config.block_size:
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+             f"{model.config.block_size}-token context; lower it")
     max_len = min(args.max_len or model.config.block_size, model.config.block_size)
     if args.packing and args.seq_len > model.config.block_size:
         fail(f"--seq-len {args.seq_len} is longer than the model's context ({model.config.block_size}); lower it")
@@ -331,7 +352,10 @@ def main(argv=None):
 
     total_params = sum(p.numel() for p in model.parameters())
     if args.lora:
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets.split(","), args.lora_dropout)
+        try:
+            add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets.split(","), args.lora_dropout)
+        except ValueError as e:  # a rank below 1, a target no layer has
+            fail(f"--lora: {e}")
     model.to(device)
     if args.fsdp:
         if resume:  # the full weights go in before sharding

@@ -511,6 +511,47 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
                   "--split", "90/0/10", *RUN])
 
 
+@pytest.mark.parametrize("flag,value,bound", [
+    ("--batch-size", "0", 1), ("--max-steps", "-1", 1), ("--epochs", "0", 1), ("--eval-batch-size", "0", 1),
+    ("--max-new-tokens", "0", 1), ("--seq-len", "0", 1), ("--lr", "-1", 0), ("--grad-clip", "-1", 0)])
+def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flag, value, bound):
+    """Refused where they are parsed, naming the flag: not a ZeroDivisionError in the loader, a run of 0 (or
+    the default number of) steps, or, for a negative --grad-clip, a silently reversed gradient."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=rf"{flag} {value}(\.0)?: must be at least {bound}"):
+        sft.main([flag, value])
+
+
+def other_run(out_dir):
+    """A checkpoint as reward_model.py writes it (its settings, its value head), in out_dir."""
+    head = {"weight": torch.zeros(1, 32), "bias": torch.zeros(1)}
+    gpt2.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), tiny(), tokenizer=BYTES.dumps(), value_head=head,
+                         method="rm", args={"method": "rm", "lr": 1e-4})
+    return os.path.join(out_dir, "ckpt.pt")
+
+
+@pytest.mark.parametrize("case", ["cuda", "reward_model", "char_gpt", "max_new_tokens", "lora_rank", "resume_other"])
+def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
+    """A mistaken device, model, setting or run directory: a SystemExit naming it and the fix, never a traceback
+    from deep inside (nor, for a reward model as --init, a silent run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    init = base_checkpoint(tmp_path / "base.pt")
+    data = str(write(tmp_path / "d.jsonl", [{"prompt": "What is 1 + 1?", "completion": "1 + 1 = 2"}] * 20))
+    if case == "char_gpt":  # a checkpoint whose config is not gpt2.GPTConfig's
+        torch.save({"model": {}, "config": {"vocab_size": 65, "batch_size": 32}}, tmp_path / "char.pt")
+    argv, words = {
+        "cuda": (["--init", init, "--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
+        "reward_model": (["--init", other_run(tmp_path / "rm")], "is a reward model"),
+        "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a checkpoint of gpt2.py's GPT"),
+        "max_new_tokens": (["--init", init, "--max-new-tokens", "96"], "leaves no room for a prompt"),
+        "lora_rank": (["--init", init, "--lora", "--lora-r", "0", "--batch-size", "4"], "--lora: LoRA rank r must be"),
+        "resume_other": (["--resume", "--out-dir", os.path.dirname(other_run(tmp_path / "rm"))],
+                         "is not an sft.py run"),
+    }[case]
+    with pytest.raises(SystemExit, match=words):
+        sft.main(["--data", data, "--device", "cpu", *argv])
+
+
 def test_response_loss_is_the_mean_over_every_response_token():
     """The held-out loss: cross-entropy summed over the response tokens of all batches, divided by their number
     (not a mean of batch means), with dropout off; the model is back in training mode afterwards."""
