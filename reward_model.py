@@ -126,9 +126,18 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr", "max_steps")})  # see main
     args = p.parse_args(argv)
-    for flag in ("batch_size", "max_steps"):
+    for flag in ("batch_size", "max_steps", "epochs", "eval_batch_size", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    for flag in ("lr", "grad_clip"):  # a negative clip would flip the gradient's sign: ascent, silently
+        if (getattr(args, flag) or 0) < 0:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    if args.method == "dpo" and args.beta <= 0:  # 0: every implicit reward is 0, the loss a constant ln 2
+        fail(f"--beta {args.beta}: DPO needs a beta above 0 (at 0 its loss is a constant; below, it learns to "
+             f"prefer the rejected answers)")
+    if args.pairs != "given" and args.samples_per_prompt < 2:
+        fail(f"--samples-per-prompt {args.samples_per_prompt}: a pair needs a right and a wrong answer to one "
+             f"prompt; give 2 or more")
     args.out_dir = args.out_dir or f"out/task-{args.method}"
     return args
 
@@ -145,7 +154,10 @@ def read_pairs(path):
     """Preference rows of a .jsonl / .json file; Alpaca-style rows (instruction, input, chosen, rejected, as in
     Raschka's preference file) come back with their instruction as the prompt."""
     if str(path).endswith(".json"):
-        items = json.load(open(path, encoding="utf-8"))
+        try:
+            items = json.load(open(path, encoding="utf-8"))
+        except ValueError:  # not UTF-8, not JSON: bpe.read_rows's error names the file, the line and the fix
+            return bpe.read_rows(path, "preference")
         if isinstance(items, list):
             rows = []
             for i, r in enumerate(items):
@@ -399,6 +411,11 @@ def load_init(init):
         model, tok, ckpt = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    except TypeError as e:  # a config field gpt2.GPTConfig does not know: another kind of model (char_gpt.py's)
+        fail(f"--init {init}: not a checkpoint of gpt2.py's GPT ({e}); give sft.py's")
+    if (ckpt or {}).get("method") == "rm":
+        fail(f"--init {init} is a reward model already (reward_model.py --method rm); start from the SFT model "
+             f"(sft.py's checkpoint), or --resume its run")
     return model, tok, (ckpt or {}).get("template")
 
 
@@ -464,11 +481,17 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     args, resume = resume_settings(args, "reward_model.py")  # the run's own settings, except where it runs and stops
+    if resume and "method" not in resume["args"]:  # every reward_model.py run records it
+        fail(f"--resume: {ckpt_path} is not a reward_model.py run (sft.py's, ppo.py's, ...?); give the --out-dir "
+             f"of a reward_model.py run")
     if args.lr is None:  # the preset's, for the method
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
     if args.max_steps is None and PRESETS[args.preset]["max_steps"]:
         args.max_steps = PRESETS[args.preset]["max_steps"][args.method]
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(e)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
 
@@ -494,7 +517,10 @@ def main(argv=None):
     if args.method == "dpo":  # the frozen reference: the starting model, in eval mode (no dropout)
         ref = copy.deepcopy(gpt).to(device).eval().requires_grad_(False)
     if args.lora:
-        add_lora(gpt, args.lora_r, args.lora_alpha, args.lora_targets.split(","))
+        try:
+            add_lora(gpt, args.lora_r, args.lora_alpha, args.lora_targets.split(","))
+        except ValueError as e:  # a rank below 1, a target no layer has
+            fail(f"--lora: {e}")
     model = RewardModel(gpt) if args.method == "rm" else gpt
     model.to(device)
     if args.method == "dpo":

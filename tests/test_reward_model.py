@@ -485,6 +485,52 @@ def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
         rm.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size 0: must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be at least 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0"),
+    (["--method", "dpo", "--beta", "-0.1"], "--beta -0.1: DPO needs a beta above 0"),  # prefers the rejected
+    (["--method", "dpo", "--beta", "0"], "--beta 0.0: DPO needs a beta above 0"),  # a constant loss
+    (["--pairs", "samples", "--samples-per-prompt", "1"], "--samples-per-prompt 1: a pair needs a right and a wrong")])
+def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
+    """Refused where they are parsed: not a ZeroDivisionError, a torch error from deep inside, or a run that
+    learns nothing (or the opposite preference) without a word."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=words):
+        rm.main(flags)
+
+
+@pytest.mark.parametrize("case", ["cuda", "reward_model", "char_gpt", "lora_rank", "resume_other", "bad_json",
+                                  "latin1_json"])
+def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
+    """A mistaken device, model, setting, run directory or data file: a SystemExit naming it (the file and line
+    of bad data) and the fix, never a traceback from deep inside."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    init = base_checkpoint(tmp_path / "sft.pt")
+    data = tmp_path / "p.jsonl"
+    bpe.write_rows(data, [{"prompt": "What is 1 + 1?", "chosen": "1 + 1 = 2", "rejected": "1 + 1 = 3"}] * 20)
+    head = {"weight": torch.zeros(1, 32), "bias": torch.zeros(1)}
+    gpt2.save_checkpoint(str(tmp_path / "rm" / "ckpt.pt"), tiny(), tokenizer=BYTES.dumps(), value_head=head,
+                         method="rm", args={"method": "rm"})
+    gpt2.save_checkpoint(str(tmp_path / "sft" / "ckpt.pt"), tiny(), tokenizer=BYTES.dumps(), args={"lr": 1e-4})
+    torch.save({"model": {}, "config": {"vocab_size": 65, "batch_size": 32}}, tmp_path / "char.pt")
+    (tmp_path / "bad.json").write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n{"prompt": "p",,}]')
+    (tmp_path / "latin1.json").write_bytes('[{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}]'.encode("latin-1"))
+    argv, words = {
+        "cuda": (["--init", init, "--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
+        "reward_model": (["--init", str(tmp_path / "rm" / "ckpt.pt")], "is a reward model already"),
+        "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a checkpoint of gpt2.py's GPT"),
+        "lora_rank": (["--init", init, "--lora", "--lora-r", "0", "--batch-size", "4"], "--lora: LoRA rank r must be"),
+        "resume_other": (["--resume", "--out-dir", str(tmp_path / "sft")], "is not a reward_model.py run"),
+        "bad_json": (["--init", init, "--data", str(tmp_path / "bad.json")], "bad.json:2: not valid JSON"),
+        "latin1_json": (["--init", init, "--data", str(tmp_path / "latin1.json")], "latin1.json: not UTF-8"),
+    }[case]
+    with pytest.raises(SystemExit, match=words):
+        rm.main(["--data", str(data), "--device", "cpu", *argv])
+
+
 def test_reward_loss_equals_trl(tmp_path):
     """TRL's RewardTrainer.compute_loss (margin and center_rewards_coefficient) on the same tiny model and batch.
     It is called on a stand-in for the trainer that holds only what the method reads."""
