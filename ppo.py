@@ -136,9 +136,14 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[first.preset])
     args = p.parse_args(argv)
-    for flag in ("batch_size", "minibatches", "ppo_epochs"):
+    for flag in ("batch_size", "minibatches", "ppo_epochs", "max_steps", "max_new_tokens", "eval_batch_size"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    for flag in ("value_lr", "kl_coef", "target_kl", "clip", "clip_value", "grad_clip"):  # e.g. a negative
+        if (getattr(args, flag) or 0) < 0:  # --kl-coef rewards drifting away, a negative --grad-clip flips the step
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    if args.lr <= 0:  # the value head's rate is --value-lr / --lr times the policy's
+        fail(f"--lr {args.lr}: give a learning rate above 0")
     if args.temperature <= 0:  # training divides the logits by it, as sampling does: greedy has no log-probabilities
         fail(f"--temperature {args.temperature}: PPO samples its rollouts; give a temperature above 0")
     if args.batch_size % args.minibatches:
@@ -453,10 +458,19 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     args, resume = resume_settings(args, "ppo.py")  # the run's own settings, except where it runs and stops
-    device = pick_device(args.device)
+    if resume and "kl_coef" not in resume["args"]:  # every ppo.py run records it
+        fail(f"--resume: {ckpt_path} is not a ppo.py run (sft.py's, grpo.py's, ...?); give the --out-dir of a "
+             f"ppo.py run")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(e)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
     gpt, tok, ckpt = load_model(args.init, "--init")
+    if ckpt.get("method") == "rm":
+        fail(f"--init {args.init} is a reward model (reward_model.py --method rm); give the SFT model as --init "
+             f"and the reward model as --reward-model")
     if args.preamble is None:
         args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
     reward_model = None
@@ -486,6 +500,13 @@ def main(argv=None):
     test_rows = test_rows[:args.eval_limit] if args.eval_limit else test_rows
     if len(train_rows) < args.batch_size:
         fail(f"{len(train_rows)} training prompts do not fill one batch of --batch-size {args.batch_size}")
+    room = gpt.config.block_size - args.max_new_tokens  # every prompt + its longest response must fit the context
+    long = [r for r in train_rows + test_rows
+            if len(tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), args.preamble))) > room]
+    if long:
+        fail(f"{len(long)} prompts of --data {args.data} are longer than the {room} tokens the model's "
+             f"{gpt.config.block_size}-token context leaves next to --max-new-tokens {args.max_new_tokens} "
+             f"(the first: {long[0]['prompt'][:40]!r}...); lower --max-new-tokens or leave them out")
     ref = Policy(copy.deepcopy(gpt), vocab_size=tok.n_vocab).to(device).eval().requires_grad_(False)  # frozen SFT
     critic = None if args.critic == "shared" else copy.deepcopy(rm_gpt if args.critic == "rm" else gpt)
     policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None, tok.n_vocab)
@@ -591,15 +612,23 @@ def load_prompts(data):
         download(PREFERENCE_URL, data)
     if not os.path.isfile(data):
         raise FileNotFoundError(f"--data {data!r}: no such file or folder, and not 'task'")
-    if data.endswith(".json"):
-        items = json.load(open(data, encoding="utf-8"))
-    else:
-        items = [json.loads(line) for line in open(data, encoding="utf-8") if line.strip()]
+    try:
+        if data.endswith(".json"):
+            items = json.load(open(data, encoding="utf-8"))
+        else:
+            items = [json.loads(line) for line in open(data, encoding="utf-8") if line.strip()]
+    except ValueError:  # not UTF-8, not JSON: bpe.read_rows's error names the file, the line and the fix
+        bpe.read_rows(data, "rl")
+        raise
     rows = []
     for i, r in enumerate(items if isinstance(items, list) else []):
         prompt = r.get("prompt", r.get("instruction")) if isinstance(r, dict) else None
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{data}: item {i} has no 'prompt' (or 'instruction') string")
+        if "answer" in r and (not isinstance(r["answer"], (str, int)) or isinstance(r["answer"], bool)
+                              or r["answer"] == ""):  # str(None) would be an answer no response can match
+            raise ValueError(f"{data}: item {i}: 'answer' must be a non-empty string or an integer, got "
+                             f"{r['answer']!r}")
         rows.append({"prompt": prompt, "input": r.get("input") or "",
                      **({"answer": str(r["answer"])} if "answer" in r else {})})
     if len(rows) < 2:

@@ -476,6 +476,57 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
         ppo.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size 0: must be at least 1"),
+    (["--lr", "0"], "--lr 0.0: give a learning rate above 0"),
+    (["--value-lr", "-1"], "--value-lr -1.0: must be at least 0"),
+    (["--kl-coef", "-1"], "--kl-coef -1.0: must be at least 0"),
+    (["--target-kl", "-1"], "--target-kl -1.0: must be at least 0"),
+    (["--clip", "-0.1"], "--clip -0.1: must be at least 0"),
+    (["--clip-value", "-1"], "--clip-value -1.0: must be at least 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0")])
+def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
+    """Refused where they are parsed: not a ZeroDivisionError (--lr 0), a run of no steps, or a run that
+    silently does the opposite (a negative KL coefficient rewards drifting away, a negative clip inverts the
+    clamp, a negative --grad-clip reverses the gradient)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=words):
+        ppo.main(flags)
+
+
+@pytest.mark.parametrize("case", ["cuda", "reward_model_as_init", "resume_other", "null_answer", "bad_line",
+                                  "latin1", "long_prompt"])
+def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
+    """A mistaken device, model, run directory or data file: a SystemExit naming it (the file and line of bad
+    data) and the fix, never a traceback from deep inside nor a silent run (an answer null scored as 'None')."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    sft, rm, data = task_inputs(tmp_path)
+    rm_ckpt = gpt2.load_checkpoint(rm)
+    gpt2.save_checkpoint(str(tmp_path / "rm2.pt"), tiny(6), tokenizer=BYTES.dumps(), value_head=rm_ckpt["value_head"],
+                         method="rm", args={"method": "rm"})  # as reward_model.py writes it
+    gpt2.save_checkpoint(str(tmp_path / "grpo" / "ckpt.pt"), tiny(), tokenizer=BYTES.dumps(), args={"group_size": 8})
+    lines = open(data).read().splitlines()
+    (tmp_path / "null.jsonl").write_text("\n".join(lines[:3] + ['{"prompt": "What is 9 + 9?", "answer": null}']))
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[:2] + ['{"prompt": "What is 9 + 9?",'] + lines[2:]))
+    (tmp_path / "latin1.jsonl").write_bytes("\n".join(lines + ['{"prompt": "caf\xe9?", "answer": "1"}']).encode("latin-1"))
+    bpe.write_rows(tmp_path / "long.jsonl", [{"prompt": "What is " + "1 + " * 20 + "1?", "answer": "21"}] * 20)
+    argv, words = {
+        "cuda": (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
+        "reward_model_as_init": (["--init", str(tmp_path / "rm2.pt")], "is a reward model"),
+        "resume_other": (["--resume", "--out-dir", str(tmp_path / "grpo")], "is not a ppo.py run"),
+        "null_answer": (["--data", str(tmp_path / "null.jsonl")], "item 3: 'answer' must be a non-empty string"),
+        "bad_line": (["--data", str(tmp_path / "bad.jsonl")], "bad.jsonl:3: not valid JSON"),
+        "latin1": (["--data", str(tmp_path / "latin1.jsonl")], "latin1.jsonl: not UTF-8"),
+        "long_prompt": (["--data", str(tmp_path / "long.jsonl"), "--max-new-tokens", "8"],
+                        r"20 prompts .* longer than the 56 tokens the model's 64-token context leaves"),
+    }[case]
+    with pytest.raises(SystemExit, match=words):
+        ppo.main(["--init", sft, "--reward-model", rm, "--data", data, "--device", "cpu", "--batch-size", "8",
+                  "--minibatches", "2", *argv])
+
+
 def test_gpt2_polite_recipe_code_path(tmp_path):
     """The gpt2-polite preset on tiny random GPT-2-vocabulary models written in sft.py's and reward_model.py's
     checkpoint formats, and a small file in the preference data's format."""
