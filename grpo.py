@@ -128,6 +128,12 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**PRESETS[first.preset])
     args = p.parse_args(argv)
+    for flag in ("prompts", "max_steps", "updates", "max_new_tokens", "eval_batch_size"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    for flag in ("lr", "beta", "clip_low", "clip_high", "grad_clip"):  # e.g. a negative --beta rewards drifting
+        if getattr(args, flag) < 0:  # away, a negative --grad-clip flips the step: silently wrong runs
+            fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
     if args.group_size < 2:
         fail(f"--group-size {args.group_size}: a group needs at least 2 answers to have a mean to compare with")
     if args.temperature <= 0:  # greedy answers: a group's G answers are one answer, and the ratio has no pi
@@ -164,7 +170,8 @@ def load_rows(data):
         return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
     folder = os.path.join("data", "gsm8k") if data == "gsm8k" else data
     if not os.path.isdir(folder):
-        fail(f"--data {data!r}: no such folder, and not 'task' or 'gsm8k'")
+        fail(f"--data {data!r}: {'a file' if os.path.isfile(data) else 'no such folder'}; give a folder with "
+             f"rl.jsonl + test.jsonl ({{prompt, answer}} rows), or 'task' or 'gsm8k'")
     if os.path.exists(os.path.join(folder, "rl.jsonl")):
         return tuple(bpe.read_rows(os.path.join(folder, f"{s}.jsonl"), "rl") for s in ("rl", "test"))
     for split in ("train", "test"):
@@ -178,9 +185,14 @@ def load_rows(data):
 def load_policy(init):
     """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
     try:
-        model, tok, _ = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
+        model, tok, ckpt = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    except TypeError as e:  # a config field gpt2.GPTConfig does not know: another kind of model (char_gpt.py's)
+        fail(f"--init {init}: not a checkpoint of gpt2.py's GPT ({e}); give sft.py's")
+    if (ckpt or {}).get("method") == "rm":
+        fail(f"--init {init} is a reward model (reward_model.py --method rm), not a policy; give the SFT model "
+             f"(sft.py's checkpoint)")
     return model, tok
 
 
@@ -395,7 +407,13 @@ def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     args, resume = resume_settings(args, "grpo.py")  # the run's own settings, except where it runs and stops
-    device = pick_device(args.device)
+    if resume and "group_size" not in resume["args"]:  # every grpo.py run records it
+        fail(f"--resume: {ckpt_path} is not a grpo.py run (sft.py's, ppo.py's, ...?); give the --out-dir of a "
+             f"grpo.py run")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        fail(e)
     rank, world = 0, 1
     if getattr(args, "fsdp", False):
         rank, world, device = init_distributed(device)
@@ -416,6 +434,13 @@ def main(argv=None):
         test_rows = test_rows[:args.eval_limit]
     if len(train_rows) < args.prompts:
         fail(f"{len(train_rows)} training prompts do not fill one batch of --prompts {args.prompts}")
+    room = model.config.block_size - args.max_new_tokens  # every prompt + its longest answer must fit the context
+    long = [r for r in train_rows + test_rows if len(bpe.prompt_ids(
+        tok, r["prompt"], getattr(args, "template", "alpaca"), args.preamble, getattr(args, "system", None))) > room]
+    if long:
+        fail(f"{len(long)} prompts of --data {args.data} are longer than the {room} tokens the model's "
+             f"{model.config.block_size}-token context leaves next to --max-new-tokens {args.max_new_tokens} "
+             f"(the first: {long[0]['prompt'][:40]!r}...); lower --max-new-tokens or leave them out")
     model.to(device).eval()  # eval: no dropout, so the ratio compares the same function on both sides
     # the reference for the KL term (and the KL metric): the starting model, frozen
     ref = copy.deepcopy(model).requires_grad_(False)

@@ -484,6 +484,55 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
         grpo.main(["--init", init, "--data", str(tmp_path / "bad"), "--device", "cpu"])
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--prompts", "0"], "--prompts 0: must be at least 1"),
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--updates", "0"], "--updates 0: must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size 0: must be at least 1"),
+    (["--lr", "-1"], "--lr -1.0: must be at least 0"),
+    (["--beta", "-0.1"], "--beta -0.1: must be at least 0"),
+    (["--clip-low", "-0.1"], "--clip-low -0.1: must be at least 0"),
+    (["--clip-high", "-0.5"], "--clip-high -0.5: must be at least 0"),
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0")])
+def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
+    """Refused where they are parsed: not a ZeroDivisionError (--prompts 0), a run of no steps or updates, or
+    one that silently does the opposite (a negative --beta rewards drifting away, a negative clip inverts the
+    clamp, a negative --grad-clip reverses the gradient)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=words):
+        grpo.main(flags)
+
+
+@pytest.mark.parametrize("case", ["cuda", "reward_model", "char_gpt", "resume_other", "data_file", "long_prompt"])
+def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
+    """A mistaken device, model, run directory or --data: a SystemExit naming it and the fix, never a traceback
+    from deep inside (nor, for a reward model as --init, a silent run)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
+    init, data = str(tmp_path / "sft.pt"), task_folder(tmp_path)
+    gpt2.save_checkpoint(init, tiny(), tokenizer=BYTES.dumps())
+    head = {"weight": torch.zeros(1, 32), "bias": torch.zeros(1)}
+    gpt2.save_checkpoint(str(tmp_path / "rm.pt"), tiny(), tokenizer=BYTES.dumps(), value_head=head, method="rm")
+    gpt2.save_checkpoint(str(tmp_path / "ppo" / "ckpt.pt"), tiny(), tokenizer=BYTES.dumps(), args={"kl_coef": 0.02})
+    torch.save({"model": {}, "config": {"vocab_size": 65, "batch_size": 32}}, tmp_path / "char.pt")
+    (tmp_path / "long").mkdir()
+    long = [{"prompt": "What is " + "1 + " * 20 + "1?", "answer": "21"}] * 4
+    for split in ("rl", "test"):
+        bpe.write_rows(tmp_path / "long" / f"{split}.jsonl", long)
+    argv, words = {
+        "cuda": (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
+        "reward_model": (["--init", str(tmp_path / "rm.pt")], "is a reward model"),
+        "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a checkpoint of gpt2.py's GPT"),
+        "resume_other": (["--resume", "--out-dir", str(tmp_path / "ppo")], "is not a grpo.py run"),
+        "data_file": (["--data", str(tmp_path / "rl.jsonl")], "a file; give a folder with rl.jsonl"),
+        "long_prompt": (["--data", str(tmp_path / "long")],
+                        r"8 prompts .* longer than the 56 tokens the model's 64-token context leaves"),
+    }[case]
+    with pytest.raises(SystemExit, match=words):
+        grpo.main(["--init", init, "--data", data, "--device", "cpu", "--prompts", "2", "--max-new-tokens", "8",
+                   *argv])
+
+
 @pytest.mark.parametrize("how", grpo.LOSSES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_loss_equals_trl(how, beta):

@@ -510,7 +510,8 @@ def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
     lines = open(data).read().splitlines()
     (tmp_path / "null.jsonl").write_text("\n".join(lines[:3] + ['{"prompt": "What is 9 + 9?", "answer": null}']))
     (tmp_path / "bad.jsonl").write_text("\n".join(lines[:2] + ['{"prompt": "What is 9 + 9?",'] + lines[2:]))
-    (tmp_path / "latin1.jsonl").write_bytes("\n".join(lines + ['{"prompt": "caf\xe9?", "answer": "1"}']).encode("latin-1"))
+    latin1 = "\n".join(lines + ['{"prompt": "caf\xe9?", "answer": "1"}'])
+    (tmp_path / "latin1.jsonl").write_bytes(latin1.encode("latin-1"))
     bpe.write_rows(tmp_path / "long.jsonl", [{"prompt": "What is " + "1 + " * 20 + "1?", "answer": "21"}] * 20)
     argv, words = {
         "cuda": (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
