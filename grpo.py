@@ -169,7 +169,7 @@ def load_rows(data):
         paths = bpe.task_files()
         return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
     folder = os.path.join("data", "gsm8k") if data == "gsm8k" else data
-    if not os.path.isdir(folder):
+    if data != "gsm8k" and not os.path.isdir(folder):  # gsm8k's folder is made by its download below
         fail(f"--data {data!r}: {'a file' if os.path.isfile(data) else 'no such folder'}; give a folder with "
              f"rl.jsonl + test.jsonl ({{prompt, answer}} rows), or 'task' or 'gsm8k'")
     if os.path.exists(os.path.join(folder, "rl.jsonl")):
@@ -185,7 +185,9 @@ def load_rows(data):
 def load_policy(init):
     """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
     try:
-        model, tok, ckpt = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
+        made_by = {PRESETS["task"]["init"]: SFT_COMMAND,
+                   PRESETS["gpt2-gsm8k"]["init"]: "python sft.py --preset gpt2-alpaca"}
+        model, tok, ckpt = load_with_tokenizer(init, made_by.get(init))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     except TypeError as e:  # a config field gpt2.GPTConfig does not know: another kind of model (char_gpt.py's)

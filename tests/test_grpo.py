@@ -461,10 +461,31 @@ def test_gsm8k_recipe_code_path(tmp_path):
     assert ckpt["template"] == {"preamble": True} and ckpt["args"]["lr"] == 1e-6
 
 
+def test_gsm8k_is_downloaded_into_data_gsm8k(tmp_path, monkeypatch):
+    """--data gsm8k on a fresh checkout (no data/gsm8k yet): both splits are fetched from GSM8K's URLs, then read."""
+    monkeypatch.chdir(tmp_path)
+    fetched = []
+
+    def fake_download(url, path, **kwargs):
+        fetched.append((url, os.path.relpath(path)))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(json.dumps({"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    monkeypatch.setattr(grpo, "download", fake_download)
+    train, test = grpo.load_rows("gsm8k")
+    assert fetched == [(grpo.GSM8K_URL.format(s), os.path.join("data", "gsm8k", f"{s}.jsonl"))
+                       for s in ("train", "test")]
+    assert train == test == [{"prompt": "What is 2 + 2?", "answer": "4"}]
+    fetched.clear()
+    assert grpo.load_rows("gsm8k") == (train, test) and fetched == []  # the second time: from the folder
+
+
 def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no out/task-sft here: the error says how to make it
     with pytest.raises(SystemExit, match="python sft.py"):
         grpo.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="python sft.py --preset gpt2-alpaca"):  # the GSM8K recipe's input
+        grpo.main(["--preset", "gpt2-gsm8k", "--device", "cpu"])
     with pytest.raises(SystemExit, match="at least 2"):
         grpo.main(["--group-size", "1"])
     with pytest.raises(SystemExit, match="give a temperature above 0"):
