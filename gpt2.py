@@ -91,6 +91,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_sink < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
                              f"pick n_embd a multiple of n_head")
@@ -1050,6 +1052,10 @@ def load_checkpoint(path, map_location="cpu"):
                          f"{str(e).splitlines()[0][:200]}); delete it or point to another one") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this project (no model/config entries)")
+    unknown = sorted(set(ckpt["config"]) - set(GPTConfig.__dataclass_fields__))
+    if unknown:  # e.g. char_gpt.py's checkpoints, whose config holds its training settings too
+        raise ValueError(f"{path} is not a gpt2.py model checkpoint (its config has {', '.join(unknown[:3])}); "
+                         f"char_gpt.py checkpoints load only in char_gpt.py (--resume, --sample)")
     return ckpt
 
 

@@ -489,6 +489,10 @@ def test_corrupt_truncated_and_mismatched_checkpoints(tmp_path):
     other = small(n_embd=48)
     with pytest.raises(ValueError, match="does not match the model"):
         gpt2.load_model_state(other, gpt2.load_checkpoint(str(path))["model"], str(path))
+    # char_gpt.py's checkpoint: model and config entries, but a config of training settings (was a TypeError)
+    torch.save({"model": {}, "config": {"stage": "full", "n_layer": 1, "batch_size": 4}}, tmp_path / "char.pt")
+    with pytest.raises(ValueError, match="not a gpt2.py model checkpoint .*batch_size, stage.*char_gpt.py"):
+        gpt2.load_checkpoint(str(tmp_path / "char.pt"))
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -513,7 +517,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="n_sink only makes sense"):
         GPTConfig(n_sink=4)
     for kw, match in ((dict(n_head=0), "n_head must be >= 1"), (dict(n_kv_head=0), "n_kv_head must be >= 1"),
-                      (dict(window=4, n_sink=-1), "n_sink must be >= 0")):  # not a ZeroDivisionError or IndexError
+                      (dict(window=4, n_sink=-1), "n_sink must be >= 0"),
+                      (dict(dropout=1.5), r"dropout must lie in \[0, 1\), got 1.5")):  # not a ZeroDivisionError or IndexError
         with pytest.raises(ValueError, match=match):
             GPTConfig(**kw)
     with pytest.raises(ValueError, match="KV cache full"):
