@@ -268,6 +268,10 @@ class Tokenizer:
 
     def __init__(self, pattern="gpt2", vocab=None, merges=None, special_tokens=None, normalize=None):
         self.pattern = PATTERNS.get(pattern, pattern)
+        try:  # a typo in a custom pattern fails here, not later in a worker process
+            get_splitter(self.pattern)
+        except regex.error as e:
+            raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)} nor a valid regex ({e})") from None
         if normalize not in (None, "NFC", "NFD", "NFKC", "NFKD"):
             raise ValueError(f"normalize must be None or a unicodedata form (NFC, NFD, NFKC, NFKD), got {normalize!r}")
         self.normalize = normalize
@@ -445,7 +449,8 @@ class Tokenizer:
                               normalize=self.normalize)  # trained on the text as it will be encoded
         t1 = time.time()
         if not counts:
-            raise ValueError("the training input is empty: give it some text")
+            custom = "" if self.pattern in PATTERNS.values() else f" (or the pattern {self.pattern!r} matches none of it)"
+            raise ValueError(f"the training input is empty{custom}: give it some text")
         merges, vocab = train_merges(counts, n_merges, verbose=verbose)
         t2 = time.time()
         self.vocab, self.merges, self.special_tokens = vocab, merges, {}
@@ -555,7 +560,12 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}; train one with: python bpe.py train ...")
-        return cls.loads(path.read_text(encoding="utf-8"), source=path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a bpe.py tokenizer (not even UTF-8 text); give a file written by "
+                             f"save() (python bpe.py train ...)") from None
+        return cls.loads(text, source=path)
 
     # --- tiktoken's format (section 6 reads it)
 
@@ -792,7 +802,8 @@ def count_chunks(data, pattern, special_tokens=(), processes=1, piece_chars=None
         data = [Path(p) for p in ([data] if isinstance(data, os.PathLike) else data)]
         for p in data:
             if not p.is_file():
-                raise FileNotFoundError(f"training input {p} does not exist")
+                raise FileNotFoundError(f"training input {p} " + (f"is a folder; give its files ({p}/*.txt)"
+                                                                   if p.is_dir() else "does not exist"))
         total = sum(p.stat().st_size for p in data)
     if piece_chars is None:
         piece_chars = int(min(8 << 20, max(1 << 18, total // (4 * max(1, processes)))))
@@ -1585,7 +1596,8 @@ def main(argv=None):
         s.add_argument("--input", help="input file (default: stdin)")
         s.add_argument("--output", required=name == "export", help="output file")
         if name == "encode":
-            s.add_argument("--allowed-special", default="all", help="'all' or 'none'")
+            s.add_argument("--allowed-special", default="all", choices=["all", "none"],
+                           help="all: special-token text becomes its id; none: such text is an error (default all)")
             s.add_argument("--processes", type=int, default=None,
                            help="processes for encoding an --output file (default: all cores)")
         if name == "decode":
@@ -1600,6 +1612,13 @@ def main(argv=None):
         print(f"wrote {args.output} and {Path(args.output).with_suffix('.vocab')}")
         return
     tok = get_tokenizer(args.tokenizer)
+    source = args.input or "stdin"
+
+    def read_input():
+        try:
+            return Path(args.input).read_text(encoding="utf-8") if args.input else sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{source} is not valid UTF-8 ({e}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
     if args.command == "export":
         tok.export_tiktoken(args.output)
         print(f"wrote {args.output}; load it with tiktoken.Encoding(name=..., pat_str={tok.tiktoken_pattern()!r}, "
@@ -1612,11 +1631,13 @@ def main(argv=None):
             n = encode_file(tok, args.input, args.output, args.processes, append_eot=False, allowed_special=allowed)
             print(f"wrote {n:,} tokens to {args.output} (uint16)")
         else:
-            text = Path(args.input).read_text(encoding="utf-8") if args.input else sys.stdin.read()
-            print(" ".join(map(str, tok.encode(text, allowed_special=allowed))))
+            print(" ".join(map(str, tok.encode(read_input(), allowed_special=allowed))))
     elif args.command == "decode":
-        ids = args.ids or [int(x) for x in (Path(args.input).read_text() if args.input else sys.stdin.read()).split()]
-        text = tok.decode(ids)
+        words = [] if args.ids else read_input().split()
+        if bad := [w for w in words if not w.lstrip("-").isdigit()]:
+            raise ValueError(f"{source} holds {bad[0]!r}, not a token id; decode reads ids separated by spaces, "
+                             f"as encode prints them")
+        text = tok.decode(args.ids or list(map(int, words)))
         if args.output:
             Path(args.output).write_text(text, encoding="utf-8")
         else:

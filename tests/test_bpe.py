@@ -655,6 +655,29 @@ def test_cli(tmp_path, capsys):
     assert bpe.load_tiktoken(tmp_path / "t.tiktoken", "gpt2").vocab == bpe.Tokenizer.load(tmp_path / "t.bpe").vocab
 
 
+
+def test_cli_bad_input_names_the_file_and_the_fix(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin1"))
+    (tmp_path / "words.txt").write_text("31373 hello")
+    (tmp_path / "folder").mkdir()
+    cases = [  # (argv, the message); each was a bare codec / int() error, a wrong message or a regex traceback
+        (["encode", "--input", tmp_path / "latin1.txt"], "latin1.txt is not valid UTF-8 .*iconv"),
+        (["decode", "--input", tmp_path / "words.txt"], "words.txt holds 'hello', not a token id"),
+        (["encode", "--tokenizer", tmp_path / "latin1.txt"], "latin1.txt is not a bpe.py tokenizer .*bpe.py train"),
+        (["train", "--input", tmp_path / "folder", "--vocab-size", "300", "--output", tmp_path / "t.bpe"],
+         "folder is a folder; give its files"),
+        (["train", "--input", tmp_path / "words.txt", "--vocab-size", "300", "--output", tmp_path / "t.bpe",
+          "--pattern", "("], r"pattern '\(' is not one of gpt2, .* nor a valid regex"),
+        (["train", "--input", tmp_path / "words.txt", "--vocab-size", "300", "--output", tmp_path / "t.bpe",
+          "--pattern", "gpt5", "--processes", "1"], "or the pattern 'gpt5' matches none of it")]
+    for argv, match in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            bpe.main([*map(str, argv)])
+    with pytest.raises(SystemExit):  # a typo of none was taken for none
+        bpe.main(["encode", "--allowed-special", "nne"])
+    assert "invalid choice: 'nne'" in capsys.readouterr().err
+
+
 # --- post-training text: prompt template, data files, the arithmetic task, verifiers, chat templates
 
 def test_prompt_template_and_loss_mask():
