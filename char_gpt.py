@@ -56,8 +56,13 @@ def load_text(path=DATA_PATH):
     if not os.path.exists(path):
         raise SystemExit(f"data file {path} not found; download it with\n"
                          f"  curl -o {path} {DATA_URL}")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    if os.path.isdir(path):
+        raise SystemExit(f"--data {path} is a folder; give one text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"--data {path} is not UTF-8 text ({e}); convert it first, e.g. iconv -f latin1 -t utf-8")
 
 
 class CharTokenizer:
@@ -371,15 +376,33 @@ def plot_losses(metrics, path, title="char_gpt.py"):
     plt.close()
 
 
+def check_prompt(tok, prompt):
+    """A prompt with a character the vocabulary lacks -> a clear error (checked before any training)."""
+    try:
+        tok.encode(prompt or "")
+    except ValueError as e:
+        raise SystemExit(f"--prompt: {e}") from None
+
+
+def load_checkpoint(path):
+    """<out-dir>/ckpt.pt -> its dict, or a clear error when the file is not a checkpoint of this script."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"{path} is not a readable checkpoint ({e.__class__.__name__}); delete it, or train "
+                         f"again in another --out-dir") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "chars"} <= set(ckpt):
+        raise SystemExit(f"{path} is not a checkpoint of char_gpt.py (no model/config/chars entries); "
+                         f"point --out-dir at a char_gpt.py run")
+    return ckpt
+
+
 def train(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     text = load_text(args.data)
     tok = CharTokenizer(text)
-    try:  # the sample's prompt is checked now, not after the whole training run
-        tok.encode(getattr(args, "prompt", "") or "")
-    except ValueError as e:
-        raise SystemExit(f"--prompt: {e}") from None
+    check_prompt(tok, getattr(args, "prompt", ""))  # now, not after the whole training run
     data = torch.tensor(tok.encode(text), dtype=torch.long)
     train_data, val_data = split_data(data)
     os.makedirs(args.out_dir, exist_ok=True)
@@ -390,12 +413,22 @@ def train(args):
     if args.resume:
         if not os.path.exists(ckpt_path):
             raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["chars"] != tok.chars:  # the same ids would stand for other characters
+            raise SystemExit(f"--resume: --data {args.data} has other characters than the checkpoint's run; "
+                             f"give the run's --data, or a new --out-dir")
         cfg = dict(ckpt["config"])  # the run's own hyperparameters; only --max-steps may extend it
         if args.max_steps is not None:
             cfg["max_steps"] = args.max_steps
     else:
         cfg = make_config(args, tok.vocab_size)
+    if cfg["n_embd"] % cfg["n_head"]:
+        raise SystemExit(f"--n-embd {cfg['n_embd']} is not a multiple of --n-head {cfg['n_head']}; each head gets "
+                         f"n_embd / n_head")
+    if len(val_data) <= cfg["block_size"]:  # a batch is a window of block_size + 1 characters
+        raise SystemExit(f"--data {args.data}: its last tenth, the validation split, has {len(val_data)} characters, "
+                         f"too few for one window of --block-size {cfg['block_size']} + 1; use a longer text or a "
+                         f"smaller --block-size")
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # training batches; its state goes in the checkpoint
 
@@ -499,7 +532,7 @@ def load_for_sampling(out_dir, device="cpu"):
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train first (python char_gpt.py --out-dir {out_dir})")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     model = build_model(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     return model.to(device), CharTokenizer(ckpt["chars"]), ckpt["config"]
@@ -577,6 +610,10 @@ def parse_args(argv=None):
         p.error(f"--top-k must be at least 1 (or left out), got {args.top_k}")
     if args.num_chars < 0:
         p.error(f"--num-chars must be >= 0, got {args.num_chars}")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be above 0, got {args.lr}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        p.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     return args
 
 
@@ -585,6 +622,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     if args.sample:
         model, tok, cfg = load_for_sampling(args.out_dir, device)
+        check_prompt(tok, args.prompt)
     else:
         model, tok, cfg, _ = train(args)
         print("-" * 40 + " sample")

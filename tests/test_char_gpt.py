@@ -399,7 +399,8 @@ def test_unavailable_device_says_what_to_use(monkeypatch):
     (["--eval-interval", "0"], "--eval-interval must be at least 1"), (["--eval-iters", "0"], "--eval-iters"),
     (["--batch-size", "0"], "--batch-size"), (["--block-size", "0"], "--block-size"),
     (["--temperature", "0"], "--temperature must be a number above 0"), (["--top-k", "0"], "--top-k"),
-    (["--num-chars", "-3"], "--num-chars")])
+    (["--num-chars", "-3"], "--num-chars"), (["--lr", "-1"], "--lr must be above 0, got -1.0"),
+    (["--dropout", "1.5"], r"--dropout must lie in [0, 1), got 1.5")])
 def test_bad_flags_are_refused_before_training(flags, match, capsys):
     with pytest.raises(SystemExit):
         cg.parse_args(flags)
@@ -410,6 +411,34 @@ def test_unknown_prompt_characters_are_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="--prompt: characters not in the vocabulary"):
         cg.main([*TINY_ARGS, "--max-steps", "1", "--prompt", "h\u00e9llo", "--out-dir", str(tmp_path / "o")])
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")  # refused before any training
+
+
+def test_bad_data_and_checkpoints_are_named_with_the_fix(tmp_path):
+    """Each was a traceback (IsADirectoryError, UnicodeDecodeError, torch.randint's RuntimeError, an
+    AssertionError, KeyError 'config', an IndexError when sampling) or, resuming on other text, a checkpoint
+    whose characters no longer matched its model."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin1"))
+    (tmp_path / "short.txt").write_text("abc\n" * 30)  # 120 characters: a validation split of 12
+    (tmp_path / "abc.txt").write_text("abc\n" * 100)
+    (tmp_path / "xyz.txt").write_text("xyz\n" * 100)  # as many characters: it trained on, silently
+    run = [*TINY_ARGS, "--max-steps", "1", "--num-chars", "3", "--out-dir", str(tmp_path / "o")]
+    for data, match in (("folder", "folder is a folder; give one text file"), ("latin1.txt", "is not UTF-8 text"),
+                        ("short.txt", "has 12 characters, too few for one window of --block-size 16 \\+ 1")):
+        with pytest.raises(SystemExit, match=match):
+            cg.main([*run, "--data", str(tmp_path / data)])
+    with pytest.raises(SystemExit, match="--n-embd 16 is not a multiple of --n-head 3"):
+        cg.main([*run, "--n-head", "3", "--data", str(tmp_path / "abc.txt")])
+    cg.main([*run, "--data", str(tmp_path / "abc.txt")])
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="--resume: --data .* has other characters than the checkpoint's run"):
+        cg.main([*run, "--resume", "--max-steps", "2", "--data", str(tmp_path / "xyz.txt")])
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before  # the run is left as it was
+    with pytest.raises(SystemExit, match="--prompt: characters not in the vocabulary: \\['z'\\]"):
+        cg.main(["--sample", "--prompt", "zab", "--out-dir", str(tmp_path / "o"), "--device", "cpu"])
+    gpt2.save_checkpoint(str(tmp_path / "g" / "ckpt.pt"), gpt2.GPT(gpt2.GPTConfig.from_preset("tiny", n_layer=1)))
+    with pytest.raises(SystemExit, match="is not a checkpoint of char_gpt.py"):
+        cg.main(["--sample", "--out-dir", str(tmp_path / "g"), "--device", "cpu"])
 
 
 def test_unknown_stage_lists_the_valid_ones(capsys):
