@@ -111,7 +111,7 @@ def parse_args(argv=None):
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine decay)")
     g.add_argument("--warmup-steps", type=int, help="steps of linear warmup")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (0 = off)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-interval", type=int, help="steps between val losses (0 = none)")
     g.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation")
@@ -146,6 +146,14 @@ def check_args(args, world):
     for name in ("batch_size", "seq_len", "total_batch_size", "max_steps", "log_interval"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive")
+    for name in ("warmup_steps", "grad_clip", "eval_interval", "hellaswag_interval", "checkpoint_interval",
+                 "sample_tokens", "hellaswag_limit"):  # 0 = off; a negative clip would reverse the gradient
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
+    if not args.lr > 0:
+        fail(f"--lr must be above 0, got {args.lr}")
+    if args.stop_after is not None and args.stop_after < 1:  # 0 ran the whole schedule
+        fail(f"--stop-after must be a step >= 1, got {args.stop_after}")
     per_micro = args.batch_size * args.seq_len * world
     if args.total_batch_size % per_micro:
         fail(f"--total-batch-size {args.total_batch_size} is not a multiple of --batch-size x --seq-len x "
@@ -805,7 +813,7 @@ def main(argv=None):
     while step < stop:
         loss = accumulate_gradients(model, data.train, grad_accum, args.batch_size, proc, dtype, scaler)
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip or float("inf"))  # 0 = off
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -630,7 +630,24 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     assert "vocab_size 200 is below the tokenizer's 257 ids" in msg
     msg = error_of([*base, "--vocab-size", 320])  # the toy shards hold ids up to 511
     assert "holds token id 5" in msg and "--tokenizer" in msg
+    assert "--lr must be above 0, got -0.001" in error_of([*base, "--lr", -1e-3])  # was torch's traceback
+    assert "--grad-clip must be >= 0 (0 = off), got -1.0" in error_of([*base, "--grad-clip", -1])  # reversed grads
+    assert "--eval-interval must be >= 0" in error_of([*base, "--eval-interval", -1])  # evaluated every step
+    assert "--stop-after must be a step >= 1, got 0" in error_of([*base, "--stop-after", 0])  # ran to the end
+    assert "dropout must lie in [0, 1), got 2.0" in error_of([*base, "--dropout", 2])  # was torch's traceback
+    torch.save({"model": {}, "config": {"stage": "full", "batch_size": 4}}, tmp_path / "char.pt")
+    assert "not a gpt2.py model checkpoint" in error_of([*base, "--init", tmp_path / "char.pt"])  # a TypeError
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_grad_clip_0_is_off_not_a_zero_gradient(tmp_path):
+    data = make_shards(tmp_path / "data")
+    common = ["--data", data, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 64, "--max-steps", 2,
+              "--eval-interval", 0, "--weight-decay", 0]
+    run(*common, "--out-dir", tmp_path / "off", "--grad-clip", 0)
+    run(*common, "--out-dir", tmp_path / "huge", "--grad-clip", 1e9)  # the norm is far below: no clipping either
+    off, huge = (gpt2.load_checkpoint(str(tmp_path / d / "ckpt.pt"))["model"] for d in ("off", "huge"))
+    assert all(torch.equal(off[k], huge[k]) for k in off)  # clipping to 0 left the weights as they started
 
 
 def test_no_network_names_url_and_destination(tmp_path, monkeypatch):
