@@ -290,7 +290,11 @@ def text_tokens(path):
     stem = os.path.splitext(os.path.basename(path))[0]
     cache = os.path.join(DATA_DIR, "cache", f"{stem}_gpt2_{hashlib.sha1(raw).hexdigest()[:10]}.npy")
     if not os.path.exists(cache):
-        ids = np.array(bpe.load_gpt2().encode(raw.decode("utf-8")), dtype=np.uint16)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--data {path} is not UTF-8 text ({e}); convert it first, e.g. iconv -f latin1 -t utf-8")
+        ids = np.array(bpe.load_gpt2().encode(text), dtype=np.uint16)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(f"{cache}.tmp{os.getpid()}", "wb") as f:
             np.save(f, ids)
@@ -326,6 +330,8 @@ def load_data(data, compact):
     if not os.path.isfile(data):
         raise ValueError(f"--data {data!r}: not shakespeare, a text file, or a folder of .bin shards")
     ids = text_tokens(data)
+    if not len(ids):
+        raise ValueError(f"--data {data}: the file holds no text to train on")
     vocab = None
     if compact:
         vocab = np.unique(ids)
@@ -438,7 +444,7 @@ def train(args, moe, out_dir, data, device, dtype, log):
         aux = sum((m.aux_loss for m in layers), torch.zeros((), device=device))
         scaler.scale(loss + aux).backward()
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))  # 0 = off
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -559,17 +565,28 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps, then cosine decay")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clipping (0 = off)")
     g.add_argument("--eval-interval", type=int, help="steps between val losses and checkpoints")
     g.add_argument("--eval-tokens", type=int, help="validation tokens per evaluation")
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**RUN_PRESETS[first.preset])
     args = p.parse_args(argv)
-    for name in ("batch_size", "seq_len", "max_steps", "eval_interval", "eval_tokens", "log_interval"):
-        if getattr(args, name) <= 0:
+    for name in ("batch_size", "seq_len", "max_steps", "eval_interval", "eval_tokens", "log_interval", "lr"):
+        if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("warmup_steps", "grad_clip"):  # a negative clip would reverse the gradient
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
+    if args.stop_after is not None and args.stop_after < 1:  # 0 ran the whole schedule
+        p.error(f"--stop-after must be a step >= 1, got {args.stop_after}")
     if args.resume and args.init != "scratch":
         p.error("--resume continues from the run's own checkpoint; it cannot be combined with --init")
+    archs = ["dense", "moe"] if args.arch == "both" else [args.arch]
+    if args.resume and not any(os.path.exists(os.path.join(args.out_dir, a, "ckpt.pt")) for a in archs):
+        p.error(f"--resume: no checkpoint at {os.path.join(args.out_dir, archs[0], 'ckpt.pt')}; run without --resume "
+                f"to start, or point --out-dir at the run")
+    if args.init != "scratch" and not os.path.isfile(args.init):
+        p.error(f"--init {args.init!r}: no such checkpoint file; give a ckpt.pt written by moe.py, or scratch")
     return p, args
 
 

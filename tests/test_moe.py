@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -359,3 +360,22 @@ def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         M.main(["--router", "softplus", "--device", "cpu"])
     assert "unknown router 'softplus'" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin1"))
+    for argv, match in (  # each was a traceback, torch's message or a silent run
+            (["--resume", "--out-dir", str(tmp_path / "typo")], "--resume: no checkpoint at"),  # started afresh
+            (["--init", str(tmp_path / "missing.pt")], "--init '.*missing.pt': no such checkpoint file"),
+            (["--data", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
+            (["--lr", "-1"], "--lr must be positive"), (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+            (["--stop-after", "0"], "--stop-after must be a step >= 1")):  # 0 ran the whole schedule
+        with pytest.raises(SystemExit):
+            M.main(TRAIN + ["--out-dir", str(tmp_path / "o")] + argv)
+        assert re.search(match, capsys.readouterr().err), match
+    assert not os.path.exists(tmp_path / "typo")
+
+
+def test_grad_clip_0_is_off_not_a_zero_gradient(tmp_path):
+    run = TRAIN + ["--max-steps", "2", "--eval-interval", "2", "--weight-decay", "0"]
+    M.main(run + ["--out-dir", str(tmp_path / "off"), "--grad-clip", "0"])
+    M.main(run + ["--out-dir", str(tmp_path / "huge"), "--grad-clip", "1e9"])  # far above the norm: no clipping
+    off, huge = (M.load_model(str(tmp_path / d / "moe" / "ckpt.pt"))[0].state_dict() for d in ("off", "huge"))
+    assert all(torch.equal(off[k], huge[k]) for k in off)  # clipping to 0 zeroed every gradient: nothing learned
