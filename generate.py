@@ -595,9 +595,12 @@ def main(argv=None):
         p.error("--num-samples and --max-new-tokens must be >= 1")
     if args.draft_model and not args.cache:
         p.error("speculative decoding needs the KV cache (it rolls it back); drop --no-cache or --draft-model")
+    try:
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
+    except ValueError as e:  # e.g. --device cuda on a machine without a GPU
+        p.error(str(e))
     seed_everything(args.seed)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
     model = load_model(args.model, device, dtype)
     draft = load_model(args.draft_model, device, dtype, "draft-model") if args.draft_model else None
     tok, eos_id, chat_style = load_tokenizer(model, args.chat)

@@ -636,6 +636,13 @@ def test_cli_bad_input(cli, capsys, argv, match):
     assert re.search(match, f"{e.value.code} {capsys.readouterr().err}")
 
 
+def test_cli_unavailable_device_is_a_usage_error(cli, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:  # was a ValueError traceback
+        cli("--device", "cuda")
+    assert e.value.code == 2 and "no CUDA GPU is visible; use --device cpu" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_vocabulary_smaller_than_the_tokenizers(cli, tmp_path):
     small = str(tmp_path / "small.pt")
     save_checkpoint(small, GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=1, n_head=2, n_embd=16)))
