@@ -38,6 +38,7 @@ import math
 import os
 import random
 import struct
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -1047,9 +1048,11 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({e.__class__.__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); delete it or point to another one") from e
+    except Exception as e:  # torch's own text for a file that is no zip would suggest weights_only=False
+        why = (f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}" if zipfile.is_zipfile(path)
+               else "not the zip archive torch.save writes")
+        raise ValueError(f"checkpoint {path} is corrupt or truncated, or not a checkpoint at all ({why}); delete it "
+                         f"or point to another one") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this project (no model/config entries)")
     unknown = sorted(set(ckpt["config"]) - set(GPTConfig.__dataclass_fields__))
