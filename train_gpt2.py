@@ -269,7 +269,11 @@ def start_checkpoint(args):
     """(checkpoint, path) the run starts from: <out-dir>/ckpt.pt with --resume, an --init file, else (None, None)."""
     path = os.path.join(args.out_dir, "ckpt.pt") if args.resume else args.init
     if args.resume or os.path.isfile(args.init):
-        return load_checkpoint(path), path  # on the CPU: weights, optimizer and RNG states move on load
+        ckpt = load_checkpoint(path)  # on the CPU: weights, optimizer and RNG states move on load
+        if args.resume and "loader" not in ckpt:  # sft.py's, moe.py's, ...: no data position to go on from
+            raise ValueError(f"--resume: {path} was not written by train_gpt2.py; resume it with the script that "
+                             f"wrote it, or start from its weights with --init {path} and a new --out-dir")
+        return ckpt, path
     return None, None
 
 

@@ -637,6 +637,10 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     assert "dropout must lie in [0, 1), got 2.0" in error_of([*base, "--dropout", 2])  # was torch's traceback
     torch.save({"model": {}, "config": {"stage": "full", "batch_size": 4}}, tmp_path / "char.pt")
     assert "not a gpt2.py model checkpoint" in error_of([*base, "--init", tmp_path / "char.pt"])  # a TypeError
+    gpt2.save_checkpoint(str(tmp_path / "other" / "ckpt.pt"), gpt2.GPT(gpt2.GPTConfig.from_preset(
+        "tiny", n_layer=2, n_head=2, n_embd=32, vocab_size=512)), args={})  # another script's run: a KeyError
+    msg = error_of([*base, "--out-dir", tmp_path / "other", "--resume"])
+    assert "was not written by train_gpt2.py" in msg and "--init" in msg
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
