@@ -271,7 +271,8 @@ class Tokenizer:
         try:  # a typo in a custom pattern fails here, not later in a worker process
             get_splitter(self.pattern)
         except regex.error as e:
-            raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)} nor a valid regex ({e})") from None
+            raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)} nor a valid regex "
+                             f"({e})") from None
         if normalize not in (None, "NFC", "NFD", "NFKC", "NFKD"):
             raise ValueError(f"normalize must be None or a unicodedata form (NFC, NFD, NFKC, NFKD), got {normalize!r}")
         self.normalize = normalize
@@ -449,7 +450,8 @@ class Tokenizer:
                               normalize=self.normalize)  # trained on the text as it will be encoded
         t1 = time.time()
         if not counts:
-            custom = "" if self.pattern in PATTERNS.values() else f" (or the pattern {self.pattern!r} matches none of it)"
+            custom = ("" if self.pattern in PATTERNS.values()
+                      else f" (or the pattern {self.pattern!r} matches none of it)")
             raise ValueError(f"the training input is empty{custom}: give it some text")
         merges, vocab = train_merges(counts, n_merges, verbose=verbose)
         t2 = time.time()
@@ -1618,7 +1620,8 @@ def main(argv=None):
         try:
             return Path(args.input).read_text(encoding="utf-8") if args.input else sys.stdin.read()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{source} is not valid UTF-8 ({e}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+            raise ValueError(f"{source} is not valid UTF-8 ({e}); convert it first, "
+                             f"e.g. iconv -f latin1 -t utf-8") from None
     if args.command == "export":
         tok.export_tiktoken(args.output)
         print(f"wrote {args.output}; load it with tiktoken.Encoding(name=..., pat_str={tok.tiktoken_pattern()!r}, "

@@ -518,8 +518,8 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="n_sink only makes sense"):
         GPTConfig(n_sink=4)
     for kw, match in ((dict(n_head=0), "n_head must be >= 1"), (dict(n_kv_head=0), "n_kv_head must be >= 1"),
-                      (dict(window=4, n_sink=-1), "n_sink must be >= 0"),
-                      (dict(dropout=1.5), r"dropout must lie in \[0, 1\), got 1.5")):  # not a ZeroDivisionError or IndexError
+                      (dict(window=4, n_sink=-1), "n_sink must be >= 0"),  # not a ZeroDivisionError or IndexError
+                      (dict(dropout=1.5), r"dropout must lie in \[0, 1\), got 1.5")):
         with pytest.raises(ValueError, match=match):
             GPTConfig(**kw)
     with pytest.raises(ValueError, match="KV cache full"):
