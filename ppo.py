@@ -595,7 +595,7 @@ def load_model(path, flag):
         ckpt = load_checkpoint(path)
         model = GPT(GPTConfig(**ckpt["config"]))
         load_model_state(model, ckpt["model"], path)
-    except (ValueError, TypeError) as e:  # TypeError: a config field this gpt2.py does not know
+    except ValueError as e:  # not a checkpoint, or not a gpt2.py model (gpt2.load_checkpoint says which)
         fail(f"{path}: {e}")
     tok = bpe.Tokenizer.loads(ckpt["tokenizer"]) if "tokenizer" in ckpt else bpe.load_gpt2()
     return model, tok, ckpt

@@ -411,8 +411,6 @@ def load_init(init):
         model, tok, ckpt = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    except TypeError as e:  # a config field gpt2.GPTConfig does not know: another kind of model (char_gpt.py's)
-        fail(f"--init {init}: not a checkpoint of gpt2.py's GPT ({e}); give sft.py's")
     if (ckpt or {}).get("method") == "rm":
         fail(f"--init {init} is a reward model already (reward_model.py --method rm); start from the SFT model "
              f"(sft.py's checkpoint), or --resume its run")

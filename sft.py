@@ -228,8 +228,6 @@ def load_base(init):
         model, tok, ckpt = load_with_tokenizer(init, BASE_COMMAND if init == PRESETS["task"]["init"] else None)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    except TypeError as e:  # a config field gpt2.GPTConfig does not know: another kind of model (char_gpt.py's)
-        fail(f"--init {init}: not a checkpoint of gpt2.py's GPT ({e}); give train_gpt2.py's or sft.py's")
     if (ckpt or {}).get("method") == "rm":
         fail(f"--init {init} is a reward model (reward_model.py --method rm), not a language model; give the base "
              f"model (train_gpt2.py's checkpoint)")

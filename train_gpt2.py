@@ -433,7 +433,7 @@ def resolve_data(data, rank, tok=None):
         barrier()
         return fetch_remote(data)
     if not os.path.exists(data):
-        raise ValueError(f"--data {data!r}: no such file or folder, and not one of shakespeare, "
+        raise ValueError(f"--data {data!r}: no such file or folder, and not one of shakespeare, task, "
                          f"{', '.join(REMOTE_SETS)}")
     shards = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(".bin")) \
         if os.path.isdir(data) else []

@@ -542,7 +542,7 @@ def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
     argv, words = {
         "cuda": (["--init", init, "--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
         "reward_model": (["--init", other_run(tmp_path / "rm")], "is a reward model"),
-        "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a checkpoint of gpt2.py's GPT"),
+        "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a gpt2.py model checkpoint"),
         "max_new_tokens": (["--init", init, "--max-new-tokens", "96"], "leaves no room for a prompt"),
         "lora_rank": (["--init", init, "--lora", "--lora-r", "0", "--batch-size", "4"], "--lora: LoRA rank r must be"),
         "resume_other": (["--resume", "--out-dir", os.path.dirname(other_run(tmp_path / "rm"))],

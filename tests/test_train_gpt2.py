@@ -619,7 +619,7 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     msg = error_of([*base, "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 64, "--eval-tokens", 8])
     assert "--eval-tokens 8 gives some of the 1 process(es) no validation window" in msg  # was a silent NaN
     msg = error_of([*base, "--data", tmp_path / "missing"])
-    assert "no such file or folder" in msg and "fineweb-edu-10b" in msg
+    assert "no such file or folder" in msg and "fineweb-edu-10b" in msg and "shakespeare, task," in msg
     assert "invalid choice" in error_of([*base, "--model", "gpt5"], capsys)
     msg = error_of([*base, "--init", "gpt7"])
     assert "--init 'gpt7'" in msg
