@@ -1096,16 +1096,21 @@ def load_with_tokenizer(init, missing=None):
     return model, tok, ckpt
 
 
-def resume_settings(args, script):
+def resume_settings(args, script, marker):
     """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
     run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE), so a
-    resumed run trains exactly as the uninterrupted one would. A missing checkpoint is an error naming the fix."""
+    resumed run trains exactly as the uninterrupted one would. A missing checkpoint, or one whose settings lack
+    `marker` (a flag every run of `script` records: the --out-dir of another script's run), is an error naming
+    the fix."""
     if not args.resume:
         return args, None
     path = os.path.join(args.out_dir, "ckpt.pt")
     if not os.path.exists(path):
         raise SystemExit(f"{script}: error: --resume: no checkpoint at {path}; run without --resume to start")
     ckpt = load_checkpoint(path)
+    if marker not in ckpt.get("args", {}):
+        raise SystemExit(f"{script}: error: --resume: {path} was not written by {script} (another script's run?); "
+                         f"give the --out-dir of a run of {script}")
     return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in RUN_PLACE}}), ckpt
 
 

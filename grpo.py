@@ -406,10 +406,7 @@ def mean_over_processes(stats):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "grpo.py")  # the run's own settings, except where it runs and stops
-    if resume and "group_size" not in resume["args"]:  # every grpo.py run records it
-        fail(f"--resume: {ckpt_path} is not a grpo.py run (sft.py's, ppo.py's, ...?); give the --out-dir of a "
-             f"grpo.py run")
+    args, resume = resume_settings(args, "grpo.py", "group_size")  # a resumed run: its own settings
     try:
         device = pick_device(args.device)
     except ValueError as e:

@@ -457,10 +457,7 @@ def prompts_at(step, n_rows, n, seed):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "ppo.py")  # the run's own settings, except where it runs and stops
-    if resume and "kl_coef" not in resume["args"]:  # every ppo.py run records it
-        fail(f"--resume: {ckpt_path} is not a ppo.py run (sft.py's, grpo.py's, ...?); give the --out-dir of a "
-             f"ppo.py run")
+    args, resume = resume_settings(args, "ppo.py", "kl_coef")  # a resumed run: its own settings
     try:
         device = pick_device(args.device)
     except ValueError as e:

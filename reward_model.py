@@ -478,10 +478,7 @@ def plot_rewards(chosen, rejected, path, title):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "reward_model.py")  # the run's own settings, except where it runs and stops
-    if resume and "method" not in resume["args"]:  # every reward_model.py run records it
-        fail(f"--resume: {ckpt_path} is not a reward_model.py run (sft.py's, ppo.py's, ...?); give the --out-dir "
-             f"of a reward_model.py run")
+    args, resume = resume_settings(args, "reward_model.py", "method")  # a resumed run: its own settings
     if args.lr is None:  # the preset's, for the method
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
     if args.max_steps is None and PRESETS[args.preset]["max_steps"]:

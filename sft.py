@@ -305,10 +305,7 @@ def judge(model, tok, rows, args, device, dtype, path=None):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "sft.py")  # the run's own settings, except where it runs and stops
-    if resume and "mask_prompt" not in resume["args"]:  # every sft.py run records it
-        fail(f"--resume: {ckpt_path} is not an sft.py run (reward_model.py's, ppo.py's, ...?); give the "
-             f"--out-dir of an sft.py run")
+    args, resume = resume_settings(args, "sft.py", "mask_prompt")  # a resumed run: its own settings
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"]
     try:

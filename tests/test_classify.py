@@ -382,6 +382,15 @@ def test_resume_refuses_unknown_label(tmp_path, lm_ckpt):
         classify.main(["--out-dir", out, "--resume"])
 
 
+def test_resume_refuses_another_scripts_run(tmp_path):
+    """--resume in the --out-dir of another script's run (here one with sft.py-like settings) is refused, not
+    trained on with settings that mean something else."""
+    save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_gpt(), tokenizer=BYTES.dumps(), step=3,
+                    args={"mask_prompt": True, "lr": 1e-4})
+    with pytest.raises(SystemExit, match="was not written by classify.py"):
+        classify.main(["--out-dir", str(tmp_path), "--resume"])
+
+
 def test_download_sms_unzips_the_collection(tmp_path, monkeypatch):
     def fake_download(url, path, **kw):
         assert url == classify.SMS_URL

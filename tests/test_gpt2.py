@@ -781,13 +781,15 @@ def test_resume_settings_keep_the_run_and_change_only_where_and_when(tmp_path):
     gpt2.save_checkpoint(str(tmp_path / "ckpt.pt"), small(), args=run)
     now = argparse.Namespace(lr=9.0, seed=2, device="cuda", dtype="bfloat16", compile=True, stop_after=5, resume=True,
                              out_dir=str(tmp_path))
-    args, ckpt = gpt2.resume_settings(now, "x.py")
+    args, ckpt = gpt2.resume_settings(now, "x.py", "lr")
     assert ckpt["args"] == run
     assert (args.lr, args.seed) == (0.1, 1)  # the run's own settings
     assert (args.device, args.dtype, args.compile, args.stop_after) == ("cuda", "bfloat16", True, 5)
-    assert gpt2.resume_settings(argparse.Namespace(resume=False), "x.py")[1] is None
+    assert gpt2.resume_settings(argparse.Namespace(resume=False), "x.py", "lr")[1] is None
     with pytest.raises(SystemExit, match="no checkpoint at .*run without --resume"):
-        gpt2.resume_settings(argparse.Namespace(**{**vars(now), "out_dir": str(tmp_path / "none")}), "x.py")
+        gpt2.resume_settings(argparse.Namespace(**{**vars(now), "out_dir": str(tmp_path / "none")}), "x.py", "lr")
+    with pytest.raises(SystemExit, match="was not written by y.py"):  # a run of x.py records no --group-size
+        gpt2.resume_settings(now, "y.py", "group_size")
 
 
 def test_lr_schedule_dtype_scaler_and_metrics_log(tmp_path):

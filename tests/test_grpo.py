@@ -544,7 +544,7 @@ def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
         "cuda": (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
         "reward_model": (["--init", str(tmp_path / "rm.pt")], "is a reward model"),
         "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a gpt2.py model checkpoint"),
-        "resume_other": (["--resume", "--out-dir", str(tmp_path / "ppo")], "is not a grpo.py run"),
+        "resume_other": (["--resume", "--out-dir", str(tmp_path / "ppo")], "was not written by grpo.py"),
         "data_file": (["--data", str(tmp_path / "rl.jsonl")], "a file; give a folder with rl.jsonl"),
         "long_prompt": (["--data", str(tmp_path / "long")],
                         r"8 prompts .* longer than the 56 tokens the model's 64-token context leaves"),

@@ -516,7 +516,7 @@ def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
     argv, words = {
         "cuda": (["--device", "cuda"], "--device cuda asked for, but no CUDA GPU"),
         "reward_model_as_init": (["--init", str(tmp_path / "rm2.pt")], "is a reward model"),
-        "resume_other": (["--resume", "--out-dir", str(tmp_path / "grpo")], "is not a ppo.py run"),
+        "resume_other": (["--resume", "--out-dir", str(tmp_path / "grpo")], "was not written by ppo.py"),
         "null_answer": (["--data", str(tmp_path / "null.jsonl")], "item 3: 'answer' must be a non-empty string"),
         "bad_line": (["--data", str(tmp_path / "bad.jsonl")], "bad.jsonl:3: not valid JSON"),
         "latin1": (["--data", str(tmp_path / "latin1.jsonl")], "latin1.jsonl: not UTF-8"),

@@ -523,7 +523,7 @@ def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
         "reward_model": (["--init", str(tmp_path / "rm" / "ckpt.pt")], "is a reward model already"),
         "char_gpt": (["--init", str(tmp_path / "char.pt")], "not a gpt2.py model checkpoint"),
         "lora_rank": (["--init", init, "--lora", "--lora-r", "0", "--batch-size", "4"], "--lora: LoRA rank r must be"),
-        "resume_other": (["--resume", "--out-dir", str(tmp_path / "sft")], "is not a reward_model.py run"),
+        "resume_other": (["--resume", "--out-dir", str(tmp_path / "sft")], "was not written by reward_model.py"),
         "bad_json": (["--init", init, "--data", str(tmp_path / "bad.json")], "bad.json:2: not valid JSON"),
         "latin1_json": (["--init", init, "--data", str(tmp_path / "latin1.json")], "latin1.json: not UTF-8"),
     }[case]

@@ -546,7 +546,7 @@ def test_wrong_inputs_are_clear_errors(tmp_path, monkeypatch, case):
         "max_new_tokens": (["--init", init, "--max-new-tokens", "96"], "leaves no room for a prompt"),
         "lora_rank": (["--init", init, "--lora", "--lora-r", "0", "--batch-size", "4"], "--lora: LoRA rank r must be"),
         "resume_other": (["--resume", "--out-dir", os.path.dirname(other_run(tmp_path / "rm"))],
-                         "is not an sft.py run"),
+                         "was not written by sft.py"),
     }[case]
     with pytest.raises(SystemExit, match=words):
         sft.main(["--data", data, "--device", "cpu", *argv])
