@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2 import (GPT, KVCache, add_common_args, build_mask, decode, draw, left_pad, pick_device, pick_dtype,
-                  seed_everything, top_k_filter, top_p_filter)
+                  seed_everything, tokenizer_of, top_k_filter, top_p_filter)
 
 # -----------------------------------------------------------------------------
 # 1. Logits -> token
@@ -484,15 +484,17 @@ def load_model(name, device, dtype, what="model"):
 
 
 def load_tokenizer(model, chat):
-    """The model's tokenizer, its end-of-text id and its chat style: GPT-2's BPE for GPT-2 and checkpoints; the
-    tokenizer of the HF directory for Llama / Qwen, whose generation ends at the end of the turn with --chat."""
-    import bpe  # the tokenizer only matters here: generate() itself works on token ids
+    """The model's tokenizer, its end-of-text id and its chat style: the tokenizer a checkpoint recorded (bytes,
+    a bpe.py BPE), else GPT-2's; an HF Llama / Qwen folder's own, whose generation ends at the end of the turn
+    with --chat."""
+    tok = tokenizer_of(model, "--model")  # the tokenizer only matters here: generate() works on token ids
     if getattr(model, "hf_dir", None) is None:
         if chat:
             raise SystemExit("error: --chat needs a Llama / Qwen model (GPT-2 has no chat template)")
-        tok = bpe.load_gpt2()
-        return tok, tok.eot_token, None
-    tok = bpe.load_hf_tokenizer(model.hf_dir)
+        try:
+            return tok, tok.eot_token, None
+        except ValueError:  # a BPE trained without <|endoftext|>: the text ends at --max-new-tokens
+            return tok, None, None
     style = "chatml" if model.hf_config["model_type"] == "qwen2" else "llama3"
     if not chat:
         return tok, tok.eot_token, None
@@ -510,7 +512,7 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_i
             ids = [bos] + ids
     idx = torch.tensor([ids] * (1 if draft else args.num_samples), dtype=torch.long, device=device)
     check_prompt(model, idx, None)  # before anything is printed
-    eos = None if args.ignore_eos else (tok.eot_token if eos_id is None else eos_id)
+    eos = None if args.ignore_eos else eos_id  # None: a tokenizer without an end-of-text token
     t0, n_tokens = time.perf_counter(), 0
     for sample_i in range(args.num_samples if draft else 1):
         if draft:  # one prompt at a time; stats printed below
@@ -607,8 +609,8 @@ def main(argv=None):
     for m, flag in ((model, "--model"), (draft, "--draft-model")):
         if m is not None and m.config.vocab_size < tok.n_vocab:
             raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than its tokenizer's "
-                             f"{tok.n_vocab}: the CLI speaks GPT-2 BPE or the tokenizer of an HF Llama / Qwen "
-                             f"directory; call generate() with that model's own tokenizer instead")
+                             f"{tok.n_vocab}: the CLI speaks the tokenizer a checkpoint recorded, else GPT-2 BPE, "
+                             f"or an HF Llama / Qwen directory's; call generate() with the model's own tokenizer")
     sampling = replace(sampling, vocab_size=tok.n_vocab)  # a padded vocabulary's extra ids mean nothing to it
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]

@@ -486,6 +486,7 @@ class GPT(nn.Module):
         ckpt = load_checkpoint(path, map_location)
         model = cls(GPTConfig(**ckpt["config"]))
         load_model_state(model, ckpt["model"], path)
+        model.tokenizer_dump = ckpt.get("tokenizer")  # the run's bpe.Tokenizer.dumps(), when it recorded one
         return model
 
     def save_pretrained(self, directory, max_shard_size=None):
@@ -1065,32 +1066,40 @@ def load_checkpoint(path, map_location="cpu"):
 RUN_PLACE = ("device", "dtype", "compile", "stop_after", "resume", "out_dir")  # what --resume may change
 
 
+def tokenizer_of(model, where="the checkpoint"):
+    """The tokenizer a loaded model speaks: its HF folder's (Llama 3 / Qwen2.5), the one its checkpoint recorded
+    (bytes, a bpe.py BPE), else GPT-2's. `where` names the checkpoint in errors.
+    tokenizer_of(GPT.from_pretrained("out/task-base/ckpt.pt")).encode("hi") -> [104, 105]"""
+    import bpe
+    if getattr(model, "hf_dir", None):
+        return bpe.load_hf_tokenizer(model.hf_dir)
+    if getattr(model, "tokenizer_dump", None):
+        return bpe.Tokenizer.loads(model.tokenizer_dump, source=f"{where} (tokenizer)")
+    return bpe.load_gpt2()
+
+
 def load_with_tokenizer(init, missing=None):
     """--init of a post-training script -> (model, tokenizer, checkpoint or None). A checkpoint of this project
     brings the tokenizer it recorded (so every stage encodes as the one before); gpt2 names and folders come
     with GPT-2's tokenizer; Llama 3 / Qwen2.5 names and folders bring their own, loaded as fp32 master weights
     (autocast computes in --dtype). missing: the command that makes a missing default input, for the error.
     Every failure is a ValueError that names the fix."""
-    import bpe
     ckpt = None
     if os.path.isfile(init):
         ckpt = load_checkpoint(init)
         model = GPT.from_checkpoint(init)
-        if "tokenizer" in ckpt:
-            tok = bpe.Tokenizer.loads(ckpt["tokenizer"], source=f"{init} (tokenizer)")
-        elif model.config.vocab_size >= 50257:  # written before checkpoints recorded their tokenizer: GPT-2's
-            tok = bpe.load_gpt2()
-        else:
+        # written before checkpoints recorded their tokenizer: GPT-2's, if the vocabulary is GPT-2's
+        if "tokenizer" not in ckpt and model.config.vocab_size < 50257:
             raise ValueError(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is "
                              f"not GPT-2's; retrain it with this project's scripts")
     elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
         model = GPT.from_pretrained(init, dtype=torch.float32)
-        tok = bpe.load_hf_tokenizer(model.hf_dir) if getattr(model, "hf_dir", None) else bpe.load_gpt2()
     elif missing:
         raise ValueError(f"no model at {init}; make it with:\n    {missing}")
     else:
         raise ValueError(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one "
                          f"of {', '.join(HF_MODELS)}")
+    tok = tokenizer_of(model, init)
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(f"{init}: the tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}")
     return model, tok, ckpt
@@ -1648,8 +1657,7 @@ def main():
     seed_everything(args.seed)
     device = pick_device(args.device)
     model = GPT.from_pretrained(args.model).to(device).eval()
-    hf_dir = getattr(model, "hf_dir", None)  # a Llama / Qwen model comes with its own tokenizer
-    tok = bpe.load_hf_tokenizer(hf_dir) if hf_dir else bpe.load_gpt2()
+    tok = tokenizer_of(model, args.model)  # a Llama / Qwen folder's, a checkpoint's own, else GPT-2's
     idx = torch.tensor([tok.encode(args.prompt)], device=device)
     cache = model.new_cache(1, max_len=idx.size(1) + 31)  # Llama 3.1's 131k-token context would not fit
     with torch.no_grad():

@@ -650,6 +650,37 @@ def test_cli_refuses_a_vocabulary_smaller_than_the_tokenizers(cli, tmp_path):
         cli("--model", small)
 
 
+def test_cli_speaks_the_tokenizer_a_checkpoint_recorded(tmp_path, capsys):
+    """A checkpoint of train_gpt2.py --tokenizer bytes (here: 256 bytes + <|endoftext|>, a 320-id vocabulary)
+    is prompted and decoded with its own tokenizer, not GPT-2's, and stops at that tokenizer's end of text."""
+    import bpe
+    tok = bpe.byte_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=16)).eval()
+    path = str(tmp_path / "bytes.pt")
+    save_checkpoint(path, model, tokenizer=tok.dumps())
+    idx = torch.tensor([tok.encode("Q: 1 + 2?")])
+    out = G.generate(model, idx, 12, replace(G.GREEDY, vocab_size=tok.n_vocab), generator=torch.Generator())
+    new = out[0, idx.size(1):].tolist()
+    G.main(["--model", path, "--prompt", "Q: 1 + 2?", "--max-new-tokens", "12", "--temperature", "0",
+            "--ignore-eos", "--device", "cpu"])
+    assert capsys.readouterr().out == tok.decode(tok.encode("Q: 1 + 2?") + new) + "\n"
+    with torch.no_grad():  # the end-of-text id wins every step: the CLI stops before printing anything new
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight.zero_()
+        model.transformer.wte.weight[tok.eot_token, 0] = 1.0
+    save_checkpoint(path, model, tokenizer=tok.dumps())
+    G.main(["--model", path, "--prompt", "hi", "--temperature", "0", "--device", "cpu"])
+    assert capsys.readouterr().out == "hi\n"
+    plain = bpe.Tokenizer("gpt2")  # 256 bytes, no <|endoftext|>: nothing to stop at, the text runs its length
+    save_checkpoint(path, model, tokenizer=plain.dumps())
+    G.main(["--model", path, "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "3", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert out.out.startswith("hi") and "3 tokens" in out.err
+
+
 class StrictTokenizer(ByteTokenizer):
     """Refuses ids past its vocabulary, like tiktoken's GPT-2 encoding."""
 
