@@ -91,7 +91,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("rollouts and reward")
     g.add_argument("--verifier", default="number", choices=list(bpe.VERIFIERS),
                    help="number: the final number equals the answer; boxed: the last \\boxed{} does (MATH)")
-    g.add_argument("--prompts", type=int, help="prompts per rollout batch")
+    g.add_argument("--batch-size", "--prompts", dest="prompts", type=int,
+                   help="prompts per rollout batch, each answered --group-size times (as ppo.py's --batch-size)")
     g.add_argument("--group-size", type=int, help="answers sampled per prompt (G >= 2)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--max-new-tokens", type=int, help="longest answer (also dr_grpo's constant length)")

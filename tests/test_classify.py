@@ -568,6 +568,22 @@ def test_init_from_hf_folder_uses_gpt2_tokenizer(tmp_path):
     assert ckpt["model"]["lm_head.weight"].shape == (2, 16)
 
 
+def test_gpt2_book_preset_is_the_books_recipe(tmp_path):
+    """--preset gpt2-book sets the book's chapter 6 settings; flags given beside it win. Run here on a tiny model
+    in GPT-2's HF layout (standing in for the download) and this test's data (too small for the book's split)."""
+    a = classify.parse_args(["--preset", "gpt2-book"])
+    assert (a.init, a.split, a.train, a.lr, a.epochs, a.batch_size, a.dropout, a.warmup_steps, a.weight_decay) == \
+        ("gpt2", "book", "last-block", 5e-5, 5, 8, 0.0, 0, 0.1)
+    assert classify.parse_args([]).init == "scratch" and classify.parse_args(["--preset", "gpt2-book", "--lr",
+                                                                              "1e-3"]).lr == 1e-3
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=64)).save_pretrained(str(tmp_path / "hf"))
+    out = run(tmp_path, "--preset", "gpt2-book", "--init", str(tmp_path / "hf"), "--max-steps", "2")
+    args = load_checkpoint(os.path.join(out, "ckpt.pt"))["args"]
+    assert (args["preset"], args["train"], args["lr"], args["dropout"], args["warmup_steps"]) == \
+        ("gpt2-book", "last-block", 5e-5, 0.0, 0)
+
+
 def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting_compile):
     fake, calls = counting_compile  # stands in for torch.compile
     monkeypatch.setattr(classify, "maybe_compile", fake)

@@ -461,6 +461,12 @@ def test_gsm8k_recipe_code_path(tmp_path):
     assert ckpt["template"] == {"preamble": True} and ckpt["args"]["lr"] == 1e-6
 
 
+def test_batch_size_is_the_prompts_per_rollout_batch():
+    """The common flag vocabulary: --batch-size counts prompts per rollout batch, as in ppo.py (--prompts too)."""
+    assert grpo.parse_args(["--batch-size", "4"]).prompts == grpo.parse_args(["--prompts", "4"]).prompts == 4
+    assert grpo.parse_args([]).prompts == grpo.PRESETS["task"]["prompts"]
+
+
 def test_gsm8k_is_downloaded_into_data_gsm8k(tmp_path, monkeypatch):
     """--data gsm8k on a fresh checkout (no data/gsm8k yet): both splits are fetched from GSM8K's URLs, then read."""
     monkeypatch.chdir(tmp_path)
