@@ -540,7 +540,7 @@ def parse_args(argv=None):
                                                           "1e-4 for pretrained weights)")
     g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient's global norm to this (0 = off)")
     g = p.add_argument_group("run")
     g.add_argument("--eval-interval", type=int, default=None, help="steps between val evaluations (default: "
                                                                    "one epoch)")
@@ -573,6 +573,8 @@ def main(argv=None):
     if args.lr < 0 or args.epochs < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise ValueError(f"--lr {args.lr}, --epochs {args.epochs}, --max-steps {args.max_steps}: give --lr >= 0 "
                          f"and at least one epoch or step")
+    if args.grad_clip < 0:  # clip_grad_norm_ with a negative norm turns every step around: gradient ascent
+        raise ValueError(f"--grad-clip {args.grad_clip}: give a norm > 0, or 0 for no clipping")
     if pretrained and args.tokenizer is not None:
         raise ValueError(f"--tokenizer {args.tokenizer} is for --init scratch; --init {args.init} brings its own "
                          f"tokenizer (leave --tokenizer out)")
@@ -653,7 +655,8 @@ def main(argv=None):
         total = loss + aux
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+        if args.grad_clip:  # 0 = off (a max norm of 0 would zero every gradient)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -237,6 +237,16 @@ def test_lr_zero_means_no_update_and_bad_lengths_are_refused(tmp_path, lm_ckpt):
             run(tmp_path, "--init", lm_ckpt, flag, value, out="bad")
 
 
+def test_grad_clip_0_is_off_and_a_negative_clip_is_refused(tmp_path, lm_ckpt):
+    """--grad-clip 0 trains as an unreachable clip does (clip_grad_norm_ with 0 would zero every gradient); a
+    negative clip would turn every step around and is refused."""
+    runs = [run(tmp_path, "--init", lm_ckpt, "--max-steps", "2", "--grad-clip", c, out=f"clip{c}") for c in ("0", "1e9")]
+    a, b = (load_checkpoint(os.path.join(r, "ckpt.pt"))["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--grad-clip -1.0: give a norm > 0, or 0 for no clipping"):
+        run(tmp_path, "--init", lm_ckpt, "--grad-clip", "-1", out="bad")
+
+
 def test_set_trainable_counts():
     model = classify.add_class_head(tiny_gpt(), 2)
     head = 2 * 32
