@@ -32,6 +32,7 @@ What it teaches, in the file's order:
 
 import argparse
 import csv
+import io
 import math
 import os
 import time
@@ -65,6 +66,15 @@ def download_sms(path=SMS_PATH):
     return path
 
 
+def read_text(path, newline=None):
+    """The text of a UTF-8 file, or an error naming the file and the fix."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_examples(path, quoting=False):
     """(text, label) pairs of a data file: JSON Lines {"text", "label"} (.jsonl / .json), else `label<TAB>text`
     lines. Every way a file can be wrong is an error naming the line. quoting: read `label<TAB>text` as
@@ -78,8 +88,7 @@ def read_examples(path, quoting=False):
         rows = [(r["text"], str(r["label"])) for r in bpe.read_rows(path, "classification")]
         where = [f"{path}: row {i + 1}" for i in range(len(rows))]
     elif quoting:
-        with open(path, newline="", encoding="utf-8") as f:
-            fields = list(csv.reader(f, delimiter="\t"))
+        fields = list(csv.reader(io.StringIO(read_text(path, newline="")), delimiter="\t"))
         bad = next((i for i, r in enumerate(fields) if len(r) != 2), None)
         if bad is not None:
             raise ValueError(f"{path}: CSV row {bad + 1} has {len(fields[bad])} fields; each row is label<TAB>text")
@@ -87,16 +96,14 @@ def read_examples(path, quoting=False):
         where = [f"{path}: CSV row {i + 1}" for i in range(len(rows))]
     else:
         rows, where = [], []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(f"{path}:{lineno}: no tab; each line is label<TAB>text (or use a .jsonl file)")
-                label, text = line.split("\t", 1)
-                rows.append((text, label.strip()))
-                where.append(f"{path}:{lineno}")
+        for lineno, line in enumerate(read_text(path).split("\n"), 1):  # \r\n and \r read as \n
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{lineno}: no tab; each line is label<TAB>text (or use a .jsonl file)")
+            label, text = line.split("\t", 1)
+            rows.append((text, label.strip()))
+            where.append(f"{path}:{lineno}")
     for (text, label), w in zip(rows, where):
         if not text.strip() or not label:
             raise ValueError(f"{w}: empty {'text' if label else 'label'}; every row needs a text and a label")
@@ -575,6 +582,10 @@ def main(argv=None):
                          f"and at least one epoch or step")
     if args.grad_clip < 0:  # clip_grad_norm_ with a negative norm turns every step around: gradient ascent
         raise ValueError(f"--grad-clip {args.grad_clip}: give a norm > 0, or 0 for no clipping")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--warmup-steps", args.warmup_steps, 0),
+                             ("--eval-interval", args.eval_interval, 0), ("--split-seed", args.split_seed, 0)):
+        if value is not None and value < low:  # 0 for the last two: the default (10% of the steps, an epoch)
+            raise ValueError(f"{flag} {value}: give at least {low}")
     if pretrained and args.tokenizer is not None:
         raise ValueError(f"--tokenizer {args.tokenizer} is for --init scratch; --init {args.init} brings its own "
                          f"tokenizer (leave --tokenizer out)")

@@ -237,7 +237,7 @@ def test_lr_zero_means_no_update_and_bad_lengths_are_refused(tmp_path, lm_ckpt):
             run(tmp_path, "--init", lm_ckpt, flag, value, out="bad")
 
 
-def test_grad_clip_0_is_off_and_a_negative_clip_is_refused(tmp_path, lm_ckpt):
+def test_grad_clip_0_is_off_and_bad_numbers_and_files_are_refused(tmp_path, lm_ckpt):
     """--grad-clip 0 trains as an unreachable clip does (clip_grad_norm_ with 0 would zero every gradient); a
     negative clip would turn every step around and is refused."""
     runs = [run(tmp_path, "--init", lm_ckpt, "--max-steps", "2", "--grad-clip", c, out=f"clip{c}") for c in ("0", "1e9")]
@@ -245,6 +245,15 @@ def test_grad_clip_0_is_off_and_a_negative_clip_is_refused(tmp_path, lm_ckpt):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="--grad-clip -1.0: give a norm > 0, or 0 for no clipping"):
         run(tmp_path, "--init", lm_ckpt, "--grad-clip", "-1", out="bad")
+    for flag, value, low in (("--batch-size", "0", 1), ("--warmup-steps", "-5", 0), ("--eval-interval", "-1", 0),
+                             ("--split-seed", "-1", 0)):  # a ZeroDivisionError, silent runs, numpy's error before
+        with pytest.raises(ValueError, match=f"{flag} {value}: give at least {low}"):
+            classify.main(["--init", lm_ckpt, flag, value, "--out-dir", str(tmp_path / "bad"), "--device", "cpu"])
+    bad = tmp_path / "latin1.tsv"
+    bad.write_bytes("ham\tcaf\xe9 au lait\nspam\tWIN\n".encode("latin-1"))
+    for quoting in (False, True):
+        with pytest.raises(ValueError, match="latin1.tsv is not UTF-8 text .*iconv"):
+            classify.read_examples(str(bad), quoting=quoting)
 
 
 def test_set_trainable_counts():
