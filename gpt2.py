@@ -1220,6 +1220,21 @@ def set_rng_state(state):
         torch.mps.set_rng_state(state["mps"].cpu())
 
 
+def epoch_order(n, seed, epoch):
+    """The order of n rows in epoch `epoch`: a permutation seeded with (seed, epoch). A loader that reads rows
+    in this order keeps no state but its step, so a resumed run sees the rows the uninterrupted one would.
+    epoch_order(4, seed=0, epoch=0) -> a permutation of [0, 1, 2, 3], the same at every call"""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batch_rows(step, n, batch_size, seed):
+    """Row indices of batch `step` when every epoch takes the n rows in epoch_order and cuts them into batches
+    of batch_size (an epoch's last, incomplete batch is dropped). batch_rows(4, 10, 3, 0) == epoch_order(10, 0,
+    1)[3:6]: step 4 is the second batch of epoch 1."""
+    epoch, i = divmod(step, n // batch_size)
+    return epoch_order(n, seed, epoch)[i * batch_size:(i + 1) * batch_size]
+
+
 def lr_at(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * max_lr at max_steps."""
     if step < warmup_steps:

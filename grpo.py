@@ -46,9 +46,10 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, autocast, download, end_distributed, fsdp_shard, full_state_dict,
-                  init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at, maybe_compile, pick_device,
-                  pick_dtype, resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
+from gpt2 import (MetricsLog, add_common_args, autocast, batch_rows, download, end_distributed, fsdp_shard,
+                  full_state_dict, init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at,
+                  maybe_compile, pick_device, pick_dtype, resume_settings, sample, save_checkpoint, seed_everything,
+                  rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -336,15 +337,6 @@ def accuracy(model, tok, rows, args, device, dtype):
 # 5. The loop
 
 
-def prompts_at(step, n_rows, n, seed):
-    """Indices of the prompts of rollout batch `step`: epoch e shuffles the rows with the seed (seed, e). The
-    state is the step alone, so a resumed run sees the prompts the uninterrupted run would have."""
-    per_epoch = n_rows // n
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return order[i * n:(i + 1) * n].tolist()
-
-
 def train_step(model, ref, optimizer, batch, args, device, dtype):
     """Advantages for one rollout batch, then args.updates gradient steps on it. -> stats of the batch."""
     adv, zero = group_advantages(batch["rewards"], args.group_size, args.baseline, args.scale_rewards)
@@ -492,7 +484,7 @@ def main(argv=None):
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.prompts, args.seed)]
+        rows = [train_rows[i] for i in batch_rows(step, len(train_rows), args.prompts, args.seed)]
         rows = rows[rank::world]  # --fsdp: this process's share of the prompts (all of them otherwise)
         t = time.time()
         batch = rollout(model, tok, rows, args.group_size, args, device, dtype)

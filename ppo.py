@@ -49,9 +49,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, download, left_pad, load_checkpoint,
-                  load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, resume_settings, sample,
-                  save_checkpoint, seed_everything, rng_state, set_rng_state)
+from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, batch_rows, download, left_pad,
+                  load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, resume_settings,
+                  sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -445,15 +445,6 @@ def evaluate(policy, tok, rows, reward_model, args, device, dtype):
 # 8. The loop
 
 
-def prompts_at(step, n_rows, n, seed):
-    """Indices of the prompts of rollout batch `step`: epoch e shuffles the rows with the seed (seed, e). The
-    state is the step alone, so a resumed run sees the prompts the uninterrupted run would have."""
-    per_epoch = n_rows // n
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return order[i * n:(i + 1) * n].tolist()
-
-
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -553,7 +544,7 @@ def main(argv=None):
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        rows = [train_rows[i] for i in prompts_at(step, len(train_rows), args.batch_size, args.seed)]
+        rows = [train_rows[i] for i in batch_rows(step, len(train_rows), args.batch_size, args.seed)]
         t = time.time()
         batch = rollout(policy, tok, rows, args, device, dtype)
         score, correct = scores(batch, rows, reward_model, args, device, dtype)

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, grad_scaler, restore_scaler, left_pad,
-                  load_lora_state, load_model_state, lora_state_dict, lr_at, load_with_tokenizer, maybe_compile,
-                  merge_lora, pick_device, pick_dtype, resume_settings, sample, save_checkpoint, seed_everything,
-                  rng_state, set_rng_state)
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, epoch_order, grad_scaler, restore_scaler,
+                  left_pad, load_lora_state, load_model_state, lora_state_dict, lr_at, load_with_tokenizer,
+                  maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample, save_checkpoint,
+                  seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -301,8 +301,7 @@ class Loader:
     def get(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-            self.order, self.epoch = torch.randperm(len(self.pairs), generator=g).tolist(), epoch
+            self.order, self.epoch = epoch_order(len(self.pairs), self.seed, epoch), epoch
         return pad_pairs([self.pairs[j] for j in self.order[i * self.B:(i + 1) * self.B]], self.pad_id)
 
 

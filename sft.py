@@ -37,11 +37,11 @@ import torch
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, end_distributed, fsdp_shard,
+from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, end_distributed, epoch_order, fsdp_shard,
                   full_state_dict, grad_scaler, restore_scaler, init_distributed, left_pad, load_lora_state,
-                  load_model_state, load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora, pick_device,
-                  pick_dtype, resume_settings, sample, save_adapter, save_checkpoint, seed_everything, rng_state,
-                  set_rng_state)
+                  load_model_state, load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora,
+                  pick_device, pick_dtype, resume_settings, sample, save_adapter, save_checkpoint, seed_everything,
+                  rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -205,9 +205,7 @@ class Loader:
     def get(self, step):
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-            order = torch.randperm(len(self.examples), generator=g).tolist()
-            shuffled = [self.examples[j] for j in order]
+            shuffled = [self.examples[j] for j in epoch_order(len(self.examples), self.seed, epoch)]
             if self.packing:
                 x, y = pack_rows(shuffled, self.seq_len)
                 self.batches = list(zip(x.split(self.B), y.split(self.B)))

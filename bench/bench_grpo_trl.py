@@ -72,7 +72,7 @@ def time_ours(folder, rows, a):
     torch.manual_seed(a.seed)
     times, cpu, rollout, lengths = [], [], [], []
     for step in range(a.warmup + a.steps):
-        batch_rows = [rows[i] for i in grpo.prompts_at(step, len(rows), args.prompts, args.seed)]
+        batch_rows = [rows[i] for i in grpo.batch_rows(step, len(rows), args.prompts, args.seed)]
         t0, c0 = time.perf_counter(), time.process_time()
         batch = grpo.rollout(model, tok, batch_rows, args.group_size, args, "cpu", torch.float32)
         t1 = time.perf_counter()

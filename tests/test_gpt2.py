@@ -792,6 +792,19 @@ def test_resume_settings_keep_the_run_and_change_only_where_and_when(tmp_path):
         gpt2.resume_settings(now, "y.py", "group_size")
 
 
+def test_batch_rows_walk_epochs_of_shuffled_rows():
+    """10 rows, batches of 3: 3 batches an epoch, each epoch 9 distinct rows in its own order, the order set by
+    (seed, epoch) and nothing else (a resumed run asks again and gets the same rows). The seed is seed * 1000 +
+    epoch, as in every recorded run of sft, reward_model, ppo and grpo."""
+    epoch = lambda e, seed=0: [i for k in range(3 * e, 3 * e + 3) for i in gpt2.batch_rows(k, 10, 3, seed)]
+    for e in range(3):
+        rows = epoch(e)
+        assert len(rows) == 9 and len(set(rows)) == 9 and set(rows) <= set(range(10))
+    assert epoch(0) != epoch(1) and epoch(0) != epoch(0, seed=1)
+    assert epoch(1) == epoch(1) and gpt2.batch_rows(4, 10, 3, 0) == epoch(1)[3:6]
+    assert gpt2.epoch_order(10, 3, 2) == torch.randperm(10, generator=torch.Generator().manual_seed(3002)).tolist()
+
+
 def test_lr_schedule_dtype_scaler_and_metrics_log(tmp_path):
     # warmup over 10 steps to 1.0, cosine to 0.1 at step 110: the formula at a few steps
     lr = [gpt2.lr_at(s, 1.0, 10, 110) for s in (0, 9, 10, 60, 110, 500)]

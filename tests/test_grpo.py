@@ -180,17 +180,6 @@ def test_recomputed_logprobs_equal_the_sampling_ones(temperature):
     assert b["texts"][0] == BYTES.decode([t for t, k in zip(b["idx"][0, b["T"]:].tolist(), m[0].tolist()) if k])
 
 
-def test_prompts_at_walks_epochs_of_shuffled_rows():
-    """10 rows, 3 prompts a batch: 3 batches an epoch, each epoch 9 distinct rows in its own order, the order set
-    by (seed, epoch) and nothing else (a resumed run asks again and gets the same prompts)."""
-    epoch = lambda e, seed=0: [i for k in range(3 * e, 3 * e + 3) for i in grpo.prompts_at(k, 10, 3, seed)]
-    for e in range(3):
-        rows = epoch(e)
-        assert len(rows) == 9 and len(set(rows)) == 9 and set(rows) <= set(range(10))
-    assert epoch(0) != epoch(1) and epoch(0) != epoch(0, seed=1)
-    assert epoch(1) == epoch(1) and grpo.prompts_at(4, 10, 3, 0) == epoch(1)[3:6]
-
-
 def test_ratio_is_one_on_the_first_on_policy_step():
     model = tiny(2)
     args = settings(max_new_tokens=8, group_size=4, beta=0.04)

@@ -338,15 +338,6 @@ def test_evaluation_is_greedy_over_every_row(monkeypatch):
     assert out == pytest.approx({"accuracy": 1.0, "test_score": 2.0, "test_length": greedy["mask"].sum().item() / 5})
 
 
-def test_prompts_at_walks_shuffled_epochs():
-    """The batches of one epoch share no prompt; each epoch is a new order."""
-    epochs = [[ppo.prompts_at(e * 3 + i, 10, 3, seed=0) for i in range(3)] for e in range(2)]  # 3 batches of 3 of 10
-    for batches in epochs:
-        seen = sum(batches, [])
-        assert len(seen) == len(set(seen)) == 9 and set(seen) <= set(range(10))
-    assert epochs[0] != epochs[1]
-
-
 def test_ppo_learns_a_toy_reward():
     """Score = the fraction of response characters that are digits. A random model writes ~4% digits; 30
     rollout batches of PPO make it write mostly digits."""
