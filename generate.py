@@ -606,6 +606,10 @@ def main(argv=None):
     model = load_model(args.model, device, dtype)
     draft = load_model(args.draft_model, device, dtype, "draft-model") if args.draft_model else None
     tok, eos_id, chat_style = load_tokenizer(model, args.chat)
+    if draft is not None and getattr(draft, "tokenizer_dump", None) != getattr(model, "tokenizer_dump", None) \
+            and tokenizer_of(draft).dumps() != tok.dumps():  # same vocabulary size, other tokens: garbage text
+        raise SystemExit("error: --draft-model speaks another tokenizer than --model (their checkpoints record "
+                         "different ones); speculative decoding needs the target's tokenizer in the draft")
     for m, flag in ((model, "--model"), (draft, "--draft-model")):
         if m is not None and m.config.vocab_size < tok.n_vocab:
             raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than its tokenizer's "

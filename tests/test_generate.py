@@ -681,6 +681,23 @@ def test_cli_speaks_the_tokenizer_a_checkpoint_recorded(tmp_path, capsys):
     assert out.out.startswith("hi") and "3 tokens" in out.err
 
 
+def test_cli_refuses_a_draft_with_another_tokenizer(tmp_path):
+    """Speculative decoding with a draft whose checkpoint records another tokenizer of the same size (here the
+    256 bytes + <|endoftext|> vs 256 bytes with one merge): a clear error, not a draft proposing wrong tokens."""
+    import bpe
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=320, n_layer=1, n_head=2, n_embd=16)).eval()
+    target, draft = str(tmp_path / "target.pt"), str(tmp_path / "draft.pt")
+    save_checkpoint(target, model, tokenizer=bpe.byte_tokenizer().dumps())
+    other = bpe.Tokenizer("gpt2")
+    other.train("aaaa " * 50, 257)
+    save_checkpoint(draft, model, tokenizer=other.dumps())
+    argv = ["--model", target, "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu"]
+    with pytest.raises(SystemExit, match="--draft-model speaks another tokenizer"):
+        G.main([*argv, "--draft-model", draft])
+    G.main([*argv, "--draft-model", target])  # the same tokenizer: runs
+
+
 class StrictTokenizer(ByteTokenizer):
     """Refuses ids past its vocabulary, like tiktoken's GPT-2 encoding."""
 
