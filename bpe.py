@@ -1199,12 +1199,10 @@ DATA_FORMATS = {
 ALPACA = {"instruction": "prompt", "input": "input", "output": "completion"}
 
 
-def read_rows(path, kind):
-    """The rows of a data file as dicts with the fields of DATA_FORMATS[kind] (Alpaca rows come back as
-    prompt / input / completion). A bad row is a ValueError naming the file, the line and the field.
-    read_rows("sft.jsonl", "sft") -> [{"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5"}, ...]"""
-    if kind not in DATA_FORMATS:
-        raise ValueError(f"unknown data kind {kind!r}; valid: {', '.join(DATA_FORMATS)}")
+def read_items(path):
+    """The JSON values of a data file, a .json list or JSON Lines (one per line), with where each one stands
+    for error messages. Not UTF-8, not JSON, no rows: a ValueError naming the file and the line.
+    read_items("rl.jsonl") -> ([{"prompt": "What is 2 + 3?", "answer": "5"}, ...], ["rl.jsonl:1", ...])"""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
@@ -1232,6 +1230,16 @@ def read_rows(path, kind):
                 where.append(f"{path}:{lineno}")
     if not items:
         raise ValueError(f"{path} holds no rows")
+    return items, where
+
+
+def read_rows(path, kind):
+    """The rows of a data file as dicts with the fields of DATA_FORMATS[kind] (Alpaca rows come back as
+    prompt / input / completion). A bad row is a ValueError naming the file, the line and the field.
+    read_rows("sft.jsonl", "sft") -> [{"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5"}, ...]"""
+    if kind not in DATA_FORMATS:
+        raise ValueError(f"unknown data kind {kind!r}; valid: {', '.join(DATA_FORMATS)}")
+    items, where = read_items(path)
     return [check_row(item, kind, w) for item, w in zip(items, where)]
 
 

@@ -1668,7 +1668,6 @@ def main():
         logits, _ = model(torch.zeros(1, 8, dtype=torch.long))
         print(f"tiny forward: logits {tuple(logits.shape)}")
         return
-    import bpe  # the tokenizer: needed only to complete a prompt here
     seed_everything(args.seed)
     device = pick_device(args.device)
     model = GPT.from_pretrained(args.model).to(device).eval()

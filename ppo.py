@@ -40,7 +40,6 @@ The real recipe (a GPU; GPT-2 medium SFT'd on Alpaca, a reward model on the poli
 
 import argparse
 import copy
-import json
 import os
 import time
 
@@ -600,16 +599,8 @@ def load_prompts(data):
         download(PREFERENCE_URL, data)
     if not os.path.isfile(data):
         raise FileNotFoundError(f"--data {data!r}: no such file or folder, and not 'task'")
-    try:
-        if data.endswith(".json"):
-            items = json.load(open(data, encoding="utf-8"))
-        else:
-            items = [json.loads(line) for line in open(data, encoding="utf-8") if line.strip()]
-    except ValueError:  # not UTF-8, not JSON: bpe.read_rows's error names the file, the line and the fix
-        bpe.read_rows(data, "rl")
-        raise
     rows = []
-    for i, r in enumerate(items if isinstance(items, list) else []):
+    for i, r in enumerate(bpe.read_items(data)[0]):
         prompt = r.get("prompt", r.get("instruction")) if isinstance(r, dict) else None
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{data}: item {i} has no 'prompt' (or 'instruction') string")

@@ -39,7 +39,6 @@ The real recipe (a GPU; downloads GPT-2 medium, 355M):
 
 import argparse
 import copy
-import json
 import os
 import random
 import time
@@ -153,19 +152,11 @@ def fail(msg):
 def read_pairs(path):
     """Preference rows of a .jsonl / .json file; Alpaca-style rows (instruction, input, chosen, rejected, as in
     Raschka's preference file) come back with their instruction as the prompt."""
+    items, where = bpe.read_items(path)
     if str(path).endswith(".json"):
-        try:
-            items = json.load(open(path, encoding="utf-8"))
-        except ValueError:  # not UTF-8, not JSON: bpe.read_rows's error names the file, the line and the fix
-            return bpe.read_rows(path, "preference")
-        if isinstance(items, list):
-            rows = []
-            for i, r in enumerate(items):
-                if isinstance(r, dict) and "prompt" not in r and "instruction" in r:
-                    r = {"prompt": r["instruction"], **{k: v for k, v in r.items() if k != "instruction"}}
-                rows.append(bpe.check_row(r, "preference", f"{path}: item {i}"))
-            return rows
-    return bpe.read_rows(path, "preference")
+        items = [{"prompt": r["instruction"], **{k: v for k, v in r.items() if k != "instruction"}}
+                 if isinstance(r, dict) and "prompt" not in r and "instruction" in r else r for r in items]
+    return [bpe.check_row(r, "preference", w) for r, w in zip(items, where)]
 
 
 def load_splits(args):
