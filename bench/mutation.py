@@ -1,7 +1,8 @@
 """Mutation testing: do the tests fail when the code is wrong? Each mutant is one plausible bug written as a text
 replacement in one file (a sign, an off-by-one, a swapped argument, a flag ignored); for each, this script applies
 it to a copy of the repository, runs the topic's tests with -x, and reports whether they caught it (KILLED) or
-not (SURVIVED). The working tree is never touched.
+not (SURVIVED), or ERROR when pytest stopped without a failing test to name (not counted as caught). The working
+tree is never touched.
 
     python bench/mutation.py grpo                          # every mutant of bench/mutants/grpo.json
     python bench/mutation.py grpo --tests-at 7d22fee       # the same mutants against the tests of an older commit
@@ -94,6 +95,9 @@ def run_mutant(topic, m, base):
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tmp,
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         failed = next((line.split()[1] for line in r.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))), "")
+        if r.returncode and not failed:  # pytest itself did not run (a usage or internal error): no verdict
+            why = (r.stdout.strip() or r.stderr.strip() or "no output").splitlines()[-1]
+            return "ERROR", time.time() - t, f"pytest exit {r.returncode}: {why}"
         return ("KILLED" if r.returncode else "SURVIVED"), time.time() - t, failed
 
 
