@@ -1,9 +1,10 @@
 """Tests of classify.py: offline, CPU, small models, a few seconds each.
 
-The classifier reads the last real token (padding side and batch companions do not change its logits), frozen
-weights stay bit-identical, the split is deterministic / stratified / disjoint, labels map both ways, bad
-input fails with a clear error, resume is exact, and the model learns a task that needs the whole text. The
-BPE tokenizer learns from the training texts only; --lm-unlabeled's texts hold no copy of a val or test text.
+The classifier reads the last real token (padding side and batch companions do not change its logits; with the
+same weights it gives transformers' GPT2ForSequenceClassification's logits), frozen weights stay bit-identical,
+the split is deterministic / stratified / disjoint, labels map both ways, bad input fails with a clear error,
+resume is exact, and the model learns a task that needs the whole text. The BPE tokenizer learns from the
+training texts only; --lm-unlabeled's texts hold no copy of a val or test text.
 """
 
 import io
@@ -608,3 +609,27 @@ def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting
     monkeypatch.setattr(classify, "maybe_compile", fake)
     run(tmp_path, "--max-steps", "2", "--compile")
     assert calls and calls[0] >= 2  # the classifier's forward, every step
+
+
+def test_class_logits_match_transformers_gpt2_for_sequence_classification(tmp_path):
+    """The classifier this file builds from GPT-2 is transformers' GPT2ForSequenceClassification: the same body,
+    a bias-free n_embd -> n_classes head, read at the last non-padding token. With the same weights both give
+    the same logits on a right-padded batch of texts of different lengths (HF finds the last token from the pad
+    id, this file from the attention mask)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=300, num_labels=3, pad_token_id=299)
+    hf = GPT2ForSequenceClassification(cfg).eval()
+    lm = GPT2LMHeadModel(cfg)
+    lm.transformer.load_state_dict(hf.transformer.state_dict())
+    lm.save_pretrained(str(tmp_path / "hf"))  # the body in GPT-2's HF layout, as --init gpt2 downloads it
+    args = classify.parse_args(["--init", str(tmp_path / "hf"), "--dropout", "0", "--train", "all"])
+    model, _ = classify.build_model(args, 3)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(hf.score.weight)
+    seqs = [torch.randint(0, 299, (n,)).tolist() for n in (7, 2, 12, 5)]
+    idx, mask, last = classify.collate(seqs, pad_id=299, side="right")
+    with torch.no_grad():
+        ours = classify.class_logits(model.eval(), idx, mask, last)
+        ref = hf(input_ids=idx, attention_mask=mask).logits
+    assert ours.shape == (4, 3) and torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()

@@ -4,7 +4,7 @@ defining properties of RoPE, SwiGLU and grouped-query attention written out by h
 the plain attention formula vs scaled_dot_product_attention, and the full forward pass (every KV-cache mode
 must give the logits a full recomputation gives); then the shared pieces: Llama 3 / Qwen2 in and out against
 transformers, checkpoints (atomic, weights_only), --resume settings, the learning-rate schedule, metrics log,
-LoRA (formula, merge, adapter alone) and the batched sampler (log-probs against a plain forward pass, eos, filters).
+LoRA (formula, merge, adapter alone, peft's LoRA) and the batched sampler (log-probs against a plain forward pass, eos, filters).
 
 Tests taking `device` run on each device in LLM_SCRATCH_TEST_DEVICES (tests/conftest.py; default cpu)."""
 
@@ -866,6 +866,42 @@ def test_lora_formula_freezing_merge_and_adapter_round_trip(tmp_path):
     gpt2.save_checkpoint(str(tmp_path / "m.pt"), merged)
     with torch.no_grad():
         assert torch.allclose(GPT.from_checkpoint(str(tmp_path / "m.pt")).eval()(idx)[0], adapted, atol=1e-4)
+
+
+def test_lora_matches_peft(tmp_path):
+    """add_lora is peft's LoRA (LoraConfig on GPT-2's c_attn, c_proj, c_fc): with the same A and B both give the
+    same logits, the same loss, and the same gradients on A and B (peft stores Conv1D weights transposed, the
+    adapters not)."""
+    import peft
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    ours = gpt2.add_lora(GPT.from_pretrained(str(tmp_path)).eval(), r=4, alpha=8)
+    ref = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, fan_in_fan_out=True,
+                                                  target_modules=["c_attn", "c_proj", "c_fc"])).eval()
+    pairs = {}
+    for name, p in ours.named_parameters():
+        if ".lora_" in name:
+            site, ab = name.rsplit(".", 1)  # transformer.h.0.attn.c_attn, lora_A
+            pairs[name] = ref.get_parameter(f"base_model.model.{site}.{ab}.default.weight")
+    assert len(pairs) == 3 * 4 * 2  # 3 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj) x (A, B)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)  # B too: a fresh B = 0 would hide a wrong A or scale
+                pairs[name].copy_(p)
+    idx = torch.randint(0, 211, (2, 20))
+    logits, loss = ours(idx[:, :-1], targets=idx[:, 1:])
+    out = ref(input_ids=idx[:, :-1])
+    ref_loss = F.cross_entropy(out.logits.flatten(0, 1), idx[:, 1:].flatten())
+    assert (logits - out.logits).abs().max() < 1e-5 and abs(loss.item() - ref_loss.item()) < 1e-6
+    loss.backward()
+    ref_loss.backward()
+    for name, p in ours.named_parameters():
+        if ".lora_" in name:
+            assert torch.allclose(p.grad, pairs[name].grad, atol=1e-6), name
+        else:
+            assert p.grad is None  # frozen
 
 
 # -- batched sampling ----------------------------------------------------------------------------------------
