@@ -121,7 +121,8 @@ def test_each_penalty_alone_is_applied(kwargs, expected):
 
 @pytest.mark.parametrize("kwargs", [dict(top_k=10), dict(top_p=0.7), dict(min_p=0.1), dict(temperature=0.5, top_p=0.8),
                                     dict(temperature=2.0, min_p=0.2), dict(top_k=5, top_p=0.5),
-                                    dict(temperature=0.7, top_k=8, top_p=0.6, min_p=0.3, repetition_penalty=1.5)])
+                                    dict(temperature=0.7, top_k=8, top_p=0.6, min_p=0.3, repetition_penalty=1.5),
+                                    dict(min_p=1.0)])  # the cut at the top token's own probability keeps it
 def test_process_logits_matches_transformers_processors(kwargs):
     """The same tokens filtered and the same logits kept as HF's processors chained in HF's order: repetition
     penalty, temperature, top-k, top-p, min-p."""
