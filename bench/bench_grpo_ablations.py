@@ -1,5 +1,5 @@
 """grpo.py's ablations on the arithmetic task: which of GRPO's pieces matter. Each setting changes one thing from
-the task preset, on a short schedule (100 rollout batches of 8 prompts x 8 answers, warmup and cosine over 100),
+the task preset, on a short schedule (100 rollout batches of 8 prompts x 8 answers at the preset's constant lr),
 from the pipeline's SFT model, over several seeds; greedy test accuracy every 25 batches. Writes a markdown table
 (final accuracy, mean +- sd over the seeds) and a plot of the curves (accuracy; sampled reward, smoothed).
 
