@@ -1043,6 +1043,11 @@ def get_tokenizer(name):
 # -----------------------------------------------------------------------------
 # 7. Download
 
+class DownloadError(RuntimeError):
+    """A file could not be fetched (no network, an HTTP error, an incomplete or corrupt copy). Its message names
+    the URL and what to do; the scripts print it as their error, without a traceback."""
+
+
 def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, desc=None, headers=None):
     """Download url to path with a progress bar, unless a complete copy is there; returns the Path:
     `download(GPT2_URLS["vocab.bpe"], "data/gpt2/vocab.bpe", GPT2_SHA256["vocab.bpe"])` ->
@@ -1062,14 +1067,14 @@ def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, des
     try:
         r = requests.get(url, headers=headers, stream=True, timeout=60)
     except requests.RequestException as e:
-        raise RuntimeError(f"could not download {url} ({e.__class__.__name__}). {hint}") from None
+        raise DownloadError(f"could not download {url} ({e.__class__.__name__}). {hint}") from None
     if have and r.status_code == 416:  # nothing left to fetch: the .part is complete
         total = have
     else:
         if r.status_code != 206:  # the server ignored Range: start over
             have = 0
         if r.status_code >= 400:
-            raise RuntimeError(f"could not download {url}: HTTP {r.status_code}. {hint}")
+            raise DownloadError(f"could not download {url}: HTTP {r.status_code}. {hint}")
         length = r.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         with open(part, "ab" if have else "wb") as f, \
@@ -1080,10 +1085,10 @@ def download(url, path, sha256=None, chunk_size=1 << 20, expected_size=None, des
     size = part.stat().st_size
     want = expected_size if expected_size is not None else total
     if (want is not None and size != want) or (total is not None and size != total):
-        raise RuntimeError(f"download of {url} is incomplete: {size} of {want} bytes; run again to resume")
+        raise DownloadError(f"download of {url} is incomplete: {size} of {want} bytes; run again to resume")
     if sha256 and hashlib.sha256(part.read_bytes()).hexdigest() != sha256:
         part.unlink()
-        raise RuntimeError(f"{url} downloaded with the wrong sha256 (corrupt); run again to retry")
+        raise DownloadError(f"{url} downloaded with the wrong sha256 (corrupt); run again to retry")
     os.replace(part, path)
     return path
 

@@ -474,6 +474,9 @@ def report(name, cm, names):
 def predict_texts(args):
     """--predict: the label and probability of each text, from the classifier in <out-dir>/ckpt.pt."""
     path = os.path.join(args.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--predict: no classifier at {path}; train one first (python classify.py --out-dir "
+                                f"{args.out_dir}), or give the --out-dir of a trained one")
     ckpt = load_checkpoint(path)
     if "labels" not in ckpt:
         raise ValueError(f"{path} is not a classifier written by classify.py; train one first")
@@ -633,7 +636,8 @@ def main(argv=None):
         if step >= max_steps and any("test_acc" in r for r in MetricsLog.read(args.out_dir)):
             return print(f"{ckpt_path} finished its {max_steps} steps; its test results are in metrics.jsonl")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model {args.init}: {model.num_params() / 1e6:.2f}M params, {n_trainable / 1e6:.2f}M trainable "
+    print(f"model {args.init}: {model.num_params() / 1e6:.2f}M params (without position embeddings), "
+          f"{n_trainable / 1e6:.2f}M trainable "
           f"({'LoRA r=%d' % args.lora if args.lora else args.train}) | {device} {str(dtype)[6:]} | "
           f"{max_steps} steps of {args.batch_size}")
     metrics = MetricsLog(args.out_dir, resume_step=step if ckpt else None)
@@ -706,4 +710,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, bpe.DownloadError) as e:  # bad input or no network: the message names
+        raise SystemExit(f"classify.py: error: {e}")                  # the fix; a traceback would bury it

@@ -980,10 +980,18 @@ def cache_dir(sub=""):
 
 
 def download_hf_model(name, cache_root=None):
+    """OpenAI's GPT-2 weights from the HF hub -> the folder holding config.json + model.safetensors.
+    download_hf_model("gpt2") -> '~/.cache/llm-from-scratch/hf/gpt2'"""
+    import bpe
     directory = os.path.join(cache_root or cache_dir("hf"), name)
     base = f"https://huggingface.co/openai-community/{name}/resolve/main/"
-    download(base + "config.json", os.path.join(directory, "config.json"))
-    download(base + "model.safetensors", os.path.join(directory, "model.safetensors"), desc=f"{name} weights")
+    try:
+        download(base + "config.json", os.path.join(directory, "config.json"))
+        download(base + "model.safetensors", os.path.join(directory, "model.safetensors"), desc=f"{name} weights")
+    except bpe.DownloadError as e:  # name both files: the message of the first alone would send a user back twice
+        raise bpe.DownloadError(f"{e}\n{name} needs config.json and model.safetensors from "
+                                f"https://huggingface.co/openai-community/{name} in {directory} (or give the "
+                                f"folder that holds them instead of {name!r})") from None
     return directory
 
 
@@ -1004,22 +1012,25 @@ def download_hf_repo(repo, cache_root=None):
             return directory
     except FileNotFoundError:
         pass
+    import bpe
     import requests  # only needed to list the repository's files
     token, hub = os.environ.get("HF_TOKEN"), os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = requests.get(f"{hub}/api/models/{repo}", headers=headers, timeout=60)
     except requests.RequestException as e:
-        raise RuntimeError(f"cannot reach {hub} to list {repo} ({e.__class__.__name__}); without "
-                           f"network, download the repository elsewhere and pass its directory") from None
+        raise bpe.DownloadError(f"cannot reach {hub} to list {repo} ({e.__class__.__name__}); without "
+                                f"network, download the repository elsewhere and pass its directory") from None
     if r.status_code in (401, 403, 404):
-        raise RuntimeError(f"{repo}: HTTP {r.status_code} from the HF hub: no such model, or a gated one (Llama): "
-                           f"accept its licence on huggingface.co and set HF_TOKEN")
-    r.raise_for_status()
+        raise bpe.DownloadError(f"{repo}: HTTP {r.status_code} from the HF hub: no such model, or a gated one "
+                                f"(Llama): accept its licence on huggingface.co and set HF_TOKEN")
+    if r.status_code >= 400:
+        raise bpe.DownloadError(f"{repo}: HTTP {r.status_code} from {hub}; try again later, or pass a downloaded "
+                                f"folder")
     names = [s["rfilename"] for s in r.json().get("siblings", [])]
     wanted = [n for n in names if n in HF_FILES or (n.endswith(".safetensors") and "/" not in n)]
     if "config.json" not in wanted or not any(n.endswith(".safetensors") for n in wanted):
-        raise RuntimeError(f"{repo} has no config.json + safetensors weights on the HF hub")
+        raise bpe.DownloadError(f"{repo} has no config.json + safetensors weights on the HF hub")
     for name in wanted:
         download(f"{hub}/{repo}/resolve/main/{name}", os.path.join(directory, name),
                  headers=headers, desc=f"{repo}/{name}")
@@ -1093,7 +1104,11 @@ def load_with_tokenizer(init, missing=None):
             raise ValueError(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is "
                              f"not GPT-2's; retrain it with this project's scripts")
     elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
-        model = GPT.from_pretrained(init, dtype=torch.float32)
+        import bpe
+        try:
+            model = GPT.from_pretrained(init, dtype=torch.float32)
+        except bpe.DownloadError as e:  # offline, most often: the message says where to put the files
+            raise ValueError(f"--init {init}: {e}") from None
     elif missing:
         raise ValueError(f"no model at {init}; make it with:\n    {missing}")
     else:
@@ -1670,7 +1685,11 @@ def main():
         return
     seed_everything(args.seed)
     device = pick_device(args.device)
-    model = GPT.from_pretrained(args.model).to(device).eval()
+    import bpe
+    try:
+        model = GPT.from_pretrained(args.model).to(device).eval()
+    except bpe.DownloadError as e:  # offline: the message says which files to fetch and where they go
+        raise SystemExit(f"gpt2.py: error: {e}")
     tok = tokenizer_of(model, args.model)  # a Llama / Qwen folder's, a checkpoint's own, else GPT-2's
     idx = torch.tensor([tok.encode(args.prompt)], device=device)
     cache = model.new_cache(1, max_len=idx.size(1) + 31)  # Llama 3.1's 131k-token context would not fit

@@ -652,7 +652,10 @@ def build_model(args, config, ckpt, ckpt_path, device, dtype):
     if ckpt or args.init == "scratch":
         model = GPT(config)
     else:  # OpenAI's weights from the HF hub, or an HF directory
-        model = GPT.from_pretrained(args.init, **({"dropout": args.dropout} if args.dropout else {}))
+        try:
+            model = GPT.from_pretrained(args.init, **({"dropout": args.dropout} if args.dropout else {}))
+        except bpe.DownloadError as e:  # offline: the message says which files to fetch and where they go
+            fail(e)
     if ckpt:
         load_model_state(model, ckpt["model"], ckpt_path)
     model.to(device)

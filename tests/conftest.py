@@ -63,3 +63,17 @@ def counting_compile():
                 return getattr(self.module, name)
 
     return (lambda module, enabled: Counted(module) if enabled else module), calls
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network: every requests.get raises ConnectionError, the download cache is an empty folder, the HF hub
+    is huggingface.co. -> the cache folder (LLM_SCRATCH_CACHE), where the error messages say to put the files."""
+    import requests
+
+    def refuse(*args, **kwargs):
+        raise requests.ConnectionError("offline")
+    monkeypatch.setattr(requests, "get", refuse)
+    monkeypatch.setenv("LLM_SCRATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    return tmp_path / "cache"

@@ -394,6 +394,27 @@ def test_missing_file_and_tiny_class(tmp_path):
         classify.split_examples(rows, 0, balanced=False)
 
 
+
+def cli_error(monkeypatch, *argv):
+    """classify.py run as a command (its __main__ block) -> the error it exits with."""
+    import runpy
+    import sys
+    monkeypatch.setattr(sys, "argv", ["classify.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(classify.__file__, run_name="__main__")
+    return str(e.value.code)
+
+
+def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, monkeypatch, offline):
+    """Bad flags, --predict before any training and OpenAI's weights without network: the command prints the
+    message that names the fix (main() raises it; the __main__ block turns it into the exit message)."""
+    assert cli_error(monkeypatch, "--batch-size", 0) == "classify.py: error: --batch-size 0: give at least 1"
+    msg = cli_error(monkeypatch, "--predict", "hi", "--out-dir", tmp_path / "none")
+    assert msg.startswith("classify.py: error: --predict: no classifier at") and "train one first" in msg
+    msg = cli_error(monkeypatch, "--init", "gpt2", "--out-dir", tmp_path / "out")
+    assert msg.startswith("classify.py: error: could not download https://huggingface.co/openai-community/gpt2/")
+    assert "model.safetensors" in msg and str(offline) in msg
+
 def test_resume_refuses_unknown_label(tmp_path, lm_ckpt):
     out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "2")
     data = tmp_path / "task.tsv"  # the run's data file, edited between the run and its resume

@@ -578,6 +578,37 @@ def test_download_without_network_names_url_and_destination(tmp_path):
         gpt2.download("http://127.0.0.1:9/x", dest)
 
 
+
+def test_offline_weights_fail_with_one_message_naming_every_file(tmp_path, monkeypatch, offline):
+    """No network: OpenAI's weights (or an HF hub name) fail with a message naming the files to fetch and where
+    they go: a DownloadError from the downloaders, a ValueError from load_with_tokenizer (the post-training
+    scripts print it as their error), gpt2.py's error line; never a traceback."""
+    import sys
+
+    import bpe
+    import requests
+
+    folder = str(offline / "hf" / "gpt2")
+    with pytest.raises(bpe.DownloadError) as e:
+        gpt2.download_hf_model("gpt2")
+    for part in ("openai-community/gpt2/resolve/main/config.json", "model.safetensors", folder):
+        assert part in str(e.value)
+    with pytest.raises(ValueError) as e:
+        gpt2.load_with_tokenizer("gpt2")
+    assert str(e.value).startswith("--init gpt2: could not download") and "model.safetensors" in str(e.value)
+    with pytest.raises(ValueError, match="cannot reach https://huggingface.co to list org/tiny"):
+        gpt2.load_with_tokenizer("org/tiny")
+    monkeypatch.setattr(sys, "argv", ["gpt2.py", "--model", "gpt2"])
+    with pytest.raises(SystemExit) as e:
+        gpt2.main()
+    assert str(e.value.code).startswith("gpt2.py: error: could not download") and folder in str(e.value.code)
+
+    class Down:  # the hub answers, with a server error
+        status_code = 503
+    monkeypatch.setattr(requests, "get", lambda *a, **k: Down())
+    with pytest.raises(bpe.DownloadError, match="org/tiny: HTTP 503"):
+        gpt2.download_hf_repo("org/tiny", cache_root=str(tmp_path))
+
 def test_checkpoint_unwraps_ddp_and_compile_in_any_order(tmp_path):
     class Compiled(torch.nn.Module):  # stand-ins with the attributes torch.compile and DDP add
         def __init__(self, m):

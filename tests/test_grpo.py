@@ -608,3 +608,13 @@ def test_compile_flag_compiles_the_training_passes(tmp_path, monkeypatch, counti
     trained = [r for r in metrics(tmp_path / "c") if r.get("skipped") == 0]
     assert trained, "no step had a learning signal"
     assert sorted(calls) == [len(trained), 2 * len(trained)]  # reference once, policy once per update
+
+
+def test_offline_init_is_an_error_naming_the_files(tmp_path, offline):
+    """An HF hub model (--init owner/name) without network: the script's one-line error names the download and where
+    to put it."""
+    with pytest.raises(SystemExit) as e:
+        grpo.main(["--init", "Qwen/Qwen2.5-Math-1.5B", "--out-dir", str(tmp_path / "out")])
+    assert str(e.value.code).startswith("grpo.py: error: --init Qwen/Qwen2.5-Math-1.5B: cannot reach "
+                                        "https://huggingface.co to list")
+    assert "pass its directory" in str(e.value.code)

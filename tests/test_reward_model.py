@@ -691,3 +691,13 @@ def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
         pref = tmp_path / "p.jsonl"
         bpe.write_rows(pref, bpe.read_rows(os.path.join(data, "preference.jsonl"), "preference"))
         rm.main(["--init", init, "--data", str(pref), "--pairs", "samples", "--out-dir", str(tmp_path / "f"), *RUN])
+
+
+def test_offline_init_is_an_error_naming_the_files(tmp_path, offline):
+    """OpenAI's weights (--init gpt2) without network: the script's one-line error names the download and where
+    to put it."""
+    with pytest.raises(SystemExit) as e:
+        rm.main(["--init", "gpt2", "--out-dir", str(tmp_path / "out")])
+    assert str(e.value.code).startswith("reward_model.py: error: --init gpt2: could not download "
+                                        "https://huggingface.co/openai-community/gpt2/")
+    assert "model.safetensors" in str(e.value.code)

@@ -667,3 +667,13 @@ def test_task_folder_maps_the_word_task_to_the_written_task(monkeypatch):
     monkeypatch.setattr(bpe, "task_files", lambda: written.append(1) or {"test": bpe.TASK_DIR / "test.jsonl"})
     assert bpe.task_folder("task") == bpe.TASK_DIR and written == [1]  # the files are written first
     assert bpe.task_folder("my_task") == "my_task" and written == [1]
+
+
+def test_offline_init_is_an_error_naming_the_files(tmp_path, offline):
+    """OpenAI's weights (--init gpt2) without network: the script's one-line error names the download and where
+    to put it."""
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--init", "gpt2", "--out-dir", str(tmp_path / "out")])
+    assert str(e.value.code).startswith("sft.py: error: --init gpt2: could not download "
+                                        "https://huggingface.co/openai-community/gpt2/")
+    assert "model.safetensors" in str(e.value.code)

@@ -668,3 +668,7 @@ def test_no_network_names_url_and_destination(tmp_path, monkeypatch):
     data = make_shards(tmp_path / "data")
     msg = error_of([*TINY, "--data", data, "--hellaswag-interval", 1, "--out-dir", tmp_path / "out"])
     assert tg.HELLASWAG_URL in msg and "hellaswag_val.jsonl" in msg
+    msg = error_of(["--init", "gpt2", "--data", data, "--device", "cpu", "--no-compile", "--out-dir",
+                    tmp_path / "out"])  # OpenAI's weights
+    assert msg.startswith("train_gpt2.py: error: could not download https://huggingface.co/openai-community/gpt2/")
+    assert "model.safetensors" in msg and str(tmp_path / "cache") in msg
