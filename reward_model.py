@@ -231,7 +231,7 @@ def with_sampled_pairs(args, gpt, tok, train_rows, val_rows, device, dtype, resu
         n_val = max(1, args.val_pairs or len(made) // 20)
         if len(made) <= n_val:
             fail(f"only {len(made)} sampled pairs, not more than the {n_val} held out: the model's answers to a "
-                 f"prompt are all right or all wrong; raise --samples-per-prompt")
+                 f"prompt are all right or all wrong; raise --samples-per-prompt, or lower --val-pairs")
         return made[:-n_val], made[-n_val:]
     both = train_rows + made
     random.Random(args.seed).shuffle(both)

@@ -672,6 +672,9 @@ def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
     assert [p["prompt"] for p in made] != odd  # shuffled, not in the order drawn (training prompts, then RL ones)
     split = argparse.Namespace(out_dir=str(tmp_path / "s"), pairs="samples", val_pairs=5)
     assert rm.with_sampled_pairs(split, None, None, [], [], "cpu", None, resume=True) == (made[:-5], made[-5:])
+    split.val_pairs = len(made)  # nothing left to train on: say which two flags fix it
+    with pytest.raises(SystemExit, match=rf"only {len(made)} sampled pairs.*--samples-per-prompt, or lower --val-pairs"):
+        rm.with_sampled_pairs(split, None, None, [], [], "cpu", None, resume=True)
     monkeypatch.setattr(rm, "sample", None)  # a resumed run must not sample again
     rm.main(["--resume", "--out-dir", str(tmp_path / "s")])
     assert metrics(tmp_path / "s")[-1]["step"] == 4
