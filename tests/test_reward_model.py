@@ -673,7 +673,7 @@ def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
     split = argparse.Namespace(out_dir=str(tmp_path / "s"), pairs="samples", val_pairs=5)
     assert rm.with_sampled_pairs(split, None, None, [], [], "cpu", None, resume=True) == (made[:-5], made[-5:])
     split.val_pairs = len(made)  # nothing left to train on: say which two flags fix it
-    with pytest.raises(SystemExit, match=rf"only {len(made)} sampled pairs.*--samples-per-prompt, or lower --val-pairs"):
+    with pytest.raises(SystemExit, match=rf"only {len(made)} sampled .*--samples-per-prompt, or lower --val-pairs"):
         rm.with_sampled_pairs(split, None, None, [], [], "cpu", None, resume=True)
     monkeypatch.setattr(rm, "sample", None)  # a resumed run must not sample again
     rm.main(["--resume", "--out-dir", str(tmp_path / "s")])
