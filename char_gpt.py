@@ -405,14 +405,13 @@ def train(args):
     check_prompt(tok, getattr(args, "prompt", ""))  # now, not after the whole training run
     data = torch.tensor(tok.encode(text), dtype=torch.long)
     train_data, val_data = split_data(data)
-    os.makedirs(args.out_dir, exist_ok=True)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     metrics_path = os.path.join(args.out_dir, "metrics.jsonl")
 
     ckpt = None
     if args.resume:
         if not os.path.exists(ckpt_path):
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["chars"] != tok.chars:  # the same ids would stand for other characters
             raise SystemExit(f"--resume: --data {args.data} has other characters than the checkpoint's run; "
@@ -451,6 +450,7 @@ def train(args):
         with open(metrics_path) as f:
             # rows logged after the checkpoint (by a run that stopped before its next one) come again
             metrics = [m for m in map(json.loads, f) if m["step"] <= step]
+    os.makedirs(args.out_dir, exist_ok=True)  # only now: a refused run leaves no empty folder behind
     with open(metrics_path, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
     n_params = sum(p.numel() for p in model.parameters())

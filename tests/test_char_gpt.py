@@ -429,6 +429,9 @@ def test_bad_data_and_checkpoints_are_named_with_the_fix(tmp_path):
             cg.main([*run, "--data", str(tmp_path / data)])
     with pytest.raises(SystemExit, match="--n-embd 16 is not a multiple of --n-head 3"):
         cg.main([*run, "--n-head", "3", "--data", str(tmp_path / "abc.txt")])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint at .*; run without --resume to start"):
+        cg.main([*run, "--resume", "--data", str(tmp_path / "abc.txt")])
+    assert not (tmp_path / "o").exists()  # a refused run leaves no empty run folder behind
     cg.main([*run, "--data", str(tmp_path / "abc.txt")])
     before = (tmp_path / "o" / "ckpt.pt").read_bytes()
     with pytest.raises(SystemExit, match="--resume: --data .* has other characters than the checkpoint's run"):
