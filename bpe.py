@@ -1186,7 +1186,7 @@ def encode_example(tok, prompt, completion, *, input="", preamble=True, mask_pro
     gives the ids of the whole text under GPT-2's split pattern too, unless the completion starts with a
     newline; the halves are then what the model sees when it answers the prompt encoded alone.
     encode_example(byte_tokenizer(), "Hi", "Yo", preamble=False) -> (ids of '### Instruction:\\nHi\\n\\n
-    ### Response:\\nYo' + [256], [0] * 36 + [1, 1, 1])"""
+    ### Response:\\nYo' + [256], [0] * 35 + [1, 1, 1])"""
     p = tok.encode(format_prompt(prompt, input, preamble))
     c = tok.encode(completion) + [tok.eot_token]
     mask = [0] * len(p) + [1] * len(c) if mask_prompt else [0] + [1] * (len(p) + len(c) - 1)

@@ -1627,7 +1627,8 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     numbers PPO and GRPO compare with their training forward pass. The model runs in eval mode. vocab_size
     (the tokenizer's n_vocab) keeps the rows a model's embedding table has past its tokenizer (train_gpt2.py
     rounds it up to a multiple of 64) from ever being drawn; the training pass must slice its logits the same.
-    sample(model, *left_pad([[5, 6], [7]]), 4, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)
+    idx, mask = left_pad([[5, 6], [7]])
+    sample(model, idx, 4, attention_mask=mask, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)
     sync: under FSDP, every process samples until all have finished (see decode)."""
     T = idx.size(1)
     n = min(max_new_tokens, model.config.block_size - T)

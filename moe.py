@@ -256,7 +256,8 @@ def moe_layers(model):
 def param_counts(model):
     """(total, active per token) parameters, non-embedding as gpt2.GPT.num_params counts them: a token uses
     top_k of a layer's routed experts, so the other n_expert - top_k are not active.
-    Example: tiny with 8 experts top-2 -> total grows by 6 dense-MLP halves per layer, active stays dense's."""
+    Example: tiny with 8 experts top-2 -> total grows by about 6 dense-MLP halves per layer, active stays the
+    dense model's plus the routers' weights and the experts' extra biases (+4,608 in moe.py's default run)."""
     total = model.num_params()
     idle = sum((m.moe.n_expert - m.moe.top_k) * sum(p.numel() for p in m.experts[0].parameters())
                for m in moe_layers(model))
