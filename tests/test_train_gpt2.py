@@ -654,21 +654,14 @@ def test_grad_clip_0_is_off_not_a_zero_gradient(tmp_path):
     assert all(torch.equal(off[k], huge[k]) for k in off)  # clipping to 0 left the weights as they started
 
 
-def test_no_network_names_url_and_destination(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLM_SCRATCH_CACHE", str(tmp_path / "cache"))
-
-    import requests
-
-    def offline(*a, **k):
-        raise requests.ConnectionError("offline")
-    monkeypatch.setattr(requests, "get", offline)
+def test_no_network_names_url_and_destination(tmp_path, offline):
     msg = error_of([*TINY, "--data", "fineweb-edu-10b", "--out-dir", tmp_path / "out"])
     assert "https://huggingface.co/datasets/" in msg and "edu_fineweb_train_000001.bin" in msg
-    assert str(tmp_path / "cache") in msg  # where to put the file by hand
+    assert str(offline) in msg  # where to put the file by hand
     data = make_shards(tmp_path / "data")
     msg = error_of([*TINY, "--data", data, "--hellaswag-interval", 1, "--out-dir", tmp_path / "out"])
     assert tg.HELLASWAG_URL in msg and "hellaswag_val.jsonl" in msg
     msg = error_of(["--init", "gpt2", "--data", data, "--device", "cpu", "--no-compile", "--out-dir",
                     tmp_path / "out"])  # OpenAI's weights
     assert msg.startswith("train_gpt2.py: error: could not download https://huggingface.co/openai-community/gpt2/")
-    assert "model.safetensors" in msg and str(tmp_path / "cache") in msg
+    assert "model.safetensors" in msg and str(offline) in msg
