@@ -1184,11 +1184,13 @@ def encode_example(tok, prompt, completion, *, input="", preamble=True, mask_pro
     the model learns to stop. It is marked here, explicitly, because a batch padded with the same id cannot
     tell it from padding afterwards. The prompt ends with a newline, so encoding the two halves separately
     gives the ids of the whole text under GPT-2's split pattern too, unless the completion starts with a
-    newline; the halves are then what the model sees when it answers the prompt encoded alone.
+    newline; the halves are then what the model sees when it answers the prompt encoded alone. The data's text
+    is ordinary text (encode_ordinary): an "<|endoftext|>" written in a prompt or answer is its characters,
+    so no row can end a sequence early or inject a special token (HF tokenizers would read it as the token).
     encode_example(byte_tokenizer(), "Hi", "Yo", preamble=False) -> (ids of '### Instruction:\\nHi\\n\\n
     ### Response:\\nYo' + [256], [0] * 35 + [1, 1, 1])"""
-    p = tok.encode(format_prompt(prompt, input, preamble))
-    c = tok.encode(completion) + [tok.eot_token]
+    p = tok.encode_ordinary(format_prompt(prompt, input, preamble))
+    c = tok.encode_ordinary(completion) + [tok.eot_token]
     mask = [0] * len(p) + [1] * len(c) if mask_prompt else [0] + [1] * (len(p) + len(c) - 1)
     return p + c, mask
 
@@ -1349,6 +1351,11 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK
     has any with probability teacher_error (the same problems whatever the rate); preference: {"prompt",
     "chosen", "rejected"} with a plausible wrong answer; rl: {"prompt", "answer"}."""
     sizes = {**TASK_SIZES, **(sizes or {})}
+    n = 10 ** max_digits
+    distinct = n * n + n * (n + 1) // 2  # a + b, and a - b with a >= b, for a, b < 10^max_digits
+    if sizes["test"] >= distinct:  # drawing distinct test problems, then others, would never end
+        raise ValueError(f"operands of up to {max_digits} digits make {distinct} distinct problems; {sizes['test']} "
+                         f"test problems leave none for the other splits: ask for fewer, or raise max_digits")
     rng = random.Random(f"task-{seed}-{max_digits}")
     test, seen = [], set()
     while len(test) < sizes["test"]:
@@ -1554,8 +1561,8 @@ def prompt_ids(tok, prompt, template="alpaca", preamble=True, system=None):
     prompt_ids(tok, "2+3?", "chatml") -> ids of '<|im_start|>user\\n2+3?<|im_end|>\\n<|im_start|>assistant\\n'"""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
-    if template == "alpaca":
-        return tok.encode(format_prompt(prompt, preamble=preamble))
+    if template == "alpaca":  # the prompt is ordinary text, as in encode_example
+        return tok.encode_ordinary(format_prompt(prompt, preamble=preamble))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return format_chat(tok, messages, template, add_generation_prompt=True)[0]
 

@@ -67,17 +67,18 @@ def download_sms(path=SMS_PATH):
 
 
 def read_text(path, newline=None):
-    """The text of a UTF-8 file, or an error naming the file and the fix."""
+    """The text of a UTF-8 file, or an error naming the file and the fix. A byte-order mark (Excel and Notepad
+    write one) is dropped: it would stick to the first label and make a class of one row."""
     try:
-        with open(path, encoding="utf-8", newline=newline) as f:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e}); convert it first, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def read_examples(path, quoting=False):
-    """(text, label) pairs of a data file: JSON Lines {"text", "label"} (.jsonl / .json), else `label<TAB>text`
-    lines. Every way a file can be wrong is an error naming the line. quoting: read `label<TAB>text` as
+    """(text, label) pairs of a data file: rows {"text", "label"} (.jsonl: JSON Lines; .json: one JSON list), else
+    `label<TAB>text` lines. Every way a file can be wrong is an error naming the line. quoting: read `label<TAB>text` as
     CSV, as the book's pandas.read_csv(sep="\t") does: a text that starts with a quote runs to its closing
     quote, across lines (5,572 rows of the SMS file's 5,574 lines; for --split book).
     read_examples("data/sms_spam_collection.tsv")[:1] -> [("Go until jurong point, crazy.. ...", "ham")]"""
@@ -89,6 +90,7 @@ def read_examples(path, quoting=False):
         where = [f"{path}: row {i + 1}" for i in range(len(rows))]
     elif quoting:
         fields = list(csv.reader(io.StringIO(read_text(path, newline="")), delimiter="\t"))
+        fields = [r for r in fields if r]  # blank lines: skipped, as pandas.read_csv does
         bad = next((i for i, r in enumerate(fields) if len(r) != 2), None)
         if bad is not None:
             raise ValueError(f"{path}: CSV row {bad + 1} has {len(fields[bad])} fields; each row is label<TAB>text")
@@ -480,6 +482,8 @@ def predict_texts(args):
     ckpt = load_checkpoint(path)
     if "labels" not in ckpt:
         raise ValueError(f"{path} is not a classifier written by classify.py; train one first")
+    if not all(t.strip() for t in args.predict):
+        raise ValueError("--predict: an empty text; give the text to classify")
     model, tok = build_model(argparse.Namespace(**{**ckpt["args"], "out_dir": args.out_dir}), len(ckpt["labels"]), ckpt)
     device = pick_device(args.device)
     max_len = min(ckpt["args"].get("max_len") or model.config.block_size, model.config.block_size)  # as trained
@@ -531,7 +535,8 @@ def parse_args(argv=None):
     g.add_argument("--train", default=None, choices=["head", "last-block", "last-n", "all"],
                    help="weights that learn (default: all from scratch, last-block for pretrained weights)")
     g.add_argument("--last-n", type=int, default=2, help="blocks that learn with --train last-n")
-    g.add_argument("--lora", type=int, default=0, help="LoRA rank: freeze the model, train adapters + head")
+    g.add_argument("--lora", type=int, default=0,
+                   help="LoRA rank: freeze the model, train adapters + head (instead of --train)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default: the rank)")
     g.add_argument("--lm-weight", type=float, default=None,
                    help="add this times GPT-1's next-token loss on the training texts (GPT-1: 0.5; 0 = off; "
@@ -586,7 +591,8 @@ def main(argv=None):
     if args.grad_clip < 0:  # clip_grad_norm_ with a negative norm turns every step around: gradient ascent
         raise ValueError(f"--grad-clip {args.grad_clip}: give a norm > 0, or 0 for no clipping")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--warmup-steps", args.warmup_steps, 0),
-                             ("--eval-interval", args.eval_interval, 0), ("--split-seed", args.split_seed, 0)):
+                             ("--eval-interval", args.eval_interval, 0), ("--split-seed", args.split_seed, 0),
+                             ("--stop-after", args.stop_after, 1)):
         if value is not None and value < low:  # 0 for the last two: the default (10% of the steps, an epoch)
             raise ValueError(f"{flag} {value}: give at least {low}")
     if pretrained and args.tokenizer is not None:
@@ -607,6 +613,9 @@ def main(argv=None):
     y_all = label_ids([label for _, label in examples], names)
     splits = split_rows(examples, args.split, args.split_seed)
     model, tok = build_model(args, len(names), ckpt, texts=[examples[i][0] for i in splits["train"]])
+    if args.eot and "<|endoftext|>" not in tok.special_tokens:
+        raise ValueError(f"--init {args.init}: its tokenizer has no <|endoftext|> token to append; give --no-eot "
+                         f"(the head then reads each text's own last token)")
     max_len = min(model.config.block_size if args.max_len is None else args.max_len, model.config.block_size)
     seqs = {s: [encode(tok, examples[i][0], max_len, args.eot) for i in rows] for s, rows in splits.items()}
     unlabeled = [encode(tok, examples[i][0], max_len, args.eot)

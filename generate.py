@@ -301,9 +301,13 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
     Invariant between rounds: both caches hold every accepted token except the last one, `last`; the draft
     may lag by one more token (after a round where all k were accepted) held in `pending`."""
     s = sampling or Sampling()
-    if draft.config.vocab_size != target.config.vocab_size:
+    # the ids either model may draw: the two distributions are compared id by id, so both are cut to V (a model's
+    # rows past its tokenizer, e.g. train_gpt2.py's rounding to a multiple of 64, are never drawn: s.vocab_size)
+    V = s.vocab_size or target.config.vocab_size
+    if min(draft.config.vocab_size, target.config.vocab_size) < V:
         raise ValueError(f"draft vocabulary ({draft.config.vocab_size}) differs from the target's "
-                         f"({target.config.vocab_size}); the draft must share the target's tokenizer")
+                         f"({target.config.vocab_size}); the draft must share the target's tokenizer (rows past the "
+                         f"tokenizer's ids are fine when Sampling(vocab_size=) is the tokenizer's size)")
     if idx.size(0) != 1:
         raise ValueError(f"speculative decoding here is batch 1 (rows accept different numbers of tokens); got "
                          f"a batch of {idx.size(0)}: call it once per prompt")
@@ -324,7 +328,7 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
     if T > 1:
         target(idx[:, :-1], cache=tc, last_logits_only=True)
         draft(idx[:, :-1], cache=dc, last_logits_only=True)
-    counts = TokenCounts(idx, torch.ones_like(idx, dtype=torch.bool), target.config.vocab_size, s.penalized)
+    counts = TokenCounts(idx, torch.ones_like(idx, dtype=torch.bool), V, s.penalized)
     out, last, pending = [], idx[0, -1:], idx[0, -1:]
     while len(out) < max_new_tokens:
         # k shrinks at the end so the caches never hold more than T + max_new_tokens tokens
@@ -332,14 +336,14 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
         drafted, q = [], []
         feed = pending
         for j in range(k):  # the draft proposes k tokens, one cached step each
-            logits = draft(feed[None], cache=dc, last_logits_only=True)[0][0, -1]
+            logits = draft(feed[None], cache=dc, last_logits_only=True)[0][0, -1, :V]
             seen, gen = sequence_counts(counts, torch.stack(drafted) if drafted else last[:0])
             q.append(logits_to_probs(logits, s, *(None if seen is None else x[-1] for x in (seen, gen))))
             drafted.append(draw(q[-1], generator))
             feed = drafted[-1][None]
         drafted = torch.stack(drafted) if drafted else last[:0]
         # the target scores `last` and every drafted token in one pass: k + 1 distributions
-        logits = target(torch.cat((last, drafted))[None], cache=tc)[0][0]
+        logits = target(torch.cat((last, drafted))[None], cache=tc)[0][0, :, :V]
         p = logits_to_probs(logits, s, *sequence_counts(counts, drafted))
         n, nxt = speculative_accept(p, torch.stack(q) if k else p[:0], drafted, generator)
         stats["proposed"] += k

@@ -47,9 +47,9 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (MetricsLog, add_common_args, autocast, batch_rows, download, end_distributed, fsdp_shard,
-                  full_state_dict, init_distributed, left_pad, load_model_state, load_with_tokenizer, lr_at,
-                  maybe_compile, pick_device, pick_dtype, resume_settings, sample, save_checkpoint, seed_everything,
-                  rng_state, set_rng_state)
+                  full_state_dict, grad_scaler, init_distributed, left_pad, load_model_state, load_with_tokenizer,
+                  lr_at, maybe_compile, pick_device, pick_dtype, restore_scaler, resume_settings, sample,
+                  save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -85,7 +85,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
     g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
-                   help="start prompts with Alpaca's 'Below is an instruction...' sentence (as in SFT)")
+                   help="start prompts with Alpaca's 'Below is an instruction...' sentence (default: what the "
+                        "SFT model was trained with, else the preset's)")
     g.add_argument("--template", default="alpaca", choices=bpe.TEMPLATES,
                    help="how prompts are written: the project's Alpaca template, or a chat template (Qwen: chatml)")
     g.add_argument("--system", default=None, help="system message of a chat template (qwen-math: Qwen2.5-Math's)")
@@ -128,13 +129,15 @@ def parse_args(argv=None):
     g.add_argument("--eval-batch-size", type=int, default=100, help="prompts generated at once")
     add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
     first, _ = p.parse_known_args(argv)
-    p.set_defaults(**PRESETS[first.preset])
+    p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k != "preamble"})  # preamble: see main
     args = p.parse_args(argv)
-    for flag in ("prompts", "max_steps", "updates", "max_new_tokens", "eval_batch_size"):
-        if getattr(args, flag) < 1:
+    for flag in ("prompts", "max_steps", "updates", "max_new_tokens", "eval_batch_size",
+                 "stop_after"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    for flag in ("lr", "beta", "clip_low", "clip_high", "grad_clip"):  # e.g. a negative --beta rewards drifting
-        if getattr(args, flag) < 0:  # away, a negative --grad-clip flips the step: silently wrong runs
+    # e.g. a negative --beta rewards drifting away, a negative --grad-clip flips the step: silently wrong runs
+    for flag in ("lr", "beta", "clip_low", "clip_high", "grad_clip", "eval_limit", "min_lr_ratio"):
+        if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
     if args.group_size < 2:
         fail(f"--group-size {args.group_size}: a group needs at least 2 answers to have a mean to compare with")
@@ -185,7 +188,8 @@ def load_rows(data):
 
 
 def load_policy(init):
-    """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
+    """--init -> (model, tokenizer, the prompt template it was trained with or None): gpt2.load_with_tokenizer,
+    with the command that makes the default input."""
     try:
         made_by = {PRESETS["task"]["init"]: SFT_COMMAND,
                    PRESETS["gpt2-gsm8k"]["init"]: "python sft.py --preset gpt2-alpaca"}
@@ -195,7 +199,7 @@ def load_policy(init):
     if (ckpt or {}).get("method") == "rm":
         fail(f"--init {init} is a reward model (reward_model.py --method rm), not a policy; give the SFT model "
              f"(sft.py's checkpoint)")
-    return model, tok
+    return model, tok, (ckpt or {}).get("template")
 
 
 # -----------------------------------------------------------------------------
@@ -337,8 +341,10 @@ def accuracy(model, tok, rows, args, device, dtype):
 # 5. The loop
 
 
-def train_step(model, ref, optimizer, batch, args, device, dtype):
-    """Advantages for one rollout batch, then args.updates gradient steps on it. -> stats of the batch."""
+def train_step(model, ref, optimizer, batch, args, device, dtype, scaler=None):
+    """Advantages for one rollout batch, then args.updates gradient steps on it (scaler: gpt2.grad_scaler's,
+    which scales the loss in fp16 and does nothing otherwise). -> stats of the batch."""
+    scaler = scaler or grad_scaler(device, dtype)
     adv, zero = group_advantages(batch["rewards"], args.group_size, args.baseline, args.scale_rewards)
     keep = torch.ones_like(adv, dtype=torch.bool)
     if args.drop_zero_signal:
@@ -377,10 +383,12 @@ def train_step(model, ref, optimizer, batch, args, device, dtype):
             total = n.clone()
             torch.distributed.all_reduce(total)
             loss = loss.nan_to_num(0.0) * n * torch.distributed.get_world_size() / total
-        loss.backward()
+        scaler.scale(loss).backward()  # fp16: scaled up so that small gradients do not underflow to 0
         if args.grad_clip:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if the scaled gradients overflowed (the scale then drops)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return {**stats, **s, "loss": loss.item(), "skipped": 0}  # kl, clip_frac: of the last update
 
@@ -415,7 +423,9 @@ def main(argv=None):
         args.fsdp = False
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
-    model, tok = load_policy(args.init)
+    model, tok, trained = load_policy(args.init)
+    if args.preamble is None:  # the prompt template the starting model was trained with, else the preset's
+        args.preamble = bool(trained["preamble"]) if trained else PRESETS[args.preset]["preamble"]
     try:
         train_rows, test_rows = load_rows(args.data)
     except (ValueError, FileNotFoundError) as e:
@@ -424,6 +434,10 @@ def main(argv=None):
         test_rows = test_rows[:args.eval_limit]
     if len(train_rows) < args.prompts:
         fail(f"{len(train_rows)} training prompts do not fill one batch of --prompts {args.prompts}")
+    try:  # a chat template needs its end-of-turn token in the tokenizer (the task's byte tokens have none)
+        bpe.stop_id(tok, getattr(args, "template", "alpaca"))
+    except ValueError as e:
+        fail(f"--template {args.template}: {e}; use --template alpaca with this model")
     room = model.config.block_size - args.max_new_tokens  # every prompt + its longest answer must fit the context
     long = [r for r in train_rows + test_rows if len(bpe.prompt_ids(
         tok, r["prompt"], getattr(args, "template", "alpaca"), args.preamble, getattr(args, "system", None))) > room]
@@ -441,6 +455,7 @@ def main(argv=None):
     # --compile: the training passes (the sampler steps one token at a time through its cache, left eager)
     model_fwd, ref_fwd = maybe_compile(model, args.compile), maybe_compile(ref, args.compile)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, 0.99), device)
+    scaler = grad_scaler(device, dtype)
     step = 0
     if resume and args.fsdp:  # the optimizer state was saved whole: each process takes its shard of it
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -449,6 +464,7 @@ def main(argv=None):
     if resume:
         if not args.fsdp:
             optimizer.load_state_dict(resume["optimizer"])
+        restore_scaler(scaler, resume.get("scaler"))
         step = resume["step"]
         set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
@@ -472,12 +488,16 @@ def main(argv=None):
             opt_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                             cpu_offload=True))
         if rank == 0:
-            save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, step=done, rng=rng_state(),
+            save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, scaler=scaler.state_dict(), step=done,
+                            rng=rng_state(),
                             args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
 
     if step == 0:
         evaluate(0)
     stop = min(args.max_steps, args.stop_after or args.max_steps)
+    if stop <= step:  # resumed at or past where this run stops: nothing to train
+        end_distributed()
+        return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {args.max_steps}")
     t0, train_time = time.time(), 0.0
     bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
@@ -489,7 +509,7 @@ def main(argv=None):
         t = time.time()
         batch = rollout(model, tok, rows, args.group_size, args, device, dtype)
         t_roll = time.time() - t
-        s = train_step(model_fwd, ref_fwd, optimizer, batch, args, device, dtype)
+        s = train_step(model_fwd, ref_fwd, optimizer, batch, args, device, dtype, scaler)
         if args.fsdp:
             s = mean_over_processes(s)
         done = step + 1

@@ -48,9 +48,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, batch_rows, download, left_pad,
-                  load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, resume_settings,
-                  sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
+from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, batch_rows, download, grad_scaler, left_pad,
+                  load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, restore_scaler,
+                  resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -59,7 +59,7 @@ PRESETS = {
     # the arithmetic task on a CPU: sft.py's and reward_model.py's outputs. lr 3e-6 x 16 updates per batch:
     # at 3e-5 and above greedy accuracy fell within 20 batches (bench/results/ppo_cpu.md)
     "task": dict(init="out/task-sft/ckpt.pt", reward_model="out/task-rm/ckpt.pt", data="task", out_dir="out/task-ppo",
-                 preamble=None, max_steps=80, batch_size=32, lr=3e-6, value_lr=1e-4, kl_coef=0.02, target_kl=None,
+                 preamble=False, max_steps=80, batch_size=32, lr=3e-6, value_lr=1e-4, kl_coef=0.02, target_kl=None,
                  temperature=0.7, max_new_tokens=20, eval_interval=20, eval_limit=500, eos_penalty=1.0, critic="sft"),
     # politeness on a GPU: GPT-2 medium after `sft.py --preset gpt2-alpaca`, the reward model of the polite /
     # impolite pairs, adaptive KL (Ziegler et al.'s target 6 nats per response)
@@ -122,7 +122,8 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, help="rollout batches")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--value-lr", type=float, help="peak learning rate of the value head and its critic body (a new "
-                                                  "head must catch up with a trained body; default: --lr)")
+                                                  "head must catch up with a trained body; default: the preset's, "
+                                                  "task 1e-4, gpt2-polite 1e-5)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in rollout batches")
     g.add_argument("--min-lr-ratio", type=float, default=1.0, help="cosine decays to this fraction (1 = constant)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on matrices")
@@ -133,13 +134,16 @@ def parse_args(argv=None):
     g.add_argument("--eval-batch-size", type=int, default=100, help="prompts generated at once")
     add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
     first, _ = p.parse_known_args(argv)
-    p.set_defaults(**PRESETS[first.preset])
+    p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k != "preamble"})  # preamble: see main
     args = p.parse_args(argv)
-    for flag in ("batch_size", "minibatches", "ppo_epochs", "max_steps", "max_new_tokens", "eval_batch_size"):
-        if getattr(args, flag) < 1:
+    for flag in ("batch_size", "minibatches", "ppo_epochs", "max_steps", "max_new_tokens", "eval_batch_size",
+                 "stop_after", "kl_horizon"):  # a horizon of 0 divides by 0; below, the KL coefficient runs away
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    for flag in ("value_lr", "kl_coef", "target_kl", "clip", "clip_value", "grad_clip"):  # e.g. a negative
-        if (getattr(args, flag) or 0) < 0:  # --kl-coef rewards drifting away, a negative --grad-clip flips the step
+    # e.g. a negative --kl-coef rewards drifting away, a negative --grad-clip flips the step
+    for flag in ("value_lr", "kl_coef", "target_kl", "clip", "clip_value", "grad_clip", "eval_limit", "min_lr_ratio",
+                 "vf_coef"):
+        if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
     if args.lr <= 0:  # the value head's rate is --value-lr / --lr times the policy's
         fail(f"--lr {args.lr}: give a learning rate above 0")
@@ -240,7 +244,7 @@ def rollout(policy, tok, rows, args, device, dtype):
     """Each row's prompt, answered by sampling -> a dict: idx (B, T + N) prompt + response tokens, attn (B, T + N)
     1 on real tokens (left padding and the tail after a response's end-of-text are 0), mask (B, N) the response
     tokens (end-of-text included), logp (B, N) their sampling log-probabilities, ended (B,), texts, T."""
-    idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), args.preamble))
+    idx, attn = left_pad([tok.encode_ordinary(bpe.format_prompt(r["prompt"], r.get("input", ""), args.preamble))
                           for r in rows], tok.eot_token, device)
     with autocast(device, dtype):
         tokens, mask, logp = sample(policy.gpt, idx, args.max_new_tokens, attention_mask=attn,
@@ -372,9 +376,10 @@ def explained_variance(pred, target, mask):
 # 6. One PPO step: score, penalise, estimate advantages, update
 
 
-def ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, dtype):
-    """One rollout batch (with its scores (B,)) -> --ppo-epochs passes of --minibatches optimizer steps.
-    -> the batch's stats."""
+def ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, dtype, scaler=None):
+    """One rollout batch (with its scores (B,)) -> --ppo-epochs passes of --minibatches optimizer steps (scaler:
+    gpt2.grad_scaler's, which scales the loss in fp16 and does nothing otherwise). -> the batch's stats."""
+    scaler = scaler or grad_scaler(device, dtype)
     idx, attn, mask, T = batch["idx"], batch["attn"], batch["mask"], batch["T"]
     with torch.no_grad(), autocast(device, dtype):  # the same forward pass as training, so the first ratio is 1
         old_logp, old_values, entropy = policy(idx, attn, T, args.temperature)
@@ -402,9 +407,11 @@ def ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, d
                 logp, values, _ = policy(idx[i], attn[i], T, args.temperature)
             pl, clip_frac, approx_kl = policy_loss(logp, old_logp[i], adv[i], mask[i], args.clip)
             vl, vclip = value_loss(values, old_values[i], returns[i], mask[i], args.clip_value)
-            (pl + args.vf_coef * vl).backward()
+            scaler.scale(pl + args.vf_coef * vl).backward()  # fp16: scaled so small gradients do not underflow
+            scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-            optimizer.step()
+            scaler.step(optimizer)  # skipped if the scaled gradients overflowed (the scale then drops)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             for key, v in zip(acc, (pl.item(), vl.item(), clip_frac, vclip, approx_kl, norm.item())):
                 acc[key].append(v)
@@ -458,8 +465,8 @@ def main(argv=None):
     if ckpt.get("method") == "rm":
         fail(f"--init {args.init} is a reward model (reward_model.py --method rm); give the SFT model as --init "
              f"and the reward model as --reward-model")
-    if args.preamble is None:
-        args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else True
+    if args.preamble is None:  # the prompt template the starting model was trained with, else the preset's
+        args.preamble = bool(ckpt["template"]["preamble"]) if ckpt.get("template") else PRESETS[args.preset]["preamble"]
     reward_model = None
     if args.reward == "rm" or args.critic == "rm":
         loaded = []  # (GPT, checkpoint) of each reward model
@@ -489,7 +496,7 @@ def main(argv=None):
         fail(f"{len(train_rows)} training prompts do not fill one batch of --batch-size {args.batch_size}")
     room = gpt.config.block_size - args.max_new_tokens  # every prompt + its longest response must fit the context
     long = [r for r in train_rows + test_rows
-            if len(tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), args.preamble))) > room]
+            if len(tok.encode_ordinary(bpe.format_prompt(r["prompt"], r.get("input", ""), args.preamble))) > room]
     if long:
         fail(f"{len(long)} prompts of --data {args.data} are longer than the {room} tokens the model's "
              f"{gpt.config.block_size}-token context leaves next to --max-new-tokens {args.max_new_tokens} "
@@ -505,6 +512,7 @@ def main(argv=None):
     optimizer.add_param_group({"params": value_params, "weight_decay": 0.0,
                                "lr_scale": (args.value_lr or args.lr) / args.lr})
     kl_ctl = KLController(args.kl_coef, args.target_kl, args.kl_horizon)
+    scaler = grad_scaler(device, dtype)
     step = 0
     if resume:
         load_model_state(gpt, resume["model"], ckpt_path)
@@ -512,6 +520,7 @@ def main(argv=None):
         if policy.critic is not None:
             load_model_state(policy.critic, resume["critic"], ckpt_path)
         optimizer.load_state_dict(resume["optimizer"])
+        restore_scaler(scaler, resume.get("scaler"))
         kl_ctl.coef, step = resume["kl_controller"]["coef"], resume["step"]
         set_rng_state(resume["rng"])
         print(f"resumed from {ckpt_path} at step {step}")
@@ -529,7 +538,8 @@ def main(argv=None):
 
     def checkpoint(done):
         save_checkpoint(ckpt_path, gpt, value_head={k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()},
-                        optimizer=optimizer.state_dict(), kl_controller=kl_ctl.state_dict(), step=done,
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), kl_controller=kl_ctl.state_dict(),
+                        step=done,
                         rng=rng_state(), args=vars(args), tokenizer=tok.dumps(),
                         template={"preamble": args.preamble},
                         **({"critic": policy.critic.state_dict()} if policy.critic is not None else {}))
@@ -537,6 +547,8 @@ def main(argv=None):
     if step == 0:
         eval_and_log(0)
     stop = min(args.max_steps, args.stop_after or args.max_steps)
+    if stop <= step:  # resumed at or past where this run stops: nothing to train
+        return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {args.max_steps}")
     t0, train_time = time.time(), 0.0
     bar = tqdm(range(step, stop), initial=step, total=stop, desc="ppo", dynamic_ncols=True)
     for step in bar:
@@ -548,7 +560,7 @@ def main(argv=None):
         batch = rollout(policy, tok, rows, args, device, dtype)
         score, correct = scores(batch, rows, reward_model, args, device, dtype)
         t_roll = time.time() - t
-        s = ppo_step(policy_fwd, ref_fwd, optimizer, batch, score, kl_ctl, args, step, device, dtype)
+        s = ppo_step(policy_fwd, ref_fwd, optimizer, batch, score, kl_ctl, args, step, device, dtype, scaler)
         if correct is not None:
             s["correct"] = correct.mean().item()  # the verifier on the same samples: is the score earned?
         done = step + 1

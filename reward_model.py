@@ -104,11 +104,13 @@ def parse_args(argv=None):
     g.add_argument("--lora-alpha", type=float, default=16, help="adapter scale is alpha / r")
     g.add_argument("--lora-targets", default="c_attn,c_proj,c_fc", help="comma-separated Linear names to adapt")
     g.add_argument("--preamble", action=argparse.BooleanOptionalAction,
-                   help="start prompts with Alpaca's 'Below is an instruction...' sentence")
+                   help="start prompts with Alpaca's 'Below is an instruction...' sentence (default: as the --init "
+                        "checkpoint was trained, else the preset's)")
     g.add_argument("--max-len", type=int, help="longest prompt + response in tokens (default: the model's context)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, help="passes over the training pairs")
-    g.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's, else epochs x steps)")
+    g.add_argument("--max-steps", type=int,
+                   help="optimizer steps (default: epochs x steps if --epochs is given, else the preset's steps)")
     g.add_argument("--batch-size", type=int, help="pairs per step")
     g.add_argument("--lr", type=float, help="peak learning rate (default: the preset's, for the method, full or LoRA)")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decays to this fraction of --lr")
@@ -123,14 +125,19 @@ def parse_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, help="dpo: longest generated answer to a test prompt")
     add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
     first, _ = p.parse_known_args(argv)
-    p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr", "max_steps")})  # see main
+    later = ("lr", "lora_lr", "max_steps", "epochs", "preamble")  # filled in by main: see there
+    p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in later})
     args = p.parse_args(argv)
-    for flag in ("batch_size", "max_steps", "epochs", "eval_batch_size", "max_new_tokens"):
+    for flag in ("batch_size", "max_steps", "epochs", "eval_batch_size", "max_new_tokens", "stop_after"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    for flag in ("lr", "grad_clip"):  # a negative clip would flip the gradient's sign: ascent, silently
+    # a negative clip, head lr or loss weight would turn its term around (ascent, silently)
+    for flag in ("lr", "grad_clip", "head_lr_mult", "lm_alpha", "rpo_alpha", "center_rewards", "eval_limit",
+                 "min_lr_ratio"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    if args.max_len is not None and args.max_len < 2:  # a prompt token and the answer's end-of-text, at least
+        fail(f"--max-len {args.max_len}: must be at least 2 (leave it out for the model's context)")
     if args.method == "dpo" and args.beta <= 0:  # 0: every implicit reward is 0, the loss a constant ln 2
         fail(f"--beta {args.beta}: DPO needs a beta above 0 (at 0 its loss is a constant; below, it learns to "
              f"prefer the rejected answers)")
@@ -153,9 +160,8 @@ def read_pairs(path):
     """Preference rows of a .jsonl / .json file; Alpaca-style rows (instruction, input, chosen, rejected, as in
     Raschka's preference file) come back with their instruction as the prompt."""
     items, where = bpe.read_items(path)
-    if str(path).endswith(".json"):
-        items = [{"prompt": r["instruction"], **{k: v for k, v in r.items() if k != "instruction"}}
-                 if isinstance(r, dict) and "prompt" not in r and "instruction" in r else r for r in items]
+    items = [{"prompt": r["instruction"], **{k: v for k, v in r.items() if k != "instruction"}}
+             if isinstance(r, dict) and "prompt" not in r and "instruction" in r else r for r in items]
     return [bpe.check_row(r, "preference", w) for r, w in zip(items, where)]
 
 
@@ -192,7 +198,7 @@ def sample_pairs(model, tok, rows, k, preamble, device, dtype, seed, batch_size=
     pairs = []
     for i in tqdm(range(0, len(rows), batch_size), desc="sampling pairs", dynamic_ncols=True):
         chunk = rows[i:i + batch_size]
-        idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], "", preamble)) for r in chunk
+        idx, attn = left_pad([tok.encode_ordinary(bpe.format_prompt(r["prompt"], "", preamble)) for r in chunk
                               for _ in range(k)], tok.eot_token, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, max_new_tokens, attention_mask=attn, temperature=1.0,
@@ -434,7 +440,8 @@ def task_accuracy(model, tok, rows, args, device, dtype):
     eot, hits = tok.eot_token, []
     for k in range(0, len(rows), args.eval_batch_size):
         chunk = rows[k:k + args.eval_batch_size]
-        idx, attn = left_pad([tok.encode(bpe.format_prompt(r["prompt"], "", args.preamble)) for r in chunk], eot, device)
+        prompts = [tok.encode_ordinary(bpe.format_prompt(r["prompt"], "", args.preamble)) for r in chunk]
+        idx, attn = left_pad(prompts, eot, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0, eos_id=eot,
                                      vocab_size=tok.n_vocab)
@@ -471,8 +478,9 @@ def main(argv=None):
     args, resume = resume_settings(args, "reward_model.py", "method")  # a resumed run: its own settings
     if args.lr is None:  # the preset's, for the method
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
-    if args.max_steps is None and PRESETS[args.preset]["max_steps"]:
-        args.max_steps = PRESETS[args.preset]["max_steps"][args.method]
+    if args.max_steps is None and args.epochs is None and PRESETS[args.preset]["max_steps"]:
+        args.max_steps = PRESETS[args.preset]["max_steps"][args.method]  # the preset counts steps, not epochs
+    args.epochs = args.epochs or PRESETS[args.preset]["epochs"]
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -481,8 +489,8 @@ def main(argv=None):
     seed_everything(args.seed)
 
     gpt, tok, template = load_init(args.init)
-    if args.preamble is None:
-        args.preamble = bool(template["preamble"]) if template else True
+    if args.preamble is None:  # the prompt template the starting model was trained with, else the preset's
+        args.preamble = bool(template["preamble"]) if template else PRESETS[args.preset]["preamble"]
     args.pad_id = tok.eot_token
     max_len = min(args.max_len or gpt.config.block_size, gpt.config.block_size)
     try:
@@ -560,6 +568,8 @@ def main(argv=None):
     if step == 0:
         evaluate(0)
     stop = min(max_steps, args.stop_after or max_steps)
+    if stop <= step:  # resumed at or past where this run stops: nothing to train
+        return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {max_steps}")
     t0, train_time = time.time(), 0.0
     bar = tqdm(range(step, stop), initial=step, total=stop, desc=args.method, dynamic_ncols=True)
     model.train()

@@ -107,12 +107,15 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     p.set_defaults(**{k: v for k, v in PRESETS[first.preset].items() if k not in ("lr", "lora_lr")})  # see main
     args = p.parse_args(argv)
-    for flag in ("batch_size", "max_steps", "epochs", "eval_batch_size", "max_new_tokens", "seq_len"):
+    for flag in ("batch_size", "max_steps", "epochs", "eval_batch_size", "max_new_tokens", "seq_len", "stop_after"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
-    for flag in ("lr", "grad_clip"):  # a negative clip would flip the gradient's sign: ascent, silently
+    # a negative clip (or final learning rate) would flip the gradient's sign: ascent, silently
+    for flag in ("lr", "grad_clip", "eval_limit", "min_lr_ratio"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    if args.max_len is not None and args.max_len < 2:  # a prompt token and the response's end-of-text, at least
+        fail(f"--max-len {args.max_len}: must be at least 2 (leave it out for the model's context)")
     return args
 
 
@@ -265,7 +268,7 @@ def generate_responses(model, tok, rows, preamble, max_new_tokens, batch_size, d
                          f"{model.config.block_size}-token context; lower it")
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
-        prompts = [tok.encode(bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)) for r in chunk]
+        prompts = [tok.encode_ordinary(bpe.format_prompt(r["prompt"], r.get("input", ""), preamble)) for r in chunk]
         cut += sum(len(p) > room for p in prompts)
         prompts = [p[-room:] for p in prompts]  # a longer prompt keeps its end, where the question is asked
         idx, attn = left_pad(prompts, eot, device)
@@ -413,6 +416,8 @@ def main(argv=None):
     if step == 0:
         evaluate(0)
     stop = min(max_steps, args.stop_after or max_steps)
+    if stop <= step:  # resumed at or past where this run stops: nothing to train
+        return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {max_steps}")
     t0, train_time = time.time(), 0.0
     bar = tqdm(range(step, stop), initial=step, total=stop, desc="sft", dynamic_ncols=True, disable=rank > 0)
     model.train()

@@ -147,7 +147,8 @@ def check_args(args, world):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive")
     for name in ("warmup_steps", "grad_clip", "eval_interval", "hellaswag_interval", "checkpoint_interval",
-                 "sample_tokens", "hellaswag_limit"):  # 0 = off; a negative clip would reverse the gradient
+                 "sample_tokens", "hellaswag_limit", "min_lr_ratio"):  # 0 = off; a negative clip (or final
+        # learning rate) would reverse the gradient
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
     if not args.lr > 0:

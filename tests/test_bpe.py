@@ -719,6 +719,11 @@ def test_arithmetic_task():
         assert r["completion"] == bpe.task_text(int(a), op, int(b))[1]
     docs = task["pretrain"].split(bpe.ENDOFTEXT)
     assert docs[-1] == "" and sum(d.count("Q: ") for d in docs) == 40 and all(d.endswith("\n") for d in docs[:-1])
+    # 1-digit operands: 100 sums + 55 differences. Asking for all of them as test problems never ended
+    assert len({bpe.task_problem(rng, 1) for _ in range(20000)}) == 155
+    with pytest.raises(ValueError, match="up to 1 digits make 155 distinct problems; 155 test problems"):
+        bpe.make_task(0, {**sizes, "test": 155}, max_digits=1)
+    assert len({r["prompt"] for r in bpe.make_task(0, {**sizes, "test": 154}, max_digits=1)["test"]}) == 154
 
 
 def test_task_files_rewritten_for_another_task(tmp_path):

@@ -11,6 +11,7 @@ import io
 import json
 import argparse
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -247,7 +248,8 @@ def test_grad_clip_0_is_off_and_bad_numbers_and_files_are_refused(tmp_path, lm_c
     with pytest.raises(ValueError, match="--grad-clip -1.0: give a norm > 0, or 0 for no clipping"):
         run(tmp_path, "--init", lm_ckpt, "--grad-clip", "-1", out="bad")
     for flag, value, low in (("--batch-size", "0", 1), ("--warmup-steps", "-5", 0), ("--eval-interval", "-1", 0),
-                             ("--split-seed", "-1", 0)):  # a ZeroDivisionError, silent runs, numpy's error before
+                             ("--split-seed", "-1", 0), ("--stop-after", "0", 1), ("--stop-after", "-1", 1)):
+        # a ZeroDivisionError, silent runs, numpy's error; --stop-after 0 ran it all, -1 saved no checkpoint
         with pytest.raises(ValueError, match=f"{flag} {value}: give at least {low}"):
             classify.main(["--init", lm_ckpt, flag, value, "--out-dir", str(tmp_path / "bad"), "--device", "cpu"])
     bad = tmp_path / "latin1.tsv"
@@ -350,6 +352,18 @@ def test_read_examples_csv_quoting(tmp_path):
     path.write_text("ham\ta\tb\nspam\tc\n")
     with pytest.raises(ValueError, match="CSV row 1 has 3 fields"):
         classify.read_examples(str(path), quoting=True)
+    path.write_text("ham\ta\n\nspam\tc\n\n")  # blank lines: skipped, as by pandas.read_csv and the plain reader
+    assert classify.read_examples(str(path), quoting=True) == classify.read_examples(str(path)) == [("a", "ham"),
+                                                                                                   ("c", "spam")]
+
+
+@pytest.mark.parametrize("quoting", [False, True])
+def test_read_examples_drops_a_byte_order_mark(tmp_path, quoting):
+    """Excel and Notepad start a UTF-8 file with a BOM; read as text, it would stick to the first label."""
+    path = tmp_path / "bom.tsv"
+    path.write_bytes("ham\thi there\nspam\tWIN now\nham\tok\n".encode("utf-8-sig"))
+    assert classify.read_examples(str(path), quoting=quoting) == [("hi there", "ham"), ("WIN now", "spam"),
+                                                                  ("ok", "ham")]
 
 
 def test_label_mapping_round_trip(tmp_path):
@@ -414,6 +428,14 @@ def test_command_line_errors_are_one_line_not_a_traceback(tmp_path, monkeypatch,
     msg = cli_error(monkeypatch, "--init", "gpt2", "--out-dir", tmp_path / "out")
     assert msg.startswith("classify.py: error: could not download https://huggingface.co/openai-community/gpt2/")
     assert "model.safetensors" in msg and str(offline) in msg
+
+def test_a_tokenizer_without_endoftext_needs_no_eot(tmp_path):
+    path = str(tmp_path / "noeot.pt")
+    save_checkpoint(path, tiny_gpt(), tokenizer=bpe.Tokenizer("gpt2").dumps(), step=0)  # 256 bytes, no specials
+    with pytest.raises(ValueError, match=re.escape("no <|endoftext|> token to append; give --no-eot")):
+        run(tmp_path, "--init", path, "--max-steps", "1")
+    run(tmp_path, "--init", path, "--max-steps", "1", "--no-eot")
+
 
 def test_resume_refuses_unknown_label(tmp_path, lm_ckpt):
     out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "2")
@@ -562,6 +584,9 @@ def test_learns_a_task_that_needs_the_whole_text(tmp_path, lm_ckpt, capsys):
                    "--predict", "the cat sat on a mat"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("yes (") and lines[1].startswith("no ("), lines
+    for text in ("", "  "):  # an error (with --no-eot it had no token to read: an IndexError)
+        with pytest.raises(ValueError, match="--predict: an empty text"):
+            classify.main(["--out-dir", out, "--device", "cpu", "--predict", "hi", "--predict", text])
 
 
 def test_predict_cuts_texts_as_training_did(tmp_path, lm_ckpt, capsys):

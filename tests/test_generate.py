@@ -352,6 +352,19 @@ def test_speculative_greedy_with_penalties_and_unrelated_draft():
         assert torch.equal(G.speculative_generate(target, draft, idx, 25, s, num_draft=4), ref)
 
 
+def test_speculative_rows_past_the_tokenizer():
+    # one tokenizer of 64 ids; the target pads its vocabulary to 80 rows (as train_gpt2.py rounds up to a
+    # multiple of 64), the draft has 64: allowed once Sampling(vocab_size=64) says which ids can be drawn
+    target, draft = tiny(vocab=80, n_layer=3), tiny(vocab=64, n_layer=1, n_embd=16, seed=5)
+    idx = torch.tensor([PROMPTS[0]])
+    s = G.Sampling(temperature=0, repetition_penalty=1.3, vocab_size=64)
+    ref = G.generate(target, idx, 25, s)
+    assert torch.equal(G.speculative_generate(target, draft, idx, 25, s, num_draft=4), ref)
+    assert torch.equal(G.speculative_generate(draft, target, idx, 25, s, num_draft=4), G.generate(draft, idx, 25, s))
+    with pytest.raises(ValueError, match="vocabulary"):  # without it, ids 64-79 of the target could be drawn
+        G.speculative_generate(target, draft, idx, 25, G.GREEDY)
+
+
 def greedy_text(model, prompt, generated, k, s):
     """k greedy tokens after prompt + generated, the whole text recomputed per token, the penalties' counts
     taken by hand (seen: all of it; generated: what follows the prompt)."""

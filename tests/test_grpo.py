@@ -397,6 +397,49 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert logged and {"reward", "train_accuracy", "zero_signal", "kl", "clip_frac", "entropy", "length"} <= set(logged[0])
 
 
+def test_the_sft_models_template_is_the_default(tmp_path, monkeypatch):
+    """A policy SFT-trained with the preamble is asked with it: its checkpoint's template wins over the preset's
+    (for a model that records none), and --preamble / --no-preamble over both."""
+    pre, plain = str(tmp_path / "pre.pt"), str(tmp_path / "plain.pt")
+    gpt2.save_checkpoint(pre, tiny(5, block_size=256), tokenizer=BYTES.dumps(), template={"preamble": True})
+    gpt2.save_checkpoint(plain, tiny(5, block_size=256), tokenizer=BYTES.dumps())
+    seen = []
+    monkeypatch.setattr(grpo, "accuracy", lambda model, tok, rows, args, *a: seen.append(args.preamble) or 0.0)
+    for init, flags, want in ((pre, [], True), (pre, ["--no-preamble"], False), (plain, [], False),
+                              (plain, ["--preamble"], True)):
+        grpo.main(["--init", init, "--data", task_folder(tmp_path), "--max-steps", "1", "--out-dir",
+                   str(tmp_path / "out"), *RUN, *flags])
+        assert seen[-1] is want and gpt2.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["template"] == {
+            "preamble": want}, (init, flags)
+
+
+def test_a_chat_template_needs_its_tokens(tmp_path):
+    """--template chatml with the task's byte tokens: the error names the missing token (it was a traceback from
+    deep inside, or, with a short context, a misleading "prompts are too long")."""
+    init = str(tmp_path / "sft.pt")
+    gpt2.save_checkpoint(init, tiny(5), tokenizer=BYTES.dumps())
+    with pytest.raises(SystemExit, match=r"--template chatml: .* needs the special token <\|im_end\|>"):
+        grpo.main(["--init", init, "--data", task_folder(tmp_path), "--template", "chatml", *RUN])
+
+
+def test_float16_scales_the_loss_and_resumes_the_scale(tmp_path, monkeypatch):
+    """--dtype float16 (a GPU without bf16 gets it from --dtype auto; it runs on the CPU too): every gradient step
+    goes through the loss scaler, whose state is saved and resumed with the run, as in sft.py and train_gpt2.py."""
+    monkeypatch.setattr(grpo, "score", lambda text, *a: sum(text.encode()) % 7 / 6)
+    init = str(tmp_path / "sft.pt")
+    gpt2.save_checkpoint(init, tiny(5), tokenizer=BYTES.dumps())
+    common = ["--init", init, "--data", task_folder(tmp_path), "--max-steps", "4", "--updates", "2", *RUN,
+              "--dtype", "float16"]
+    grpo.main([*common, "--out-dir", str(tmp_path / "straight")])
+    grpo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    grpo.main(["--resume", "--out-dir", str(tmp_path / "split"), "--dtype", "float16"])  # where it runs: a flag
+    a, b = (gpt2.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("straight", "split"))
+    stepped = sum(1 - r["skipped"] for r in metrics(tmp_path / "straight") if "skipped" in r)
+    assert stepped > 0 and a["scaler"]["_growth_tracker"] == 2 * stepped  # one scaled, finite step per update
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] == 2.0 ** 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_accuracy_is_greedy_over_every_row(monkeypatch):
     """Each test row answered once, scored against its own answer, by greedy decoding: the same text whatever
     the random state, and the argmax continuation step by step; the fraction is over all rows across batches."""
@@ -510,7 +553,10 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     (["--beta", "-0.1"], "--beta -0.1: must be at least 0"),
     (["--clip-low", "-0.1"], "--clip-low -0.1: must be at least 0"),
     (["--clip-high", "-0.5"], "--clip-high -0.5: must be at least 0"),
-    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0")])
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0"),
+    (["--eval-limit", "-1"], "--eval-limit -1: must be at least 0"),  # dropped the last test problem
+    (["--stop-after", "0"], "--stop-after 0: must be at least 1"),  # ran every step
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0")])  # the schedule's end: a negative lr
 def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
     """Refused where they are parsed: not a ZeroDivisionError (--prompts 0), a run of no steps or updates, or
     one that silently does the opposite (a negative --beta rewards drifting away, a negative clip inverts the

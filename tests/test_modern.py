@@ -450,7 +450,7 @@ def test_grpo_qwen_math_preset(tmp_path, qwen_dir):
             "--device", "cpu", "--format-reward", "0.1"]
     args = grpo.parse_args(argv)
     assert (args.template, args.verifier, args.system) == ("chatml", "boxed", bpe.MATH_SYSTEM)
-    model, tok = grpo.load_policy(str(qwen_dir))
+    model, tok, _ = grpo.load_policy(str(qwen_dir))
     batch = grpo.rollout(model, tok, rows[:2], 2, args, "cpu", torch.float32)
     chat = [{"role": "system", "content": bpe.MATH_SYSTEM}, {"role": "user", "content": rows[0]["prompt"]}]
     want = bpe.format_chat(tok, chat, "chatml", add_generation_prompt=True)[0]

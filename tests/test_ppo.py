@@ -384,6 +384,32 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--batch-size", "8", "--max-new-
        "--lr", "1e-3", "--eval-interval", "2", "--minibatches", "2", "--ppo-epochs", "2"]
 
 
+def test_the_sft_models_template_is_the_default(tmp_path):
+    """The policy is asked in the template its checkpoint records; one that records none gets the preset's (task:
+    no preamble, as sft.py's task preset trains); --preamble / --no-preamble win over both."""
+    data = task_inputs(tmp_path)[2]
+    pre, plain = str(tmp_path / "pre.pt"), str(tmp_path / "plain.pt")
+    gpt2.save_checkpoint(pre, tiny(5, block_size=256), tokenizer=BYTES.dumps(), template={"preamble": True})
+    gpt2.save_checkpoint(plain, tiny(5, block_size=256), tokenizer=BYTES.dumps())
+    for init, flags, want in ((pre, [], True), (plain, [], False), (plain, ["--preamble"], True)):
+        ppo.main(["--init", init, "--reward", "verifier", "--data", data, "--max-steps", "1", "--eval-limit", "4",
+                  "--out-dir", str(tmp_path / "out"), *RUN, *flags])
+        assert gpt2.load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["template"] == {"preamble": want}, (init, flags)
+
+
+def test_float16_scales_the_loss_and_resumes_the_scale(tmp_path):
+    """--dtype float16: every minibatch step goes through the loss scaler, whose state is saved and resumed."""
+    sft, rm, data = task_inputs(tmp_path)
+    common = ["--init", sft, "--reward-model", rm, "--data", data, "--max-steps", "4", *RUN, "--dtype", "float16"]
+    ppo.main([*common, "--out-dir", str(tmp_path / "straight")])
+    ppo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    ppo.main(["--resume", "--out-dir", str(tmp_path / "split"), "--dtype", "float16"])  # where it runs: a flag
+    a, b = (gpt2.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("straight", "split"))
+    assert a["scaler"]["_growth_tracker"] == 4 * 2 * 2  # steps x --ppo-epochs x --minibatches, every one finite
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] == 2.0 ** 16
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_resume_is_exact(tmp_path):
     """A run stopped and resumed logs and saves what the straight run does; along the way: the lr schedule, the
     adaptive KL controller, the separate critic, --value-lr and --weight-decay, and the verifier reward."""
@@ -477,7 +503,12 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     (["--target-kl", "-1"], "--target-kl -1.0: must be at least 0"),
     (["--clip", "-0.1"], "--clip -0.1: must be at least 0"),
     (["--clip-value", "-1"], "--clip-value -1.0: must be at least 0"),
-    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0")])
+    (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0"),
+    (["--eval-limit", "-1"], "--eval-limit -1: must be at least 0"),  # dropped the last test prompt
+    (["--stop-after", "0"], "--stop-after 0: must be at least 1"),  # ran every step
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0"),  # the schedule's end: a negative lr
+    (["--vf-coef", "-1"], "--vf-coef -1.0: must be at least 0"),  # the value loss, maximised
+    (["--kl-horizon", "0"], "--kl-horizon 0: must be at least 1")])  # a ZeroDivisionError with --target-kl
 def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
     """Refused where they are parsed: not a ZeroDivisionError (--lr 0), a run of no steps, or a run that
     silently does the opposite (a negative KL coefficient rewards drifting away, a negative clip inverts the

@@ -417,8 +417,9 @@ def test_gpt2_dpo_preset_code_path(tmp_path):
     assert rows[0]["step"] == 0 and rows[0]["val_loss"] == pytest.approx(LN2, abs=1e-6) and rows[0]["margin"] == 0
     assert [r["lr"] for r in rows if "lr" in r] == pytest.approx([1e-3, 1e-3 * 0.55])
     assert rows[-2]["margin"] != 0 and "task_accuracy" not in rows[-2]
+    assert gpt2.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["template"] == {"preamble": True}  # the preset's
     args = rm.parse_args(["--preset", "gpt2-dpo"])
-    assert args.preamble is True and args.out_dir == "out/gpt2-dpo" and args.split == "85/5/10"
+    assert args.preamble is None and args.out_dir == "out/gpt2-dpo" and args.split == "85/5/10"  # None: see main
     assert rm.parse_args([]).out_dir == "out/task-rm" and rm.parse_args(["--method", "dpo"]).out_dir == "out/task-dpo"
 
 
@@ -491,6 +492,14 @@ def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
     (["--lr", "-1"], "--lr -1.0: must be at least 0"),
     (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0"),
+    (["--head-lr-mult", "-10"], "--head-lr-mult -10.0: must be at least 0"),  # the value head's gradient ascent
+    (["--lm-alpha", "-1"], "--lm-alpha -1.0: must be at least 0"),
+    (["--method", "dpo", "--rpo-alpha", "-1"], "--rpo-alpha -1.0: must be at least 0"),
+    (["--center-rewards", "-0.1"], "--center-rewards -0.1: must be at least 0"),
+    (["--eval-limit", "-1"], "--eval-limit -1: must be at least 0"),
+    (["--stop-after", "0"], "--stop-after 0: must be at least 1"),  # ran every step
+    (["--max-len", "-5"], "--max-len -5: must be at least 2"),  # cut every answer's end-of-text
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0"),  # the schedule's end: a negative lr
     (["--method", "dpo", "--beta", "-0.1"], "--beta -0.1: DPO needs a beta above 0"),  # prefers the rejected
     (["--method", "dpo", "--beta", "0"], "--beta 0.0: DPO needs a beta above 0"),  # a constant loss
     (["--pairs", "samples", "--samples-per-prompt", "1"], "--samples-per-prompt 1: a pair needs a right and a wrong")])
@@ -704,3 +713,38 @@ def test_offline_init_is_an_error_naming_the_files(tmp_path, offline):
     assert str(e.value.code).startswith("reward_model.py: error: --init gpt2: could not download "
                                         "https://huggingface.co/openai-community/gpt2/")
     assert "model.safetensors" in str(e.value.code)
+
+
+def test_the_starting_models_template_is_the_default(tmp_path):
+    """An SFT model trained with the preamble is trained on with it: its checkpoint's template wins over the
+    preset's (which is for a model that records none), and --preamble / --no-preamble win over both."""
+    data = task_folder(tmp_path / "task", preference=40, test=5)
+    pre, plain = str(tmp_path / "pre.pt"), str(tmp_path / "plain.pt")
+    gpt2.save_checkpoint(pre, tiny(block_size=256), tokenizer=BYTES.dumps(), template={"preamble": True})
+    gpt2.save_checkpoint(plain, tiny(block_size=256), tokenizer=BYTES.dumps())
+    for i, (init, flags, want) in enumerate([(pre, [], True), (pre, ["--no-preamble"], False), (plain, [], False),
+                                             (plain, ["--preamble"], True)]):
+        out = tmp_path / f"run{i}"
+        rm.main(["--init", init, "--data", data, "--val-pairs", "10", "--max-steps", "1", "--batch-size", "4",
+                 "--out-dir", str(out), *RUN, *flags])
+        assert gpt2.load_checkpoint(str(out / "ckpt.pt"))["template"] == {"preamble": want}, (init, flags)
+
+
+def test_epochs_count_with_the_task_preset(tmp_path, capsys):
+    """The task preset counts steps (3,300 for rm); --epochs given instead counts passes over the pairs."""
+    data = task_folder(tmp_path / "task", preference=40, test=5)
+    common = ["--init", base_checkpoint(tmp_path / "base.pt"), "--data", data, "--val-pairs", "8", "--batch-size", "8", "--stop-after", "1", *RUN]
+    rm.main([*common, "--out-dir", str(tmp_path / "steps")])
+    assert "| 32 train / 8 val pairs | 3300 steps of 8 pairs" in capsys.readouterr().out
+    rm.main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "epochs")])
+    assert "| 32 train / 8 val pairs | 8 steps of 8 pairs" in capsys.readouterr().out  # 2 x 32 / 8
+
+
+def test_alpaca_preference_rows_read_from_json_and_jsonl(tmp_path):
+    rows = [{"instruction": f"Say {i}", "input": "", "chosen": f"{i}", "rejected": f"no {i}"} for i in range(3)]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    bpe.write_rows(tmp_path / "p.jsonl", rows)
+    for name in ("p.json", "p.jsonl"):
+        got = rm.read_pairs(str(tmp_path / name))
+        assert [(r["prompt"], r["chosen"], r["rejected"]) for r in got] == [(f"Say {i}", f"{i}", f"no {i}")
+                                                                            for i in range(3)], name

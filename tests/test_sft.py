@@ -48,6 +48,21 @@ def test_template_is_alpaca_and_round_trips():
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_data_that_mentions_endoftext_is_ordinary_text(tokenizer):
+    """A row about tokenizers may write "<|endoftext|>": it is that text, never the end token (which would end the
+    example early or let data inject a special token), and encoding it is no error."""
+    tok = BYTES if tokenizer == "bytes" else bpe.load_gpt2()
+    prompt, answer = "Which token ends a GPT-2 document?", "It is <|endoftext|>, id 50256."
+    ids, mask = bpe.encode_example(tok, prompt, answer, input="a <|endoftext|> b")
+    assert ids.count(tok.eot_token) == 1 and ids[-1] == tok.eot_token and mask[-1] == 1
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == answer + "<|endoftext|>"
+    asked = bpe.prompt_ids(tok, "Say <|endoftext|>", preamble=False)
+    assert tok.eot_token not in asked and tok.decode(asked) == bpe.format_prompt("Say <|endoftext|>", preamble=False)
+    rows = [{"prompt": prompt, "completion": answer}]
+    assert sft.encode_rows(rows, tok, False, True, 256)[0] == bpe.encode_example(tok, prompt, answer, preamble=False)
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_mask_covers_exactly_the_response_and_its_first_end_of_text(tokenizer):
     tok = BYTES if tokenizer == "bytes" else bpe.load_gpt2()
     eot = tok.eot_token
@@ -403,7 +418,7 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
 
 
 @pytest.mark.parametrize("method", [[], ["--lora", "--lora-dropout", "0.1"], ["--packing", "--seq-len", "64"]])
-def test_resume_is_exact(tmp_path, method):
+def test_resume_is_exact(tmp_path, method, capsys):
     init = base_checkpoint(tmp_path / "base.pt", dropout=0.1)
     data = task_folder(tmp_path / "task", sft=300, sft_val=20, test=20)
     common = ["--init", init, "--data", data, "--max-steps", "6", "--batch-size", "8", "--eval-interval", "3",
@@ -416,6 +431,11 @@ def test_resume_is_exact(tmp_path, method):
     assert train(tmp_path / "split") == train(tmp_path / "straight") and len(train(tmp_path / "split")) == 6
     evals = lambda d: [(r["step"], r["val_loss"], r["accuracy"]) for r in metrics(d) if "val_loss" in r]
     assert evals(tmp_path / "split") == evals(tmp_path / "straight")  # no second evaluation at the resume step
+    capsys.readouterr()
+    for extra in ([], ["--stop-after", "2"]):  # finished, or past --stop-after: no step, nothing logged or written
+        sft.main(["--resume", "--out-dir", str(tmp_path / "split"), *extra])
+        assert capsys.readouterr().out.endswith(f"nothing to do: the run in {tmp_path / 'split'} is at step 6 of 6\n")
+    assert len(metrics(tmp_path / "split")) == len(metrics(tmp_path / "straight"))  # no second train_s row
     assert [e[0] for e in evals(tmp_path / "split")] == [0, 3, 6]
     # linear warmup over 2 steps, then cosine from 3e-3 down to 0.1 x 3e-3 at step 6
     lrs = [3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)))
@@ -513,10 +533,13 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag,value,bound", [
     ("--batch-size", "0", 1), ("--max-steps", "-1", 1), ("--epochs", "0", 1), ("--eval-batch-size", "0", 1),
-    ("--max-new-tokens", "0", 1), ("--seq-len", "0", 1), ("--lr", "-1", 0), ("--grad-clip", "-1", 0)])
+    ("--max-new-tokens", "0", 1), ("--seq-len", "0", 1), ("--lr", "-1", 0), ("--grad-clip", "-1", 0),
+    ("--stop-after", "0", 1), ("--stop-after", "-1", 1), ("--eval-limit", "-1", 0), ("--max-len", "-5", 2),
+    ("--max-len", "0", 2), ("--min-lr-ratio", "-1", 0)])
 def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flag, value, bound):
     """Refused where they are parsed, naming the flag: not a ZeroDivisionError in the loader, a run of 0 (or
-    the default number of) steps, or, for a negative --grad-clip, a silently reversed gradient."""
+    the default number of) steps, or, for a negative --grad-clip, a silently reversed gradient; a --max-len
+    below 2 cut every example's end (its end-of-text among them), --stop-after 0 ran every step."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match=rf"{flag} {value}(\.0)?: must be at least {bound}"):
         sft.main([flag, value])

@@ -633,6 +633,7 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     assert "--lr must be above 0, got -0.001" in error_of([*base, "--lr", -1e-3])  # was torch's traceback
     assert "--grad-clip must be >= 0 (0 = off), got -1.0" in error_of([*base, "--grad-clip", -1])  # reversed grads
     assert "--eval-interval must be >= 0" in error_of([*base, "--eval-interval", -1])  # evaluated every step
+    assert "--min-lr-ratio must be >= 0" in error_of([*base, "--min-lr-ratio", -1])  # a negative lr: ascent
     assert "--stop-after must be a step >= 1, got 0" in error_of([*base, "--stop-after", 0])  # ran to the end
     assert "dropout must lie in [0, 1), got 2.0" in error_of([*base, "--dropout", 2])  # was torch's traceback
     torch.save({"model": {}, "config": {"stage": "full", "batch_size": 4}}, tmp_path / "char.pt")
