@@ -544,6 +544,9 @@ class Tokenizer:
         suffix .vocab: `tok.save("out/t.bpe")` -> out/t.bpe and out/t.vocab, whose lines read
         `[h][ug] -> [hug] 257` for a merged token and `[<|endoftext|>] 260 (special)`."""
         path = Path(path)
+        if path.suffix == ".vocab":  # the listing would overwrite the tokenizer itself
+            raise ValueError(f"{path}: a tokenizer file may not end in .vocab (its readable listing goes to "
+                             f"<name>.vocab); name it e.g. {path.with_suffix('.bpe')}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.dumps(), encoding="utf-8")
         with open(path.with_suffix(".vocab"), "w", encoding="utf-8") as f:
@@ -1526,12 +1529,13 @@ def boxed_answer(text):
 
 
 def normalize_math(answer):
-    r"""A canonical spelling of a math answer: no spaces, no $ \left \right \! \, or \text{...} wrappers,
+    r"""A canonical spelling of a math answer: no spaces, no $ \$ % \% \left \right \! \, or \text{...} wrappers,
     \dfrac and \tfrac as \frac, a trailing period dropped, and numbers as plain decimals (1,000.50 -> 1000.5).
     normalize_math(r"\dfrac{1}{2} ") -> '\\frac{1}{2}'; normalize_math("1,000.50") -> '1000.5'"""
     s = str(answer).strip()
     s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
-    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("$", ""),
+    for old, new in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\$", ""), ("$", ""),
+                     ("\\%", ""), ("%", ""),  # MATH writes money as \$18.90 and percentages as 50\%
                      ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), (" ", "")):
         s = s.replace(old, new)
     s = s.rstrip(".")
@@ -1638,7 +1642,10 @@ def main(argv=None):
 
     def read_input():
         try:
-            return Path(args.input).read_text(encoding="utf-8") if args.input else sys.stdin.read()
+            if not args.input:
+                return sys.stdin.read()
+            with open(args.input, encoding="utf-8", newline="") as f:  # newline="": \r\n stays, as in tiktoken
+                return f.read()
         except UnicodeDecodeError as e:
             raise ValueError(f"{source} is not valid UTF-8 ({e}); convert it first, "
                              f"e.g. iconv -f latin1 -t utf-8") from None

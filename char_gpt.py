@@ -418,6 +418,9 @@ def train(args):
                              f"give the run's --data, or a new --out-dir")
         cfg = dict(ckpt["config"])  # the run's own hyperparameters; only --max-steps may extend it
         if args.max_steps is not None:
+            if args.max_steps < ckpt["step"]:
+                raise SystemExit(f"--resume: the run in {args.out_dir} is at step {ckpt['step']}, past --max-steps "
+                                 f"{args.max_steps}; give more steps, or leave --max-steps out")
             cfg["max_steps"] = args.max_steps
     else:
         cfg = make_config(args, tok.vocab_size)
@@ -486,7 +489,7 @@ def train(args):
     model.train()
     bar = tqdm(total=cfg["max_steps"], initial=step, desc="train", mininterval=2, disable=None)
     while True:
-        if (step % cfg["eval_interval"] == 0 and ckpt is None) or step == cfg["max_steps"]:
+        if (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]) and ckpt is None:
             evaluate_and_save(step, t_train, tokens)
             t_train, tokens = 0.0, 0
         ckpt = None  # only skip the evaluation we resumed at
@@ -540,7 +543,7 @@ def load_for_sampling(out_dir, device="cpu"):
 
 def sample_text(model, tok, cfg, prompt, num_chars, seed, device="cpu", temperature=1.0, top_k=None):
     gen = torch.Generator(device=device).manual_seed(seed)
-    ids = tok.encode(prompt) if prompt else [tok.stoi["\n"]]  # a newline is a natural start of text
+    ids = tok.encode(prompt) if prompt else [tok.stoi.get("\n", 0)]  # a newline (if the text has one) starts text
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = generate(model, idx, num_chars, cfg["block_size"], temperature=temperature, top_k=top_k, generator=gen)
     return tok.decode(out[0].tolist())

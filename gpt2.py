@@ -470,7 +470,7 @@ class GPT(nn.Module):
         file or shards with their index), or a checkpoint file written by save_checkpoint.
         dtype: the weights' dtype; None keeps the checkpoint's (bf16 stays bf16). overrides: GPTConfig fields."""
         if os.path.isfile(name_or_path):
-            model = cls.from_checkpoint(name_or_path)
+            model = cls.from_checkpoint(name_or_path, **overrides)
         elif os.path.isdir(name_or_path) or is_hf_repo(name_or_path):
             directory = name_or_path if os.path.isdir(name_or_path) else download_hf_repo(name_or_path, cache_dir)
             kind = hf_model_type(directory)
@@ -482,9 +482,9 @@ class GPT(nn.Module):
         return model.to(dtype) if dtype is not None else model
 
     @classmethod
-    def from_checkpoint(cls, path, map_location="cpu"):
+    def from_checkpoint(cls, path, map_location="cpu", **overrides):
         ckpt = load_checkpoint(path, map_location)
-        model = cls(GPTConfig(**ckpt["config"]))
+        model = cls(GPTConfig(**{**ckpt["config"], **overrides}))  # overrides: e.g. dropout for fine-tuning
         load_model_state(model, ckpt["model"], path)
         model.tokenizer_dump = ckpt.get("tokenizer")  # the run's bpe.Tokenizer.dumps(), when it recorded one
         return model
@@ -1630,6 +1630,8 @@ def sample(model, idx, max_new_tokens, *, attention_mask=None, temperature=1.0, 
     idx, mask = left_pad([[5, 6], [7]])
     sample(model, idx, 4, attention_mask=mask, eos_id=256) -> tokens (2, <=4), mask (2, <=4), logprobs (2, <=4)
     sync: under FSDP, every process samples until all have finished (see decode)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     T = idx.size(1)
     n = min(max_new_tokens, model.config.block_size - T)
     if sync:  # prompts padded to different lengths on different processes: the same number of steps anyway

@@ -99,8 +99,8 @@ class Router(nn.Module):
         # the bias decides which experts a token goes to, and nothing else: the gates come from the scores
         chosen = (scores + self.bias).topk(self.top_k, dim=-1).indices
         gates = scores.gather(-1, chosen)
-        if self.kind == "sigmoid" or self.top_k > 1:  # Mixtral / DeepSeek-V3 renormalize over the chosen;
-            gates = gates / gates.sum(-1, keepdim=True)  # Switch's top-1 keeps p, so the router gets a gradient
+        if self.top_k > 1:  # Mixtral / DeepSeek-V3 renormalize over the chosen; a top-1 gate keeps its score
+            gates = gates / gates.sum(-1, keepdim=True)  # (Switch), else it is always 1 and the router learns nothing
         return logits, scores, chosen, gates
 
 

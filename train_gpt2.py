@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 import time
 from collections import namedtuple
 from contextlib import nullcontext
@@ -44,9 +45,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir, download,
-                  end_distributed, grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
-                  peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything, rng_state as torch_rng_state,
-                  set_rng_state as set_torch_rng_state)
+                  end_distributed, grad_scaler, hf_model_type, restore_scaler, load_checkpoint, load_model_state, lr_at,
+                  maybe_compile, peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything,
+                  rng_state as torch_rng_state, set_rng_state as set_torch_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; any flag given on the command line wins.
@@ -153,6 +154,11 @@ def check_args(args, world):
             fail(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
     if not args.lr > 0:
         fail(f"--lr must be above 0, got {args.lr}")
+    if args.min_lr_ratio > 1:  # the cosine would climb from --lr to above it
+        fail(f"--min-lr-ratio must be at most 1 (the final / peak learning rate), got {args.min_lr_ratio}")
+    if args.warmup_steps >= args.max_steps:
+        log(f"note: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the learning rate never "
+            f"reaches --lr and never decays")
     if args.stop_after is not None and args.stop_after < 1:  # 0 ran the whole schedule
         fail(f"--stop-after must be a step >= 1, got {args.stop_after}")
     per_micro = args.batch_size * args.seq_len * world
@@ -295,12 +301,16 @@ def run_tokenizer(args, ckpt, ckpt_path):
 
 def model_config(args, ckpt, tok):
     """The config of the model to train, known before anything is built or downloaded."""
-    if args.resume:  # the checkpoint defines the model; architecture flags are ignored
+    arch = {k: getattr(args, k) for k in ("pos_emb", "norm", "mlp", "bias", "tie_weights",
+                                          *(f[2:].replace("-", "_") for f, _, _ in ARCH_FLAGS))}
+    arch = {k: v for k, v in arch.items() if v is not None}
+    if args.resume:  # the checkpoint defines the model; architecture flags given anyway are named, not used
         config = GPTConfig(**ckpt["config"])
+        ignored = [f"--{k.replace('_', '-')} {v!r} (the checkpoint's: {ckpt['config'].get(k)!r})"
+                   for k, v in arch.items() if ckpt["config"].get(k) != v]
+        if ignored:
+            log(f"--resume: the checkpoint fixes the model; not used: {', '.join(ignored)}")
     else:
-        arch = {k: getattr(args, k) for k in ("pos_emb", "norm", "mlp", "bias", "tie_weights",
-                                              *(f[2:].replace("-", "_") for f, _, _ in ARCH_FLAGS))}
-        arch = {k: v for k, v in arch.items() if v is not None}
         if args.init == "scratch":  # a multiple of 64 keeps the lm_head's matmul on fast GPU tile sizes
             config = GPTConfig.from_preset(args.model, **{"vocab_size": -(-tok.n_vocab // 64) * 64, **arch})
         elif set(arch) - {"dropout"}:
@@ -309,8 +319,12 @@ def model_config(args, ckpt, tok):
         elif ckpt:
             config = GPTConfig(**{**ckpt["config"], **arch})
         elif os.path.isdir(args.init):
+            if (kind := hf_model_type(args.init)) != "gpt2":  # its own tokenizer, not GPT-2's that this file uses
+                raise ValueError(f"--init {args.init}: a {kind} model; train_gpt2.py continues GPT-2 weights or its "
+                                 f"own checkpoints (post-train Llama / Qwen with sft.py or grpo.py --init)")
             with open(os.path.join(args.init, "config.json")) as f:
-                config = GPTConfig(block_size=json.load(f)["n_positions"])
+                hf = json.load(f)
+            config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"])
         else:
             config = GPTConfig.from_preset(args.init)  # HF GPT-2 sizes share our preset names
     if config.vocab_size < tok.n_vocab:
@@ -402,15 +416,16 @@ def tokenize_text(source, tok):
     if os.path.exists(train) and os.path.exists(val):
         return [train], [val]
     os.makedirs(out, exist_ok=True)
-    for old in os.listdir(out):  # shards of an older version of the input
-        if old.endswith(".bin"):
+    for old in os.listdir(out):  # shards of an older version of the input (not another process's, of this one)
+        if old.endswith(".bin") and old.startswith(("train_", "val_")) and tag not in old:
             os.remove(os.path.join(out, old))
     parts = []
-    for i, t in enumerate(texts):  # in parallel over all cores; each file, and each document in it marked
-        raw = os.path.join(out, f"raw_{i}.bin")  # by a literal <|endoftext|>, ends with the end-of-text token
-        bpe.encode_file(tok, t, raw, append_eot=True, allowed_special={"<|endoftext|>"})
-        parts.append(np.array(bpe.load_tokens(raw)))
-        os.remove(raw)
+    # each process its own scratch folder: two runs (or two nodes on one file system) may tokenize at once
+    with tempfile.TemporaryDirectory(dir=out, prefix="tmp_") as scratch:
+        for i, t in enumerate(texts):  # in parallel over all cores; each file, and each document in it marked
+            raw = os.path.join(scratch, f"raw_{i}.bin")  # by a literal <|endoftext|>, ends with the end-of-text
+            bpe.encode_file(tok, t, raw, append_eot=True, allowed_special={"<|endoftext|>"})  # token
+            parts.append(np.array(bpe.load_tokens(raw)))
     tokens = np.concatenate(parts)
     split = int(len(tokens) * 0.9)
     write_shard(val, tokens[split:])
@@ -420,7 +435,9 @@ def tokenize_text(source, tok):
 
 def resolve_data(data, rank, tok=None):
     """--data -> (train shard paths, val shard paths). `rank` is the process's rank on its node: local
-    rank 0 downloads or tokenizes (once per node, whether or not nodes share a file system), the rest wait.
+    rank 0 downloads or tokenizes (once per node), the rest wait. Tokenizing is safe when nodes share a file system
+    (each process writes in its own scratch folder, shards are renamed into place); a download is not: on a shared
+    file system, run one node first, or fetch the data before the run.
     Text is tokenized with `tok` (default GPT-2's); shards are taken as they are."""
     if data == "shakespeare":
         data = os.path.join(DATA_DIR, "tinyshakespeare.txt")
@@ -436,6 +453,9 @@ def resolve_data(data, rank, tok=None):
     if not os.path.exists(data):
         raise ValueError(f"--data {data!r}: no such file or folder, and not one of shakespeare, task, "
                          f"{', '.join(REMOTE_SETS)}")
+    if os.path.isfile(data) and data.endswith(".bin"):
+        raise ValueError(f"--data {data}: one token shard; give the folder that holds the train and val shards "
+                         f"(validation files have 'val' in their name)")
     shards = sorted(os.path.join(data, f) for f in os.listdir(data) if f.endswith(".bin")) \
         if os.path.isdir(data) else []
     if shards:  # llm.c naming: *_val_* shards are the validation split, the rest train
@@ -600,7 +620,8 @@ def sample(model, tok, prompt, n_tokens, device, seed, top_k=50):
     Only the tokenizer's ids are candidates: the rows that round the vocabulary up stand for no text."""
     model.eval()
     g = torch.Generator(device=device).manual_seed(seed)
-    idx = torch.tensor([tok.encode(prompt)], device=device)
+    ids = tok.encode(prompt, allowed_special="all") or [tok.eot_token]  # empty: the start of a document
+    idx = torch.tensor([ids], device=device)
     cache = model.new_cache(1)
     logits, _ = model(idx, cache=cache, last_logits_only=True)
     out = []

@@ -651,6 +651,12 @@ def test_cli(tmp_path, capsys):
     bpe.main(["encode", "--tokenizer", str(tmp_path / "t.bpe"), "--input", str(tmp_path / "hw.txt")])
     ids = [int(x) for x in capsys.readouterr().out.split()]
     assert ids[-1] == 399 and bpe.Tokenizer.load(tmp_path / "t.bpe").decode(ids) == "hello world<|endoftext|>"
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb\rc")  # a file's \r\n and \r are text, as tiktoken reads them
+    bpe.main(["encode", "--tokenizer", "gpt2", "--input", str(tmp_path / "crlf.txt")])
+    assert capsys.readouterr().out.split() == [str(i) for i in bpe.load_gpt2().encode("a\r\nb\rc")]  # was "a\nb\nc"
+    with pytest.raises(ValueError, match=r"may not end in \.vocab .* name it e\.g\. .*t2\.bpe"):
+        bpe.main(["train", "--input", str(tmp_path / "in.txt"), "--vocab-size", "300", "--output",
+                  str(tmp_path / "t2.vocab"), "--processes", "1"])  # the listing overwrote the tokenizer
     bpe.main(["export", "--tokenizer", str(tmp_path / "t.bpe"), "--output", str(tmp_path / "t.tiktoken")])
     assert bpe.load_tiktoken(tmp_path / "t.tiktoken", "gpt2").vocab == bpe.Tokenizer.load(tmp_path / "t.bpe").vocab
 
@@ -737,6 +743,9 @@ def test_split_and_verifiers():
         bpe.split_by_percent(list(range(10)), "50/30/30")
     assert bpe.boxed_answer(r"\boxed{1} or rather \boxed{2}") == "2"
     assert bpe.normalize_math("-0") == "0" and bpe.normalize_math("-0.0") == "0"
+    # MATH's references write money and percentages escaped: \$18.90 is 18.90 (it was "\18.90"), 50\% is 50
+    assert bpe.normalize_math(r"\$18.90") == "18.9" and bpe.normalize_math(r"50\%") == "50"
+    assert bpe.math_reward(r"so \boxed{18.90}", r"\$18.90") == 1.0 and bpe.math_reward(r"\boxed{50}", r"50\%") == 1.0
 
 
 def test_chat_templates_by_hand():

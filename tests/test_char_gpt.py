@@ -346,7 +346,11 @@ def test_resume_is_exact(tmp_path):
     assert losses(ma) == losses(mb)
     assert [m["step"] for m in ma if "train_loss_avg" in m] == [3, 6, 9, 12, 15, 18]
     cg.main([*common, "--max-steps", "20", "--out-dir", b, "--resume", "--dtype", "float16"])  # float32 run, no scale
-    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 20  # saved: a fresh one, no crash
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 20  # loaded: a fresh one, no crash
+    with open(os.path.join(b, "metrics.jsonl")) as f:  # resuming the finished run evaluated and logged it again
+        assert losses([json.loads(line) for line in f]) == losses(ma)
+    with pytest.raises(SystemExit, match="at step 20, past --max-steps 12"):  # it reported "done" and did nothing
+        cg.main([*common, "--max-steps", "12", "--out-dir", b, "--resume"])
 
 
 def test_metrics_have_the_mean_training_loss_between_evaluations(tmp_path, monkeypatch):
@@ -411,6 +415,16 @@ def test_unknown_prompt_characters_are_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="--prompt: characters not in the vocabulary"):
         cg.main([*TINY_ARGS, "--max-steps", "1", "--prompt", "h\u00e9llo", "--out-dir", str(tmp_path / "o")])
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")  # refused before any training
+
+
+def test_a_text_without_newlines_trains_and_samples(tmp_path, capsys):
+    """A sample starts from a newline when none is given; a text without one started from a KeyError '\\n'."""
+    (tmp_path / "one_line.txt").write_text("the cat sat on the mat. " * 40)
+    run = [*TINY_ARGS, "--stage", "bigram", "--max-steps", "2", "--num-chars", "5", "--out-dir", str(tmp_path / "o")]
+    cg.main([*run, "--data", str(tmp_path / "one_line.txt")])
+    capsys.readouterr()
+    cg.main([*run, "--data", str(tmp_path / "one_line.txt"), "--sample"])
+    assert len(capsys.readouterr().out.strip()) >= 5
 
 
 def test_bad_data_and_checkpoints_are_named_with_the_fix(tmp_path):

@@ -471,6 +471,7 @@ def test_checkpoint_round_trip(tmp_path):
     idx = torch.randint(0, 101, (1, 10))
     with torch.no_grad():
         assert torch.equal(back(idx)[0], model(idx)[0])
+    assert GPT.from_pretrained(path, dropout=0.3).config.dropout == 0.3  # overrides apply to a file too (were dropped)
 
 
 def test_corrupt_truncated_and_mismatched_checkpoints(tmp_path):
@@ -989,3 +990,5 @@ def test_sample_stops_at_the_context_end_and_refuses_inner_padding():
     assert tokens.shape == (1, 3)
     with pytest.raises(ValueError, match="left padding"):
         gpt2.sample(model, torch.tensor([[5, 6, 7]]), 2, attention_mask=torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):  # not "the prompt leaves no room"
+        gpt2.sample(model, torch.tensor([[5, 6, 7]]), 0)

@@ -68,6 +68,19 @@ def router_on(logits, bias=None, **kw):
 LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 1.5], [-1.0, -2.0, 0.5, 0.0]])
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_router_learns_from_the_models_loss(router, top_k):
+    """Without the auxiliary losses, the router's only gradient comes through the gates: every router, top-1 too."""
+    E = 4
+    r = M.Router(E, M.MoEConfig(n_expert=E, top_k=top_k, router=router))
+    torch.nn.init.normal_(r.weight, std=0.5)
+    x = torch.randn(16, E, generator=torch.Generator().manual_seed(0))
+    _, _, chosen, gates = r(x)
+    (gates * torch.arange(1.0, top_k + 1)).sum().backward()  # a loss that depends on the gates' values
+    assert r.weight.grad.abs().sum() > 1e-3
+
+
 def test_router_gates_on_hand_numbers():
     p = LOGITS.exp() / LOGITS.exp().sum(1, keepdim=True)  # softmax over the experts, per token
     s = 1 / (1 + (-LOGITS).exp())  # sigmoid
@@ -85,8 +98,9 @@ def test_router_gates_on_hand_numbers():
     assert chosen.tolist() == top2.tolist()
     want = s.gather(1, top2)
     torch.testing.assert_close(gates, want / want.sum(1, keepdim=True))
-    _, _, _, gates = router_on(LOGITS, top_k=1, router="sigmoid")
-    torch.testing.assert_close(gates, torch.ones(3, 1))
+    _, _, chosen, gates = router_on(LOGITS, top_k=1, router="sigmoid")  # top-1 keeps its score (renormalized,
+    assert chosen.flatten().tolist() == [0, 1, 2]                          # it was always 1: no router gradient)
+    torch.testing.assert_close(gates.flatten(), s[[0, 1, 2], [0, 1, 2]])
     # a bias on expert 3 puts it first in every row, and the gates still come from the unbiased scores
     _, _, chosen, gates = router_on(LOGITS, bias=[0.0, 0.0, 0.0, 5.0], top_k=2)
     want_chosen = torch.tensor([[3, 0], [3, 1], [3, 2]])

@@ -601,6 +601,47 @@ def test_default_run_beats_unigram_entropy(tmp_path):
 # bad input: a clear error before any work
 
 
+def test_tokenizing_removes_only_its_own_stale_shards(tmp_path):
+    """Two runs (or two nodes on one file system) may tokenize one text at once: a process removes the shards of
+    an older version of the input, never files another process is writing (it deleted every .bin it saw)."""
+    text = tmp_path / "book.txt"
+    text.write_text("hello world. " * 300)
+    tok = bpe.byte_tokenizer()
+    (train,), (val,) = tg.tokenize_text(str(text), tok)
+    folder = os.path.dirname(train)
+    others = [os.path.join(folder, "raw_0.bin"), os.path.join(folder, "tmp_other", "raw_0.bin"), train + ".tmp999"]
+    os.makedirs(os.path.join(folder, "tmp_other"))
+    for path in others:  # another process's scratch files and a shard it is writing
+        open(path, "wb").close()
+    text.write_text("hello there, world. " * 300)  # edited: tokenized again, the old shards removed
+    (train2,), (val2,) = tg.tokenize_text(str(text), tok)
+    assert train2 != train and not os.path.exists(train) and not os.path.exists(val)
+    assert all(os.path.exists(p) for p in others)
+    assert sorted(f for f in os.listdir(folder) if f.startswith("tmp_")) == ["tmp_other"]  # its own scratch: gone
+    assert len(tg.read_shard(train2)) + len(tg.read_shard(val2)) == len(text.read_text()) + 1  # + end-of-text
+
+
+def test_empty_prompt_samples_from_the_start_of_a_document():
+    torch.manual_seed(0)
+    model = gpt2.GPT(gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=320))
+    tok = bpe.byte_tokenizer()
+    text = tg.sample(model, tok, "", 5, "cpu", 0)  # --prompt "": a RuntimeError from the empty prompt
+    first = tg.sample(model, tok, "<|endoftext|>", 5, "cpu", 0)  # the same as starting after an end-of-text
+    assert text == first[len("<|endoftext|>"):] and text
+
+
+def test_resume_names_the_architecture_flags_it_does_not_use(tmp_path, capsys):
+    common = ["--data", make_shards(tmp_path / "data"), "--seq-len", 16, "--batch-size", 4, "--total-batch-size", 64,
+              "--max-steps", 2, "--eval-interval", 0, "--out-dir", tmp_path / "o"]
+    run(*common, "--stop-after", 1)
+    capsys.readouterr()
+    run(*common, "--resume", "--n-layer", 3, "--dropout", 0.3)  # the checkpoint fixes the model
+    out = capsys.readouterr().out
+    assert "the checkpoint fixes the model; not used: " in out
+    assert "--n-layer 3 (the checkpoint's: 2)" in out and "--dropout 0.3 (the checkpoint's: 0.0)" in out
+    assert gpt2.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["config"]["n_layer"] == 2
+
+
 def error_of(argv, capsys=None):
     with pytest.raises(SystemExit) as e:
         tg.main([*map(str, argv)])
@@ -634,6 +675,18 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     assert "--grad-clip must be >= 0 (0 = off), got -1.0" in error_of([*base, "--grad-clip", -1])  # reversed grads
     assert "--eval-interval must be >= 0" in error_of([*base, "--eval-interval", -1])  # evaluated every step
     assert "--min-lr-ratio must be >= 0" in error_of([*base, "--min-lr-ratio", -1])  # a negative lr: ascent
+    assert "--min-lr-ratio must be at most 1" in error_of([*base, "--min-lr-ratio", 3])  # climbed to 3x the peak
+    shard = os.path.join(data, sorted(os.listdir(data))[0])
+    assert "one token shard; give the folder" in error_of([*base, "--data", shard])  # was read as text (not UTF-8)
+    torch.manual_seed(0)
+    gpt2.GPT(gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=320, pos_emb="rope",
+                            norm="rmsnorm", mlp="swiglu", bias=False)).save_pretrained(str(tmp_path / "llama"))
+    plain = ["--device", "cpu", "--dtype", "float32", "--data", data, "--out-dir", tmp_path / "out"]
+    assert "a llama model; train_gpt2.py continues GPT-2 weights" in error_of([*plain, "--init", tmp_path / "llama"])
+    gpt2.GPT(gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=64, vocab_size=320)).save_pretrained(
+        str(tmp_path / "g"))
+    msg = error_of([*plain, "--init", tmp_path / "g"])  # a GPT-2 folder is read with GPT-2's 50,257 ids
+    assert "vocab_size 320 is below the tokenizer's 50257 ids" in msg  # was checked against 50,257 rows
     assert "--stop-after must be a step >= 1, got 0" in error_of([*base, "--stop-after", 0])  # ran to the end
     assert "dropout must lie in [0, 1), got 2.0" in error_of([*base, "--dropout", 2])  # was torch's traceback
     torch.save({"model": {}, "config": {"stage": "full", "batch_size": 4}}, tmp_path / "char.pt")
