@@ -15,7 +15,7 @@ every grid point is reported beside, never used to pick):
   - word counts and char-in-word 1-5-gram counts + MultinomialNB (the classic spam filter).
 With --encoder (a pretrained Hugging Face encoder: a hub name such as sentence-transformers/all-MiniLM-L6-v2, or
 its folder), what pretraining buys: its mean-pooled embeddings + LogisticRegression, and, per --encoder-seeds, the
-encoder fine-tuned end to end (a linear head on the mean-pooled states, AdamW 5e-5, batch 16, 5 epochs, the epoch
+encoder fine-tuned end to end (a linear head on the mean-pooled states, AdamW up to ~0.9 x 5e-5, batch 16, 5 epochs, the epoch
 picked on val; "over the grid" is then the test accuracy over the epochs):
 
     python bench/bench_classify.py --splits balanced --encoder sentence-transformers/all-MiniLM-L6-v2 \\
@@ -145,8 +145,9 @@ class _Identity:
 
 
 def run_encoder_tuned(path, texts, y, seed, epochs=5, batch_size=16, lr=5e-5):
-    """The encoder fine-tuned end to end with a linear head on its mean-pooled states (AdamW, linear warmup over
-    10% then linear decay), evaluated after each epoch; the epoch with the best val accuracy (the last of equals)."""
+    """The encoder fine-tuned end to end with a linear head on its mean-pooled states (AdamW; the rate is a linear
+    warmup over 10% of the steps times a linear decay over all of them, so it peaks near 0.9 lr), evaluated after
+    each epoch; the epoch with the best val accuracy (the last of equals)."""
     import torch
     import torch.nn.functional as F
     t0 = time.process_time()

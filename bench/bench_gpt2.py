@@ -13,6 +13,7 @@ import datetime
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 
@@ -60,7 +61,7 @@ def make_step(model, opt, x, y, device, dtype, hf=False):
 
 
 def median(xs):
-    return sorted(xs)[len(xs) // 2]  # robust to the odd slow step on a shared machine
+    return statistics.median(xs)  # robust to the odd slow step on a shared machine
 
 
 def groups(model):

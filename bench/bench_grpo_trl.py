@@ -109,7 +109,9 @@ def time_trl(folder, rows, a, out_dir):
                         warmup_steps=0, weight_decay=0.0, adam_beta2=0.99, max_grad_norm=1.0, beta=0.0,
                         loss_type="grpo", epsilon=0.2, epsilon_high=0.28, scale_rewards="group",
                         max_steps=a.warmup + a.steps, logging_steps=10 ** 6, save_strategy="no",
-                        disable_tqdm=True, dataloader_num_workers=0)
+                        disable_tqdm=True, dataloader_num_workers=0,
+                        gradient_checkpointing=False)  # TRL's default (True) recomputes every block in backward
+    assert not config.gradient_checkpointing  # grpo.py keeps the activations: the same work on both sides
     trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=config, train_dataset=data,
                           processing_class=tok)
     times, cpu, rollout, lengths, threads = [], [], [], [], set()

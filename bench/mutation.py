@@ -77,6 +77,26 @@ def copy_tree(dst, tests_at=None):
         subprocess.run(["tar", "-x", "-C", dst], input=archive.stdout, check=True)
 
 
+def test_files(topic, m, root):
+    """The tests a mutant of `topic` runs: tests/test_<topic>.py, and the tests of the file it changes."""
+    tests = [f"tests/test_{topic}.py"]
+    stem = os.path.splitext(os.path.basename(m["file"]))[0]
+    if stem != topic and os.path.exists(os.path.join(root, "tests", f"test_{stem}.py")):
+        tests.append(f"tests/test_{stem}.py")
+    return tests
+
+
+def check_unmutated(topic, mutants, base):
+    """Every test file the mutants will run must pass on the unmutated code: else every mutant reads KILLED."""
+    tests = sorted({t for m in mutants for t in test_files(topic, m, base)})
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=base,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if r.returncode:
+        last = (r.stdout.strip() or r.stderr.strip() or "no output").splitlines()[-1]
+        raise SystemExit(f"{topic}: {' '.join(tests)} fail on the unmutated code ({last}); a mutant run would "
+                         f"count every mutant as killed. Fix the tests (or --tests-at) first")
+
+
 def run_mutant(topic, m, base):
     """Apply one mutant in a fresh copy of base, run its tests; -> (status, seconds, first failing test)."""
     with tempfile.TemporaryDirectory(prefix=f"mutant-{topic}-") as top:
@@ -87,10 +107,7 @@ def run_mutant(topic, m, base):
             src = f.read()
         with open(path, "w") as f:
             f.write(apply(src, m))
-        tests = [f"tests/test_{topic}.py"]
-        stem = os.path.splitext(os.path.basename(m["file"]))[0]
-        if stem != topic and os.path.exists(os.path.join(tmp, "tests", f"test_{stem}.py")):
-            tests.append(f"tests/test_{stem}.py")
+        tests = test_files(topic, m, tmp)
         t = time.time()
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tmp,
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -119,6 +136,8 @@ def main():
     copy_tree(base.name, args.tests_at)
     for topic in args.topics:
         mutants = [m for m in load_mutants(topic) if only is None or m["id"] in only]
+        if mutants:
+            check_unmutated(topic, mutants, base.name)
         with ThreadPoolExecutor(args.jobs) as pool:
             results = pool.map(lambda m: run_mutant(topic, m, base.name), mutants)
             rows, killed = [], 0
