@@ -78,9 +78,9 @@ def read_text(path, newline=None):
 
 def read_examples(path, quoting=False):
     """(text, label) pairs of a data file: rows {"text", "label"} (.jsonl: JSON Lines; .json: one JSON list), else
-    `label<TAB>text` lines. Every way a file can be wrong is an error naming the line. quoting: read `label<TAB>text` as
-    CSV, as the book's pandas.read_csv(sep="\t") does: a text that starts with a quote runs to its closing
-    quote, across lines (5,572 rows of the SMS file's 5,574 lines; for --split book).
+    `label<TAB>text` lines. Every way a file can be wrong is an error naming the line. quoting: read
+    `label<TAB>text` as CSV, as the book's pandas.read_csv(sep="\t") does: a text that starts with a quote runs to
+    its closing quote, across lines (5,572 rows of the SMS file's 5,574 lines; for --split book).
     read_examples("data/sms_spam_collection.tsv")[:1] -> [("Go until jurong point, crazy.. ...", "ham")]"""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file at {path}; give --data a label<TAB>text or JSONL file "

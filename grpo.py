@@ -344,7 +344,7 @@ def accuracy(model, tok, rows, args, device, dtype):
 def train_step(model, ref, optimizer, batch, args, device, dtype, scaler=None):
     """Advantages for one rollout batch, then args.updates gradient steps on it (scaler: gpt2.grad_scaler's,
     which scales the loss in fp16 and does nothing otherwise). -> stats of the batch."""
-    scaler = scaler or grad_scaler(device, dtype)
+    scaler = grad_scaler(device, dtype) if scaler is None else scaler
     adv, zero = group_advantages(batch["rewards"], args.group_size, args.baseline, args.scale_rewards)
     keep = torch.ones_like(adv, dtype=torch.bool)
     if args.drop_zero_signal:

@@ -379,7 +379,7 @@ def explained_variance(pred, target, mask):
 def ppo_step(policy, ref, optimizer, batch, score, kl_ctl, args, step, device, dtype, scaler=None):
     """One rollout batch (with its scores (B,)) -> --ppo-epochs passes of --minibatches optimizer steps (scaler:
     gpt2.grad_scaler's, which scales the loss in fp16 and does nothing otherwise). -> the batch's stats."""
-    scaler = scaler or grad_scaler(device, dtype)
+    scaler = grad_scaler(device, dtype) if scaler is None else scaler
     idx, attn, mask, T = batch["idx"], batch["attn"], batch["mask"], batch["T"]
     with torch.no_grad(), autocast(device, dtype):  # the same forward pass as training, so the first ratio is 1
         old_logp, old_values, entropy = policy(idx, attn, T, args.temperature)

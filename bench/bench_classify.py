@@ -15,8 +15,8 @@ every grid point is reported beside, never used to pick):
   - word counts and char-in-word 1-5-gram counts + MultinomialNB (the classic spam filter).
 With --encoder (a pretrained Hugging Face encoder: a hub name such as sentence-transformers/all-MiniLM-L6-v2, or
 its folder), what pretraining buys: its mean-pooled embeddings + LogisticRegression, and, per --encoder-seeds, the
-encoder fine-tuned end to end (a linear head on the mean-pooled states, AdamW up to ~0.9 x 5e-5, batch 16, 5 epochs, the epoch
-picked on val; "over the grid" is then the test accuracy over the epochs):
+encoder fine-tuned end to end (a linear head on the mean-pooled states, AdamW up to ~0.9 x 5e-5, batch 16, 5 epochs,
+the epoch picked on val; "over the grid" is then the test accuracy over the epochs):
 
     python bench/bench_classify.py --splits balanced --encoder sentence-transformers/all-MiniLM-L6-v2 \\
         --encoder-seeds 1337,1338,1339

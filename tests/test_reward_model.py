@@ -733,7 +733,8 @@ def test_the_starting_models_template_is_the_default(tmp_path):
 def test_epochs_count_with_the_task_preset(tmp_path, capsys):
     """The task preset counts steps (3,300 for rm); --epochs given instead counts passes over the pairs."""
     data = task_folder(tmp_path / "task", preference=40, test=5)
-    common = ["--init", base_checkpoint(tmp_path / "base.pt"), "--data", data, "--val-pairs", "8", "--batch-size", "8", "--stop-after", "1", *RUN]
+    common = ["--init", base_checkpoint(tmp_path / "base.pt"), "--data", data, "--val-pairs", "8", "--batch-size", "8",
+              "--stop-after", "1", *RUN]
     rm.main([*common, "--out-dir", str(tmp_path / "steps")])
     assert "| 32 train / 8 val pairs | 3300 steps of 8 pairs" in capsys.readouterr().out
     rm.main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "epochs")])
