@@ -1655,16 +1655,22 @@ def main(argv=None):
               f"mergeable_ranks=tiktoken.load.load_tiktoken_bpe(path), special_tokens={tok.special_tokens})")
     elif args.command == "encode":
         allowed = "all" if args.allowed_special == "all" else ()
-        if args.output:
-            if not args.input:
-                sys.exit("encode --output needs --input FILE")
-            n = encode_file(tok, args.input, args.output, args.processes, append_eot=False, allowed_special=allowed)
-            print(f"wrote {n:,} tokens to {args.output} (uint16)")
-        else:
-            print(" ".join(map(str, tok.encode(read_input(), allowed_special=allowed))))
+        if args.output and not args.input:
+            sys.exit("encode --output needs --input FILE")
+        try:
+            if args.output:
+                n = encode_file(tok, args.input, args.output, args.processes, append_eot=False, allowed_special=allowed)
+                print(f"wrote {n:,} tokens to {args.output} (uint16)")
+            else:
+                print(" ".join(map(str, tok.encode(read_input(), allowed_special=allowed))))
+        except ValueError as e:
+            if "disallowed special token" not in str(e):
+                raise
+            raise ValueError(f"{source} holds the text of a special token, which --allowed-special none refuses; "
+                             f"give --allowed-special all to encode it as the token ({e})") from None
     elif args.command == "decode":
         words = [] if args.ids else read_input().split()
-        if bad := [w for w in words if not w.lstrip("-").isdigit()]:
+        if bad := [w for w in words if not w.lstrip("-").isdecimal()]:  # isdigit() takes "²", which int() refuses
             raise ValueError(f"{source} holds {bad[0]!r}, not a token id; decode reads ids separated by spaces, "
                              f"as encode prints them")
         text = tok.decode(args.ids or list(map(int, words)))

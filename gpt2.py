@@ -1694,6 +1694,9 @@ def main():
     except bpe.DownloadError as e:  # offline: the message says which files to fetch and where they go
         raise SystemExit(f"gpt2.py: error: {e}")
     tok = tokenizer_of(model, args.model)  # a Llama / Qwen folder's, a checkpoint's own, else GPT-2's
+    if tok.n_vocab > model.config.vocab_size:  # a checkpoint that records no tokenizer and is not GPT-2's size
+        raise SystemExit(f"gpt2.py: error: {args.model} records no tokenizer, and GPT-2's ({tok.n_vocab} ids) does not "
+                         f"fit its {model.config.vocab_size}-row vocabulary; give a checkpoint written by this project")
     idx = torch.tensor([tok.encode(args.prompt)], device=device)
     cache = model.new_cache(1, max_len=idx.size(1) + 31)  # Llama 3.1's 131k-token context would not fit
     with torch.no_grad():

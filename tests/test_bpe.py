@@ -665,10 +665,15 @@ def test_cli(tmp_path, capsys):
 def test_cli_bad_input_names_the_file_and_the_fix(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin1"))
     (tmp_path / "words.txt").write_text("31373 hello")
+    (tmp_path / "sup.txt").write_text("31373 \u00b2")
+    (tmp_path / "eot.txt").write_text("the end<|endoftext|>")
     (tmp_path / "folder").mkdir()
     cases = [  # (argv, the message); each was a bare codec / int() error, a wrong message or a regex traceback
         (["encode", "--input", tmp_path / "latin1.txt"], "latin1.txt is not valid UTF-8 .*iconv"),
         (["decode", "--input", tmp_path / "words.txt"], "words.txt holds 'hello', not a token id"),
+        (["decode", "--input", tmp_path / "sup.txt"], "sup.txt holds '\u00b2', not a token id"),  # int() refused it
+        (["encode", "--input", tmp_path / "eot.txt", "--allowed-special", "none"],  # named only Python's argument
+         "eot.txt holds the text of a special token, .* give --allowed-special all"),
         (["encode", "--tokenizer", tmp_path / "latin1.txt"], "latin1.txt is not a bpe.py tokenizer .*bpe.py train"),
         (["train", "--input", tmp_path / "folder", "--vocab-size", "300", "--output", tmp_path / "t.bpe"],
          "folder is a folder; give its files"),

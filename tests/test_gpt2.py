@@ -604,6 +604,12 @@ def test_offline_weights_fail_with_one_message_naming_every_file(tmp_path, monke
         gpt2.main()
     assert str(e.value.code).startswith("gpt2.py: error: could not download") and folder in str(e.value.code)
 
+    bare = str(tmp_path / "bare.pt")  # a checkpoint of another vocabulary that records no tokenizer
+    gpt2.save_checkpoint(bare, GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=16)))
+    monkeypatch.setattr(sys, "argv", ["gpt2.py", "--model", bare])
+    with pytest.raises(SystemExit, match="records no tokenizer, and GPT-2's .50257 ids. does not fit its 300-row"):
+        gpt2.main()  # was an IndexError from the embedding
+
     class Down:  # the hub answers, with a server error
         status_code = 503
     monkeypatch.setattr(requests, "get", lambda *a, **k: Down())
