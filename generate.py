@@ -487,11 +487,14 @@ def load_model(name, device, dtype, what="model"):
     return model.to(device=device).eval()
 
 
-def load_tokenizer(model, chat):
+def load_tokenizer(model, chat, flag="--model"):
     """The model's tokenizer, its end-of-text id and its chat style: the tokenizer a checkpoint recorded (bytes,
     a bpe.py BPE), else GPT-2's; an HF Llama / Qwen folder's own, whose generation ends at the end of the turn
-    with --chat."""
-    tok = tokenizer_of(model, "--model")  # the tokenizer only matters here: generate() works on token ids
+    with --chat. `flag` names the model in errors."""
+    try:  # the tokenizer only matters here: generate() works on token ids
+        tok = tokenizer_of(model, flag)
+    except ValueError as e:  # more ids than the model has rows: the CLI speaks the checkpoint's tokenizer, else GPT-2's
+        raise SystemExit(f"error: {e}; call generate() with the model's own tokenizer")
     if getattr(model, "hf_dir", None) is None:
         if chat:
             raise SystemExit("error: --chat needs a Llama / Qwen model (GPT-2 has no chat template)")
@@ -611,14 +614,13 @@ def main(argv=None):
     draft = load_model(args.draft_model, device, dtype, "draft-model") if args.draft_model else None
     tok, eos_id, chat_style = load_tokenizer(model, args.chat)
     if draft is not None and getattr(draft, "tokenizer_dump", None) != getattr(model, "tokenizer_dump", None) \
-            and tokenizer_of(draft).dumps() != tok.dumps():  # same vocabulary size, other tokens: garbage text
+            and load_tokenizer(draft, False, "--draft-model")[0].dumps() != tok.dumps():  # same size, other tokens
         raise SystemExit("error: --draft-model speaks another tokenizer than --model (their checkpoints record "
                          "different ones); speculative decoding needs the target's tokenizer in the draft")
-    for m, flag in ((model, "--model"), (draft, "--draft-model")):
-        if m is not None and m.config.vocab_size < tok.n_vocab:
-            raise SystemExit(f"error: {flag} has a vocabulary of {m.config.vocab_size}, smaller than its tokenizer's "
-                             f"{tok.n_vocab}: the CLI speaks the tokenizer a checkpoint recorded, else GPT-2 BPE, "
-                             f"or an HF Llama / Qwen directory's; call generate() with the model's own tokenizer")
+    if draft is not None and draft.config.vocab_size < tok.n_vocab:  # (the target's own rows: load_tokenizer)
+        raise SystemExit(f"error: --draft-model has a vocabulary of {draft.config.vocab_size}, smaller than its "
+                         f"tokenizer's {tok.n_vocab}: the CLI speaks the tokenizer a checkpoint recorded, else GPT-2 "
+                         f"BPE, or an HF Llama / Qwen directory's; call generate() with the model's own tokenizer")
     sampling = replace(sampling, vocab_size=tok.n_vocab)  # a padded vocabulary's extra ids mean nothing to it
     generator = torch.Generator(device).manual_seed(args.seed)
     prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]

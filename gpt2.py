@@ -1079,14 +1079,23 @@ RUN_PLACE = ("device", "dtype", "compile", "stop_after", "resume", "out_dir")  #
 
 def tokenizer_of(model, where="the checkpoint"):
     """The tokenizer a loaded model speaks: its HF folder's (Llama 3 / Qwen2.5), the one its checkpoint recorded
-    (bytes, a bpe.py BPE), else GPT-2's. `where` names the checkpoint in errors.
+    (bytes, a bpe.py BPE), else GPT-2's. `where` names the checkpoint in errors; a tokenizer with more ids than
+    the model has rows is one (a ValueError), since its ids would index past the embedding.
     tokenizer_of(GPT.from_pretrained("out/task-base/ckpt.pt")).encode("hi") -> [104, 105]"""
     import bpe
+    rows = model.config.vocab_size
     if getattr(model, "hf_dir", None):
-        return bpe.load_hf_tokenizer(model.hf_dir)
-    if getattr(model, "tokenizer_dump", None):
-        return bpe.Tokenizer.loads(model.tokenizer_dump, source=f"{where} (tokenizer)")
-    return bpe.load_gpt2()
+        tok = bpe.load_hf_tokenizer(model.hf_dir)
+    elif getattr(model, "tokenizer_dump", None):
+        tok = bpe.Tokenizer.loads(model.tokenizer_dump, source=f"{where} (tokenizer)")
+    else:  # written before checkpoints recorded their tokenizer: GPT-2's, if the vocabulary is GPT-2's
+        tok = bpe.load_gpt2()
+        if tok.n_vocab > rows:
+            raise ValueError(f"{where} records no tokenizer, and GPT-2's {tok.n_vocab} ids do not fit its vocabulary "
+                             f"of {rows}; give a checkpoint written by this project's scripts")
+    if tok.n_vocab > rows:
+        raise ValueError(f"{where}: the tokenizer has {tok.n_vocab} ids, more than the model's vocabulary of {rows}")
+    return tok
 
 
 def load_with_tokenizer(init, missing=None):
@@ -1099,10 +1108,6 @@ def load_with_tokenizer(init, missing=None):
     if os.path.isfile(init):
         ckpt = load_checkpoint(init)
         model = GPT.from_checkpoint(init)
-        # written before checkpoints recorded their tokenizer: GPT-2's, if the vocabulary is GPT-2's
-        if "tokenizer" not in ckpt and model.config.vocab_size < 50257:
-            raise ValueError(f"{init} records no tokenizer and its vocabulary ({model.config.vocab_size}) is "
-                             f"not GPT-2's; retrain it with this project's scripts")
     elif init in HF_MODELS or os.path.isdir(init) or is_hf_repo(init):
         import bpe
         try:
@@ -1114,10 +1119,7 @@ def load_with_tokenizer(init, missing=None):
     else:
         raise ValueError(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one "
                          f"of {', '.join(HF_MODELS)}")
-    tok = tokenizer_of(model, init)
-    if tok.n_vocab > model.config.vocab_size:
-        raise ValueError(f"{init}: the tokenizer has {tok.n_vocab} ids but the model only {model.config.vocab_size}")
-    return model, tok, ckpt
+    return model, tokenizer_of(model, init), ckpt  # tokenizer_of: a ValueError if it does not fit the model
 
 
 def resume_settings(args, script, marker):
@@ -1693,10 +1695,10 @@ def main():
         model = GPT.from_pretrained(args.model).to(device).eval()
     except bpe.DownloadError as e:  # offline: the message says which files to fetch and where they go
         raise SystemExit(f"gpt2.py: error: {e}")
-    tok = tokenizer_of(model, args.model)  # a Llama / Qwen folder's, a checkpoint's own, else GPT-2's
-    if tok.n_vocab > model.config.vocab_size:  # a checkpoint that records no tokenizer and is not GPT-2's size
-        raise SystemExit(f"gpt2.py: error: {args.model} records no tokenizer, and GPT-2's ({tok.n_vocab} ids) does not "
-                         f"fit its {model.config.vocab_size}-row vocabulary; give a checkpoint written by this project")
+    try:
+        tok = tokenizer_of(model, args.model)  # a Llama / Qwen folder's, a checkpoint's own, else GPT-2's
+    except ValueError as e:  # e.g. a checkpoint that records no tokenizer and is not GPT-2's size
+        raise SystemExit(f"gpt2.py: error: {e}")
     idx = torch.tensor([tok.encode(args.prompt)], device=device)
     cache = model.new_cache(1, max_len=idx.size(1) + 31)  # Llama 3.1's 131k-token context would not fit
     with torch.no_grad():

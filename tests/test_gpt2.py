@@ -580,6 +580,17 @@ def test_download_without_network_names_url_and_destination(tmp_path):
 
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path):
+    """A checkpoint whose recorded tokenizer has more ids than its embedding rows: ids past the table would index
+    out of it; load_with_tokenizer (every post-training script's --init) refuses it by name."""
+    path = str(tmp_path / "m.pt")
+    tok = __import__("bpe").byte_tokenizer()  # 257 ids
+    gpt2.save_checkpoint(path, GPT(GPTConfig(block_size=16, vocab_size=200, n_layer=1, n_head=2, n_embd=16)),
+                         tokenizer=tok.dumps())
+    with pytest.raises(ValueError, match=f"{path}: the tokenizer has 257 ids, more than the model's vocabulary of 200"):
+        gpt2.load_with_tokenizer(path)
+
+
 def test_offline_weights_fail_with_one_message_naming_every_file(tmp_path, monkeypatch, offline):
     """No network: OpenAI's weights (or an HF hub name) fail with a message naming the files to fetch and where
     they go: a DownloadError from the downloaders, a ValueError from load_with_tokenizer (the post-training
@@ -607,7 +618,8 @@ def test_offline_weights_fail_with_one_message_naming_every_file(tmp_path, monke
     bare = str(tmp_path / "bare.pt")  # a checkpoint of another vocabulary that records no tokenizer
     gpt2.save_checkpoint(bare, GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=16)))
     monkeypatch.setattr(sys, "argv", ["gpt2.py", "--model", bare])
-    with pytest.raises(SystemExit, match="records no tokenizer, and GPT-2's .50257 ids. does not fit its 300-row"):
+    with pytest.raises(SystemExit, match="records no tokenizer, and GPT-2's 50257 ids do not fit its vocabulary "
+                                         "of 300"):
         gpt2.main()  # was an IndexError from the embedding
 
     class Down:  # the hub answers, with a server error
