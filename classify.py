@@ -575,7 +575,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.predict:
         return predict_texts(args)
-    args, ckpt = resume_settings(args, "classify.py", "split")  # a resumed run: its own settings
+    args, ckpt = resume_settings(args, "classify.py", "split", argv)  # a resumed run: its own settings
     if args.max_len is not None and args.max_len < 1 + args.eot:
         raise ValueError(f"--max-len {args.max_len} leaves no token of the text (after <|endoftext|> if --eot); "
                          f"give at least {1 + args.eot}, or leave it out for the model's block size")

@@ -38,6 +38,7 @@ import math
 import os
 import random
 import struct
+import sys
 import zipfile
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -1122,12 +1123,12 @@ def load_with_tokenizer(init, missing=None):
     return model, tokenizer_of(model, init), ckpt  # tokenizer_of: a ValueError if it does not fit the model
 
 
-def resume_settings(args, script, marker):
+def resume_settings(args, script, marker, argv=None):
     """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
     run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE), so a
-    resumed run trains exactly as the uninterrupted one would. A missing checkpoint, or one whose settings lack
-    `marker` (a flag every run of `script` records: the --out-dir of another script's run), is an error naming
-    the fix."""
+    resumed run trains exactly as the uninterrupted one would; flags in `argv` (the command line) that ask for
+    another value are named in a note. A missing checkpoint, or one whose settings lack `marker` (a flag every
+    run of `script` records: the --out-dir of another script's run), is an error naming the fix."""
     if not args.resume:
         return args, None
     path = os.path.join(args.out_dir, "ckpt.pt")
@@ -1137,7 +1138,16 @@ def resume_settings(args, script, marker):
     if marker not in ckpt.get("args", {}):
         raise SystemExit(f"{script}: error: --resume: {path} was not written by {script} (another script's run?); "
                          f"give the --out-dir of a run of {script}")
-    return argparse.Namespace(**{**ckpt["args"], **{k: getattr(args, k) for k in RUN_PLACE}}), ckpt
+    saved = ckpt["args"]
+    given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
+             if a.startswith("--")}
+    given |= {k[3:] for k in given if k.startswith("no_")}  # --no-preamble sets preamble
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})" for k in sorted(given)
+              if k in saved and k not in RUN_PLACE and getattr(args, k, saved[k]) != saved[k]]
+    if unused:
+        print(f"{script}: --resume goes on with the run's own settings; not used: {', '.join(unused)}; to change "
+              f"them, start a new run in another --out-dir")
+    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RUN_PLACE}}), ckpt
 
 
 def load_model_state(model, state, path="checkpoint"):

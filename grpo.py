@@ -407,7 +407,7 @@ def mean_over_processes(stats):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "grpo.py", "group_size")  # a resumed run: its own settings
+    args, resume = resume_settings(args, "grpo.py", "group_size", argv)  # a resumed run: its own settings
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -489,7 +489,7 @@ def main(argv=None):
                                                                                             cpu_offload=True))
         if rank == 0:
             save_checkpoint(ckpt_path, model, state=state, optimizer=opt_state, scaler=scaler.state_dict(), step=done,
-                            rng=rng_state(),
+                            train_s=train_time, rng=rng_state(),
                             args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
 
     if step == 0:
@@ -498,7 +498,8 @@ def main(argv=None):
     if stop <= step:  # resumed at or past where this run stops: nothing to train
         end_distributed()
         return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {args.max_steps}")
-    t0, train_time = time.time(), 0.0
+    # seconds of training so far: a resumed run goes on counting from its checkpoint's
+    t0, train_time = time.time(), (resume or {}).get("train_s", 0.0)
     bar = tqdm(range(step, stop), initial=step, total=stop, desc="grpo", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)

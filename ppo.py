@@ -454,7 +454,7 @@ def evaluate(policy, tok, rows, reward_model, args, device, dtype):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "ppo.py", "kl_coef")  # a resumed run: its own settings
+    args, resume = resume_settings(args, "ppo.py", "kl_coef", argv)  # a resumed run: its own settings
     try:
         device = pick_device(args.device)
     except ValueError as e:
@@ -539,7 +539,7 @@ def main(argv=None):
     def checkpoint(done):
         save_checkpoint(ckpt_path, gpt, value_head={k: v.detach().cpu() for k, v in policy.value_head.state_dict().items()},
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), kl_controller=kl_ctl.state_dict(),
-                        step=done,
+                        step=done, train_s=train_time,
                         rng=rng_state(), args=vars(args), tokenizer=tok.dumps(),
                         template={"preamble": args.preamble},
                         **({"critic": policy.critic.state_dict()} if policy.critic is not None else {}))
@@ -549,7 +549,8 @@ def main(argv=None):
     stop = min(args.max_steps, args.stop_after or args.max_steps)
     if stop <= step:  # resumed at or past where this run stops: nothing to train
         return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {args.max_steps}")
-    t0, train_time = time.time(), 0.0
+    # seconds of training so far: a resumed run goes on counting from its checkpoint's
+    t0, train_time = time.time(), (resume or {}).get("train_s", 0.0)
     bar = tqdm(range(step, stop), initial=step, total=stop, desc="ppo", dynamic_ncols=True)
     for step in bar:
         lr = lr_at(step, args.lr, args.warmup_steps, args.max_steps, args.min_lr_ratio)

@@ -475,7 +475,7 @@ def plot_rewards(chosen, rejected, path, title):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "reward_model.py", "method")  # a resumed run: its own settings
+    args, resume = resume_settings(args, "reward_model.py", "method", argv)  # a resumed run: its own settings
     if args.lr is None:  # the preset's, for the method
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"][args.method]
     if args.max_steps is None and args.epochs is None and PRESETS[args.preset]["max_steps"]:
@@ -558,7 +558,8 @@ def main(argv=None):
 
     def checkpoint(done):
         extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=rng_state(),
-                     args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble}, method=args.method)
+                     args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble}, method=args.method,
+                     train_s=train_time)
         if args.method == "rm":  # ppo.py: GPT.from_checkpoint, then value_head (weight (1, C), bias (1,))
             extra["value_head"] = {k: v.detach().cpu() for k, v in model.value_head.state_dict().items()}
         if args.lora:
@@ -570,7 +571,8 @@ def main(argv=None):
     stop = min(max_steps, args.stop_after or max_steps)
     if stop <= step:  # resumed at or past where this run stops: nothing to train
         return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {max_steps}")
-    t0, train_time = time.time(), 0.0
+    # seconds of training so far: a resumed run goes on counting from its checkpoint's
+    t0, train_time = time.time(), (resume or {}).get("train_s", 0.0)
     bar = tqdm(range(step, stop), initial=step, total=stop, desc=args.method, dynamic_ncols=True)
     model.train()
     for step in bar:

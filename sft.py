@@ -306,7 +306,7 @@ def judge(model, tok, rows, args, device, dtype, path=None):
 def main(argv=None):
     args = parse_args(argv)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    args, resume = resume_settings(args, "sft.py", "mask_prompt")  # a resumed run: its own settings
+    args, resume = resume_settings(args, "sft.py", "mask_prompt", argv)  # a resumed run: its own settings
     if args.lr is None:
         args.lr = PRESETS[args.preset]["lora_lr" if args.lora else "lr"]
     try:
@@ -398,7 +398,7 @@ def main(argv=None):
 
     def checkpoint(done):
         extra = dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=done, rng=rng_state(),
-                     args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble})
+                     args=vars(args), tokenizer=tok.dumps(), template={"preamble": args.preamble}, train_s=train_time)
         if args.fsdp:  # every process takes part in gathering the weights and optimizer state; one writes them
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
             state = full_state_dict(model)
@@ -418,7 +418,8 @@ def main(argv=None):
     stop = min(max_steps, args.stop_after or max_steps)
     if stop <= step:  # resumed at or past where this run stops: nothing to train
         return print(f"nothing to do: the run in {args.out_dir} is at step {step} of {max_steps}")
-    t0, train_time = time.time(), 0.0
+    # seconds of training so far: a resumed run goes on counting from its checkpoint's
+    t0, train_time = time.time(), (resume or {}).get("train_s", 0.0)
     bar = tqdm(range(step, stop), initial=step, total=stop, desc="sft", dynamic_ncols=True, disable=rank > 0)
     model.train()
     for step in bar:

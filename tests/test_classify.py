@@ -605,13 +605,16 @@ def test_predict_cuts_texts_as_training_did(tmp_path, lm_ckpt, capsys):
 
 
 @pytest.mark.parametrize("extra", [[], ["--split", "balanced", "--lm-weight", "0.5", "--lm-unlabeled"]])
-def test_resume_is_exact(tmp_path, lm_ckpt, extra):
+def test_resume_is_exact(tmp_path, lm_ckpt, extra, capsys):
     data = write_task(tmp_path / "task.tsv", yes_every=3)  # 67 yes, 133 no: balanced leaves 66 rows unlabeled
     flags = ["--init", lm_ckpt, "--max-steps", "8", "--eval-interval", "3", *extra]
     full = run(tmp_path, *flags, data=data, out="full")
     run(tmp_path, *flags, "--stop-after", "4", data=data, out="split")
     classify.main(["--out-dir", str(tmp_path / "split"), "--resume"])  # the run's own settings, from its checkpoint
-    classify.main(["--out-dir", str(tmp_path / "split"), "--resume"])  # finished: nothing more, no second test row
+    capsys.readouterr()
+    # finished: nothing more, no second test row; the --lr it does not use is named
+    classify.main(["--out-dir", str(tmp_path / "split"), "--resume", "--lr", "0.5"])
+    assert "--resume goes on with the run's own settings; not used: --lr 0.5 (the run's: " in capsys.readouterr().out
     classify.main(["--out-dir", str(tmp_path / "split"), "--resume", "--dtype", "float16"])  # float32's empty scaler
     a, b = load_checkpoint(os.path.join(full, "ckpt.pt")), load_checkpoint(os.path.join(tmp_path, "split", "ckpt.pt"))
     for k in a["model"]:

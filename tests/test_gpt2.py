@@ -831,7 +831,7 @@ def test_resume_settings_keep_the_run_and_change_only_where_and_when(tmp_path):
     gpt2.save_checkpoint(str(tmp_path / "ckpt.pt"), small(), args=run)
     now = argparse.Namespace(lr=9.0, seed=2, device="cuda", dtype="bfloat16", compile=True, stop_after=5, resume=True,
                              out_dir=str(tmp_path))
-    args, ckpt = gpt2.resume_settings(now, "x.py", "lr")
+    args, ckpt = gpt2.resume_settings(now, "x.py", "lr", [])
     assert ckpt["args"] == run
     assert (args.lr, args.seed) == (0.1, 1)  # the run's own settings
     assert (args.device, args.dtype, args.compile, args.stop_after) == ("cuda", "bfloat16", True, 5)
@@ -840,6 +840,24 @@ def test_resume_settings_keep_the_run_and_change_only_where_and_when(tmp_path):
         gpt2.resume_settings(argparse.Namespace(**{**vars(now), "out_dir": str(tmp_path / "none")}), "x.py", "lr")
     with pytest.raises(SystemExit, match="was not written by y.py"):  # a run of x.py records no --group-size
         gpt2.resume_settings(now, "y.py", "group_size")
+
+
+def test_resume_names_the_flags_it_does_not_use(tmp_path, capsys):
+    """Flags given with --resume that ask for another value than the run's are named (they used to be dropped
+    in silence); where and when the run goes on (--device, --stop-after) and flags equal to the run's are not."""
+    import argparse
+    run = dict(lr=0.1, seed=1, preamble=True, device="cpu", dtype="float32", compile=False, stop_after=None,
+               resume=False, out_dir=str(tmp_path))
+    gpt2.save_checkpoint(str(tmp_path / "ckpt.pt"), small(), args=run)
+    now = argparse.Namespace(**{**run, "lr": 9.0, "preamble": False, "device": "cuda", "stop_after": 5, "resume": True})
+    argv = ["--resume", "--lr", "9.0", "--seed=1", "--no-preamble", "--device", "cuda", "--stop-after", "5"]
+    args, _ = gpt2.resume_settings(now, "x.py", "lr", argv)
+    assert (args.lr, args.preamble, args.device) == (0.1, True, "cuda")
+    assert capsys.readouterr().out == ("x.py: --resume goes on with the run's own settings; not used: --lr 9.0 (the "
+                                       "run's: 0.1), --preamble False (the run's: True); to change them, start a new "
+                                       "run in another --out-dir\n")
+    gpt2.resume_settings(now, "x.py", "lr", ["--resume", "--out-dir", str(tmp_path), "--device", "cuda"])
+    assert capsys.readouterr().out == ""
 
 
 def test_batch_rows_walk_epochs_of_shuffled_rows():

@@ -3,8 +3,10 @@ rollout log-probabilities, learning on a toy reward, exact resume, and the GSM8K
 CPU only, offline, tiny models."""
 
 import argparse
+import itertools
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -364,7 +366,7 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--prompts", "3", "--group-size"
        "--lr", "1e-3", "--eval-interval", "2"]
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+def test_resume_is_exact(tmp_path, monkeypatch, capsys):
     """4 steps straight = 2 steps, stop, --resume for 2 more: the same metrics and weights. A toy reward (the byte
     sum of the answer mod 7) gives every batch signal, so the policy, Adam's state and the schedule (2 warmup
     steps, then cosine to 0.1) have all moved at the stop; the KL is taken to the starting model throughout."""
@@ -380,8 +382,15 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     common = ["--init", init, "--data", task_folder(tmp_path), "--max-steps", "4", "--beta", "0.04", "--updates",
               "2", "--warmup-steps", "2", "--min-lr-ratio", "0.1", *RUN]
     grpo.main([*common, "--out-dir", str(tmp_path / "straight")])
-    grpo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    with monkeypatch.context() as m:  # the first part's clock reads 1,000 s more at every look
+        m.setattr(grpo, "time", types.SimpleNamespace(time=itertools.count(0, 1000).__next__))
+        grpo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     grpo.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    # train_s counts the stopped part's seconds too
+    assert [r["train_s"] for r in metrics(tmp_path / "split") if "train_s" in r][-1] >= 1000
+    capsys.readouterr()
+    grpo.main(["--resume", "--out-dir", str(tmp_path / "split"), "--lr", "0.5"])  # finished: trains nothing
+    assert "--resume goes on with the run's own settings; not used: --lr 0.5 (the run's: " in capsys.readouterr().out
     # lr 1e-3: warmup (1/2, 2/2), then cosine from the peak: 0.1 + 0.9 * (1 + cos(pi * 1/2)) / 2 = 0.55 of it
     assert all(len(set(lr)) == 1 for lr in lrs)  # every parameter group
     assert [lr[0] for lr in lrs] == pytest.approx([5e-4, 1e-3, 1e-3, 5.5e-4] * 2)  # straight, then split + resume

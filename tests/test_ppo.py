@@ -5,9 +5,11 @@ on a toy reward; exact resume with the lr schedule, the KL controller, --value-l
 files; the gpt2-polite recipe's code path. CPU only, offline, tiny models."""
 
 import argparse
+import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -410,7 +412,7 @@ def test_float16_scales_the_loss_and_resumes_the_scale(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, monkeypatch, capsys):
     """A run stopped and resumed logs and saves what the straight run does; along the way: the lr schedule, the
     adaptive KL controller, the separate critic, --value-lr and --weight-decay, and the verifier reward."""
     sft, rm, data = task_inputs(tmp_path)
@@ -418,8 +420,15 @@ def test_resume_is_exact(tmp_path):
               "--kl-horizon", "20", "--kl-estimator", "k3", "--critic", "sft", "--value-lr", "3e-3",
               "--warmup-steps", "2", "--min-lr-ratio", "0.5", *RUN]
     ppo.main([*common, "--out-dir", str(tmp_path / "straight")])
-    ppo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
+    with monkeypatch.context() as m:  # the first part's clock reads 1,000 s more at every look
+        m.setattr(ppo, "time", types.SimpleNamespace(time=itertools.count(0, 1000).__next__))
+        ppo.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "2"])
     ppo.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    # train_s counts the stopped part's seconds too
+    assert [r["train_s"] for r in metrics(tmp_path / "split") if "train_s" in r][-1] >= 1000
+    capsys.readouterr()
+    ppo.main(["--resume", "--out-dir", str(tmp_path / "split"), "--lr", "0.5"])  # finished: trains nothing
+    assert "--resume goes on with the run's own settings; not used: --lr 0.5 (the run's: " in capsys.readouterr().out
     keys = ("step", "score", "kl", "kl_coef", "policy_loss", "value_loss", "accuracy", "test_score")
     rows = lambda d: [{k: r.get(k) for k in keys} for r in metrics(d) if "train_s" not in r]
     assert rows(tmp_path / "split") == rows(tmp_path / "straight") and len(rows(tmp_path / "split")) == 4 + 3

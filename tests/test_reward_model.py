@@ -4,9 +4,11 @@ and the gpt2-dpo recipe's code path. CPU only, offline, tiny models."""
 
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -342,13 +344,20 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
 @pytest.mark.parametrize("method", [["--method", "rm"], ["--method", "dpo"], ["--method", "rm", "--lora"],
                                     ["--method", "rm", "--margin", "0.5", "--center-rewards", "0.01"],
                                     ["--method", "rm", "--lm-alpha", "0.5", "--head-lr-mult", "5"]])
-def test_resume_is_exact(tmp_path, method):
+def test_resume_is_exact(tmp_path, method, monkeypatch, capsys):
     init, data = base_checkpoint(tmp_path / "base.pt", dropout=0.1), task_folder(tmp_path / "task", preference=120, test=10)
     common = ["--init", init, "--data", data, "--val-pairs", "20", "--max-steps", "6", "--batch-size", "8",
               "--eval-interval", "3", "--warmup-steps", "2", "--lr", "3e-3", "--max-new-tokens", "6", *RUN, *method]
     rm.main([*common, "--out-dir", str(tmp_path / "straight")])
-    rm.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
+    with monkeypatch.context() as m:  # the first part's clock reads 1,000 s more at every look
+        m.setattr(rm, "time", types.SimpleNamespace(time=itertools.count(0, 1000).__next__))
+        rm.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
     rm.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    # train_s counts the stopped part's seconds too
+    assert [r["train_s"] for r in metrics(tmp_path / "split") if "train_s" in r][-1] >= 1000
+    capsys.readouterr()
+    rm.main(["--resume", "--out-dir", str(tmp_path / "split"), "--lr", "0.5"])  # finished: trains nothing
+    assert "--resume goes on with the run's own settings; not used: --lr 0.5 (the run's: " in capsys.readouterr().out
     train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "train_loss" in r]
     assert train(tmp_path / "split") == train(tmp_path / "straight") and len(train(tmp_path / "split")) == 6
     a = gpt2.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))

@@ -2,9 +2,11 @@
 sampler) and of sft.py: loss masks, exact resume, a learning run, and the gpt2-alpaca recipe's code path.
 CPU only, offline, tiny models."""
 
+import itertools
 import json
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -418,15 +420,22 @@ RUN = ["--device", "cpu", "--dtype", "float32", "--eval-batch-size", "50"]
 
 
 @pytest.mark.parametrize("method", [[], ["--lora", "--lora-dropout", "0.1"], ["--packing", "--seq-len", "64"]])
-def test_resume_is_exact(tmp_path, method, capsys):
+def test_resume_is_exact(tmp_path, method, capsys, monkeypatch):
     init = base_checkpoint(tmp_path / "base.pt", dropout=0.1)
     data = task_folder(tmp_path / "task", sft=300, sft_val=20, test=20)
     common = ["--init", init, "--data", data, "--max-steps", "6", "--batch-size", "8", "--eval-interval", "3",
               "--warmup-steps", "2", "--lr", "3e-3", "--max-new-tokens", "6", *RUN, *method]
     sft.main([*common, "--out-dir", str(tmp_path / "straight")])
-    sft.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
+    with monkeypatch.context() as m:  # the first part's clock reads 1,000 s more at every look
+        m.setattr(sft, "time", types.SimpleNamespace(time=itertools.count(0, 1000).__next__))
+        sft.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
     assert not os.path.exists(tmp_path / "split" / "responses.json")
     sft.main(["--resume", "--out-dir", str(tmp_path / "split")])
+    # train_s counts the stopped part's seconds too
+    assert [r["train_s"] for r in metrics(tmp_path / "split") if "train_s" in r][-1] >= 1000
+    capsys.readouterr()
+    sft.main(["--resume", "--out-dir", str(tmp_path / "split"), "--lr", "0.5"])  # finished: trains nothing
+    assert "--resume goes on with the run's own settings; not used: --lr 0.5 (the run's: " in capsys.readouterr().out
     train = lambda d: [(r["step"], r["train_loss"]) for r in metrics(d) if "train_loss" in r]
     assert train(tmp_path / "split") == train(tmp_path / "straight") and len(train(tmp_path / "split")) == 6
     evals = lambda d: [(r["step"], r["val_loss"], r["accuracy"]) for r in metrics(d) if "val_loss" in r]
