@@ -42,6 +42,7 @@ Depends on the standard library, numpy, tqdm, requests (downloads only) and rege
 
 import argparse
 import base64
+import functools
 import hashlib
 import heapq
 import json
@@ -1303,8 +1304,14 @@ def write_rows(path, rows):
 # and the verifier know better, so the reward model, DPO, PPO and GRPO have something real to fix: the case
 # for learning from feedback rather than from demonstrations alone. teacher_error=0 gives the same problems
 # with every demonstration right.
+# Two ways to work an answer (`worked`): "equation" writes the result straight after the problem, so the model
+# must find every carry before it writes the first digit; "columns" works right to left, one column per step
+# with its carry in plain sight ("482 + 39: 2+9+0=11, 8+3+1=12, 4+0+1=5, so 521"), a scratchpad of the kind that
+# lets a small model do arithmetic it cannot do in its head (Nye et al. 2021), and the sloppy teacher's slip is
+# a visible "+0" where a carry belongs. data/task/ holds the first, data/task-columns/ the second.
 
 TASK_DIR = HERE / "data" / "task"
+TASK_DATA = {"task": "equation", "task-columns": "columns"}  # --data name -> how its answers are worked
 TASK_SIZES = {"pretrain": 200_000, "sft": 20_000, "sft_val": 500, "preference": 10_000, "rl": 10_000,
               "test": 500}
 TASK_MAX_DIGITS = 3
@@ -1319,18 +1326,50 @@ def task_problem(rng, max_digits=TASK_MAX_DIGITS):
     return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)
 
 
-def task_text(a, op, b, result=None):
-    """-> (question, worked answer, answer): ("What is 482 + 39?", "482 + 39 = 521", "521")"""
+def column_work(a, op, b, carries=True):
+    """The columns of a + b or a - b worked right to left, each "top op bottom op carry-in = result" (a column
+    that borrows shows its top digit plus 10), and the number they spell; carries=False drops every carry
+    (borrow), the sloppy teacher's slip.
+    column_work(482, "+", 39) -> ("2+9+0=11, 8+3+1=12, 4+0+1=5", 521)
+    column_work(503, "-", 27) -> ("13-7-0=6, 10-2-1=7, 5-0-1=4", 476)
+    column_work(482, "+", 39, carries=False) -> ("2+9+0=11, 8+3+0=11, 4+0+0=4", 411)"""
+    n = max(len(str(a)), len(str(b)))
+    cols, digits, carry = [], [], 0
+    for x, y in zip(map(int, str(a).zfill(n)[::-1]), map(int, str(b).zfill(n)[::-1])):  # ones first
+        if op == "+":
+            total = x + y + carry
+            cols.append(f"{x}+{y}+{carry}={total}")
+            digits.append(total % 10)
+            carry = total // 10 if carries else 0
+        else:
+            diff = x - y - carry
+            cols.append(f"{x + 10 if diff < 0 else x}-{y}-{carry}={diff % 10}")
+            digits.append(diff % 10)
+            carry = int(diff < 0) if carries else 0
+    if op == "+" and carry:  # the last column's carry is the leading digit
+        digits.append(carry)
+    return ", ".join(cols), int("".join(map(str, digits[::-1])))
+
+
+def task_text(a, op, b, result=None, worked="equation"):
+    """-> (question, worked answer, answer), the worked answer stating `result` (default: the right one).
+    task_text(482, "+", 39) -> ("What is 482 + 39?", "482 + 39 = 521", "521")
+    worked="columns": "482 + 39: 2+9+0=11, 8+3+1=12, 4+0+1=5, so 521"; with result=forget_carries(...), the
+    columns drop their carries too: "482 + 39: 2+9+0=11, 8+3+0=11, 4+0+0=4, so 411"."""
+    if worked not in TASK_DATA.values():
+        raise ValueError(f"worked={worked!r}: give one of {', '.join(TASK_DATA.values())}")
     answer = str(a + b if op == "+" else a - b)
-    return f"What is {a} {op} {b}?", f"{a} {op} {b} = {answer if result is None else result}", answer
+    result = answer if result is None else result
+    if worked == "equation":
+        return f"What is {a} {op} {b}?", f"{a} {op} {b} = {result}", answer
+    careless = str(result) != answer and int(result) == forget_carries(a, op, b)
+    return f"What is {a} {op} {b}?", f"{a} {op} {b}: {column_work(a, op, b, not careless)[0]}, so {result}", answer
 
 
 def forget_carries(a, op, b):
     """The answer of a learner who adds (or subtracts) column by column and drops every carry (borrow).
     forget_carries(482, "+", 39) -> 411; forget_carries(503, "-", 27) -> 586"""
-    n = max(len(str(a)), len(str(b)))
-    sign = 1 if op == "+" else -1
-    return int("".join(str((int(x) + sign * int(y)) % 10) for x, y in zip(str(a).zfill(n), str(b).zfill(n))))
+    return column_work(a, op, b, carries=False)[1]
 
 
 def plausible_wrong(a, op, b, rng):
@@ -1344,7 +1383,7 @@ def plausible_wrong(a, op, b, rng):
     return wrong
 
 
-def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK_TEACHER_ERROR):
+def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK_TEACHER_ERROR, worked="equation"):
     """Every split of the task, deterministic from the seed: {"pretrain": text, split: [rows]}.
     test (500 {"prompt", "answer"} rows, distinct problems) comes first and no other split holds any of its
     problems. pretrain: "Q: <question>\nA: <worked answer>\n" per problem, the way worked examples appear in
@@ -1352,7 +1391,9 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK
     to restate a problem and the end-of-text token, but not the template nor to stop after one answer);
     sft / sft_val: {"prompt", "completion"}, written by a teacher who forgets the carries of a problem that
     has any with probability teacher_error (the same problems whatever the rate); preference: {"prompt",
-    "chosen", "rejected"} with a plausible wrong answer; rl: {"prompt", "answer"}."""
+    "chosen", "rejected"} with a plausible wrong answer; rl: {"prompt", "answer"}. `worked`: how answers are
+    written (task_text); the problems and the teacher's slips are the same either way."""
+    text = functools.partial(task_text, worked=worked)
     sizes = {**TASK_SIZES, **(sizes or {})}
     n = 10 ** max_digits
     distinct = n * n + n * (n + 1) // 2  # a + b, and a - b with a >= b, for a, b < 10^max_digits
@@ -1375,8 +1416,8 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK
                 out.append(p)
         return out
 
-    out = {"test": [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in test)]}
-    lines = ["Q: {}\nA: {}\n".format(*task_text(*p)[:2]) for p in draw(sizes["pretrain"])]
+    out = {"test": [{"prompt": q, "answer": ans} for q, _, ans in (text(*p) for p in test)]}
+    lines = ["Q: {}\nA: {}\n".format(*text(*p)[:2]) for p in draw(sizes["pretrain"])]
     docs, k, doc_rng = [], 0, random.Random(f"task-docs-{seed}")
     while k < len(lines):  # documents of 1-8 worked problems, each ended by <|endoftext|> as in GPT-2's data
         n = doc_rng.randint(1, 8)
@@ -1387,27 +1428,31 @@ def make_task(seed=0, sizes=None, max_digits=TASK_MAX_DIGITS, teacher_error=TASK
 
     def demonstrate(a, op, b):
         slip = forget_carries(a, op, b)
-        return task_text(a, op, b, slip if teacher.random() < teacher_error else None)[1]
+        return text(a, op, b, slip if teacher.random() < teacher_error else None)[1]
     for split in ("sft", "sft_val"):
-        out[split] = [{"prompt": task_text(*p)[0], "completion": demonstrate(*p)} for p in draw(sizes[split])]
-    out["preference"] = [{"prompt": task_text(*p)[0], "chosen": task_text(*p)[1],
-                          "rejected": task_text(*p, plausible_wrong(*p, rng))[1]} for p in draw(sizes["preference"])]
-    out["rl"] = [{"prompt": q, "answer": ans} for q, _, ans in (task_text(*p) for p in draw(sizes["rl"]))]
+        out[split] = [{"prompt": text(*p)[0], "completion": demonstrate(*p)} for p in draw(sizes[split])]
+    out["preference"] = [{"prompt": text(*p)[0], "chosen": text(*p)[1],
+                          "rejected": text(*p, plausible_wrong(*p, rng))[1]} for p in draw(sizes["preference"])]
+    out["rl"] = [{"prompt": q, "answer": ans} for q, _, ans in (text(*p) for p in draw(sizes["rl"]))]
     return out
 
 
-def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGITS,
-               teacher_error=TASK_TEACHER_ERROR):
-    """Write make_task's splits to directory (pretrain.txt, sft.jsonl, sft_val.jsonl, preference.jsonl,
-    rl.jsonl, test.jsonl) unless the same task is there already; returns {split: path}."""
-    directory = Path(directory)
+def task_files(directory=None, seed=0, sizes=None, max_digits=TASK_MAX_DIGITS,
+               teacher_error=TASK_TEACHER_ERROR, worked="equation"):
+    """Write make_task's splits to directory (default: data/task/, or data/task-columns/ for worked="columns":
+    pretrain.txt, sft.jsonl, sft_val.jsonl, preference.jsonl, rl.jsonl, test.jsonl) unless the same task is
+    there already; returns {split: path}."""
+    names = {w: name for name, w in TASK_DATA.items()}
+    if worked not in names:
+        raise ValueError(f"worked={worked!r}: give one of {', '.join(names)}")
+    directory = Path(directory or TASK_DIR.with_name(names[worked]))
     spec = {"seed": seed, "max_digits": max_digits, "teacher_error": teacher_error,
-            "sizes": {**TASK_SIZES, **(sizes or {})}, "version": 4}
+            "sizes": {**TASK_SIZES, **(sizes or {})}, "worked": worked, "version": 4}
     paths = {s: directory / (f"{s}.txt" if s == "pretrain" else f"{s}.jsonl") for s in spec["sizes"]}
     manifest = directory / "task.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == spec and all(p.is_file() for p in paths.values()):
         return paths
-    data = make_task(seed, sizes, max_digits, teacher_error)
+    data = make_task(seed, sizes, max_digits, teacher_error, worked)
     directory.mkdir(parents=True, exist_ok=True)
     for split, path in paths.items():
         if split == "pretrain":
@@ -1421,10 +1466,11 @@ def task_files(directory=TASK_DIR, seed=0, sizes=None, max_digits=TASK_MAX_DIGIT
 
 
 def task_folder(data):
-    """The post-training scripts' --data -> where a task's files are: "task" is this file's task (written to
-    data/task/ on first use); anything else comes back as given (a folder of such files, or a data file).
+    """The post-training scripts' --data -> where a task's files are: "task" and "task-columns" are this file's
+    task (written to data/task/ or data/task-columns/ on first use); anything else comes back as given (a folder
+    of such files, or a data file).
     task_folder("task") -> TASK_DIR; task_folder("my_task") -> 'my_task'"""
-    return task_files()["test"].parent if data == "task" else data
+    return task_files(worked=TASK_DATA[data])["test"].parent if data in TASK_DATA else data
 
 
 def split_by_percent(rows, spec):

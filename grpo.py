@@ -26,6 +26,7 @@ The CPU pipeline (after sft.py; see its docstring for the base model):
     python grpo.py                                  # out/task-sft/ckpt.pt -> out/task-grpo/ckpt.pt
     python grpo.py --loss dr_grpo --beta 0.04       # any switch; --help lists them
     python grpo.py --resume                         # continue out/task-grpo from its checkpoint
+    python grpo.py --preset task-columns            # answers worked column by column (after sft.py's)
 The real recipe (a GPU; downloads GSM8K, starts from sft.py's instruction-tuned GPT-2 medium):
     python sft.py --preset gpt2-alpaca && python grpo.py --preset gpt2-gsm8k
 A modern model (one big GPU): Qwen2.5-Math-1.5B (downloaded from the HF hub) on MATH-style problems, asked in
@@ -58,6 +59,10 @@ PRESETS = {
     # the arithmetic task on a CPU, from sft.py's model: 16 prompts x 8 answers per step
     "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=200,
                  prompts=16, group_size=8, lr=5e-5, max_new_tokens=24, eval_interval=50, eval_limit=500),
+    # the same on the task whose answers are worked column by column: longer answers, fewer steps needed
+    "task-columns": dict(init="out/task-columns-sft/ckpt.pt", data="task-columns", out_dir="out/task-columns-grpo",
+                         preamble=False, max_steps=100, prompts=16, group_size=8, lr=5e-5, max_new_tokens=64,
+                         eval_interval=25, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
@@ -70,7 +75,8 @@ PRESETS["qwen-math"] = dict(init="Qwen/Qwen2.5-Math-1.5B", data="data/math", out
                             max_steps=200, prompts=32, group_size=8, lr=1e-5, max_new_tokens=1024,
                             eval_interval=20, eval_limit=500)
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
-SFT_COMMAND = "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)"
+SFT_COMMANDS = {PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: python train_gpt2.py --preset {p})"
+                for p in ("task", "task-columns")}
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
@@ -79,8 +85,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
     g.add_argument("--init", help="the model to train: a checkpoint (sft.py's), gpt2 | gpt2-medium | ..., or an HF folder")
-    g.add_argument("--data", help="task | gsm8k (downloaded to data/gsm8k) | a folder with rl.jsonl + test.jsonl "
-                                  "({prompt, answer}) or GSM8K's train.jsonl + test.jsonl")
+    g.add_argument("--data", help="task | task-columns | gsm8k (downloaded to data/gsm8k) | a folder with rl.jsonl + "
+                                  "test.jsonl ({prompt, answer}) or GSM8K's train.jsonl + test.jsonl")
     g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt and grpo.png go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
@@ -170,13 +176,13 @@ def gsm8k_rows(path):
 
 def load_rows(data):
     """--data -> (train rows, test rows), each {"prompt", "answer"}."""
-    if data == "task":
-        paths = bpe.task_files()
+    if data in bpe.TASK_DATA:
+        paths = bpe.task_files(worked=bpe.TASK_DATA[data])
         return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
     folder = os.path.join("data", "gsm8k") if data == "gsm8k" else data
     if data != "gsm8k" and not os.path.isdir(folder):  # gsm8k's folder is made by its download below
         fail(f"--data {data!r}: {'a file' if os.path.isfile(data) else 'no such folder'}; give a folder with "
-             f"rl.jsonl + test.jsonl ({{prompt, answer}} rows), or 'task' or 'gsm8k'")
+             f"rl.jsonl + test.jsonl ({{prompt, answer}} rows), or 'task', 'task-columns' or 'gsm8k'")
     if os.path.exists(os.path.join(folder, "rl.jsonl")):
         return tuple(bpe.read_rows(os.path.join(folder, f"{s}.jsonl"), "rl") for s in ("rl", "test"))
     for split in ("train", "test"):
@@ -191,7 +197,7 @@ def load_policy(init):
     """--init -> (model, tokenizer, the prompt template it was trained with or None): gpt2.load_with_tokenizer,
     with the command that makes the default input."""
     try:
-        made_by = {PRESETS["task"]["init"]: SFT_COMMAND,
+        made_by = {**SFT_COMMANDS,
                    PRESETS["gpt2-gsm8k"]["init"]: "python sft.py --preset gpt2-alpaca"}
         model, tok, ckpt = load_with_tokenizer(init, made_by.get(init))
     except (ValueError, FileNotFoundError) as e:

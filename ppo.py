@@ -605,7 +605,7 @@ def load_prompts(data):
     """--data -> (train rows, held-out rows), each {"prompt", "input"?, "answer"?}. "task": bpe.py's RL prompts
     and its test problems; a folder: such a task's rl.jsonl and test.jsonl; a file: rows of any post-training
     format (the instruction is the prompt), the last 10% held out."""
-    if data == "task" or os.path.isdir(data):
+    if data in bpe.TASK_DATA or os.path.isdir(data):
         folder = bpe.task_folder(data)
         return tuple(bpe.read_rows(os.path.join(folder, f"{s}.jsonl"), "rl") for s in ("rl", "test"))
     if data == PRESETS["gpt2-polite"]["data"] and not os.path.exists(data):

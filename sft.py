@@ -18,6 +18,7 @@ The CPU pipeline, on the arithmetic task of bpe.py (every later post-training fi
     python sft.py --lora --out-dir out/task-sft-lora                # LoRA, r=4 on attention + MLP
     python sft.py --no-mask-prompt --out-dir out/task-sft-nomask    # learn the prompt too
     python sft.py --resume                          # continue out/task-sft from its checkpoint
+    python sft.py --preset task-columns             # answers worked column by column (after train_gpt2.py's)
 The real recipe (a GPU, or a patient laptop; downloads GPT-2 medium, 355M):
     python sft.py --preset gpt2-alpaca              # 1,100 instructions, 2 epochs; val loss ~0.66-0.70
     python sft.py --data my.jsonl --init gpt2       # any {"prompt", "completion"} JSON Lines file
@@ -51,6 +52,10 @@ PRESETS = {
     "task": dict(init="out/task-base/ckpt.pt", data="task", out_dir="out/task-sft", preamble=False, epochs=1,
                  batch_size=32, lr=5e-4, lora_lr=3e-3, lora_r=4, weight_decay=0.0, warmup_steps=20,
                  eval_interval=100, max_new_tokens=24),  # r=4: 4% of the 0.8M-parameter task model
+    # the same on the task whose answers are worked column by column (up to 48 characters)
+    "task-columns": dict(init="out/task-columns-base/ckpt.pt", data="task-columns", out_dir="out/task-columns-sft",
+                         preamble=False, epochs=1, batch_size=32, lr=5e-4, lora_lr=3e-3, lora_r=4, weight_decay=0.0,
+                         warmup_steps=20, eval_interval=100, max_new_tokens=64),
     # Raschka's chapter 7 recipe: GPT-2 medium, 1,100 instructions split 85/5/10, 2 epochs
     "gpt2-alpaca": dict(init="gpt2-medium", data="data/instruction_data.json", out_dir="out/gpt2-alpaca",
                         preamble=True, epochs=2, batch_size=8, lr=5e-5, lora_lr=5e-4, weight_decay=0.1,
@@ -58,7 +63,7 @@ PRESETS = {
 }
 INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
                    "instruction-data.json")
-BASE_COMMAND = "python train_gpt2.py --preset task --out-dir out/task-base"
+BASE_COMMANDS = {PRESETS[p]["init"]: f"python train_gpt2.py --preset {p}" for p in ("task", "task-columns")}
 
 
 def parse_args(argv=None):
@@ -66,7 +71,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
     g.add_argument("--init", help="the model to fine-tune: a checkpoint, gpt2 | gpt2-medium | ..., or an HF folder")
-    g.add_argument("--data", help="task (bpe.py's arithmetic) | a folder of its files | a .jsonl / .json of SFT rows")
+    g.add_argument("--data", help="task | task-columns (bpe.py's arithmetic) | a folder of its files | a .jsonl / "
+                                 ".json of SFT rows")
     g.add_argument("--split", default="85/5/10", help="train/val/test percentages of a --data file")
     g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt, loss.png and responses.json go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
@@ -128,8 +134,8 @@ def fail(msg):
 
 
 def load_splits(args):
-    """--data -> (train, val, test) lists of rows. "task" is the arithmetic task of bpe.py (written to
-    data/task/ on first use); a folder holds such a task's sft.jsonl, sft_val.jsonl and test.jsonl. A data
+    """--data -> (train, val, test) lists of rows. "task" (or "task-columns") is the arithmetic task of bpe.py
+    (written to data/task/ on first use); a folder holds such a task's sft.jsonl, sft_val.jsonl and test.jsonl. A data
     file is split in order, train first, then test, then val, as in Raschka's chapter 7."""
     folder = bpe.task_folder(args.data)
     if os.path.isdir(folder):
@@ -138,7 +144,7 @@ def load_splits(args):
     if args.data == PRESETS["gpt2-alpaca"]["data"] and not os.path.exists(args.data):
         download(INSTRUCTION_URL, args.data)
     if not os.path.exists(args.data):
-        fail(f"--data {args.data!r}: no such file or folder, and not 'task'")
+        fail(f"--data {args.data!r}: no such file or folder, and not 'task' or 'task-columns'")
     rows = bpe.read_rows(args.data, "sft")
     return bpe.split_by_percent(rows, args.split)
 
@@ -226,7 +232,7 @@ class Loader:
 def load_base(init):
     """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
     try:
-        model, tok, ckpt = load_with_tokenizer(init, BASE_COMMAND if init == PRESETS["task"]["init"] else None)
+        model, tok, ckpt = load_with_tokenizer(init, BASE_COMMANDS.get(init))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if (ckpt or {}).get("method") == "rm":

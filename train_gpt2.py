@@ -19,6 +19,7 @@ What it teaches, top to bottom:
     python train_gpt2.py --rope                          # tiny Shakespeare on a CPU (see README for time)
     python train_gpt2.py --rope --resume                 # continue from out/ckpt.pt
     python train_gpt2.py --preset task                   # the post-training pipeline's base model (sft.py)
+    python train_gpt2.py --preset task-columns           # the same, its answers worked column by column
     python train_gpt2.py --preset gpt2-10b --rope        # GPT-2 124M, 10B tokens, one GPU
     torchrun --nproc_per_node 8 train_gpt2.py --preset gpt2-10b --rope    # the same on 8 GPUs
     python train_gpt2.py --data my_book.txt --model tiny  # any text file or folder, or a folder of shards
@@ -52,16 +53,19 @@ from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_arg
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; any flag given on the command line wins.
 
+# the base model of the post-training pipeline (sft.py and after): bpe.py's arithmetic task, byte tokens
+TASK_RUN = dict(model="tiny", data="task", tokenizer="bytes", pos_emb="rope", n_layer=4, n_head=4, n_embd=128,
+                block_size=256, seq_len=128, batch_size=32, total_batch_size=4096, max_steps=1500, lr=3e-3,
+                warmup_steps=50, eval_interval=250, eval_tokens=16384, hellaswag_interval=0, checkpoint_interval=0,
+                prompt="Q: What is 12 + 7?\nA:", out_dir="out/task-base")
 RUN_PRESETS = {
     # a few minutes on a 2-core CPU; the GPT-2 vocabulary's softmax dominates the cost of a model this small
     "shakespeare": dict(model="tiny", data="shakespeare", seq_len=128, batch_size=8, total_batch_size=1024,
                         max_steps=400, lr=3e-3, warmup_steps=30, eval_interval=100, eval_tokens=16384,
                         hellaswag_interval=0, checkpoint_interval=0, prompt="ROMEO:"),
-    # the base model of the post-training pipeline (sft.py and after): bpe.py's arithmetic task, byte tokens
-    "task": dict(model="tiny", data="task", tokenizer="bytes", pos_emb="rope", n_layer=4, n_head=4, n_embd=128,
-                 block_size=256, seq_len=128, batch_size=32, total_batch_size=4096, max_steps=1500, lr=3e-3,
-                 warmup_steps=50, eval_interval=250, eval_tokens=16384, hellaswag_interval=0,
-                 checkpoint_interval=0, prompt="Q: What is 12 + 7?\nA:", out_dir="out/task-base"),
+    "task": TASK_RUN,
+    # the same on the task whose answers are worked column by column (bpe.py's worked="columns")
+    "task-columns": {**TASK_RUN, "data": "task-columns", "out_dir": "out/task-columns-base"},
     # GPT-2 124M on 10B tokens: 524,288 tokens (2**19) per step, 19,073 steps = one pass over the data
     "gpt2-10b": dict(model="gpt2", data="fineweb-edu-10b", seq_len=1024, batch_size=64, total_batch_size=524288,
                      max_steps=19073, lr=1.5e-3, warmup_steps=300, eval_interval=250, eval_tokens=10 * 524288,
@@ -100,8 +104,8 @@ def parse_args(argv=None):
     for flag, kind, text in ARCH_FLAGS:
         g.add_argument(flag, type=kind, help=text)
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="shakespeare | task (bpe.py's arithmetic task) | fineweb-edu-10b | text file | "
-                                 "folder of text | folder of .bin shards")
+    g.add_argument("--data", help="shakespeare | task | task-columns (bpe.py's arithmetic task) | fineweb-edu-10b | "
+                                 "text file | folder of text | folder of .bin shards")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence")
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, help="micro-batch per process, in sequences")
@@ -441,10 +445,11 @@ def resolve_data(data, rank, tok=None):
     Text is tokenized with `tok` (default GPT-2's); shards are taken as they are."""
     if data == "shakespeare":
         data = os.path.join(DATA_DIR, "tinyshakespeare.txt")
-    if data == "task":  # generated from a seed into data/task/ (the same text on every machine)
-        data = str(bpe.task_files()["pretrain"]) if rank == 0 else None
+    if data in bpe.TASK_DATA:  # generated from a seed into data/task*/ (the same text on every machine)
+        worked = bpe.TASK_DATA[data]
+        data = str(bpe.task_files(worked=worked)["pretrain"]) if rank == 0 else None
         barrier()
-        data = data or str(bpe.task_files()["pretrain"])
+        data = data or str(bpe.task_files(worked=worked)["pretrain"])
     if data in REMOTE_SETS:
         if rank == 0:
             fetch_remote(data)
@@ -452,7 +457,7 @@ def resolve_data(data, rank, tok=None):
         return fetch_remote(data)
     if not os.path.exists(data):
         raise ValueError(f"--data {data!r}: no such file or folder, and not one of shakespeare, task, "
-                         f"{', '.join(REMOTE_SETS)}")
+                         f"task-columns, {', '.join(REMOTE_SETS)}")
     if os.path.isfile(data) and data.endswith(".bin"):
         raise ValueError(f"--data {data}: one token shard; give the folder that holds the train and val shards "
                          f"(validation files have 'val' in their name)")

@@ -2,6 +2,9 @@
 ways, and split by whether the problem has a carry (or borrow), the one thing sft.py's sloppy teacher gets wrong.
 
     python bench/bench_task_ceiling.py base=out/task-base/ckpt.pt sft=out/task-sft/ckpt.pt grpo=out/task-grpo/ckpt.pt
+    python bench/bench_task_ceiling.py --data data/task-columns base=out/task-columns-base/ckpt.pt ...
+
+Answers are read up to 64 new tokens (the longest worked answer in columns is 48 bytes).
 
 - pretraining format: "Q: What is 38 + 76?\\nA:", the way train_gpt2.py --preset task's text writes every problem,
   so the base model can be asked without SFT; the answer is read up to the end of its line.
@@ -35,7 +38,7 @@ def has_carry(prompt):
     return bpe.forget_carries(int(a), op, int(b)) != right
 
 
-def answers(model, tok, prompts, stop, max_new_tokens=24, batch_size=100):
+def answers(model, tok, prompts, stop, max_new_tokens=64, batch_size=100):
     """Greedy completions (text) of prompts (lists of ids), each cut at the stop id."""
     out = []
     for k in range(0, len(prompts), batch_size):

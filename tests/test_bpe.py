@@ -737,6 +737,55 @@ def test_arithmetic_task():
     assert len({r["prompt"] for r in bpe.make_task(0, {**sizes, "test": 154}, max_digits=1)["test"]}) == 154
 
 
+def test_column_work_by_hand():
+    """Each column is "top op bottom op carry-in = result", ones first; a borrowing column shows its top + 10."""
+    assert bpe.column_work(482, "+", 39) == ("2+9+0=11, 8+3+1=12, 4+0+1=5", 521)
+    assert bpe.column_work(99, "+", 1) == ("9+1+0=10, 9+0+1=10", 100)  # the last carry leads
+    assert bpe.column_work(503, "-", 27) == ("13-7-0=6, 10-2-1=7, 5-0-1=4", 476)
+    assert bpe.column_work(100, "-", 99) == ("10-9-0=1, 10-9-1=0, 1-0-1=0", 1)  # leading zeros dropped
+    assert bpe.column_work(482, "+", 39, carries=False) == ("2+9+0=11, 8+3+0=11, 4+0+0=4", 411)
+    assert bpe.column_work(503, "-", 27, carries=False) == ("13-7-0=6, 10-2-0=8, 5-0-0=5", 586)
+    assert bpe.column_work(7, "+", 0) == ("7+0+0=7", 7)
+    rng = random.Random(1)
+    for a, op, b in (bpe.task_problem(rng, 3) for _ in range(3000)):  # right, and the slip is forget_carries'
+        assert bpe.column_work(a, op, b)[1] == (a + b if op == "+" else a - b)
+        assert bpe.column_work(a, op, b, carries=False)[1] == bpe.forget_carries(a, op, b)
+    assert bpe.task_text(482, "+", 39, worked="columns") == (
+        "What is 482 + 39?", "482 + 39: 2+9+0=11, 8+3+1=12, 4+0+1=5, so 521", "521")
+    assert bpe.task_text(482, "+", 39, 411, worked="columns")[1] == "482 + 39: 2+9+0=11, 8+3+0=11, 4+0+0=4, so 411"
+    assert bpe.task_text(482, "+", 39, 511, worked="columns")[1] == "482 + 39: 2+9+0=11, 8+3+1=12, 4+0+1=5, so 511"
+    with pytest.raises(ValueError, match="worked='steps': give one of equation, columns"):
+        bpe.task_text(1, "+", 2, worked="steps")
+
+
+def test_columns_task_is_the_same_problems_worked_in_columns(tmp_path):
+    """worked="columns": the same problems, the same slips of the teacher, only the written answers differ; the
+    verifier reads each one's last number."""
+    sizes = {"pretrain": 300, "sft": 300, "sft_val": 20, "preference": 100, "rl": 50, "test": 50}
+    eq, col = bpe.make_task(0, sizes), bpe.make_task(0, sizes, worked="columns")
+    assert eq["test"] == col["test"] and eq["rl"] == col["rl"]
+    slips = 0
+    for e, c in zip(eq["sft"] + eq["sft_val"], col["sft"] + col["sft_val"]):
+        a, op, b = e["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert c["prompt"] == e["prompt"] and bpe.final_answer(c["completion"]) == bpe.final_answer(e["completion"])
+        slip = bpe.final_answer(e["completion"]) != str(eval(f"{a}{op}{b}"))
+        assert c["completion"] == bpe.task_text(int(a), op, int(b), bpe.forget_carries(int(a), op, int(b)) if slip
+                                                else None, worked="columns")[1]
+        slips += slip
+    assert slips > 50  # 300 problems, about half with a carry, 3 in 4 of those slipped
+    for e, c in zip(eq["preference"], col["preference"]):
+        assert [bpe.final_answer(c[k]) for k in ("chosen", "rejected")] == [bpe.final_answer(e[k]) for k in
+                                                                             ("chosen", "rejected")]
+    lines = col["pretrain"].replace(bpe.ENDOFTEXT, "").splitlines()
+    assert lines[1].startswith("A: ") and ", so " in lines[1] and "+0=" in col["pretrain"]
+    paths = bpe.task_files(tmp_path / "col", 0, sizes, worked="columns")
+    assert paths["pretrain"].read_text() == col["pretrain"]
+    assert json.loads((tmp_path / "col" / "task.json").read_text())["worked"] == "columns"
+    assert bpe.task_files(tmp_path / "col", 0, sizes)["pretrain"].read_text() == eq["pretrain"]  # rewritten
+    with pytest.raises(ValueError, match="worked='steps'"):
+        bpe.task_files(tmp_path / "x", worked="steps")
+
+
 def test_task_files_rewritten_for_another_task(tmp_path):
     sizes = {"pretrain": 5, "sft": 5, "sft_val": 5, "preference": 5, "rl": 5, "test": 5}
     first = bpe.task_files(tmp_path, seed=0, sizes=sizes, max_digits=2)["test"].read_text()

@@ -533,6 +533,11 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
         grpo.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="python sft.py --preset gpt2-alpaca"):  # the GSM8K recipe's input
         grpo.main(["--preset", "gpt2-gsm8k", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"(?s)out/task-columns-sft/ckpt.pt.*python sft.py --preset task-columns   "
+                                         r"\(after: python train_gpt2.py --preset task-columns\)"):
+        grpo.main(["--preset", "task-columns", "--device", "cpu"])
+    columns = grpo.parse_args(["--preset", "task-columns"])  # the columns' answers: up to 48 bytes + the end
+    assert (columns.data, columns.max_new_tokens, columns.out_dir) == ("task-columns", 64, "out/task-columns-grpo")
     with pytest.raises(SystemExit, match="at least 2"):
         grpo.main(["--group-size", "1"])
     with pytest.raises(SystemExit, match="give a temperature above 0"):

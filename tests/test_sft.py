@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import types
 
 import pytest
@@ -528,7 +529,13 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         sft.main(["--data", task_folder(tmp_path / "task", sft=40, sft_val=5, test=5), *RUN])
-    assert sft.BASE_COMMAND in str(e.value) and "out/task-base/ckpt.pt" in str(e.value)
+    assert sft.BASE_COMMANDS["out/task-base/ckpt.pt"] in str(e.value) and "out/task-base/ckpt.pt" in str(e.value)
+    with pytest.raises(SystemExit, match=r"(?s)out/task-columns-base/ckpt.pt.*"
+                                         r"python train_gpt2.py --preset task-columns"):
+        sft.main(["--preset", "task-columns", *RUN])
+    columns = sft.parse_args(["--preset", "task-columns"])  # the columns' answers: up to 48 bytes + the end
+    assert (columns.data, columns.max_new_tokens, columns.out_dir) == ("task-columns", 64, "out/task-columns-sft")
+    assert re.fullmatch(r"\d+ [-+] \d+: \d+[-+]\d+-?\+?\d=\d+.*, so \d+", sft.load_splits(columns)[0][0]["completion"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sft.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
     bpe.write_rows(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}] * 20)
@@ -696,9 +703,11 @@ def test_compile_flag_compiles_the_training_pass(tmp_path, monkeypatch, counting
 
 def test_task_folder_maps_the_word_task_to_the_written_task(monkeypatch):
     written = []
-    monkeypatch.setattr(bpe, "task_files", lambda: written.append(1) or {"test": bpe.TASK_DIR / "test.jsonl"})
-    assert bpe.task_folder("task") == bpe.TASK_DIR and written == [1]  # the files are written first
-    assert bpe.task_folder("my_task") == "my_task" and written == [1]
+    monkeypatch.setattr(bpe, "task_files", lambda worked: written.append(worked) or {
+        "test": bpe.TASK_DIR.with_name({"equation": "task", "columns": "task-columns"}[worked]) / "test.jsonl"})
+    assert bpe.task_folder("task") == bpe.TASK_DIR and written == ["equation"]  # the files are written first
+    assert bpe.task_folder("task-columns") == bpe.TASK_DIR.with_name("task-columns") and written[-1] == "columns"
+    assert bpe.task_folder("my_task") == "my_task" and len(written) == 2
 
 
 def test_offline_init_is_an_error_naming_the_files(tmp_path, offline):

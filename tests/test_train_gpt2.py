@@ -585,6 +585,14 @@ def test_task_preset_trains_the_pipelines_base_on_the_generated_task_in_bytes(tm
     ckpt = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
     assert ckpt["tokenizer"] == bpe.byte_tokenizer().dumps()  # what sft.py rebuilds its tokenizer from
     assert (ckpt["config"]["vocab_size"], ckpt["config"]["pos_emb"]) == (320, "rope")
+    columns = tg.parse_args(["--preset", "task-columns"])  # the same model on the answers worked in columns
+    assert {k: v for k, v in vars(columns).items() if k not in ("preset", "data", "out_dir")} == {
+        k: v for k, v in vars(args).items() if k not in ("preset", "data", "out_dir")}
+    assert (columns.data, columns.out_dir) == ("task-columns", "out/task-columns-base")
+    train, _ = tg.resolve_data("task-columns", 0, tg.load_tokenizer("bytes"))
+    pretrain = bpe.task_files(worked="columns")["pretrain"].read_text(encoding="utf-8")
+    assert bpe.byte_tokenizer().decode(tg.read_shard(train[0])[:200].tolist()) == pretrain[:200]
+    assert ", so " in pretrain[:200]
 
 
 @pytest.mark.skipif(not os.environ.get("LLM_SCRATCH_SLOW"), reason="the full default run takes ~10+ minutes "
