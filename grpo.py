@@ -176,9 +176,8 @@ def gsm8k_rows(path):
 
 def load_rows(data):
     """--data -> (train rows, test rows), each {"prompt", "answer"}."""
-    if data in bpe.TASK_DATA:
-        paths = bpe.task_files(worked=bpe.TASK_DATA[data])
-        return bpe.read_rows(paths["rl"], "rl"), bpe.read_rows(paths["test"], "rl")
+    if data in bpe.TASK_DATA:  # bpe.py's task, written to data/task*/ on first use
+        data = str(bpe.task_folder(data))
     folder = os.path.join("data", "gsm8k") if data == "gsm8k" else data
     if data != "gsm8k" and not os.path.isdir(folder):  # gsm8k's folder is made by its download below
         fail(f"--data {data!r}: {'a file' if os.path.isfile(data) else 'no such folder'}; give a folder with "
