@@ -1139,7 +1139,7 @@ def resume_settings(args, script, marker, argv=None):
         raise SystemExit(f"{script}: error: --resume: {path} was not written by {script} (another script's run?); "
                          f"give the --out-dir of a run of {script}")
     saved = ckpt["args"]
-    given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
+    given = {a[2:].split("=")[0].replace("-", "_") for a in map(str, sys.argv[1:] if argv is None else argv)
              if a.startswith("--")}
     given |= {k[3:] for k in given if k.startswith("no_")}  # --no-preamble sets preamble
     unused = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})" for k in sorted(given)
