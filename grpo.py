@@ -59,15 +59,15 @@ PRESETS = {
     # the arithmetic task on a CPU, from sft.py's model: 16 prompts x 8 answers per step
     "task": dict(init="out/task-sft/ckpt.pt", data="task", out_dir="out/task-grpo", preamble=False, max_steps=200,
                  prompts=16, group_size=8, lr=5e-5, max_new_tokens=24, eval_interval=50, eval_limit=500),
-    # the same on the task whose answers are worked column by column: longer answers, fewer steps needed
-    "task-columns": dict(init="out/task-columns-sft/ckpt.pt", data="task-columns", out_dir="out/task-columns-grpo",
-                         preamble=False, max_steps=100, prompts=16, group_size=8, lr=5e-5, max_new_tokens=64,
-                         eval_interval=25, eval_limit=500),
     # GSM8K from the instruction-tuned GPT-2 medium of `python sft.py --preset gpt2-alpaca`
     "gpt2-gsm8k": dict(init="out/gpt2-alpaca/ckpt.pt", data="gsm8k", out_dir="out/gpt2-gsm8k", preamble=True,
                        max_steps=200, prompts=16, group_size=8, lr=1e-6, max_new_tokens=256, eval_interval=50,
                        eval_limit=500),
 }
+# the same on the task whose answers are worked column by column: longer answers, fewer steps needed
+PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-sft/ckpt.pt", "data": "task-columns",
+                           "out_dir": "out/task-columns-grpo", "max_steps": 100, "max_new_tokens": 64,
+                           "eval_interval": 25}
 # Qwen2.5-Math-1.5B with GRPO on MATH, as in the reference's recipe: 32 prompts x 8 answers of up to 1,024
 # tokens per step, lr 1e-5, ChatML prompts with Qwen2.5-Math's system message, the boxed-answer verifier.
 PRESETS["qwen-math"] = dict(init="Qwen/Qwen2.5-Math-1.5B", data="data/math", out_dir="out/qwen-math-grpo",

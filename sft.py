@@ -52,15 +52,14 @@ PRESETS = {
     "task": dict(init="out/task-base/ckpt.pt", data="task", out_dir="out/task-sft", preamble=False, epochs=1,
                  batch_size=32, lr=5e-4, lora_lr=3e-3, lora_r=4, weight_decay=0.0, warmup_steps=20,
                  eval_interval=100, max_new_tokens=24),  # r=4: 4% of the 0.8M-parameter task model
-    # the same on the task whose answers are worked column by column (up to 48 characters)
-    "task-columns": dict(init="out/task-columns-base/ckpt.pt", data="task-columns", out_dir="out/task-columns-sft",
-                         preamble=False, epochs=1, batch_size=32, lr=5e-4, lora_lr=3e-3, lora_r=4, weight_decay=0.0,
-                         warmup_steps=20, eval_interval=100, max_new_tokens=64),
     # Raschka's chapter 7 recipe: GPT-2 medium, 1,100 instructions split 85/5/10, 2 epochs
     "gpt2-alpaca": dict(init="gpt2-medium", data="data/instruction_data.json", out_dir="out/gpt2-alpaca",
                         preamble=True, epochs=2, batch_size=8, lr=5e-5, lora_lr=5e-4, weight_decay=0.1,
                         warmup_steps=0, eval_interval=20, max_new_tokens=256),
 }
+# the same on the task whose answers are worked column by column (up to 48 characters)
+PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-base/ckpt.pt", "data": "task-columns",
+                           "out_dir": "out/task-columns-sft", "max_new_tokens": 64}
 INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
                    "instruction-data.json")
 BASE_COMMANDS = {PRESETS[p]["init"]: f"python train_gpt2.py --preset {p}" for p in ("task", "task-columns")}
@@ -135,8 +134,9 @@ def fail(msg):
 
 def load_splits(args):
     """--data -> (train, val, test) lists of rows. "task" (or "task-columns") is the arithmetic task of bpe.py
-    (written to data/task/ on first use); a folder holds such a task's sft.jsonl, sft_val.jsonl and test.jsonl. A data
-    file is split in order, train first, then test, then val, as in Raschka's chapter 7."""
+    (written to data/task/ or data/task-columns/ on first use); a folder holds such a task's sft.jsonl,
+    sft_val.jsonl and test.jsonl. A data file is split in order, train first, then test, then val, as in
+    Raschka's chapter 7."""
     folder = bpe.task_folder(args.data)
     if os.path.isdir(folder):
         return tuple(bpe.read_rows(os.path.join(folder, f"{name}.jsonl"), kind)
