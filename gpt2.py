@@ -1062,10 +1062,16 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch's own text for a file that is no zip would suggest weights_only=False
-        why = (f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}" if zipfile.is_zipfile(path)
-               else "not the zip archive torch.save writes")
-        raise ValueError(f"checkpoint {path} is corrupt or truncated, or not a checkpoint at all ({why}); delete it "
-                         f"or point to another one") from e
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"  # torch.save's zip begins so, even when cut short
+        if zipfile.is_zipfile(path) or zip_start:
+            why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}" if zipfile.is_zipfile(path) else \
+                "the zip archive ends early"
+            raise ValueError(f"checkpoint {path} is corrupt or truncated, or not one of this project ({why}); "
+                             f"delete it or point to another one") from e
+        # any other file (a text file, a legacy pickle) was given by mistake: never advise deleting it
+        raise ValueError(f"{path} is not a checkpoint (not the zip archive torch.save writes); give the ckpt.pt "
+                         f"a training script of this project wrote") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this project (no model/config entries)")
     unknown = sorted(set(ckpt["config"]) - set(GPTConfig.__dataclass_fields__))

@@ -480,12 +480,15 @@ def test_corrupt_truncated_and_mismatched_checkpoints(tmp_path):
     gpt2.save_checkpoint(str(path), model)
     data = path.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 3])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match=r"corrupt or truncated.*the zip archive ends early.*delete it"):
         gpt2.load_checkpoint(str(tmp_path / "trunc.pt"))
+    # a file that is no checkpoint at all (a README given to --init): say so, and never advise deleting it
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+    with pytest.raises(ValueError, match="is not a checkpoint") as e:
         gpt2.load_checkpoint(str(tmp_path / "junk.pt"))
     assert "not the zip archive torch.save writes" in str(e.value) and "weights_only" not in str(e.value)
+    told = str(e.value).replace(str(tmp_path), "")  # the folder's name holds "corrupt"
+    assert "delete" not in told and "corrupt" not in told
     with pytest.raises(FileNotFoundError):
         gpt2.load_checkpoint(str(tmp_path / "missing.pt"))
     other = small(n_embd=48)
