@@ -89,8 +89,9 @@ def parse_args(argv=None):
                    help="rm: the reward model's score; verifier: the task's exact checker (1 right, 0 wrong)")
     g.add_argument("--reward-model", help="reward_model.py's checkpoint (with --reward rm); several, comma-separated: "
                                           "an ensemble scored by its least convinced member")
-    g.add_argument("--data", help="task | a .json / .jsonl of prompts ({prompt, answer}, or Alpaca / preference "
-                                  "rows with instruction + input): the last 10%% are held out for evaluation")
+    g.add_argument("--data", help="task | task-columns | a folder of a task's files | a .json / .jsonl of prompts "
+                                  "({prompt, answer}, or Alpaca / preference rows with instruction + input): the "
+                                  "last 10%% are held out for evaluation")
     g.add_argument("--out-dir", help="where metrics.jsonl, ckpt.pt and ppo.png go")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir with its own settings")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; --resume goes on")
@@ -503,6 +504,8 @@ def main(argv=None):
              f"(the first: {long[0]['prompt'][:40]!r}...); lower --max-new-tokens or leave them out")
     ref = Policy(copy.deepcopy(gpt), vocab_size=tok.n_vocab).to(device).eval().requires_grad_(False)  # frozen SFT
     critic = None if args.critic == "shared" else copy.deepcopy(rm_gpt if args.critic == "rm" else gpt)
+    if critic is not None:
+        critic.requires_grad_(True)  # a copy of a frozen reward model would stay frozen: only its head would learn
     policy = Policy(gpt, critic, rm_ckpt["value_head"] if args.critic == "rm" else None, tok.n_vocab)
     policy.to(device).eval()  # eval for good: no dropout, so sampling and training see one function
     # --compile: the training passes (the sampler steps one token at a time through its cache, left eager)
@@ -611,7 +614,7 @@ def load_prompts(data):
     if data == PRESETS["gpt2-polite"]["data"] and not os.path.exists(data):
         download(PREFERENCE_URL, data)
     if not os.path.isfile(data):
-        raise FileNotFoundError(f"--data {data!r}: no such file or folder, and not 'task'")
+        raise FileNotFoundError(f"--data {data!r}: no such file or folder, and not 'task' or 'task-columns'")
     rows = []
     for i, r in enumerate(bpe.read_items(data)[0]):
         prompt = r.get("prompt", r.get("instruction")) if isinstance(r, dict) else None

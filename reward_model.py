@@ -79,7 +79,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
     g.add_argument("--init", help="the starting model: a checkpoint, gpt2 | gpt2-medium | ..., or an HF folder")
-    g.add_argument("--data", help="task (bpe.py's preference pairs) | a folder of its files | a .jsonl / .json of pairs")
+    g.add_argument("--data", help="task | task-columns (bpe.py's preference pairs) | a folder of its files | a "
+                                  ".jsonl / .json of pairs")
     g.add_argument("--split", default="85/5/10", help="train/val/test percentages of a --data file")
     g.add_argument("--pairs", default="given", choices=["given", "samples", "both"],
                    help="task: the data's pairs (given); pairs of --init's own answers to the training prompts, "
@@ -122,7 +123,8 @@ def parse_args(argv=None):
     g.add_argument("--val-pairs", type=int, help="task: hold out the last N preference pairs for validation")
     g.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N val pairs / test rows (0 = all)")
     g.add_argument("--eval-batch-size", type=int, default=64, help="pairs scored (or prompts generated) at once")
-    g.add_argument("--max-new-tokens", type=int, help="dpo: longest generated answer to a test prompt")
+    g.add_argument("--max-new-tokens", type=int, help="longest generated answer: dpo's to a test prompt, and "
+                   "--pairs samples|both's samples (task-columns: 64)")
     add_common_args(p.add_argument_group("common (--device, --dtype, --compile, --seed)"))
     first, _ = p.parse_known_args(argv)
     later = ("lr", "lora_lr", "max_steps", "epochs", "preamble")  # filled in by main: see there
@@ -180,7 +182,7 @@ def load_splits(args):
     if args.data == PRESETS["gpt2-dpo"]["data"] and not os.path.exists(args.data):
         download(PREFERENCE_URL, args.data)
     if not os.path.exists(args.data):
-        fail(f"--data {args.data!r}: no such file or folder, and not 'task'")
+        fail(f"--data {args.data!r}: no such file or folder, and not 'task' or 'task-columns'")
     rows = read_pairs(args.data)
     train, val, _ = bpe.split_by_percent(rows, args.split)
     return train, val, []
@@ -228,7 +230,8 @@ def with_sampled_pairs(args, gpt, tok, train_rows, val_rows, device, dtype, resu
             fail(f"--pairs {args.pairs} needs the task's folder (prompts with answers to judge), not {args.data!r}")
         prompts = [{"prompt": r["prompt"], "answer": bpe.final_answer(r["chosen"])} for r in train_rows]
         prompts += bpe.read_rows(rl_path, "rl")
-        made = sample_pairs(gpt, tok, prompts, args.samples_per_prompt, args.preamble, device, dtype, args.seed)
+        made = sample_pairs(gpt, tok, prompts, args.samples_per_prompt, args.preamble, device, dtype, args.seed,
+                            max_new_tokens=args.max_new_tokens)
         random.Random(args.seed).shuffle(made)
         os.makedirs(args.out_dir, exist_ok=True)
         bpe.write_rows(path, made)

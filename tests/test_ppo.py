@@ -588,6 +588,8 @@ def test_gpt2_polite_recipe_code_path(tmp_path):
     rm, sft = (gpt2.load_checkpoint(str(tmp_path / f))["model"] for f in ("rm.pt", "sft.pt"))
     assert all(torch.allclose(ckpt["critic"][k], rm[k], atol=1e-3) for k in rm)
     assert not all(torch.allclose(ckpt["critic"][k], sft[k], atol=1e-3) for k in sft)
+    moved = [k for k in rm if not torch.equal(ckpt["critic"][k], rm[k])]  # the body learns too (was frozen)
+    assert "transformer.h.0.mlp.c_fc.weight" in moved and len(moved) > len(rm) // 2
     assert ckpt["kl_controller"]["coef"] < 0.05  # adaptive: KL 0 is under the target of 6 nats, so it relaxes
 
 
@@ -657,6 +659,7 @@ def test_reward_ensemble_scores_by_its_least_convinced_member(tmp_path):
     critic, first, second = (gpt2.load_checkpoint(f)[k] for f, k in (
         (str(tmp_path / "ens" / "ckpt.pt"), "critic"), (rm, "model"), (rm2, "model")))
     assert all(torch.allclose(critic[k], first[k], atol=2e-3) for k in first)
+    assert not all(torch.equal(critic[k], first[k]) for k in first)  # its body trains, not only the head
     assert not all(torch.allclose(critic[k], second[k], atol=2e-3) for k in second)
     with pytest.raises(SystemExit, match="no value head"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", f"{rm},{sft}", "--data", data])

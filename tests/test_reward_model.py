@@ -651,6 +651,7 @@ def fake_sampler(answer_of, temperature=1.0):
 
     def fake(model, idx, n, attention_mask=None, eos_id=None, **kw):
         assert kw["temperature"] == temperature
+        fake.lengths.append(n)
         rows = []
         for ids, m in zip(idx.tolist(), attention_mask.tolist()):
             q = BYTES.decode([t for t, k in zip(ids, m) if k])
@@ -661,6 +662,7 @@ def fake_sampler(answer_of, temperature=1.0):
         tokens = torch.tensor([r + [eos_id] * (N - len(r)) for r in rows])
         mask = torch.tensor([[j < len(r) for j in range(N)] for r in rows])
         return tokens, mask, torch.zeros(tokens.shape)
+    fake.lengths = []  # each call's max_new_tokens
     return fake
 
 
@@ -696,9 +698,11 @@ def test_pairs_from_the_models_own_samples(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rm, "sample", None)  # a resumed run must not sample again
     rm.main(["--resume", "--out-dir", str(tmp_path / "s")])
     assert metrics(tmp_path / "s")[-1]["step"] == 4
-    monkeypatch.setattr(rm, "sample", fake_sampler(answer_of))
+    fake = fake_sampler(answer_of)
+    monkeypatch.setattr(rm, "sample", fake)
     capsys.readouterr()
-    rm.main([*common, "--pairs", "both", "--out-dir", str(tmp_path / "b")])
+    rm.main([*common, "--pairs", "both", "--out-dir", str(tmp_path / "b"), "--max-new-tokens", "40"])
+    assert set(fake.lengths) == {40}  # --max-new-tokens reaches the sampler (columns answers need 64; was 24)
     both = len(bpe.read_rows(tmp_path / "b" / "sampled_pairs.jsonl", "preference"))
     assert f"{55 + both} train / 5 val pairs" in capsys.readouterr().out  # the given 55 + the made; given val kept
     given = bpe.read_rows(os.path.join(data, "preference.jsonl"), "preference")
