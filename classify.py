@@ -32,9 +32,11 @@ What it teaches, in the file's order:
 
 import argparse
 import csv
+import hashlib
 import io
 import math
 import os
+import sys
 import time
 import zipfile
 
@@ -46,7 +48,8 @@ import torch.nn.functional as F
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
                   grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device,
-                  pick_dtype, resume_settings, save_checkpoint, seed_everything, rng_state, set_rng_state)
+                  pick_dtype, resume_settings, save_checkpoint, seed_everything, rng_state, set_rng_state,
+                  tokenizer_of)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
@@ -86,7 +89,7 @@ def read_examples(path, quoting=False):
         raise FileNotFoundError(f"no data file at {path}; give --data a label<TAB>text or JSONL file "
                                 f"(the SMS collection is downloaded when --data is left out)")
     if path.endswith((".jsonl", ".json")):
-        rows = [(r["text"], str(r["label"])) for r in bpe.read_rows(path, "classification")]
+        rows = [(r["text"], str(r["label"]).strip()) for r in bpe.read_rows(path, "classification")]
         where = [f"{path}: row {i + 1}" for i in range(len(rows))]
     elif quoting:
         fields = list(csv.reader(io.StringIO(read_text(path, newline="")), delimiter="\t"))
@@ -295,7 +298,10 @@ def collate(seqs, pad_id=0, side="right"):
 def add_class_head(model, n_classes):
     """Swap the language-model head (n_embd -> vocab, tied to the token embedding) for a new n_embd ->
     n_classes one; the body of the network stays as it is. No bias: gpt2.GPT's CPU inference path
-    multiplies by lm_head.weight alone, and a bias-free head loses nothing the final norm's bias can't give."""
+    multiplies by lm_head.weight alone, and a bias-free head loses nothing the final norm's bias can't give.
+    A model whose head is not tied keeps it as `lm_out`, for --lm-weight's next-token loss."""
+    if not model.config.tie_weights:
+        model.lm_out = model.lm_head
     model.lm_head = nn.Linear(model.config.n_embd, n_classes, bias=False, device=model.transformer.wte.weight.device)
     nn.init.normal_(model.lm_head.weight, std=0.02)
     return model
@@ -310,12 +316,13 @@ def class_logits(model, idx, mask, last):
 
 def lm_loss(model, hidden, idx, mask, vocab):
     """GPT-1's auxiliary objective while fine-tuning (--lm-weight): next-token cross-entropy on the same
-    texts, read through the token embedding (the language-model head the class head replaced), padding
-    ignored. The softmax runs over `vocab` (V',), the ids the training texts use: no other id is ever a
+    texts, read through the language-model head the class head replaced (the token embedding, or an untied
+    model's `lm_out`), padding ignored. The softmax runs over `vocab` (V',), the ids the training texts use: no other id is ever a
     target, and the full 50,257-way softmax would be most of a tiny model's step.
     hidden (B, T, C), the final norm's output; idx, mask (B, T) -> scalar.
     lm_loss(model, h, [[5, 6, 7]], [[1, 1, 1]], [5, 6, 7]) -> mean of -log p(6 | 5) and -log p(7 | 5, 6)"""
-    logits = hidden[:, :-1] @ model.transformer.wte.weight[vocab].t()  # (B, T-1, V')
+    head = model.lm_out.weight if hasattr(model, "lm_out") else model.transformer.wte.weight  # (V, C)
+    logits = hidden[:, :-1] @ head[vocab].t()  # (B, T-1, V')
     targets = torch.searchsorted(vocab, idx[:, 1:].contiguous()).masked_fill(mask[:, 1:] == 0, -1)  # (B, T-1)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
 
@@ -406,6 +413,10 @@ def build_model(args, n_classes, ckpt=None, texts=()):
     classifier of this file, with the tokenizer it recorded), with the class head."""
     seed_everything(args.seed)
     source = ckpt or (load_checkpoint(args.init) if os.path.isfile(args.init) else None)
+    if ckpt is None and source is not None and "labels" in source:  # its class head would not fit a new one
+        raise ValueError(f"--init {args.init} is a classifier of this file (classes {source['labels']}), not a "
+                         f"language model; continue it with --resume --out-dir <its folder>, use it with --predict, "
+                         f"or start from a train_gpt2.py checkpoint, gpt2 or scratch")
     if source is not None:
         config = GPTConfig(**{**source["config"], "dropout": args.dropout})
         model = GPT(config)
@@ -420,8 +431,8 @@ def build_model(args, n_classes, ckpt=None, texts=()):
         model = GPT(GPTConfig.from_preset(args.model, vocab_size=-(-tok.n_vocab // 64) * 64,
                                           dropout=args.dropout, **arch))
     elif args.init in HF_MODELS or os.path.isdir(args.init):
-        tok = bpe.load_gpt2()
-        model = GPT.from_pretrained(args.init, dropout=args.dropout)
+        model = GPT.from_pretrained(args.init, dtype=torch.float32, dropout=args.dropout)  # fp32 master weights
+        tok = tokenizer_of(model, args.init)  # GPT-2's; a Llama / Qwen folder's own
     else:
         raise ValueError(f"--init {args.init!r}: not scratch, not one of {', '.join(HF_MODELS)}, and no such "
                          f"file or folder")
@@ -581,6 +592,11 @@ def main(argv=None):
                          f"give at least {1 + args.eot}, or leave it out for the model's block size")
     pretrained = args.init != "scratch"
     args.train = args.train or ("last-block" if pretrained else "all")
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    for flag, needs, used in (("--last-n", "--train last-n", args.train == "last-n" and not args.lora),
+                              ("--lora-alpha", "--lora R", bool(args.lora))):
+        if flag in given and not used and not args.resume:
+            print(f"classify.py: note: {flag} is used only with {needs}; not used here")
     if args.lr is None:  # `is None`, not `or`: --lr 0 (the weights stay as they are) means what it says
         args.lr = 1e-4 if pretrained else 1e-3
     if args.epochs is None:  # and --epochs 0 is refused below, not taken for the default
@@ -593,7 +609,7 @@ def main(argv=None):
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--warmup-steps", args.warmup_steps, 0),
                              ("--eval-interval", args.eval_interval, 0), ("--split-seed", args.split_seed, 0),
                              ("--stop-after", args.stop_after, 1)):
-        if value is not None and value < low:  # 0 for the last two: the default (10% of the steps, an epoch)
+        if value is not None and value < low:  # --eval-interval 0: an epoch; --warmup-steps 0: no warmup
             raise ValueError(f"{flag} {value}: give at least {low}")
     if pretrained and args.tokenizer is not None:
         raise ValueError(f"--tokenizer {args.tokenizer} is for --init scratch; --init {args.init} brings its own "
@@ -608,7 +624,13 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if args.data is None:
         args.data = SMS_PATH if os.path.exists(SMS_PATH) else download_sms()
+    args.data = os.path.abspath(args.data)  # recorded: --resume finds it from any folder
     examples = read_examples(args.data, quoting=args.split == "book")
+    with open(args.data, "rb") as f:
+        data_hash = hashlib.sha256(f.read()).hexdigest()
+    if ckpt and ckpt.get("data_sha256", data_hash) != data_hash:  # another split, silently: not a resume
+        raise ValueError(f"--resume: {args.data} changed since the run in {args.out_dir} started (its sha256 differs); "
+                         f"put back the file it trained on, or start a new run in another --out-dir")
     names = ckpt["labels"] if ckpt else sorted({label for _, label in examples})
     y_all = label_ids([label for _, label in examples], names)
     splits = split_rows(examples, args.split, args.split_seed)
@@ -656,7 +678,7 @@ def main(argv=None):
     if args.lm_weight:
         model.transformer.ln_f.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
     train_model = maybe_compile(model, args.compile)
-    t0 = time.time()
+    t0 = time.time() - (ckpt.get("seconds", 0.0) if ckpt else 0.0)  # a resumed run counts its first part too
     stop = min(max_steps, args.stop_after or max_steps)
     while step < stop:
         epoch, k = divmod(step, steps_per_epoch)
@@ -700,7 +722,8 @@ def main(argv=None):
         if "val_acc" in row or step == stop:
             save_checkpoint(ckpt_path, model, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             step=step, rng=rng_state(), running_acc=(correct, seen), labels=names,
-                            tokenizer=tok.dumps(), args=vars(args))
+                            tokenizer=tok.dumps(), args=vars(args), data_sha256=data_hash,
+                            seconds=time.time() - t0)
     if step < max_steps:
         return print(f"stopped at step {step} of {max_steps}; --resume goes on from {ckpt_path}")
 

@@ -1131,9 +1131,9 @@ def load_with_tokenizer(init, missing=None):
 
 def resume_settings(args, script, marker, argv=None):
     """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
-    run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE), so a
-    resumed run trains exactly as the uninterrupted one would; flags in `argv` (the command line) that ask for
-    another value are named in a note. A missing checkpoint, or one whose settings lack `marker` (a flag every
+    run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE: given on
+    the command line, they win), so a resumed run trains exactly as the uninterrupted one would; flags in `argv`
+    (the command line) that ask for another value are named in a note. A missing checkpoint, or one whose settings lack `marker` (a flag every
     run of `script` records: the --out-dir of another script's run), is an error naming the fix."""
     if not args.resume:
         return args, None
@@ -1153,7 +1153,11 @@ def resume_settings(args, script, marker, argv=None):
     if unused:
         print(f"{script}: --resume goes on with the run's own settings; not used: {', '.join(unused)}; to change "
               f"them, start a new run in another --out-dir")
-    return argparse.Namespace(**{**saved, **{k: getattr(args, k) for k in RUN_PLACE}}), ckpt
+    place = {k: getattr(args, k) for k in RUN_PLACE}
+    for k in ("device", "dtype", "compile"):  # the run's own unless the command line names another: a bf16 run
+        if k in saved and k not in given:     # resumed without --dtype stays bf16
+            place[k] = saved[k]
+    return argparse.Namespace(**{**saved, **place}), ckpt
 
 
 def load_model_state(model, state, path="checkpoint"):

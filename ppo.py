@@ -32,6 +32,7 @@ The CPU pipeline (after sft.py and reward_model.py; see their docstrings):
                   --max-steps 160 --out-dir out/task-ppo-ensemble   # three reward models (see reward_model.py)
     python ppo.py --kl-estimator k1 --target-kl 2    # any switch; --help lists them
     python ppo.py --resume                           # continue out/task-ppo from its checkpoint
+    python ppo.py --preset task-columns              # answers worked column by column (after the two above's)
 The real recipe (a GPU; GPT-2 medium SFT'd on Alpaca, a reward model on the polite / impolite pairs):
     python sft.py --preset gpt2-alpaca
     python reward_model.py --preset gpt2-dpo --method rm --out-dir out/gpt2-polite-rm
@@ -68,9 +69,15 @@ PRESETS = {
                         max_steps=100, batch_size=32, lr=1e-6, value_lr=1e-5, kl_coef=0.05, target_kl=6.0,
                         temperature=0.7, max_new_tokens=128, eval_interval=25, eval_limit=64, eos_penalty=1.0, critic="rm"),
 }
+# the same on the task whose answers are worked column by column: longer answers
+PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-sft/ckpt.pt", "data": "task-columns",
+                           "reward_model": "out/task-columns-rm/ckpt.pt", "out_dir": "out/task-columns-ppo",
+                           "max_new_tokens": 64}
 MAKES = {  # the command that writes each preset's inputs
-    "out/task-sft/ckpt.pt": "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)",
-    "out/task-rm/ckpt.pt": "python reward_model.py   (after sft.py)",
+    **{PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: python train_gpt2.py --preset {p})"
+       for p in ("task", "task-columns")},
+    **{PRESETS[p]["reward_model"]: f"python reward_model.py --preset {p}   (after sft.py --preset {p})"
+       for p in ("task", "task-columns")},
     "out/task-rm-samples/ckpt.pt": "python reward_model.py --pairs samples --out-dir out/task-rm-samples",
     "out/task-rm-both/ckpt.pt": "python reward_model.py --pairs both --out-dir out/task-rm-both",
     "out/gpt2-alpaca/ckpt.pt": "python sft.py --preset gpt2-alpaca",

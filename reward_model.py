@@ -33,6 +33,7 @@ The CPU pipeline, on the arithmetic task of bpe.py (starts from sft.py's output)
     python reward_model.py --lora                  # LoRA adapters + the value head
     python reward_model.py --pairs samples --out-dir out/task-rm-samples   # pairs of the SFT model's own answers
     python reward_model.py --resume                # continue out/task-rm from its checkpoint
+    python reward_model.py --preset task-columns   # answers worked column by column -> out/task-columns-rm
 The real recipe (a GPU; downloads GPT-2 medium, 355M):
     python reward_model.py --preset gpt2-dpo       # 1,100 polite / impolite pairs, DPO, beta 0.1, 1 epoch
 """
@@ -69,9 +70,14 @@ PRESETS = {
                      lora_lr={"rm": 1e-4, "dpo": 5e-5}, beta=0.1, weight_decay=0.01,
                      warmup_steps=0, eval_interval=20, val_pairs=0, max_new_tokens=256, out_dir="out/gpt2-dpo"),
 }
+# the same on the task whose answers are worked column by column: longer answers, and 1,400 steps, within 10
+# minutes on one CPU thread (a 3,300-step run passed 99% held-out pair accuracy at half its steps)
+PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-sft/ckpt.pt", "data": "task-columns",
+                           "max_steps": {"rm": 1400, "dpo": 300}, "max_new_tokens": 64}
 PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
                   "instruction-data-with-preference.json")
-SFT_COMMAND = "python sft.py   (after: python train_gpt2.py --preset task --out-dir out/task-base)"
+SFT_COMMANDS = {PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: python train_gpt2.py --preset {p})"
+                for p in ("task", "task-columns")}
 
 
 def parse_args(argv=None):
@@ -146,7 +152,7 @@ def parse_args(argv=None):
     if args.pairs != "given" and args.samples_per_prompt < 2:
         fail(f"--samples-per-prompt {args.samples_per_prompt}: a pair needs a right and a wrong answer to one "
              f"prompt; give 2 or more")
-    args.out_dir = args.out_dir or f"out/task-{args.method}"
+    args.out_dir = args.out_dir or f"out/{args.preset}-{args.method}"  # out/task-rm, out/task-columns-dpo, ...
     return args
 
 
@@ -407,7 +413,7 @@ def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0, 
 def load_init(init):
     """--init -> (GPT, tokenizer, template): gpt2.load_with_tokenizer, with the command that makes the default."""
     try:
-        model, tok, ckpt = load_with_tokenizer(init, SFT_COMMAND if init == PRESETS["task"]["init"] else None)
+        model, tok, ckpt = load_with_tokenizer(init, SFT_COMMANDS.get(init))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if (ckpt or {}).get("method") == "rm":

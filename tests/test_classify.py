@@ -8,10 +8,12 @@ training texts only; --lm-unlabeled's texts hold no copy of a val or test text.
 """
 
 import io
+import itertools
 import json
 import argparse
 import os
 import re
+import types
 import zipfile
 
 import numpy as np
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 import bpe
 import classify
 from gpt2 import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from test_modern import qwen_dir, qwen_json  # noqa: F401  (fixtures: a random Qwen2 HF folder + tokenizer.json)
 
 BYTES = bpe.Tokenizer("gpt2", special_tokens={bpe.ENDOFTEXT: 256})  # 257 ids: models stay tiny
 
@@ -114,6 +117,26 @@ def test_lm_loss_is_the_language_models_loss_over_its_vocab():
         mask[:, 1:] == 0, -1).flatten(), ignore_index=-1)
     torch.testing.assert_close(classify.lm_loss(model, hidden["h"], idx, mask, vocab), want)
     assert not torch.allclose(want, got)  # the subset's softmax really is a different one
+
+
+def test_lm_loss_of_an_untied_model_reads_its_own_head():
+    """An untied language model (train_gpt2.py --untied) keeps its output head beside the class head, and
+    --lm-weight's loss is that model's own next-token loss (through the token embedding it was chance)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=320, tie_weights=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # an output head far from the embedding, as after training
+    idx, mask, _ = classify.collate([[5, 9, 2, 7, 7, 30], [11, 3, 9]], pad_id=99)
+    logits, _ = model(idx, attention_mask=mask)
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].masked_fill(mask[:, 1:] == 0, -1).flatten(),
+                           ignore_index=-1)
+    classify.add_class_head(model, 2)
+    hidden = {}
+    model.transformer.ln_f.register_forward_hook(lambda module, inputs, out: hidden.update(h=out))
+    model(idx, attention_mask=mask)
+    torch.testing.assert_close(classify.lm_loss(model, hidden["h"], idx, mask, torch.arange(320)), want)
+    tied = classify.add_class_head(tiny_gpt(), 2)
+    assert not hasattr(tied, "lm_out") and tied.lm_head.weight.shape == (2, 32)  # a tied model has only the embedding
 
 def test_make_tokenizer_kinds():
     assert classify.make_tokenizer("gpt2").n_vocab == 50257
@@ -383,8 +406,12 @@ def test_read_examples_strips_labels(tmp_path):
 
 def test_read_jsonl(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "hi there", "label": "ham"}\n{"text": "WIN cash", "label": "spam"}\n')
-    assert classify.read_examples(str(path)) == [("hi there", "ham"), ("WIN cash", "spam")]
+    path.write_text('{"text": "hi there", "label": "ham"}\n{"text": "WIN cash", "label": "spam "}\n'
+                    '{"text": "ok", "label": 3}\n')
+    assert classify.read_examples(str(path)) == [("hi there", "ham"), ("WIN cash", "spam"), ("ok", "3")]
+    path.write_text('{"text": "hi there", "label": "ham"}\n{"text": "WIN cash", "label": "  "}\n')
+    with pytest.raises(ValueError, match="row 2: empty label"):  # not a class of its own named "  "
+        classify.read_examples(str(path))
 
 
 @pytest.mark.parametrize("content, match", [
@@ -437,12 +464,33 @@ def test_a_tokenizer_without_endoftext_needs_no_eot(tmp_path):
     run(tmp_path, "--init", path, "--max-steps", "1", "--no-eot")
 
 
-def test_resume_refuses_unknown_label(tmp_path, lm_ckpt):
-    out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "2")
+def test_resume_finds_its_data_from_any_folder_and_refuses_an_edited_file(tmp_path, lm_ckpt, monkeypatch):
+    """The data file is recorded with its absolute path (a run started with a relative --data resumes from
+    any folder) and its sha256: a file edited between the run and its resume would give another split."""
+    write_task(tmp_path / "task.tsv")
+    monkeypatch.chdir(tmp_path)
+    classify.main(["--data", "task.tsv", "--init", lm_ckpt, "--max-steps", "4", "--stop-after", "2", "--device",
+                   "cpu", "--split", "full", "--batch-size", "16", "--out-dir", str(tmp_path / "out")])
+    monkeypatch.chdir(tmp_path.parent)
+    classify.main(["--out-dir", str(tmp_path / "out"), "--resume", "--stop-after", "3"])
+    assert load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["step"] == 3
     data = tmp_path / "task.tsv"  # the run's data file, edited between the run and its resume
     data.write_text(data.read_text().replace("yes\t", "maybe\t", 1))
-    with pytest.raises(ValueError, match=r"unknown label\(s\) \['maybe'\]"):
-        classify.main(["--out-dir", out, "--resume"])
+    with pytest.raises(ValueError, match=r"task.tsv changed since the run in .* started"):
+        classify.main(["--out-dir", str(tmp_path / "out"), "--resume"])
+
+
+def test_init_refuses_a_classifier_and_names_the_unused_flags(tmp_path, lm_ckpt, capsys):
+    """--init takes a language model: a classifier's checkpoint is refused with what to do instead (it was a
+    state-dict mismatch). --last-n without --train last-n and --lora-alpha without --lora are named as unused."""
+    out = run(tmp_path, "--init", lm_ckpt, "--max-steps", "1", "--last-n", "1", "--lora-alpha", "8")
+    printed = capsys.readouterr().out
+    assert "note: --last-n is used only with --train last-n" in printed
+    assert "note: --lora-alpha is used only with --lora R" in printed
+    run(tmp_path, "--init", lm_ckpt, "--max-steps", "1", "--train", "last-n", "--last-n", "1", out="b")
+    assert "note:" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"is a classifier of this file \(classes \['no', 'yes'\]\).*--resume"):
+        run(tmp_path, "--init", os.path.join(out, "ckpt.pt"), "--max-steps", "1", out="c")
 
 
 def test_resume_refuses_another_scripts_run(tmp_path):
@@ -604,13 +652,19 @@ def test_predict_cuts_texts_as_training_did(tmp_path, lm_ckpt, capsys):
         assert (abs(printed - p) < 6e-4) == same, (n, printed, p)
 
 
-@pytest.mark.parametrize("extra", [[], ["--split", "balanced", "--lm-weight", "0.5", "--lm-unlabeled"]])
-def test_resume_is_exact(tmp_path, lm_ckpt, extra, capsys):
+@pytest.mark.parametrize("extra", [[], ["--split", "balanced", "--lm-weight", "0.5", "--lm-unlabeled"],
+                                   ["--dtype", "bfloat16"]])
+def test_resume_is_exact(tmp_path, lm_ckpt, extra, capsys, monkeypatch):
+    """A run stopped and resumed (with --resume alone: a bf16 run stays bf16) ends as the uninterrupted one, and
+    its `seconds` count the first part too."""
     data = write_task(tmp_path / "task.tsv", yes_every=3)  # 67 yes, 133 no: balanced leaves 66 rows unlabeled
     flags = ["--init", lm_ckpt, "--max-steps", "8", "--eval-interval", "3", *extra]
     full = run(tmp_path, *flags, data=data, out="full")
-    run(tmp_path, *flags, "--stop-after", "4", data=data, out="split")
+    with monkeypatch.context() as m:  # the first part's clock reads 1,000 s more at every look
+        m.setattr(classify, "time", types.SimpleNamespace(time=itertools.count(0, 1000).__next__))
+        run(tmp_path, *flags, "--stop-after", "4", data=data, out="split")
     classify.main(["--out-dir", str(tmp_path / "split"), "--resume"])  # the run's own settings, from its checkpoint
+    assert classify.MetricsLog.read(os.path.join(tmp_path, "split"))[-1]["seconds"] >= 1000
     capsys.readouterr()
     # finished: nothing more, no second test row; the --lr it does not use is named
     classify.main(["--out-dir", str(tmp_path / "split"), "--resume", "--lr", "0.5"])
@@ -635,6 +689,25 @@ def test_init_from_hf_folder_uses_gpt2_tokenizer(tmp_path):
     ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert ckpt["labels"] == ["no", "yes"] and bpe.Tokenizer.loads(ckpt["tokenizer"]).n_vocab == 50257
     assert ckpt["model"]["lm_head.weight"].shape == (2, 16)
+
+
+def test_classify_init_from_a_qwen_directory(tmp_path, qwen_dir, capsys):
+    """classify.py --init <HF Qwen directory>: the directory's own tokenizer (it was GPT-2's, whose ids are
+    other tokens to Qwen), recorded in the classifier's checkpoint, so --predict encodes as training did."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} number {i}", "label": w}) + "\n"
+                            for i in range(40) for w in ("spam", "ham")))
+    out = str(tmp_path / "cls")
+    classify.main(["--init", str(qwen_dir), "--data", str(data), "--split", "full", "--max-steps", "2",
+                   "--batch-size", "4", "--out-dir", out, "--device", "cpu"])
+    ckpt = load_checkpoint(f"{out}/ckpt.pt")
+    tok = bpe.Tokenizer.loads(ckpt["tokenizer"])
+    assert tok.special_tokens["<|im_end|>"] == 1202 and tok.eot_token == tok.special_tokens["<|endoftext|>"] == 1200
+    assert tok.encode_ordinary("spam number 3") == bpe.load_hf_tokenizer(qwen_dir).encode_ordinary("spam number 3")
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())  # fp32 master weights (the hub's: bf16)
+    capsys.readouterr()
+    classify.main(["--out-dir", out, "--predict", "spam number 7", "--device", "cpu"])
+    assert capsys.readouterr().out.endswith("\tspam number 7\n")
 
 
 def test_gpt2_book_preset_is_the_books_recipe(tmp_path):
@@ -667,7 +740,8 @@ def test_class_logits_match_transformers_gpt2_for_sequence_classification(tmp_pa
     id, this file from the attention mask)."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=300, num_labels=3, pad_token_id=299)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, num_labels=3,
+                     pad_token_id=50256)  # GPT-2's vocabulary: the tokenizer an HF GPT-2 folder comes with
     hf = GPT2ForSequenceClassification(cfg).eval()
     lm = GPT2LMHeadModel(cfg)
     lm.transformer.load_state_dict(hf.transformer.state_dict())
@@ -676,8 +750,8 @@ def test_class_logits_match_transformers_gpt2_for_sequence_classification(tmp_pa
     model, _ = classify.build_model(args, 3)
     with torch.no_grad():
         model.lm_head.weight.copy_(hf.score.weight)
-    seqs = [torch.randint(0, 299, (n,)).tolist() for n in (7, 2, 12, 5)]
-    idx, mask, last = classify.collate(seqs, pad_id=299, side="right")
+    seqs = [torch.randint(0, 50256, (n,)).tolist() for n in (7, 2, 12, 5)]
+    idx, mask, last = classify.collate(seqs, pad_id=50256, side="right")
     with torch.no_grad():
         ours = classify.class_logits(model.eval(), idx, mask, last)
         ref = hf(input_ids=idx, attention_mask=mask).logits

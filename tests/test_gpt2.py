@@ -834,10 +834,16 @@ def test_resume_settings_keep_the_run_and_change_only_where_and_when(tmp_path):
     gpt2.save_checkpoint(str(tmp_path / "ckpt.pt"), small(), args=run)
     now = argparse.Namespace(lr=9.0, seed=2, device="cuda", dtype="bfloat16", compile=True, stop_after=5, resume=True,
                              out_dir=str(tmp_path))
-    args, ckpt = gpt2.resume_settings(now, "x.py", "lr", [])
+    args, ckpt = gpt2.resume_settings(now, "x.py", "lr", ["--device", "cuda", "--dtype=bfloat16", "--compile"])
     assert ckpt["args"] == run
     assert (args.lr, args.seed) == (0.1, 1)  # the run's own settings
-    assert (args.device, args.dtype, args.compile, args.stop_after) == ("cuda", "bfloat16", True, 5)
+    assert (args.device, args.dtype, args.compile, args.stop_after) == ("cuda", "bfloat16", True, 5)  # as asked
+    # not asked: where it runs stays the run's own (a bf16 run resumed without --dtype was float32); when it
+    # stops is the command line's (its default None: to the end)
+    args, _ = gpt2.resume_settings(now, "x.py", "lr", ["--stop-after", "5"])
+    assert (args.device, args.dtype, args.compile, args.stop_after) == ("cpu", "float32", False, 5)
+    args, _ = gpt2.resume_settings(argparse.Namespace(**{**vars(now), "stop_after": None}), "x.py", "lr", [])
+    assert args.stop_after is None and args.out_dir == str(tmp_path)
     assert gpt2.resume_settings(argparse.Namespace(resume=False), "x.py", "lr")[1] is None
     with pytest.raises(SystemExit, match="no checkpoint at .*run without --resume"):
         gpt2.resume_settings(argparse.Namespace(**{**vars(now), "out_dir": str(tmp_path / "none")}), "x.py", "lr")

@@ -473,6 +473,19 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
         ppo.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="python reward_model.py"):
         ppo.main(["--device", "cpu", "--init", sft])
+    # the columns task: its own inputs and the commands that make them; longer answers
+    with pytest.raises(SystemExit, match=r"(?s)out/task-columns-sft/ckpt.pt.*python sft.py --preset task-columns   "
+                                         r"\(after: python train_gpt2.py --preset task-columns\)"):
+        ppo.main(["--preset", "task-columns", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"(?s)out/task-columns-rm/ckpt.pt.*python reward_model.py --preset "
+                                         r"task-columns"):
+        ppo.main(["--preset", "task-columns", "--device", "cpu", "--init", sft])
+    columns, task = ppo.parse_args(["--preset", "task-columns"]), ppo.parse_args([])
+    assert (columns.data, columns.max_new_tokens, columns.out_dir) == ("task-columns", 64, "out/task-columns-ppo")
+    assert {k: v for k, v in vars(columns).items() if k not in ("preset", "init", "reward_model", "data",
+                                                                 "max_new_tokens", "out_dir")} == \
+        {k: v for k, v in vars(task).items() if k not in ("preset", "init", "reward_model", "data",
+                                                          "max_new_tokens", "out_dir")}
     with pytest.raises(SystemExit, match="not a reward model"):
         ppo.main(["--device", "cpu", "--init", sft, "--reward-model", sft, "--data", data])
     gpt2.save_checkpoint(str(tmp_path / "ppo.pt"), tiny(), value_head={}, tokenizer=BYTES.dumps(),

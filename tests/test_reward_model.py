@@ -491,6 +491,15 @@ def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         rm.main(["--data", task_folder(tmp_path / "task", preference=40, test=5), *RUN])
     assert "python sft.py" in str(e.value) and "out/task-sft/ckpt.pt" in str(e.value)
+    with pytest.raises(SystemExit, match=r"(?s)out/task-columns-sft/ckpt.pt.*python sft.py --preset task-columns   "
+                                         r"\(after: python train_gpt2.py --preset task-columns\)"):
+        rm.main(["--preset", "task-columns", *RUN])
+    # the columns task: its data, longer answers, fewer steps (within 10 CPU minutes), its own output folders
+    columns = rm.parse_args(["--preset", "task-columns"])
+    assert (columns.data, columns.max_new_tokens, columns.out_dir) == ("task-columns", 64, "out/task-columns-rm")
+    assert rm.parse_args(["--preset", "task-columns", "--method", "dpo"]).out_dir == "out/task-columns-dpo"
+    assert rm.parse_args([]).out_dir == "out/task-rm" and rm.parse_args(["--method", "dpo"]).out_dir == "out/task-dpo"
+    assert rm.PRESETS["task-columns"]["max_steps"] == {"rm": 1400, "dpo": 300}
     with pytest.raises(SystemExit, match="no checkpoint at"):
         rm.main(["--resume", "--out-dir", str(tmp_path / "nothing")])
 
