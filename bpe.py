@@ -1259,6 +1259,10 @@ def check_row(row, kind, where="row"):
     fields = DATA_FORMATS[kind]
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object with fields {', '.join(fields)}, got {type(row).__name__}")
+    turns = lambda v: isinstance(v, list) and v and all(isinstance(t, dict) and "role" in t for t in v)  # noqa: E731
+    if "messages" in row or any(turns(row.get(f)) for f in fields):  # TRL's conversational rows
+        raise ValueError(f"{where}: a conversational row ('messages', or turns as lists of {{role, content}}); "
+                         f"this project reads {', '.join(fields)} as strings: join each side's turns into text")
     names = {f: f for f in (*fields, "input")}  # our field -> the field as the file spells it
     if kind == "sft" and "prompt" not in row and "instruction" in row:
         names = {ours: theirs for theirs, ours in ALPACA.items()}
@@ -1605,15 +1609,17 @@ MATH_SYSTEM = "Please reason step by step, and put your final answer within \\bo
 VERIFIERS = {"number": reward, "boxed": math_reward}
 
 
-def prompt_ids(tok, prompt, template="alpaca", preamble=True, system=None):
+def prompt_ids(tok, prompt, template="alpaca", preamble=True, system=None, input=""):
     """The ids a model is asked with: format_prompt's text (template "alpaca"), or a chat of an optional system
-    message and one user turn, ending with the assistant's header (templates "chatml", "llama3").
+    message and one user turn (the prompt, then the input if any), ending with the assistant's header
+    (templates "chatml", "llama3").
     prompt_ids(tok, "2+3?", "chatml") -> ids of '<|im_start|>user\\n2+3?<|im_end|>\\n<|im_start|>assistant\\n'"""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; valid: {', '.join(TEMPLATES)}")
     if template == "alpaca":  # the prompt is ordinary text, as in encode_example
-        return tok.encode_ordinary(format_prompt(prompt, preamble=preamble))
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return tok.encode_ordinary(format_prompt(prompt, input, preamble=preamble))
+    user = f"{prompt}\n\n{input}" if input else prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return format_chat(tok, messages, template, add_generation_prompt=True)[0]
 
 

@@ -1072,6 +1072,9 @@ def load_checkpoint(path, map_location="cpu"):
         # any other file (a text file, a legacy pickle) was given by mistake: never advise deleting it
         raise ValueError(f"{path} is not a checkpoint (not the zip archive torch.save writes); give the ckpt.pt "
                          f"a training script of this project wrote") from e
+    if isinstance(ckpt, dict) and ckpt.get("format") == "llm-from-scratch-lora":
+        raise ValueError(f"{path} is a LoRA adapter, not a model: load the merged ckpt.pt written beside it, or put "
+                         f"it on its base model with gpt2.load_adapter")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this project (no model/config entries)")
     unknown = sorted(set(ckpt["config"]) - set(GPTConfig.__dataclass_fields__))
@@ -1099,7 +1102,8 @@ def tokenizer_of(model, where="the checkpoint"):
         tok = bpe.load_gpt2()
         if tok.n_vocab > rows:
             raise ValueError(f"{where} records no tokenizer, and GPT-2's {tok.n_vocab} ids do not fit its vocabulary "
-                             f"of {rows}; give a checkpoint written by this project's scripts")
+                             f"of {rows}; give a checkpoint written by this project's scripts (moe.py's renumber "
+                             f"GPT-2's ids to the text's: load those with moe.load_model)")
     if tok.n_vocab > rows:
         raise ValueError(f"{where}: the tokenizer has {tok.n_vocab} ids, more than the model's vocabulary of {rows}")
     return tok

@@ -9,8 +9,8 @@ What it teaches, top to bottom:
   2. Group-relative advantages: an answer's reward minus the mean reward of its group (the G answers to the
      same prompt), optionally divided by the group's standard deviation. The group mean is the baseline a
      learned value function gives PPO; here it costs nothing. A group whose answers all score the same gets
-     advantage 0 everywhere: it carries no signal (counted; --drop-zero-signal removes it, DAPO's dynamic
-     sampling).
+     advantage 0 everywhere: it carries no signal (counted; --drop-zero-signal removes it, as DAPO's dynamic
+     sampling does, without drawing new groups to refill the batch).
   3. The loss: PPO's clipped importance ratio pi / pi_old per token, with DAPO's higher upper clip
      (--clip-high); a KL penalty to the frozen starting model with the k3 estimator (--beta, 0 allowed: recent
      recipes drop it); and the token losses aggregated one of three ways (--loss):
@@ -108,7 +108,8 @@ def parse_args(argv=None):
                    help="added to the reward of an answer that stops and states a number (0 = verifier only)")
     g = p.add_argument_group("method")
     g.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                   help="subtract the group's mean reward (--no-baseline: the raw reward is the advantage)")
+                   help="subtract the group's mean reward (--no-baseline: the raw reward, still divided by the "
+                        "group's std unless --no-scale-rewards)")
     g.add_argument("--scale-rewards", action=argparse.BooleanOptionalAction, default=True,
                    help="divide advantages by the group's reward std (Dr. GRPO: --no-scale-rewards)")
     g.add_argument("--loss", default="grpo", choices=LOSSES, help="how token losses are aggregated (see above)")
@@ -118,7 +119,8 @@ def parse_args(argv=None):
     g.add_argument("--updates", type=int, default=1,
                    help="gradient steps per rollout batch (1 = on-policy; more reuse it, off-policy)")
     g.add_argument("--drop-zero-signal", action=argparse.BooleanOptionalAction, default=False,
-                   help="leave groups whose answers all score the same out of the loss (DAPO's dynamic sampling)")
+                   help="leave groups whose answers all score the same out of the loss (DAPO's dynamic "
+                        "sampling without its refill: the batch shrinks)")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-steps", type=int, help="rollout batches")
     g.add_argument("--lr", type=float, help="peak learning rate")
@@ -229,7 +231,8 @@ def rollout(model, tok, rows, G, args, device, dtype):
     answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T,
     V (the tokenizer's vocabulary size: the logits past it are never drawn nor normalized over)."""
     template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
-    prompts = [bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None))
+    prompts = [bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None),
+                              r.get("input", ""))
                for r in rows for _ in range(G)]
     stop = bpe.stop_id(tok, template)
     idx, attn = left_pad(prompts, stop, device)
@@ -331,7 +334,8 @@ def accuracy(model, tok, rows, args, device, dtype):
         batch = rows[k:k + args.eval_batch_size]
         template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
         stop = bpe.stop_id(tok, template)
-        idx, attn = left_pad([bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None))
+        idx, attn = left_pad([bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None),
+                                             r.get("input", ""))
                               for r in batch], stop, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
@@ -357,11 +361,11 @@ def train_step(model, ref, optimizer, batch, args, device, dtype, scaler=None):
     stats = {"reward": float(batch["rewards"].mean()), "train_accuracy": float(batch["correct"].mean()),
              "zero_signal": float(zero.float().mean()), "length": float(batch["mask"].sum(1).mean()),
              "max_logp_diff": 0.0}
-    signal = adv[keep].any()
+    signal = adv[keep].any() | bool(args.beta and keep.any())  # --beta: the KL term pulls back even then
     if args.fsdp:  # every process must skip, or none: each forward pass gathers weights from all of them
         signal = signal.int()
         torch.distributed.all_reduce(signal, op=torch.distributed.ReduceOp.MAX)
-    if not signal:  # every advantage is 0: the gradient is 0, and a step would only replay Adam's momentum
+    if not signal:  # every advantage is 0, no KL term: the gradient is 0; a step would replay Adam's momentum
         return {**stats, "loss": 0.0, "skipped": 1}  # no forward pass: no KL, clip or entropy to report
     idle = args.fsdp and not keep.any()  # all dropped here, not elsewhere: still run the passes (FSDP gathers
     if idle:                              # each layer's weights from every process), with this share weighted 0
@@ -444,8 +448,12 @@ def main(argv=None):
     except ValueError as e:
         fail(f"--template {args.template}: {e}; use --template alpaca with this model")
     room = model.config.block_size - args.max_new_tokens  # every prompt + its longest answer must fit the context
+    if room < 1:
+        fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+             f"{model.config.block_size}-token context; lower it")
     long = [r for r in train_rows + test_rows if len(bpe.prompt_ids(
-        tok, r["prompt"], getattr(args, "template", "alpaca"), args.preamble, getattr(args, "system", None))) > room]
+        tok, r["prompt"], getattr(args, "template", "alpaca"), args.preamble, getattr(args, "system", None),
+        r.get("input", ""))) > room]
     if long:
         fail(f"{len(long)} prompts of --data {args.data} are longer than the {room} tokens the model's "
              f"{model.config.block_size}-token context leaves next to --max-new-tokens {args.max_new_tokens} "

@@ -27,7 +27,7 @@ does not. What it teaches, top to bottom:
 
 A trained MoE keeps gpt2.py's interface (forward, new_cache), so generate.py's functions run it with the
 KV cache: `model, vocab = moe.load_model("out_moe/moe/ckpt.pt")`, then `generate.generate(model.eval(), idx,
-50)` with idx in the model's ids (`np.searchsorted(vocab, gpt2_ids)`; `vocab[ids]` maps back to GPT-2's).
+50)` with idx in the model's ids (`np.searchsorted(vocab, gpt2_ids)`; `np.array(vocab)[ids]` maps back to GPT-2's).
 """
 
 import argparse
@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -588,6 +589,16 @@ def parse_args(argv=None):
                 f"to start, or point --out-dir at the run")
     if args.init != "scratch" and not os.path.isfile(args.init):
         p.error(f"--init {args.init!r}: no such checkpoint file; give a ckpt.pt written by moe.py, or scratch")
+    if args.init != "scratch" and args.arch == "both":  # one checkpoint cannot start both a dense and an MoE model
+        p.error(f"--init {args.init}: give --arch dense or --arch moe, the kind of model the checkpoint holds")
+    n_layer = args.n_layer or GPTConfig.from_preset(args.model).n_layer
+    if args.arch != "dense" and args.every > n_layer:  # before the dense half trains, not after
+        p.error(f"--moe-every {args.every}: the model has {n_layer} blocks, so no block would be MoE; give 1 to "
+                f"{n_layer}")
+    if args.resume and not any(a.split("=")[0] == "--dtype" for a in (sys.argv[1:] if argv is None else argv)):
+        saved = next(load_checkpoint(path)["args"] for path in (os.path.join(args.out_dir, a, "ckpt.pt")
+                                                                 for a in archs) if os.path.exists(path))
+        args.dtype = saved.get("dtype", args.dtype)  # the run's own precision: bf16 resumed in float32 is another run
     return p, args
 
 

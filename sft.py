@@ -347,8 +347,10 @@ def main(argv=None):
     train = encode_rows(train_rows, tok, args.preamble, args.mask_prompt, max_len)
     val = encode_rows(val_rows, tok, args.preamble, True, max_len)  # judged on the response only, either way
     if not train or not val:
+        fix = (f"raise --max-len (up to the model's {model.config.block_size})" if max_len < model.config.block_size
+               else "the prompts fill the model's context: shorten them, or drop the preamble (--no-preamble)")
         fail(f"no {'training' if not train else 'validation'} example keeps a response token within {max_len} "
-             f"tokens; raise --max-len")
+             f"tokens; {fix}")
     loader = Loader(train, args.batch_size, args.seed, tok.eot_token, args.packing, args.seq_len)
     max_steps = args.max_steps or args.epochs * loader.steps_per_epoch
 
@@ -444,19 +446,24 @@ def main(argv=None):
             total = n.clone()
             torch.distributed.all_reduce(total)
             loss = loss.nan_to_num(0.0) * n * world / total
-        scaler.scale(loss).backward()
-        if args.grad_clip:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # --packing, one process: a window of prompt tokens only has no loss (its mean is NaN), and a step
+        # would only replay Adam's momentum: skipped
+        learns = world > 1 or bool((y != -1).any())
+        if learns:
+            scaler.scale(loss).backward()
+            if args.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if world > 1:  # the whole batch's mean loss and token count
             loss, n = loss.detach() / world, torch.tensor(float((y != -1).sum()), device=device)
             torch.distributed.all_reduce(loss)
             torch.distributed.all_reduce(n)
-        log(step=done, train_loss=loss.item(), lr=lr, tokens=int((y != -1).sum()) if world == 1 else int(n))
+        log(step=done, **({"train_loss": loss.item()} if learns else {}), lr=lr,
+            tokens=int((y != -1).sum()) if world == 1 else int(n))
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
         if (args.eval_interval and done % args.eval_interval == 0) or done == stop:
             train_time += time.time() - t0

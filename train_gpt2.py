@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from collections import namedtuple
@@ -412,6 +413,8 @@ def tokenize_text(source, tok):
         if os.path.isdir(source) else [source]
     if not texts:
         raise ValueError(f"{source} holds neither .txt files nor .bin token shards")
+    if not any(os.path.getsize(t) for t in texts):
+        raise ValueError(f"{source}: no text to train on (empty)")
     tok_tag = hashlib.sha1(tok.dumps().encode()).hexdigest()[:10]
     out = f"{source.rstrip(os.sep).removesuffix('.txt')}_tokens_{tok_tag}"
     stamp = json.dumps([[os.path.basename(t), os.path.getsize(t), os.path.getmtime(t)] for t in texts])
@@ -810,8 +813,14 @@ def main(argv=None):
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     try:
         ckpt, ckpt_path = start_checkpoint(args)
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+        if args.resume and "--dtype" not in given and "dtype" in ckpt.get("args", {}):
+            args.dtype = ckpt["args"]["dtype"]  # the run's own precision: a bf16 run resumed in float32 is another run
         tok = run_tokenizer(args, ckpt, ckpt_path)
         config = model_config(args, ckpt, tok)
+        if args.sample_tokens and len(tok.encode(args.prompt or "", allowed_special="all")) >= config.block_size:
+            raise ValueError(f"--prompt is {len(tok.encode(args.prompt, allowed_special='all'))} tokens, the "
+                             f"model's context {config.block_size}: shorten it (or --sample-tokens 0: no samples)")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
     except (ValueError, FileNotFoundError) as e:

@@ -710,6 +710,12 @@ def test_read_rows_lines_and_fields(tmp_path):
     assert bpe.read_rows(tmp_path / "r.jsonl", "sft") == [r | {"input": ""} for r in rows]
     with pytest.raises(ValueError, match="label"):
         bpe.check_row({"text": "t", "label": True}, "classification")
+    # TRL's conversational rows: named as such (they were "field 'prompt' is missing")
+    chat = [{"role": "user", "content": "hi"}]
+    for row, kind in (({"messages": chat}, "sft"), ({"prompt": chat, "completion": chat}, "sft"),
+                      ({"prompt": "hi", "chosen": chat, "rejected": chat}, "preference")):
+        with pytest.raises(ValueError, match="r: a conversational row .* join each side's turns into text"):
+            bpe.check_row(row, kind, "r")
 
 
 def test_arithmetic_task():
@@ -818,4 +824,9 @@ def test_chat_templates_by_hand():
     assert bpe.chat_text(chat[:1], "chatml", add_generation_prompt=True) == chatml[:chatml.index(" 5")]
     asked = bpe.prompt_ids(tok, "2+3?", "chatml", system="Be brief.")
     assert tok.decode(asked) == "<|im_start|>system\nBe brief.<|im_end|>\n" + chatml[:chatml.index(" 5")]
+    # a row's input follows its prompt (it was dropped): in the Alpaca text, and in the user's turn
+    assert tok.decode(bpe.prompt_ids(tok, "Add them.", "alpaca", False, input="2 and 3")) == \
+        bpe.format_prompt("Add them.", "2 and 3", preamble=False)
+    assert "<|im_start|>user\nAdd them.\n\n2 and 3<|im_end|>" in tok.decode(
+        bpe.prompt_ids(tok, "Add them.", "chatml", input="2 and 3"))
     assert bpe.stop_id(tok, "chatml") == 257 and bpe.stop_id(tok, "llama3") == 261

@@ -622,7 +622,7 @@ def test_offline_weights_fail_with_one_message_naming_every_file(tmp_path, monke
     gpt2.save_checkpoint(bare, GPT(GPTConfig(block_size=16, vocab_size=300, n_layer=1, n_head=2, n_embd=16)))
     monkeypatch.setattr(sys, "argv", ["gpt2.py", "--model", bare])
     with pytest.raises(SystemExit, match="records no tokenizer, and GPT-2's 50257 ids do not fit its vocabulary "
-                                         "of 300"):
+                                         "of 300.*load those with moe.load_model"):
         gpt2.main()  # was an IndexError from the embedding
 
     class Down:  # the hub answers, with a server error

@@ -198,6 +198,15 @@ def test_ratio_is_one_on_the_first_on_policy_step():
     assert s["ratio_dev"] > 1e-3 and s["kl"] > 0
 
 
+def test_a_rows_input_follows_its_prompt():
+    """An RL row's "input" (Alpaca's second field) is part of the prompt the policy answers (it was dropped)."""
+    args = settings(max_new_tokens=2, group_size=2)
+    rows = [{"prompt": "Add them.", "input": "2 and 3", "answer": "5"}]
+    b = grpo.rollout(tiny(block_size=128), BYTES, rows, 2, args, "cpu", torch.float32)
+    want = bpe.prompt_ids(BYTES, rows[0]["prompt"], "alpaca", args.preamble, input="2 and 3")
+    assert "2 and 3" in BYTES.decode(want) and b["idx"][0, :b["T"]].tolist()[-len(want):] == want
+
+
 def test_zero_signal_groups_are_counted_and_dropped():
     model = tiny(3)
     args = settings(max_new_tokens=4, group_size=2)
@@ -230,6 +239,10 @@ def test_zero_signal_groups_are_counted_and_dropped():
     b["rewards"] = torch.tensor([1., 1., 0., 0., 1., 1.])
     s = grpo.train_step(model, None, opt, b, args, "cpu", torch.float32)
     assert s["skipped"] == 1 and all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
+    # with --beta the KL term still pulls toward the reference on such a batch: a step (it was skipped too)
+    s = grpo.train_step(model, tiny(4), opt, b, settings(**{**vars(args), "beta": 0.5}), "cpu", torch.float32)
+    assert s["skipped"] == 0 and s["kl"] > 0 and s["loss"] > 0
+    assert not all(torch.equal(after_one[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("how", grpo.LOSSES)
@@ -555,6 +568,10 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "bad" / "test.jsonl").write_text("")  # else a ZeroDivisionError at the first evaluation
     with pytest.raises(SystemExit, match="test.jsonl holds no rows"):
         grpo.main(["--init", init, "--data", str(tmp_path / "bad"), "--device", "cpu"])
+    (tmp_path / "bad" / "test.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": "2"}\n')
+    with pytest.raises(SystemExit, match="--max-new-tokens 100 leaves no room for a prompt in the model's "
+                                         "64-token context; lower it"):  # was: 17 prompts longer than -36 tokens
+        grpo.main(["--init", init, "--data", str(tmp_path / "bad"), "--device", "cpu", "--max-new-tokens", "100"])
 
 
 @pytest.mark.parametrize("flags,words", [

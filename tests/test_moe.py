@@ -380,11 +380,25 @@ def test_bad_input_is_named(tmp_path, capsys):
             (["--init", str(tmp_path / "missing.pt")], "--init '.*missing.pt': no such checkpoint file"),
             (["--data", str(tmp_path / "latin1.txt")], "latin1.txt is not UTF-8 text"),
             (["--lr", "-1"], "--lr must be positive"), (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
-            (["--stop-after", "0"], "--stop-after must be a step >= 1")):  # 0 ran the whole schedule
+            (["--stop-after", "0"], "--stop-after must be a step >= 1"),  # 0 ran the whole schedule
+            (["--arch", "both", "--init", str(tmp_path / "latin1.txt")], "give --arch dense or --arch moe"),
+            (["--arch", "both", "--moe-every", "3"], "--moe-every 3: the model has 2 blocks")):  # after the dense run
         with pytest.raises(SystemExit):
             M.main(TRAIN + ["--out-dir", str(tmp_path / "o")] + argv)
         assert re.search(match, capsys.readouterr().err), match
-    assert not os.path.exists(tmp_path / "typo")
+    assert not os.path.exists(tmp_path / "typo") and not os.path.exists(tmp_path / "o")  # refused before training
+
+
+def test_resume_keeps_the_runs_dtype(tmp_path):
+    """A bf16 run resumed without --dtype goes on in bf16 (it went on in the default, float32: another run)."""
+    bf16 = [a for a in TRAIN if a not in ("--dtype", "float32")] + ["--max-steps", "4", "--eval-interval", "2"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    M.main(bf16 + ["--dtype", "bfloat16", "--out-dir", a])
+    M.main(bf16 + ["--dtype", "bfloat16", "--out-dir", b, "--stop-after", "2"])
+    M.main(bf16 + ["--out-dir", b, "--resume"])
+    losses = [[json.loads(line).get("train_loss") for line in open(os.path.join(d, "moe", "metrics.jsonl"))
+               if "train_loss" in line] for d in (a, b)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
 def test_grad_clip_0_is_off_not_a_zero_gradient(tmp_path):

@@ -309,6 +309,8 @@ def test_lora_merged_equals_unmerged_and_adapter_checkpoint(tmp_path):
     loaded = gpt2.load_adapter(tiny(), str(tmp_path / "adapter.pt"))
     torch.testing.assert_close(loaded(x)[0], adapted, rtol=0, atol=0)
     assert os.path.getsize(tmp_path / "adapter.pt") < 0.3 * sum(p.numel() * 4 for p in tiny().parameters())
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a model: load the merged ckpt.pt"):
+        gpt2.load_checkpoint(str(tmp_path / "adapter.pt"))  # e.g. generate.py --model adapter.pt
     merged = gpt2.merge_lora(model)
     assert not any(isinstance(m, gpt2.LoRALinear) for m in merged.modules())
     assert set(merged.state_dict()) == set(tiny().state_dict()) and all(p.requires_grad for p in merged.parameters())
@@ -668,6 +670,17 @@ def test_flags_reach_training_mask_prompt_preamble_epochs_max_len_grad_clip(tmp_
     # 8 rows of 100 from a stream of 57-token examples: the targets 1..800 hold 14 example starts (57 x 14 = 798)
     assert run("packed", "--packing", "--seq-len", "100", "--no-mask-prompt", "--max-steps", "1")[0] == [800 - 14]
     assert len(clips) == 6
+    # --packing into rows shorter than a prompt: a row of prompt tokens only has no loss; no NaN is logged and
+    # no optimizer step taken (it would replay Adam's momentum)
+    steps, adam_step = [], torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **kw: steps.append(1) or adam_step(self, *a, **kw))
+    sft.main(["--init", init, "--data", str(tmp_path), "--out-dir", str(tmp_path / "windows"), "--batch-size", "1",
+              "--packing", "--seq-len", "16", "--max-steps", "8", "--eval-interval", "0", "--max-new-tokens", "2", *RUN])
+    rows = [r for r in metrics(tmp_path / "windows") if "tokens" in r]
+    assert len(rows) == 8 and 0 < sum(r["tokens"] > 0 for r in rows) < 8
+    assert all(("train_loss" in r) == (r["tokens"] > 0) for r in rows)
+    assert all(math.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+    assert len(steps) == sum(r["tokens"] > 0 for r in rows)
 
 
 def test_long_prompts_keep_their_end_when_answered(capsys):
@@ -679,6 +692,17 @@ def test_long_prompts_keep_their_end_when_answered(capsys):
     assert len(out) == 2 and "1 of 2 prompts were longer than the 88 tokens" in capsys.readouterr().out
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
         sft.generate_responses(model, BYTES, rows, False, 96, 2, "cpu", torch.float32)
+
+
+def test_no_example_fits_says_which_limit(tmp_path):
+    """No training example keeps a response token: raise --max-len if it is below the model's context; at the
+    context, the prompts are the problem (raising --max-len, which is cut to the context, would change nothing)."""
+    init = base_checkpoint(tmp_path / "base.pt")  # block_size 96
+    data = str(write(tmp_path / "d.jsonl", [{"prompt": "x" * 120, "completion": "y"}] * 20))
+    with pytest.raises(SystemExit, match="within 40 tokens; raise --max-len \\(up to the model's 96\\)"):
+        sft.main(["--init", init, "--data", data, "--max-len", "40", "--max-new-tokens", "4", *RUN])
+    with pytest.raises(SystemExit, match="within 96 tokens; the prompts fill the model's context"):
+        sft.main(["--init", init, "--data", data, "--max-len", "400", "--max-new-tokens", "4", *RUN])
 
 
 def test_examples_whose_prompt_fills_max_len_are_left_out(capsys):

@@ -656,9 +656,27 @@ def error_of(argv, capsys=None):
     return str(e.value.code) + (capsys.readouterr().err if capsys else "")
 
 
+def test_resume_keeps_the_runs_dtype(tmp_path):
+    """A bf16 run resumed without --dtype goes on in bf16 (it went on in the default, float32: another run)."""
+    data = make_shards(tmp_path / "data")
+    common = [a for a in TINY if a not in ("--dtype", "float32")] + [
+        "--data", str(data), "--seq-len", "16", "--batch-size", "4", "--total-batch-size", "128", "--max-steps", "6",
+        "--eval-interval", "3"]
+    tg.main([*common, "--dtype", "bfloat16", "--out-dir", str(tmp_path / "straight")])
+    tg.main([*common, "--dtype", "bfloat16", "--out-dir", str(tmp_path / "split"), "--stop-after", "3"])
+    tg.main([*common, "--out-dir", str(tmp_path / "split"), "--resume"])
+    assert len(train_losses(tmp_path / "split")) == 6
+    assert train_losses(tmp_path / "split") == train_losses(tmp_path / "straight")
+
+
 def test_bad_input_errors(tmp_path, monkeypatch, capsys):
     data = make_shards(tmp_path / "data")
     base = [*TINY, "--data", data, "--out-dir", tmp_path / "out"]
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt: no text to train on (empty)" in error_of([*base, "--data", tmp_path / "empty.txt"])
+    msg = error_of([*base, "--seq-len", 16, "--block-size", 32, "--batch-size", 4, "--total-batch-size", 64,
+                    "--sample-tokens", 5, "--prompt", "x" * 40])  # crashed at the first sample (the cache is full)
+    assert "--prompt is 40 tokens, the model's context 32: shorten it" in msg
     msg = error_of([*base, "--seq-len", 16, "--batch-size", 3, "--total-batch-size", 100])
     assert "--total-batch-size 100 is not a multiple" in msg and "48" in msg
     msg = error_of([*base, "--seq-len", 512, "--block-size", 256, "--batch-size", 1, "--total-batch-size", 512])
