@@ -317,8 +317,8 @@ def class_logits(model, idx, mask, last):
 def lm_loss(model, hidden, idx, mask, vocab):
     """GPT-1's auxiliary objective while fine-tuning (--lm-weight): next-token cross-entropy on the same
     texts, read through the language-model head the class head replaced (the token embedding, or an untied
-    model's `lm_out`), padding ignored. The softmax runs over `vocab` (V',), the ids the training texts use: no other id is ever a
-    target, and the full 50,257-way softmax would be most of a tiny model's step.
+    model's `lm_out`), padding ignored. The softmax runs over `vocab` (V',), the ids the training texts use:
+    no other id is ever a target, and the full 50,257-way softmax would be most of a tiny model's step.
     hidden (B, T, C), the final norm's output; idx, mask (B, T) -> scalar.
     lm_loss(model, h, [[5, 6, 7]], [[1, 1, 1]], [5, 6, 7]) -> mean of -log p(6 | 5) and -log p(7 | 5, 6)"""
     head = model.lm_out.weight if hasattr(model, "lm_out") else model.transformer.wte.weight  # (V, C)
@@ -629,8 +629,8 @@ def main(argv=None):
     with open(args.data, "rb") as f:
         data_hash = hashlib.sha256(f.read()).hexdigest()
     if ckpt and ckpt.get("data_sha256", data_hash) != data_hash:  # another split, silently: not a resume
-        raise ValueError(f"--resume: {args.data} changed since the run in {args.out_dir} started (its sha256 differs); "
-                         f"put back the file it trained on, or start a new run in another --out-dir")
+        raise ValueError(f"--resume: {args.data} changed since the run in {args.out_dir} started (its sha256 "
+                         f"differs); put back the file it trained on, or start a new run in another --out-dir")
     names = ckpt["labels"] if ckpt else sorted({label for _, label in examples})
     y_all = label_ids([label for _, label in examples], names)
     splits = split_rows(examples, args.split, args.split_seed)

@@ -1137,8 +1137,9 @@ def resume_settings(args, script, marker, argv=None):
     """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
     run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE: given on
     the command line, they win), so a resumed run trains exactly as the uninterrupted one would; flags in `argv`
-    (the command line) that ask for another value are named in a note. A missing checkpoint, or one whose settings lack `marker` (a flag every
-    run of `script` records: the --out-dir of another script's run), is an error naming the fix."""
+    (the command line) that ask for another value are named in a note. A missing checkpoint, or one whose
+    settings lack `marker` (a flag every run of `script` records: the --out-dir of another script's run), is an
+    error naming the fix."""
     if not args.resume:
         return args, None
     path = os.path.join(args.out_dir, "ckpt.pt")
