@@ -1,8 +1,9 @@
 """Tests of ppo.py: GAE and whitening, the clipped policy and value losses, both KL estimators, the per-token
 rewards and the KL controller on hand numbers; the rollout log-probabilities, entropies and prompts; KL 0 at
-the first step; a PPO step's minibatch gradients and stats against the objective; greedy evaluation; learning
-on a toy reward; exact resume with the lr schedule, the KL controller, --value-lr and --weight-decay; prompt
-files; the gpt2-polite recipe's code path. CPU only, offline, tiny models."""
+the first step; a PPO step's minibatch gradients and stats against the objective, and its value clip around the
+rollout's values; greedy evaluation; learning on a toy reward; exact resume with the lr schedule, the KL
+controller, --value-lr and --weight-decay; prompt files; the gpt2-polite recipe's code path. CPU only, offline,
+tiny models."""
 
 import argparse
 import itertools
@@ -305,6 +306,58 @@ def test_ppo_step_follows_the_ppo_objective():
                      torch.float32)
     norm = torch.cat([g.flatten() for g in opt.grads[0].values()]).norm().item()
     assert s["grad_norm"] > 1e-2 and norm == pytest.approx(1e-3, rel=1e-4)
+
+
+class Drifted(torch.nn.Module):
+    """A policy whose value head has moved by `shift` since the rollout: every pass after the first (the rollout
+    batch's, before training) adds it to the values, with their gradient kept."""
+
+    def __init__(self, policy, shift):
+        super().__init__()
+        self.policy, self.shift, self.calls = policy, shift, 0
+
+    def forward(self, idx, attn, T, temperature):
+        logp, values, entropy = self.policy(idx, attn, T, temperature)
+        self.calls += 1
+        return logp, values + (self.shift if self.calls > 1 else 0.0), entropy
+
+
+def test_ppo_step_clips_the_values_around_the_rollouts():
+    """Where the value head has moved further than --clip-value from the rollout's values (V_old), ppo_step's
+    value loss is 0.5 * mean of max((V - R)^2, (V_old + clip(V - V_old) - R)^2): the clip is taken around the
+    rollout's values, not the current ones, and tokens whose clipped branch is the larger carry no gradient."""
+    gen = torch.Generator().manual_seed(7)
+    policy = ppo.Policy(tiny(3), None, {"weight": torch.randn(1, 32, generator=gen), "bias": torch.tensor([0.1])})
+    ref = ppo.Policy(tiny(4)).eval().requires_grad_(False)
+    args = settings(max_new_tokens=10, temperature=0.7, minibatches=1, ppo_epochs=1, gamma=0.9, lam=0.8,
+                    vf_coef=1.0, grad_clip=0.0, kl_estimator="k1", clip_value=0.3, whiten=False, seed=0)
+    torch.manual_seed(1)
+    b = ppo.rollout(policy, BYTES, ROWS, args, "cpu", torch.float32)
+    idx, attn, mask, T, B = b["idx"], b["attn"], b["mask"], b["T"], len(ROWS)
+    score = torch.linspace(-2, 2, B)
+    with torch.no_grad():
+        logp, old, _ = policy(idx, attn, T, 0.7)
+        ref_logp, _, _ = ref(idx, attn, T, 0.7)
+    rewards = -0.3 * (logp - ref_logp) * mask
+    rewards[torch.arange(B), mask.sum(1).long() - 1] += score
+    adv, ret = ppo.gae(rewards, old, mask, 0.9, 0.8)
+    shift = torch.where(torch.arange(mask.size(1)) % 2 == 0, 0.5, -0.5)[None]  # +-0.5 per token, past 0.2
+    opt = Still(policy)
+    s = ppo.ppo_step(Drifted(policy, shift), ref, opt, b, score, ppo.KLController(0.3), args, 0, "cpu",
+                     torch.float32)
+    assert s["value_clip_frac"] == pytest.approx(1.0)  # every value moved by 0.5 > 0.3
+    policy.zero_grad()
+    lp, v, _ = policy(idx, attn, T, 0.7)
+    v = v + shift
+    vclip = old + shift.clamp(-0.3, 0.3)  # around the rollout's values: a constant here
+    vl = 0.5 * (torch.max((v - ret) ** 2, (vclip - ret) ** 2) * mask).sum() / mask.sum()
+    assert s["value_loss"] == pytest.approx(vl.item(), rel=1e-5)
+    assert ((vclip - ret) ** 2 > (v - ret) ** 2)[mask.bool()].any()  # some tokens take the clipped branch
+    (-(adv * lp * mask).sum() / mask.sum() + vl).backward()
+    want = {k: p.grad for k, p in policy.named_parameters() if p.grad is not None}
+    assert opt.grads[0].keys() == want.keys()
+    for k in want:
+        assert torch.allclose(opt.grads[0][k], want[k], rtol=1e-4, atol=1e-6), k
 
 
 def test_rollout_prompts_are_the_sft_template():
