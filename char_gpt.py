@@ -554,7 +554,8 @@ def parse_args(argv=None):
         vals = [("ladder", SMALL[key])] + ([("bigram", BIGRAM[key])] if key in BIGRAM else [])
         return "default: " + ", ".join(f"{k} {v:g}" for k, v in vals + [(k, PRESETS[k][key]) for k in PRESETS])
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", choices=STAGES, default="full",
                    help="rung of the ladder; the stages below full train at the lecture's small scale "

@@ -36,7 +36,6 @@ import hashlib
 import io
 import math
 import os
-import sys
 import time
 import zipfile
 
@@ -47,9 +46,9 @@ import torch.nn.functional as F
 
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
-                  grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device,
-                  pick_dtype, resume_settings, save_checkpoint, seed_everything, rng_state, set_rng_state,
-                  tokenizer_of)
+                  given_flags, grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
+                  pick_device, pick_dtype, resume_settings, save_checkpoint, seed_everything, rng_state,
+                  set_rng_state, tokenizer_of)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
@@ -517,7 +516,8 @@ RUN_PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--preset", default="scratch", choices=list(RUN_PRESETS),
                    help="scratch: the CPU default; gpt2-book: the book's GPT-2 recipe (flags given override it)")
     g = p.add_argument_group("data")
@@ -592,10 +592,10 @@ def main(argv=None):
                          f"give at least {1 + args.eot}, or leave it out for the model's block size")
     pretrained = args.init != "scratch"
     args.train = args.train or ("last-block" if pretrained else "all")
-    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    given = given_flags(argv)
     for flag, needs, used in (("--last-n", "--train last-n", args.train == "last-n" and not args.lora),
                               ("--lora-alpha", "--lora R", bool(args.lora))):
-        if flag in given and not used and not args.resume:
+        if flag[2:].replace("-", "_") in given and not used and not args.resume:
             print(f"classify.py: note: {flag} is used only with {needs}; not used here")
     if args.lr is None:  # `is None`, not `or`: --lr 0 (the weights stay as they are) means what it says
         args.lr = 1e-4 if pretrained else 1e-3

@@ -560,7 +560,8 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_i
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="gpt2",
                    help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | an HF Llama 3.x / Qwen2.5 name "

@@ -1133,6 +1133,20 @@ def load_with_tokenizer(init, missing=None):
     return model, tokenizer_of(model, init), ckpt  # tokenizer_of: a ValueError if it does not fit the model
 
 
+def given_flags(argv=None):
+    """The settings a command line names, as argparse dests (argv: sys.argv[1:] when None). The scripts' parsers
+    take no abbreviations, so a flag is always spelled out; --no-x names x too.
+    given_flags(["--lr", "1e-3", "--dtype=bfloat16", "--no-compile"]) -> {"lr", "dtype", "no_compile", "compile"}"""
+    given = set()
+    for a in map(str, sys.argv[1:] if argv is None else argv):
+        if a == "--":  # what follows is a value, not a flag
+            break
+        if a.startswith("--"):
+            k = a[2:].split("=")[0].replace("-", "_")
+            given |= {k, k[3:]} if k.startswith("no_") else {k}
+    return given
+
+
 def resume_settings(args, script, marker, argv=None):
     """--resume for the post-training scripts: -> (args, checkpoint), or (args, None) without --resume. A resumed
     run takes its own settings from the checkpoint, except where it runs and when it stops (RUN_PLACE: given on
@@ -1150,9 +1164,7 @@ def resume_settings(args, script, marker, argv=None):
         raise SystemExit(f"{script}: error: --resume: {path} was not written by {script} (another script's run?); "
                          f"give the --out-dir of a run of {script}")
     saved = ckpt["args"]
-    given = {a[2:].split("=")[0].replace("-", "_") for a in map(str, sys.argv[1:] if argv is None else argv)
-             if a.startswith("--")}
-    given |= {k[3:] for k in given if k.startswith("no_")}  # --no-preamble sets preamble
+    given = given_flags(argv)
     unused = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})" for k in sorted(given)
               if k in saved and k not in RUN_PLACE and getattr(args, k, saved[k]) != saved[k]]
     if unused:

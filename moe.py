@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -45,9 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bpe
-from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, grad_scaler, restore_scaler,
-                  load_checkpoint, load_model_state, lr_at, maybe_compile, mlp_width, pick_device, pick_dtype,
-                  save_checkpoint, seed_everything, rng_state, set_rng_state, RUN_PLACE)
+from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, given_flags, grad_scaler,
+                  restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, mlp_width, pick_device,
+                  pick_dtype, save_checkpoint, seed_everything, rng_state, set_rng_state, RUN_PLACE)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -526,7 +525,8 @@ RUN_PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="shakespeare", choices=list(RUN_PRESETS),
                    help="defaults for everything below; a flag given on the command line wins")
@@ -595,7 +595,7 @@ def parse_args(argv=None):
     if args.arch != "dense" and args.every > n_layer:  # before the dense half trains, not after
         p.error(f"--moe-every {args.every}: the model has {n_layer} blocks, so no block would be MoE; give 1 to "
                 f"{n_layer}")
-    if args.resume and not any(a.split("=")[0] == "--dtype" for a in (sys.argv[1:] if argv is None else argv)):
+    if args.resume and "dtype" not in given_flags(argv):
         saved = next(load_checkpoint(path)["args"] for path in (os.path.join(args.out_dir, a, "ckpt.pt")
                                                                  for a in archs) if os.path.exists(path))
         args.dtype = saved.get("dtype", args.dtype)  # the run's own precision: bf16 resumed in float32 is another run

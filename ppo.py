@@ -88,7 +88,8 @@ PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/mai
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
     g.add_argument("--init", help="the SFT model to train: a checkpoint written by sft.py")

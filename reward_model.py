@@ -81,7 +81,8 @@ SFT_COMMANDS = {PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: pytho
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
     g.add_argument("--init", help="the starting model: a checkpoint, gpt2 | gpt2-medium | ..., or an HF folder")

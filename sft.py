@@ -66,7 +66,8 @@ BASE_COMMANDS = {PRESETS[p]["init"]: f"python train_gpt2.py --preset {p}" for p 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--preset", default="task", choices=list(PRESETS), help="defaults for a run (default: task)")
     g.add_argument("--init", help="the model to fine-tune: a checkpoint, gpt2 | gpt2-medium | ..., or an HF folder")

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from collections import namedtuple
@@ -47,9 +46,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir, download,
-                  end_distributed, grad_scaler, hf_model_type, restore_scaler, load_checkpoint, load_model_state, lr_at,
-                  maybe_compile, peak_flops, pick_device, pick_dtype, save_checkpoint, seed_everything,
-                  rng_state as torch_rng_state, set_rng_state as set_torch_rng_state)
+                  end_distributed, given_flags, grad_scaler, hf_model_type, restore_scaler, load_checkpoint,
+                  load_model_state, lr_at, maybe_compile, peak_flops, pick_device, pick_dtype, save_checkpoint,
+                  seed_everything, rng_state as torch_rng_state, set_rng_state as set_torch_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; any flag given on the command line wins.
@@ -86,7 +85,8 @@ ARCH_FLAGS = [  # gpt2.GPTConfig fields a flag may override when training from s
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--preset", default="shakespeare", choices=list(RUN_PRESETS),
                    help="the run's defaults (model, data, batch, schedule, evaluations); flags given win")
     g = p.add_argument_group("model")
@@ -813,8 +813,7 @@ def main(argv=None):
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     try:
         ckpt, ckpt_path = start_checkpoint(args)
-        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
-        if args.resume and "--dtype" not in given and "dtype" in ckpt.get("args", {}):
+        if args.resume and "dtype" not in given_flags(argv) and "dtype" in ckpt.get("args", {}):
             args.dtype = ckpt["args"]["dtype"]  # the run's own precision: a bf16 run resumed in float32 is another run
         tok = run_tokenizer(args, ckpt, ckpt_path)
         config = model_config(args, ckpt, tok)

@@ -869,6 +869,22 @@ def test_resume_names_the_flags_it_does_not_use(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("script", ["train_gpt2", "moe", "classify", "sft", "reward_model", "ppo", "grpo",
+                                    "char_gpt", "generate"])
+def test_given_flags_and_no_abbreviated_flags(script, capsys):
+    """given_flags names the settings a command line gives (what --resume keeps or notes). The scripts' parsers
+    take no abbreviations: `--dtyp bfloat16` would set --dtype without given_flags seeing it, and a resumed run
+    would take the run's own dtype in silence."""
+    import importlib
+    argv = ["--lr", "1e-3", "--dtype=bfloat16", "--no-preamble", "--", "--seed"]
+    assert gpt2.given_flags(argv) == {"lr", "dtype", "no_preamble", "preamble"}
+    mod = importlib.import_module(script)
+    parse = getattr(mod, "parse_args", None) or mod.main
+    with pytest.raises(SystemExit):
+        parse(["--dtyp", "bfloat16"])
+    assert "unrecognized arguments: --dtyp" in capsys.readouterr().err
+
+
 def test_batch_rows_walk_epochs_of_shuffled_rows():
     """10 rows, batches of 3: 3 batches an epoch, each epoch 9 distinct rows in its own order, the order set by
     (seed, epoch) and nothing else (a resumed run asks again and gets the same rows). The seed is seed * 1000 +
