@@ -46,9 +46,9 @@ import torch.nn.functional as F
 
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, add_lora, autocast, download,
-                  given_flags, grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile,
-                  pick_device, pick_dtype, resume_settings, save_checkpoint, seed_everything, rng_state,
-                  set_rng_state, tokenizer_of)
+                  given_flags, grad_scaler, restore_scaler, load_checkpoint, load_model_state, lr_at, warmup_note,
+                  maybe_compile, pick_device, pick_dtype, resume_settings, save_checkpoint, seed_everything,
+                  rng_state, set_rng_state, tokenizer_of)
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMS_PATH = os.path.join(DATA_DIR, "sms_spam_collection.tsv")
@@ -654,6 +654,8 @@ def main(argv=None):
     steps_per_epoch = math.ceil(n_train / args.batch_size)
     max_steps = args.epochs * steps_per_epoch if args.max_steps is None else args.max_steps
     warmup = args.warmup_steps if args.warmup_steps is not None else max_steps // 10
+    if note := warmup_note(warmup, max_steps):
+        print(f"classify.py: {note}")
     eval_interval = args.eval_interval or steps_per_epoch
     weight = class_weights(y["train"], len(names)) if args.class_weight == "balanced" else None
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, device_type=device)

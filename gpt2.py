@@ -1299,6 +1299,16 @@ def lr_at(step, max_lr, warmup_steps, max_steps, min_lr_ratio=0.1):
     return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def warmup_note(warmup_steps, max_steps):
+    """A note for a warmup as long as the run (its learning rate never reaches the peak, nor decays), else "".
+    warmup_note(50, 30) -> "note: --warmup-steps 50 >= --max-steps 30: the learning rate never reaches --lr ..."
+    """
+    if warmup_steps < max_steps:
+        return ""
+    return (f"note: --warmup-steps {warmup_steps} >= --max-steps {max_steps}: the learning rate never reaches --lr "
+            f"and never decays")
+
+
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 

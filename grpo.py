@@ -49,7 +49,7 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (MetricsLog, add_common_args, autocast, batch_rows, download, end_distributed, fsdp_shard,
                   full_state_dict, grad_scaler, init_distributed, left_pad, load_model_state, load_with_tokenizer,
-                  lr_at, maybe_compile, pick_device, pick_dtype, restore_scaler, resume_settings, sample,
+                  lr_at, warmup_note, maybe_compile, pick_device, pick_dtype, restore_scaler, resume_settings, sample,
                   save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
@@ -145,9 +145,11 @@ def parse_args(argv=None):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     # e.g. a negative --beta rewards drifting away, a negative --grad-clip flips the step: silently wrong runs
-    for flag in ("lr", "beta", "clip_low", "clip_high", "grad_clip", "eval_limit", "min_lr_ratio"):
+    for flag in ("lr", "beta", "clip_low", "clip_high", "grad_clip", "eval_limit", "min_lr_ratio", "warmup_steps"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    if note := warmup_note(args.warmup_steps, args.max_steps):
+        print(f"grpo.py: {note}")
     if args.group_size < 2:
         fail(f"--group-size {args.group_size}: a group needs at least 2 answers to have a mean to compare with")
     if args.temperature <= 0:  # greedy answers: a group's G answers are one answer, and the ratio has no pi

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 import bpe
 from gpt2 import (GPT, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, given_flags, grad_scaler,
-                  restore_scaler, load_checkpoint, load_model_state, lr_at, maybe_compile, mlp_width, pick_device,
-                  pick_dtype, save_checkpoint, seed_everything, rng_state, set_rng_state, RUN_PLACE)
+                  restore_scaler, load_checkpoint, load_model_state, lr_at, warmup_note, maybe_compile, mlp_width,
+                  pick_device, pick_dtype, save_checkpoint, seed_everything, rng_state, set_rng_state, RUN_PLACE)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -579,6 +579,8 @@ def parse_args(argv=None):
     for name in ("warmup_steps", "grad_clip"):  # a negative clip would reverse the gradient
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(args, name)}")
+    if note := warmup_note(args.warmup_steps, args.max_steps):
+        print(f"moe.py: {note}")
     if args.stop_after is not None and args.stop_after < 1:  # 0 ran the whole schedule
         p.error(f"--stop-after must be a step >= 1, got {args.stop_after}")
     if args.resume and args.init != "scratch":

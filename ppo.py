@@ -50,8 +50,8 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, batch_rows, download, grad_scaler, left_pad,
-                  load_checkpoint, load_model_state, lr_at, maybe_compile, pick_device, pick_dtype, restore_scaler,
-                  resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
+                  load_checkpoint, load_model_state, lr_at, warmup_note, maybe_compile, pick_device, pick_dtype,
+                  restore_scaler, resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -151,9 +151,11 @@ def parse_args(argv=None):
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     # e.g. a negative --kl-coef rewards drifting away, a negative --grad-clip flips the step
     for flag in ("value_lr", "kl_coef", "target_kl", "clip", "clip_value", "grad_clip", "eval_limit", "min_lr_ratio",
-                 "vf_coef"):
+                 "vf_coef", "warmup_steps"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    if note := warmup_note(args.warmup_steps, args.max_steps):
+        print(f"ppo.py: {note}")
     if args.lr <= 0:  # the value head's rate is --value-lr / --lr times the policy's
         fail(f"--lr {args.lr}: give a learning rate above 0")
     if args.temperature <= 0:  # training divides the logits by it, as sampling does: greedy has no log-probabilities

@@ -51,9 +51,9 @@ from tqdm import tqdm
 
 import bpe
 from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, epoch_order, grad_scaler, restore_scaler,
-                  left_pad, load_lora_state, load_model_state, lora_state_dict, lr_at, load_with_tokenizer,
-                  maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample, save_checkpoint,
-                  seed_everything, rng_state, set_rng_state)
+                  left_pad, load_lora_state, load_model_state, lora_state_dict, lr_at, warmup_note,
+                  load_with_tokenizer, maybe_compile, merge_lora, pick_device, pick_dtype, resume_settings, sample,
+                  save_checkpoint, seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -141,7 +141,7 @@ def parse_args(argv=None):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     # a negative clip, head lr or loss weight would turn its term around (ascent, silently)
-    for flag in ("lr", "grad_clip", "head_lr_mult", "lm_alpha", "rpo_alpha", "center_rewards", "eval_limit",
+    for flag in ("lr", "warmup_steps", "grad_clip", "head_lr_mult", "lm_alpha", "rpo_alpha", "center_rewards", "eval_limit",
                  "min_lr_ratio"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
@@ -515,6 +515,8 @@ def main(argv=None):
         fail(e)
     loader = Loader(train, args.batch_size, args.seed, tok.eot_token)
     max_steps = args.max_steps or args.epochs * loader.steps_per_epoch
+    if note := warmup_note(args.warmup_steps, max_steps):
+        print(f"reward_model.py: {note}")
 
     ref = None
     if args.method == "dpo":  # the frozen reference: the starting model, in eval mode (no dropout)

@@ -40,9 +40,9 @@ from tqdm import tqdm
 import bpe
 from gpt2 import (MetricsLog, add_common_args, add_lora, autocast, download, end_distributed, epoch_order, fsdp_shard,
                   full_state_dict, grad_scaler, restore_scaler, init_distributed, left_pad, load_lora_state,
-                  load_model_state, load_with_tokenizer, lora_state_dict, lr_at, maybe_compile, merge_lora,
-                  pick_device, pick_dtype, resume_settings, sample, save_adapter, save_checkpoint, seed_everything,
-                  rng_state, set_rng_state)
+                  load_model_state, load_with_tokenizer, lora_state_dict, lr_at, warmup_note, maybe_compile,
+                  merge_lora, pick_device, pick_dtype, resume_settings, sample, save_adapter, save_checkpoint,
+                  seed_everything, rng_state, set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -117,7 +117,7 @@ def parse_args(argv=None):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     # a negative clip (or final learning rate) would flip the gradient's sign: ascent, silently
-    for flag in ("lr", "grad_clip", "eval_limit", "min_lr_ratio"):
+    for flag in ("lr", "warmup_steps", "grad_clip", "eval_limit", "min_lr_ratio"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
     if args.max_len is not None and args.max_len < 2:  # a prompt token and the response's end-of-text, at least
@@ -354,6 +354,8 @@ def main(argv=None):
              f"tokens; {fix}")
     loader = Loader(train, args.batch_size, args.seed, tok.eot_token, args.packing, args.seq_len)
     max_steps = args.max_steps or args.epochs * loader.steps_per_epoch
+    if note := warmup_note(args.warmup_steps, max_steps):
+        print(f"sft.py: {note}")
 
     total_params = sum(p.numel() for p in model.parameters())
     if args.lora:

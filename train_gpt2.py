@@ -47,8 +47,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 from gpt2 import (GPT, HF_MODELS, PRESETS, GPTConfig, MetricsLog, add_common_args, autocast, cache_dir, download,
                   end_distributed, given_flags, grad_scaler, hf_model_type, restore_scaler, load_checkpoint,
-                  load_model_state, lr_at, maybe_compile, peak_flops, pick_device, pick_dtype, save_checkpoint,
-                  seed_everything, rng_state as torch_rng_state, set_rng_state as set_torch_rng_state)
+                  load_model_state, lr_at, warmup_note, maybe_compile, peak_flops, pick_device, pick_dtype,
+                  save_checkpoint, seed_everything, rng_state as torch_rng_state,
+                  set_rng_state as set_torch_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; any flag given on the command line wins.
@@ -161,9 +162,8 @@ def check_args(args, world):
         fail(f"--lr must be above 0, got {args.lr}")
     if args.min_lr_ratio > 1:  # the cosine would climb from --lr to above it
         fail(f"--min-lr-ratio must be at most 1 (the final / peak learning rate), got {args.min_lr_ratio}")
-    if args.warmup_steps >= args.max_steps:
-        log(f"note: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the learning rate never "
-            f"reaches --lr and never decays")
+    if note := warmup_note(args.warmup_steps, args.max_steps):
+        log(note)
     if args.stop_after is not None and args.stop_after < 1:  # 0 ran the whole schedule
         fail(f"--stop-after must be a step >= 1, got {args.stop_after}")
     per_micro = args.batch_size * args.seq_len * world
@@ -282,6 +282,10 @@ def start_checkpoint(args):
     path = os.path.join(args.out_dir, "ckpt.pt") if args.resume else args.init
     if args.resume or os.path.isfile(args.init):
         ckpt = load_checkpoint(path)  # on the CPU: weights, optimizer and RNG states move on load
+        if "moe" in ckpt and "loader" not in ckpt:  # moe.py's: characters of its own vocabulary, maybe MoE blocks
+            raise ValueError(f"{'--resume' if args.resume else '--init'}: {path} was written by moe.py (a "
+                             f"character-level model of its own vocabulary); go on with it in moe.py (--init "
+                             f"{path} or --resume), or start train_gpt2.py from scratch, GPT-2 or its own checkpoint")
         if args.resume and "loader" not in ckpt:  # sft.py's, moe.py's, ...: no data position to go on from
             raise ValueError(f"--resume: {path} was not written by train_gpt2.py; resume it with the script that "
                              f"wrote it, or start from its weights with --init {path} and a new --out-dir")
@@ -813,13 +817,18 @@ def main(argv=None):
     check_args(args, int(os.environ.get("WORLD_SIZE", 1)))
     try:
         ckpt, ckpt_path = start_checkpoint(args)
-        if args.resume and "dtype" not in given_flags(argv) and "dtype" in ckpt.get("args", {}):
+        given = given_flags(argv)
+        if args.resume and "dtype" not in given and "dtype" in ckpt.get("args", {}):
             args.dtype = ckpt["args"]["dtype"]  # the run's own precision: a bf16 run resumed in float32 is another run
         tok = run_tokenizer(args, ckpt, ckpt_path)
         config = model_config(args, ckpt, tok)
-        if args.sample_tokens and len(tok.encode(args.prompt or "", allowed_special="all")) >= config.block_size:
-            raise ValueError(f"--prompt is {len(tok.encode(args.prompt, allowed_special='all'))} tokens, the "
-                             f"model's context {config.block_size}: shorten it (or --sample-tokens 0: no samples)")
+        if "model" in given and (args.resume or args.init != "scratch"):
+            log(f"--model {args.model}: not used; the {'checkpoint' if args.resume else '--init weights'} fix the "
+                f"model ({config.n_layer} layers, {config.n_embd} wide)")
+        n_prompt = len(tok.encode(args.prompt or "", allowed_special="all"))
+        if args.sample_tokens and n_prompt >= config.block_size:
+            raise ValueError(f"--prompt is {n_prompt} tokens, the model's context {config.block_size}: shorten it "
+                             f"(or --sample-tokens 0: no samples)")
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
     except (ValueError, FileNotFoundError) as e:

@@ -885,6 +885,25 @@ def test_given_flags_and_no_abbreviated_flags(script, capsys):
     assert "unrecognized arguments: --dtyp" in capsys.readouterr().err
 
 
+def test_a_warmup_as_long_as_the_run_is_noted(capsys):
+    """A --warmup-steps of at least --max-steps is noted (the learning rate never reaches --lr and never decays),
+    where each script parses its flags."""
+    import grpo
+    import moe
+    import ppo
+    assert gpt2.warmup_note(29, 30) == ""
+    assert gpt2.warmup_note(30, 30) == ("note: --warmup-steps 30 >= --max-steps 30: the learning rate never reaches "
+                                        "--lr and never decays")
+    for script in (ppo, grpo, moe):
+        script.parse_args(["--max-steps", "10", "--warmup-steps", "10"])
+        assert "--warmup-steps 10 >= --max-steps 10" in capsys.readouterr().out
+        script.parse_args(["--max-steps", "10", "--warmup-steps", "9"])
+        assert "warmup" not in capsys.readouterr().out
+    import train_gpt2
+    train_gpt2.check_args(train_gpt2.parse_args(["--max-steps", "10", "--warmup-steps", "10"]), 1)
+    assert "--warmup-steps 10 >= --max-steps 10" in capsys.readouterr().out
+
+
 def test_batch_rows_walk_epochs_of_shuffled_rows():
     """10 rows, batches of 3: 3 batches an epoch, each epoch 9 distinct rows in its own order, the order set by
     (seed, epoch) and nothing else (a resumed run asks again and gets the same rows). The seed is seed * 1000 +

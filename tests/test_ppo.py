@@ -583,6 +583,7 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     (["--stop-after", "0"], "--stop-after 0: must be at least 1"),  # ran every step
     (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0"),  # the schedule's end: a negative lr
     (["--vf-coef", "-1"], "--vf-coef -1.0: must be at least 0"),  # the value loss, maximised
+    (["--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0"),  # started part-way down the cosine
     (["--kl-horizon", "0"], "--kl-horizon 0: must be at least 1")])  # a ZeroDivisionError with --target-kl
 def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
     """Refused where they are parsed: not a ZeroDivisionError (--lr 0), a run of no steps, or a run that

@@ -515,6 +515,7 @@ def test_missing_sft_model_prints_the_command(tmp_path, monkeypatch):
     (["--method", "dpo", "--rpo-alpha", "-1"], "--rpo-alpha -1.0: must be at least 0"),
     (["--center-rewards", "-0.1"], "--center-rewards -0.1: must be at least 0"),
     (["--eval-limit", "-1"], "--eval-limit -1: must be at least 0"),
+    (["--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0"),
     (["--stop-after", "0"], "--stop-after 0: must be at least 1"),  # ran every step
     (["--max-len", "-5"], "--max-len -5: must be at least 2"),  # cut every answer's end-of-text
     (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0"),  # the schedule's end: a negative lr

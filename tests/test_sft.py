@@ -553,7 +553,7 @@ def test_missing_base_model_prints_the_command(tmp_path, monkeypatch):
     ("--batch-size", "0", 1), ("--max-steps", "-1", 1), ("--epochs", "0", 1), ("--eval-batch-size", "0", 1),
     ("--max-new-tokens", "0", 1), ("--seq-len", "0", 1), ("--lr", "-1", 0), ("--grad-clip", "-1", 0),
     ("--stop-after", "0", 1), ("--stop-after", "-1", 1), ("--eval-limit", "-1", 0), ("--max-len", "-5", 2),
-    ("--max-len", "0", 2), ("--min-lr-ratio", "-1", 0)])
+    ("--max-len", "0", 2), ("--min-lr-ratio", "-1", 0), ("--warmup-steps", "-1", 0)])
 def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flag, value, bound):
     """Refused where they are parsed, naming the flag: not a ZeroDivisionError in the loader, a run of 0 (or
     the default number of) steps, or, for a negative --grad-clip, a silently reversed gradient; a --max-len

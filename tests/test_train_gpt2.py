@@ -648,6 +648,9 @@ def test_resume_names_the_architecture_flags_it_does_not_use(tmp_path, capsys):
     assert "the checkpoint fixes the model; not used: " in out
     assert "--n-layer 3 (the checkpoint's: 2)" in out and "--dropout 0.3 (the checkpoint's: 0.0)" in out
     assert gpt2.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["config"]["n_layer"] == 2
+    tg.main([*map(str, common), "--device", "cpu", "--dtype", "float32", "--init", str(tmp_path / "o" / "ckpt.pt"),
+             "--model", "gpt2", "--out-dir", str(tmp_path / "o2")])
+    assert "--model gpt2: not used; the --init weights fix the model (2 layers" in capsys.readouterr().out
 
 
 def error_of(argv, capsys=None):
@@ -721,6 +724,11 @@ def test_bad_input_errors(tmp_path, monkeypatch, capsys):
         "tiny", n_layer=2, n_head=2, n_embd=32, vocab_size=512)), args={})  # another script's run: a KeyError
     msg = error_of([*base, "--out-dir", tmp_path / "other", "--resume"])
     assert "was not written by train_gpt2.py" in msg and "--init" in msg
+    gpt2.save_checkpoint(str(tmp_path / "moe" / "ckpt.pt"), gpt2.GPT(gpt2.GPTConfig.from_preset(
+        "tiny", n_layer=2, n_head=2, n_embd=32, vocab_size=65)), moe=None, vocab=["a"] * 65, args={})  # moe.py's
+    for how in (["--init", tmp_path / "moe" / "ckpt.pt"], ["--out-dir", tmp_path / "moe", "--resume"]):
+        msg = error_of([*plain, *how])  # --init said "raise --vocab-size": the model holds characters, not BPE
+        assert "was written by moe.py (a character-level model" in msg and "go on with it in moe.py" in msg
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
 
 
