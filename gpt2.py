@@ -1109,12 +1109,28 @@ def tokenizer_of(model, where="the checkpoint"):
     return tok
 
 
-def load_with_tokenizer(init, missing=None):
+# The pipeline's checkpoints (the presets' --init and --reward-model), each with the command that writes it:
+# a missing one is named with its command. The two arithmetic tasks go base -> SFT -> reward model.
+MADE_BY = {
+    **{f"out/{t}-base/ckpt.pt": f"python train_gpt2.py --preset {t}" for t in ("task", "task-columns")},
+    **{f"out/{t}-sft/ckpt.pt": f"python sft.py --preset {t}   (after: python train_gpt2.py --preset {t})"
+       for t in ("task", "task-columns")},
+    **{f"out/{t}-rm/ckpt.pt": f"python reward_model.py --preset {t}   (after: python sft.py --preset {t})"
+       for t in ("task", "task-columns")},
+    **{f"out/task-rm-{p}/ckpt.pt": f"python reward_model.py --pairs {p} --out-dir out/task-rm-{p}"
+       for p in ("samples", "both")},
+    "out/gpt2-alpaca/ckpt.pt": "python sft.py --preset gpt2-alpaca",
+    "out/gpt2-polite-rm/ckpt.pt": "python reward_model.py --preset gpt2-dpo --method rm --out-dir out/gpt2-polite-rm"
+                                  "   (after: python sft.py --preset gpt2-alpaca)",
+}
+
+
+def load_with_tokenizer(init):
     """--init of a post-training script -> (model, tokenizer, checkpoint or None). A checkpoint of this project
     brings the tokenizer it recorded (so every stage encodes as the one before); gpt2 names and folders come
     with GPT-2's tokenizer; Llama 3 / Qwen2.5 names and folders bring their own, loaded as fp32 master weights
-    (autocast computes in --dtype). missing: the command that makes a missing default input, for the error.
-    Every failure is a ValueError that names the fix."""
+    (autocast computes in --dtype). A missing pipeline checkpoint is named with the command that writes it
+    (MADE_BY). Every failure is a ValueError that names the fix."""
     ckpt = None
     if os.path.isfile(init):
         ckpt = load_checkpoint(init)
@@ -1125,8 +1141,8 @@ def load_with_tokenizer(init, missing=None):
             model = GPT.from_pretrained(init, dtype=torch.float32)
         except bpe.DownloadError as e:  # offline, most often: the message says where to put the files
             raise ValueError(f"--init {init}: {e}") from None
-    elif missing:
-        raise ValueError(f"no model at {init}; make it with:\n    {missing}")
+    elif init in MADE_BY:
+        raise ValueError(f"no model at {init}; make it with:\n    {MADE_BY[init]}")
     else:
         raise ValueError(f"--init {init!r}: not a checkpoint file, an HF folder, an HF Llama / Qwen name, or one "
                          f"of {', '.join(HF_MODELS)}")

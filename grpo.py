@@ -75,8 +75,6 @@ PRESETS["qwen-math"] = dict(init="Qwen/Qwen2.5-Math-1.5B", data="data/math", out
                             max_steps=200, prompts=32, group_size=8, lr=1e-5, max_new_tokens=1024,
                             eval_interval=20, eval_limit=500)
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
-SFT_COMMANDS = {PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: python train_gpt2.py --preset {p})"
-                for p in ("task", "task-columns")}
 LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
@@ -199,11 +197,9 @@ def load_rows(data):
 
 def load_policy(init):
     """--init -> (model, tokenizer, the prompt template it was trained with or None): gpt2.load_with_tokenizer,
-    with the command that makes the default input."""
+    which names the command that makes a missing preset input."""
     try:
-        made_by = {**SFT_COMMANDS,
-                   PRESETS["gpt2-gsm8k"]["init"]: "python sft.py --preset gpt2-alpaca"}
-        model, tok, ckpt = load_with_tokenizer(init, made_by.get(init))
+        model, tok, ckpt = load_with_tokenizer(init)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if (ckpt or {}).get("method") == "rm":

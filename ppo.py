@@ -49,9 +49,10 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import bpe
-from gpt2 import (GPT, GPTConfig, MetricsLog, add_common_args, autocast, batch_rows, download, grad_scaler, left_pad,
-                  load_checkpoint, load_model_state, lr_at, warmup_note, maybe_compile, pick_device, pick_dtype,
-                  restore_scaler, resume_settings, sample, save_checkpoint, seed_everything, rng_state, set_rng_state)
+from gpt2 import (GPT, GPTConfig, MADE_BY, MetricsLog, add_common_args, autocast, batch_rows, download, grad_scaler,
+                  left_pad, load_checkpoint, load_model_state, lr_at, warmup_note, maybe_compile, pick_device,
+                  pick_dtype, restore_scaler, resume_settings, sample, save_checkpoint, seed_everything, rng_state,
+                  set_rng_state)
 
 # -----------------------------------------------------------------------------
 # Runs. A preset fills in defaults; a flag given on the command line wins.
@@ -73,16 +74,6 @@ PRESETS = {
 PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-sft/ckpt.pt", "data": "task-columns",
                            "reward_model": "out/task-columns-rm/ckpt.pt", "out_dir": "out/task-columns-ppo",
                            "max_new_tokens": 64}
-MAKES = {  # the command that writes each preset's inputs
-    **{PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: python train_gpt2.py --preset {p})"
-       for p in ("task", "task-columns")},
-    **{PRESETS[p]["reward_model"]: f"python reward_model.py --preset {p}   (after sft.py --preset {p})"
-       for p in ("task", "task-columns")},
-    "out/task-rm-samples/ckpt.pt": "python reward_model.py --pairs samples --out-dir out/task-rm-samples",
-    "out/task-rm-both/ckpt.pt": "python reward_model.py --pairs both --out-dir out/task-rm-both",
-    "out/gpt2-alpaca/ckpt.pt": "python sft.py --preset gpt2-alpaca",
-    "out/gpt2-polite-rm/ckpt.pt": "python reward_model.py --preset gpt2-dpo --method rm --out-dir out/gpt2-polite-rm",
-}
 PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
                   "instruction-data-with-preference.json")
 
@@ -602,7 +593,7 @@ def load_model(path, flag):
     """A checkpoint of this project -> (GPT, its tokenizer, the checkpoint); a missing default input fails with
     the command that makes it."""
     if not path or not os.path.isfile(path):
-        how = f"; make it with:\n    {MAKES[path]}" if path in MAKES else ""
+        how = f"; make it with:\n    {MADE_BY[path]}" if path in MADE_BY else ""
         fail(f"{flag} {path!r}: no checkpoint there{how}")
     try:
         ckpt = load_checkpoint(path)

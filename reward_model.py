@@ -34,7 +34,8 @@ The CPU pipeline, on the arithmetic task of bpe.py (starts from sft.py's output)
     python reward_model.py --pairs samples --out-dir out/task-rm-samples   # pairs of the SFT model's own answers
     python reward_model.py --resume                # continue out/task-rm from its checkpoint
     python reward_model.py --preset task-columns   # answers worked column by column -> out/task-columns-rm
-The real recipe (a GPU; downloads GPT-2 medium, 355M):
+The real recipe (a GPU; GPT-2 medium, 355M, downloaded and instruction-tuned first):
+    python sft.py --preset gpt2-alpaca             # -> out/gpt2-alpaca/ckpt.pt, the policy and the reference
     python reward_model.py --preset gpt2-dpo       # 1,100 polite / impolite pairs, DPO, beta 0.1, 1 epoch
 """
 
@@ -64,8 +65,9 @@ PRESETS = {
                  max_steps={"rm": 3300, "dpo": 300}, batch_size=16, lr={"rm": 5e-4, "dpo": 1e-4},
                  lora_lr={"rm": 3e-3, "dpo": 1e-3}, beta=0.1, weight_decay=0.0, warmup_steps=20, eval_interval=150,
                  val_pairs=500, max_new_tokens=24, lm_alpha=1.0, head_lr_mult=10.0),  # the last two: rm only
-    # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium, the polite / impolite pairs split 85/5/10, 1 epoch
-    "gpt2-dpo": dict(init="gpt2-medium", data="data/instruction_preference_data.json", method="dpo", preamble=True,
+    # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium after instruction tuning (sft.py --preset gpt2-alpaca,
+    # as the notebook starts from chapter 7's SFT model), the polite / impolite pairs split 85/5/10, 1 epoch
+    "gpt2-dpo": dict(init="out/gpt2-alpaca/ckpt.pt", data="data/instruction_preference_data.json", method="dpo", preamble=True,
                      epochs=1, max_steps=None, batch_size=8, lr={"rm": 1e-5, "dpo": 5e-6},
                      lora_lr={"rm": 1e-4, "dpo": 5e-5}, beta=0.1, weight_decay=0.01,
                      warmup_steps=0, eval_interval=20, val_pairs=0, max_new_tokens=256, out_dir="out/gpt2-dpo"),
@@ -76,8 +78,6 @@ PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-sft/ckpt
                            "max_steps": {"rm": 1400, "dpo": 300}, "max_new_tokens": 64}
 PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/04_preference-tuning-with-dpo/"
                   "instruction-data-with-preference.json")
-SFT_COMMANDS = {PRESETS[p]["init"]: f"python sft.py --preset {p}   (after: python train_gpt2.py --preset {p})"
-                for p in ("task", "task-columns")}
 
 
 def parse_args(argv=None):
@@ -412,9 +412,10 @@ def pair_scores(model, ref, batch, method, beta, center, device, rpo_alpha=0.0, 
 
 
 def load_init(init):
-    """--init -> (GPT, tokenizer, template): gpt2.load_with_tokenizer, with the command that makes the default."""
+    """--init -> (GPT, tokenizer, template): gpt2.load_with_tokenizer, which names the command that makes a missing
+    preset input."""
     try:
-        model, tok, ckpt = load_with_tokenizer(init, SFT_COMMANDS.get(init))
+        model, tok, ckpt = load_with_tokenizer(init)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if (ckpt or {}).get("method") == "rm":

@@ -62,7 +62,6 @@ PRESETS["task-columns"] = {**PRESETS["task"], "init": "out/task-columns-base/ckp
                            "out_dir": "out/task-columns-sft", "max_new_tokens": 64}
 INSTRUCTION_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/"
                    "instruction-data.json")
-BASE_COMMANDS = {PRESETS[p]["init"]: f"python train_gpt2.py --preset {p}" for p in ("task", "task-columns")}
 
 
 def parse_args(argv=None):
@@ -233,7 +232,7 @@ class Loader:
 def load_base(init):
     """--init -> (model, tokenizer): gpt2.load_with_tokenizer, with the command that makes the default input."""
     try:
-        model, tok, ckpt = load_with_tokenizer(init, BASE_COMMANDS.get(init))
+        model, tok, ckpt = load_with_tokenizer(init)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if (ckpt or {}).get("method") == "rm":

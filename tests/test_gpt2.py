@@ -904,6 +904,31 @@ def test_a_warmup_as_long_as_the_run_is_noted(capsys):
     assert "--warmup-steps 10 >= --max-steps 10" in capsys.readouterr().out
 
 
+def test_every_presets_pipeline_input_names_the_command_that_writes_it(tmp_path, monkeypatch):
+    """Each preset's --init / --reward-model under out/ is in MADE_BY, and its command is a preset whose
+    --out-dir is that folder (so following the message writes what was missing); a missing one is named."""
+    import shlex
+    import grpo
+    import ppo
+    import reward_model
+    import sft
+    import train_gpt2
+    inputs = {p.get(k) for m in (sft, reward_model, ppo, grpo) for p in m.PRESETS.values()
+              for k in ("init", "reward_model")}
+    inputs = {i for i in inputs if i and i.startswith("out/")}
+    assert inputs and inputs <= set(gpt2.MADE_BY), inputs - set(gpt2.MADE_BY)
+    scripts = {"train_gpt2.py": train_gpt2, "sft.py": sft, "reward_model.py": reward_model}
+    for path, command in gpt2.MADE_BY.items():
+        python, script, *argv = shlex.split(command.split("   (after:")[0])
+        args = scripts[script].parse_args(argv)
+        out_dir = args.out_dir or f"out/{args.preset}-{args.method}"  # reward_model.py's default: see its main
+        assert os.path.join(out_dir, "ckpt.pt") == path, command
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no model at out/gpt2-alpaca/ckpt.pt; make it with:\n    python sft.py "
+                                         r"--preset gpt2-alpaca"):
+        gpt2.load_with_tokenizer("out/gpt2-alpaca/ckpt.pt")
+
+
 def test_batch_rows_walk_epochs_of_shuffled_rows():
     """10 rows, batches of 3: 3 batches an epoch, each epoch 9 distinct rows in its own order, the order set by
     (seed, epoch) and nothing else (a resumed run asks again and gets the same rows). The seed is seed * 1000 +

@@ -411,7 +411,7 @@ def test_gpt2_dpo_preset_code_path(tmp_path):
     the preamble) on a tiny random GPT-2-vocabulary model."""
     preset = rm.PRESETS["gpt2-dpo"]
     assert (preset["init"], preset["method"], preset["epochs"], preset["lr"]["dpo"], preset["beta"]) == \
-        ("gpt2-medium", "dpo", 1, 5e-6, 0.1)
+        ("out/gpt2-alpaca/ckpt.pt", "dpo", 1, 5e-6, 0.1)  # the notebook starts from chapter 7's SFT model
     assert os.path.samefile(os.path.join(ROOT, preset["data"]), os.path.join(ROOT, "data", "instruction_preference_data.json"))
     torch.manual_seed(0)
     GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).save_pretrained(str(tmp_path / "hf"))
