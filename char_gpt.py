@@ -329,10 +329,10 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.99), fused=device == "cuda")
 
 
-def make_config(args, vocab_size):
+def make_config(args, vocab_size, device="cpu"):
     preset = args.preset
-    if preset == "auto":
-        preset = "gpu" if torch.cuda.is_available() else "cpu"
+    if preset == "auto":  # the device the run uses, not whether the machine has a GPU: --device cpu is the CPU's
+        preset = "gpu" if device.startswith("cuda") else "cpu"
     cfg = dict(PRESETS[preset] if args.stage == "full" else SMALL)
     if args.stage == "bigram":
         cfg.update(BIGRAM)
@@ -423,7 +423,7 @@ def train(args):
                                  f"{args.max_steps}; give more steps, or leave --max-steps out")
             cfg["max_steps"] = args.max_steps
     else:
-        cfg = make_config(args, tok.vocab_size)
+        cfg = make_config(args, tok.vocab_size, device)
     if cfg["n_embd"] % cfg["n_head"]:
         raise SystemExit(f"--n-embd {cfg['n_embd']} is not a multiple of --n-head {cfg['n_head']}; each head gets "
                          f"n_embd / n_head")
@@ -450,9 +450,10 @@ def train(args):
         if device == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"])
         gen.set_state(ckpt["rng_batches"])
-        with open(metrics_path) as f:
-            # rows logged after the checkpoint (by a run that stopped before its next one) come again
-            metrics = [m for m in map(json.loads, f) if m["step"] <= step]
+        if os.path.exists(metrics_path):  # the checkpoint alone is enough to go on; lost rows stay lost
+            with open(metrics_path) as f:
+                # rows logged after the checkpoint (by a run that stopped before its next one) come again
+                metrics = [m for m in map(json.loads, f) if m["step"] <= step]
     os.makedirs(args.out_dir, exist_ok=True)  # only now: a refused run leaves no empty folder behind
     with open(metrics_path, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
@@ -525,7 +526,8 @@ def train(args):
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
-    print(f"done: {step} steps in {time.time() - t0:.1f}s, val loss {metrics[-1]['val_loss']:.4f}")
+    val = next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None)  # None: rows lost, none since
+    print(f"done: {step} steps in {time.time() - t0:.1f}s, val loss " + (f"{val:.4f}" if val is not None else "-"))
     plot_losses(metrics, os.path.join(args.out_dir, "loss.png"), f"char_gpt.py --stage {cfg['stage']} "
                                                                   f"({cfg['preset']})")
     return model, tok, cfg, metrics
@@ -605,11 +607,12 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="< 1 sharpens the distribution, > 1 flattens it")
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest characters")
     args = p.parse_args(argv)
-    for name in ("log_interval", "batch_size", "block_size", "eval_interval", "eval_iters", "max_steps"):
+    for name in ("log_interval", "batch_size", "block_size", "eval_interval", "eval_iters", "max_steps", "n_layer",
+                 "n_head", "n_embd", "lr_decay_steps"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not 0 < args.temperature < float("inf"):
-        p.error(f"--temperature must be a number above 0, got {args.temperature}")
+    if not 1e-5 <= args.temperature < float("inf"):  # smaller: logits / temperature overflows to inf (NaN draws)
+        p.error(f"--temperature must be a number >= 1e-5, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be at least 1 (or left out), got {args.top_k}")
     if args.num_chars < 0:

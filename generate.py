@@ -47,7 +47,8 @@ from gpt2 import (GPT, KVCache, add_common_args, build_mask, decode, draw, left_
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a distribution over the vocabulary becomes a token. temperature=0 means greedy.
+    """How a distribution over the vocabulary becomes a token. temperature=0 means greedy, and so does any
+    temperature below 1e-5 (as in vLLM): dividing logits by it would overflow float32 (a NaN to draw from).
 
     Which tokens the penalties count (padding never counts):
       repetition_penalty (CTRL, as in HF): every token of the prompt and of the generated text; a seen
@@ -88,7 +89,7 @@ class Sampling:
 
     @property
     def greedy(self):
-        return self.temperature == 0
+        return self.temperature < 1e-5
 
     @property
     def penalized(self):
@@ -208,6 +209,8 @@ def stream_tokens(model, idx, max_new_tokens, sampling=None, *, eos_id=None, use
     s = sampling or Sampling()
     cfg = model.config
     check_prompt(model, idx, attention_mask)
+    if max_new_tokens < 0:  # (0: nothing to generate)
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     B, T = idx.shape
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(idx, dtype=torch.bool)
     counts = TokenCounts(idx, valid, cfg.vocab_size, s.penalized)
@@ -316,22 +319,27 @@ def speculative_generate(target, draft, idx, max_new_tokens, sampling=None, *, n
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     T = idx.size(1)
+    n = T + max_new_tokens - 1  # the tokens the caches ever hold: the last new token is never fed back
     for name, m in (("target", target), ("draft", draft)):
         check_prompt(m, idx, None)
-        if m.config.window is not None or T + max_new_tokens > m.config.block_size:
+        if m.config.window is not None:
+            raise ValueError(f"speculative decoding rolls back a linear cache; the {name} has a sliding window "
+                             f"({m.config.window} tokens), whose rolling cache cannot be rolled back: use "
+                             f"generate() for it")
+        if n > m.config.block_size:
             raise ValueError(f"speculative decoding rolls back a linear cache, so the whole generation must fit "
-                             f"the {name}'s context without a sliding window: {T} + {max_new_tokens} tokens > "
-                             f"block_size {m.config.block_size} (or window set); generate fewer tokens")
+                             f"the {name}'s context: {T} prompt + {max_new_tokens} new tokens - 1 > block_size "
+                             f"{m.config.block_size}; generate at most {m.config.block_size + 1 - T} tokens")
     stats = stats if stats is not None else {}
     stats.update(proposed=0, accepted=0, target_passes=0)
-    tc, dc = target.new_cache(1, T + max_new_tokens), draft.new_cache(1, T + max_new_tokens)
+    tc, dc = target.new_cache(1, n), draft.new_cache(1, n)
     if T > 1:
         target(idx[:, :-1], cache=tc, last_logits_only=True)
         draft(idx[:, :-1], cache=dc, last_logits_only=True)
     counts = TokenCounts(idx, torch.ones_like(idx, dtype=torch.bool), V, s.penalized)
     out, last, pending = [], idx[0, -1:], idx[0, -1:]
     while len(out) < max_new_tokens:
-        # k shrinks at the end so the caches never hold more than T + max_new_tokens tokens
+        # k shrinks at the end so the caches never hold more than n = T + max_new_tokens - 1 tokens
         k = min(num_draft, max_new_tokens - len(out) - 1)
         drafted, q = [], []
         feed = pending
@@ -479,6 +487,18 @@ def find_stop(text, stops):
     return min(hits) if hits else None
 
 
+def stream_text(tokenizer, ids, stops=()):
+    """A generated row of ids -> the text a TextStream shows for it, so a batch prints what streaming would:
+    the stop string that is complete first wins, even when a longer one started earlier.
+    stops ["abcd", "c"], the letters a b c d e -> "ab" (the whole text's earliest stop, "abcd", would give "")."""
+    stream, parts = TextStream(tokenizer, stops), []
+    for t in ids:
+        parts.append(stream.push(t))
+        if stream.stopped:
+            break
+    return "".join(parts) + stream.finish()
+
+
 def load_model(name, device, dtype, what="model"):
     try:  # the dtype at load time: Llama / Qwen keep their rotary frequencies in float32
         model = GPT.from_pretrained(name, dtype=dtype)
@@ -513,7 +533,12 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_i
         import bpe
         ids = bpe.format_chat(tok, [{"role": "user", "content": text}], chat_style, add_generation_prompt=True)[0]
     else:
-        ids = tok.encode(text, allowed_special={"<|endoftext|>"}) or [tok.eot_token]  # empty: start of a document
+        ids = tok.encode(text, allowed_special={"<|endoftext|>"})
+        if not ids:  # empty: the start of a document, after an end-of-text token
+            if eos_id is None:
+                raise ValueError("the prompt is empty, and this tokenizer has no <|endoftext|> token to start a "
+                                 "document with; give a prompt")
+            ids = [tok.eot_token]
         bos = getattr(tok, "special_tokens", {}).get("<|begin_of_text|>")
         if bos is not None:  # Llama 3 reads every document after its BOS token
             ids = [bos] + ids
@@ -547,10 +572,9 @@ def run_prompt(args, text, tok, model, draft, sampling, device, generator, eos_i
         for j, row in enumerate(rows):
             n_tokens += len(row)
             row = row[:row.index(eos)] if eos in row else row
-            body = tok.decode(row)
             if args.num_samples > 1:
                 print(f"{'-' * 20} sample {sample_i + j + 1}")
-            print(text + body[:find_stop(body, args.stop)])
+            print(text + stream_text(tok, row, args.stop))
         if draft:
             print(f"[speculative: {stats['accepted']}/{stats['proposed']} drafted tokens accepted "
                   f"({stats['accepted'] / max(1, stats['proposed']):.0%}), {stats['target_passes']} target passes]",
@@ -605,6 +629,9 @@ def main(argv=None):
         p.error("--num-samples and --max-new-tokens must be >= 1")
     if args.draft_model and not args.cache:
         p.error("speculative decoding needs the KV cache (it rolls it back); drop --no-cache or --draft-model")
+    if args.compile and (args.draft_model or not args.cache):  # it compiles generate()'s cached decode step
+        print(f"generate.py: note: --compile is not used with {'--draft-model' if args.draft_model else '--no-cache'}",
+              file=sys.stderr)
     try:
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)

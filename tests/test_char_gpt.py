@@ -205,10 +205,14 @@ def test_optimizer_decays_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_config_takes_the_flags():
+def test_config_takes_the_flags(monkeypatch):
     cfg = cg.make_config(cg.parse_args(["--dropout", "0.3", "--lr-decay-steps", "7", "--n-layer", "5",
                                         "--preset", "cpu"]), 65)
     assert (cfg["dropout"], cfg["lr_decay_steps"], cfg["n_layer"], cfg["max_steps"]) == (0.3, 7, 5, 1800)
+    # --preset auto follows the run's device, not the machine: --device cpu on a GPU machine is the CPU preset
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cg.make_config(cg.parse_args([]), 65, "cpu")["preset"] == "cpu"
+    assert cg.make_config(cg.parse_args([]), 65, "cuda")["preset"] == "gpu"
     cfg = cg.make_config(cg.parse_args(["--stage", "bigram"]), 65)
     assert (cfg["lr"], cfg["max_steps"], cfg["preset"], cfg["lr_decay_steps"]) == (1e-2, 3000, "small", 3000)
 
@@ -351,6 +355,12 @@ def test_resume_is_exact(tmp_path):
         assert losses([json.loads(line) for line in f]) == losses(ma)
     with pytest.raises(SystemExit, match="at step 20, past --max-steps 12"):  # it reported "done" and did nothing
         cg.main([*common, "--max-steps", "12", "--out-dir", b, "--resume"])
+    os.remove(os.path.join(b, "metrics.jsonl"))  # lost: the checkpoint alone goes on (it was a FileNotFoundError)
+    cg.main([*common, "--max-steps", "25", "--out-dir", b, "--resume"])
+    with open(os.path.join(b, "metrics.jsonl")) as f:
+        assert [m["step"] for m in map(json.loads, f) if "val_loss" in m] == [25]
+    os.remove(os.path.join(b, "metrics.jsonl"))
+    cg.main([*common, "--max-steps", "25", "--out-dir", b, "--resume"])  # finished: nothing to log, no IndexError
 
 
 def test_metrics_have_the_mean_training_loss_between_evaluations(tmp_path, monkeypatch):
@@ -402,7 +412,11 @@ def test_unavailable_device_says_what_to_use(monkeypatch):
 @pytest.mark.parametrize("flags, match", [
     (["--eval-interval", "0"], "--eval-interval must be at least 1"), (["--eval-iters", "0"], "--eval-iters"),
     (["--batch-size", "0"], "--batch-size"), (["--block-size", "0"], "--block-size"),
-    (["--temperature", "0"], "--temperature must be a number above 0"), (["--top-k", "0"], "--top-k"),
+    (["--temperature", "0"], "--temperature must be a number >= 1e-5"), (["--top-k", "0"], "--top-k"),
+    (["--temperature", "1e-45"], "--temperature must be a number >= 1e-5, got 1e-45"),  # inf logits: NaN draws
+    (["--n-head", "0"], "--n-head must be at least 1"), (["--n-embd", "0"], "--n-embd must be at least 1"),
+    (["--n-layer", "0"], "--n-layer must be at least 1"),
+    (["--lr-decay-steps", "0"], "--lr-decay-steps must be at least 1"),  # was the default, silently
     (["--num-chars", "-3"], "--num-chars"), (["--lr", "-1"], "--lr must be above 0, got -1.0"),
     (["--dropout", "1.5"], r"--dropout must lie in [0, 1), got 1.5")])
 def test_bad_flags_are_refused_before_training(flags, match, capsys):

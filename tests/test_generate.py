@@ -158,6 +158,10 @@ def test_temperature_and_greedy():
     assert G.sample(logits, G.GREEDY).item() == 2
     assert G.logits_to_probs(logits, G.GREEDY).tolist() == [[0.0, 0.0, 1.0]]
     assert torch.allclose(G.logits_to_probs(logits, G.Sampling(temperature=2.0)), (logits / 2).softmax(-1))
+    # below 1e-5 it is greedy (as in vLLM): 1e-45 divided 100 into inf, and the draw crashed on NaN
+    tiny_t = G.Sampling(temperature=1e-45)
+    assert tiny_t.greedy and G.sample(torch.tensor([[100.0, 200.0, -50.0]]), tiny_t).item() == 1
+    assert not G.Sampling(temperature=1e-5).greedy
     # sampling at temperature 1 follows softmax: a cheap frequency check with a fixed seed
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([G.sample(logits.repeat(2000, 1), G.Sampling(), generator=g) for _ in range(5)]).flatten()
@@ -414,6 +418,19 @@ def test_speculative_greedy_short_prompts(prompt):
     assert torch.equal(out, G.generate(target, idx, 15, G.GREEDY))
 
 
+def test_speculative_generation_may_end_exactly_past_the_context():
+    """The last new token is never fed back, so T + max_new_tokens = block_size + 1 fits, as in generate() (it
+    was refused); one more token is refused with the number that fits; a sliding-window model is named as such."""
+    target = tiny(n_layer=3, block=16)
+    idx = torch.tensor([list(range(5, 17))])  # 12 tokens
+    out = G.speculative_generate(target, noisy_copy(target, 0.05), idx, 5, G.GREEDY, num_draft=3)
+    assert torch.equal(out, G.generate(target, idx, 5, G.GREEDY))
+    with pytest.raises(ValueError, match="12 prompt \\+ 6 new tokens - 1 > block_size 16; generate at most 5"):
+        G.speculative_generate(target, noisy_copy(target, 0.05), idx, 6, G.GREEDY)
+    with pytest.raises(ValueError, match="the draft has a sliding window \\(8 tokens\\)"):
+        G.speculative_generate(target, tiny(block=16, window=8), idx, 2, G.GREEDY)
+
+
 def test_speculative_stops_at_eos():
     """The text ends with the first eos_id, as generate() ends a batch of one."""
     target = tiny(n_layer=3)
@@ -637,6 +654,31 @@ def test_cli_stop_string_ends_the_text(cli, n):
     assert out.out == (text if n == "1" else "".join(f"{'-' * 20} sample {i + 1}\n{text}" for i in range(2)))
 
 
+@pytest.mark.parametrize("n", ["1", "2"])
+def test_cli_the_stop_string_complete_first_wins_streamed_or_not(cli, n):
+    """Two stop strings, the longer starting first but complete later: the text ends before the one complete
+    first, whether it is streamed (one sample) or printed per sample (the batch cut at the longer one)."""
+    (new,) = cli_reference(cli, "hi", G.GREEDY, 1)
+    body = LetterTokenizer().decode(new)
+    i = next(i for i in range(len(body) - 4)  # long = body[i:i+4] first seen at i, short = body[i+2] at i+2
+             if body.find(body[i:i + 4]) == i and body.find(body[i + 2]) == i + 2)
+    out = cli("--prompt", "hi", "--temperature", "0", "--ignore-eos", "--num-samples", n, "--stop", body[i:i + 4],
+              "--stop", body[i + 2], tok=LetterTokenizer())
+    text = "hi" + body[:i + 2] + "\n"
+    assert out.out == (text if n == "1" else "".join(f"{'-' * 20} sample {k + 1}\n{text}" for k in range(2)))
+    assert G.stream_text(LetterTokenizer(), [0, 1, 2, 3, 4], ["abcd", "c"]) == "ab"  # the docstring's example
+
+
+def test_cli_names_compile_where_it_is_not_used(cli, monkeypatch):
+    """--compile compiles generate()'s cached decode step: with --no-cache (and --draft-model) it is not used,
+    and the CLI says so (it was ignored in silence); with the cache it says nothing."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    assert "note: --compile is not used with --no-cache" in cli("--compile", "--no-cache", "--temperature", "0").err
+    assert "note:" not in cli("--compile", "--temperature", "0").err
+    out = cli("--compile", "--draft-model", cli.path, "--temperature", "0")
+    assert "note: --compile is not used with --draft-model" in out.err
+
+
 @pytest.mark.parametrize("argv, match", [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
                                          (["--num-samples", "0"], "--num-samples"),
                                          (["--max-new-tokens", "0"], "--max-new-tokens"),
@@ -693,6 +735,11 @@ def test_cli_speaks_the_tokenizer_a_checkpoint_recorded(tmp_path, capsys):
     G.main(["--model", path, "--prompt", "hi", "--temperature", "0", "--max-new-tokens", "3", "--device", "cpu"])
     out = capsys.readouterr()
     assert out.out.startswith("hi") and "3 tokens" in out.err
+    with pytest.raises(SystemExit, match="the prompt is empty, and this tokenizer has no <\\|endoftext\\|> token "
+                                         "to start a document with; give a prompt"):  # it blamed the tokenizer
+        G.main(["--model", path, "--prompt", "", "--temperature", "0", "--device", "cpu"])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -3"):  # "KV cache full"
+        G.generate(model, torch.tensor([[1, 2, 3]]), -3)
 
 
 def test_cli_refuses_a_draft_with_another_tokenizer(tmp_path):
