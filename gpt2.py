@@ -1064,9 +1064,9 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # torch's own text for a file that is no zip would suggest weights_only=False
         with open(path, "rb") as f:
             zip_start = f.read(4) == b"PK\x03\x04"  # torch.save's zip begins so, even when cut short
-        if zipfile.is_zipfile(path) or zip_start:
-            why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}" if zipfile.is_zipfile(path) else \
-                "the zip archive ends early"
+        is_zip = zipfile.is_zipfile(path)
+        if is_zip or zip_start:
+            why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:200]}" if is_zip else "the zip archive ends early"
             raise ValueError(f"checkpoint {path} is corrupt or truncated, or not one of this project ({why}); "
                              f"delete it or point to another one") from e
         # any other file (a text file, a legacy pickle) was given by mistake: never advise deleting it

@@ -222,6 +222,13 @@ def score(text, answer, format_reward=0.0, verifier="number", stop=bpe.ENDOFTEXT
     return bpe.VERIFIERS[verifier](text, answer) + fmt
 
 
+def row_prompt(tok, row, args):
+    """An RL row {prompt, input?} -> the ids the policy is asked with: bpe.prompt_ids in the run's --template,
+    --preamble and --system (rollouts, evaluation and the length check all ask this way)."""
+    return bpe.prompt_ids(tok, row["prompt"], getattr(args, "template", "alpaca"), args.preamble,
+                          getattr(args, "system", None), row.get("input", ""))
+
+
 @torch.no_grad()
 def rollout(model, tok, rows, G, args, device, dtype):
     """Each row's prompt G times -> a batch of B = len(rows) * G answers, group by group (rows 0..G-1 answer
@@ -230,9 +237,7 @@ def rollout(model, tok, rows, G, args, device, dtype):
     answer tokens, logp (B, N) their sampling log-probabilities, rewards (B,), correct (B,), T,
     V (the tokenizer's vocabulary size: the logits past it are never drawn nor normalized over)."""
     template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
-    prompts = [bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None),
-                              r.get("input", ""))
-               for r in rows for _ in range(G)]
+    prompts = [row_prompt(tok, r, args) for r in rows for _ in range(G)]
     stop = bpe.stop_id(tok, template)
     idx, attn = left_pad(prompts, stop, device)
     with autocast(device, dtype):
@@ -329,13 +334,11 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.28, beta=0
 def accuracy(model, tok, rows, args, device, dtype):
     """Fraction of rows whose greedy answer the verifier accepts. (Under --fsdp every process answers all rows.)"""
     hits = 0
+    template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
+    stop = bpe.stop_id(tok, template)
     for k in range(0, len(rows), args.eval_batch_size):
         batch = rows[k:k + args.eval_batch_size]
-        template, verifier = getattr(args, "template", "alpaca"), getattr(args, "verifier", "number")
-        stop = bpe.stop_id(tok, template)
-        idx, attn = left_pad([bpe.prompt_ids(tok, r["prompt"], template, args.preamble, getattr(args, "system", None),
-                                             r.get("input", ""))
-                              for r in batch], stop, device)
+        idx, attn = left_pad([row_prompt(tok, r, args) for r in batch], stop, device)
         with autocast(device, dtype):
             tokens, mask, _ = sample(model, idx, args.max_new_tokens, attention_mask=attn, temperature=0,
                                      eos_id=stop, vocab_size=tok.n_vocab,
@@ -450,9 +453,7 @@ def main(argv=None):
     if room < 1:
         fail(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
              f"{model.config.block_size}-token context; lower it")
-    long = [r for r in train_rows + test_rows if len(bpe.prompt_ids(
-        tok, r["prompt"], getattr(args, "template", "alpaca"), args.preamble, getattr(args, "system", None),
-        r.get("input", ""))) > room]
+    long = [r for r in train_rows + test_rows if len(row_prompt(tok, r, args)) > room]
     if long:
         fail(f"{len(long)} prompts of --data {args.data} are longer than the {room} tokens the model's "
              f"{model.config.block_size}-token context leaves next to --max-new-tokens {args.max_new_tokens} "

@@ -67,8 +67,8 @@ PRESETS = {
                  val_pairs=500, max_new_tokens=24, lm_alpha=1.0, head_lr_mult=10.0),  # the last two: rm only
     # Raschka's DPO notebook (ch. 7, bonus): GPT-2 medium after instruction tuning (sft.py --preset gpt2-alpaca,
     # as the notebook starts from chapter 7's SFT model), the polite / impolite pairs split 85/5/10, 1 epoch
-    "gpt2-dpo": dict(init="out/gpt2-alpaca/ckpt.pt", data="data/instruction_preference_data.json", method="dpo", preamble=True,
-                     epochs=1, max_steps=None, batch_size=8, lr={"rm": 1e-5, "dpo": 5e-6},
+    "gpt2-dpo": dict(init="out/gpt2-alpaca/ckpt.pt", data="data/instruction_preference_data.json", method="dpo",
+                     preamble=True, epochs=1, max_steps=None, batch_size=8, lr={"rm": 1e-5, "dpo": 5e-6},
                      lora_lr={"rm": 1e-4, "dpo": 5e-5}, beta=0.1, weight_decay=0.01,
                      warmup_steps=0, eval_interval=20, val_pairs=0, max_new_tokens=256, out_dir="out/gpt2-dpo"),
 }
@@ -141,8 +141,8 @@ def parse_args(argv=None):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
     # a negative clip, head lr or loss weight would turn its term around (ascent, silently)
-    for flag in ("lr", "warmup_steps", "grad_clip", "head_lr_mult", "lm_alpha", "rpo_alpha", "center_rewards", "eval_limit",
-                 "min_lr_ratio"):
+    for flag in ("lr", "warmup_steps", "grad_clip", "head_lr_mult", "lm_alpha", "rpo_alpha", "center_rewards",
+                 "eval_limit", "min_lr_ratio"):
         if (getattr(args, flag) or 0) < 0:
             fail(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
     if args.max_len is not None and args.max_len < 2:  # a prompt token and the answer's end-of-text, at least

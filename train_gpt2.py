@@ -825,8 +825,8 @@ def main(argv=None):
         if "model" in given and (args.resume or args.init != "scratch"):
             log(f"--model {args.model}: not used; the {'checkpoint' if args.resume else '--init weights'} fix the "
                 f"model ({config.n_layer} layers, {config.n_embd} wide)")
-        n_prompt = len(tok.encode(args.prompt or "", allowed_special="all"))
-        if args.sample_tokens and n_prompt >= config.block_size:
+        if args.sample_tokens and (n_prompt := len(tok.encode(args.prompt or "", allowed_special="all"))) >= \
+                config.block_size:
             raise ValueError(f"--prompt is {n_prompt} tokens, the model's context {config.block_size}: shorten it "
                              f"(or --sample-tokens 0: no samples)")
         device = pick_device(args.device)

@@ -587,8 +587,8 @@ def test_bad_input_is_a_clear_error(tmp_path, monkeypatch):
     (["--grad-clip", "-1"], "--grad-clip -1.0: must be at least 0"),
     (["--eval-limit", "-1"], "--eval-limit -1: must be at least 0"),  # dropped the last test problem
     (["--stop-after", "0"], "--stop-after 0: must be at least 1"),  # ran every step
-    (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0"),
-    (["--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0")])  # started part-way down the cosine  # the schedule's end: a negative lr
+    (["--min-lr-ratio", "-1"], "--min-lr-ratio -1.0: must be at least 0"),  # the schedule's end: a negative lr
+    (["--warmup-steps", "-1"], "--warmup-steps -1: must be at least 0")])  # started part-way down the cosine
 def test_out_of_range_flags_are_refused(tmp_path, monkeypatch, flags, words):
     """Refused where they are parsed: not a ZeroDivisionError (--prompts 0), a run of no steps or updates, or
     one that silently does the opposite (a negative --beta rewards drifting away, a negative clip inverts the
